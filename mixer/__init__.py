@@ -1,0 +1,3 @@
+"""mixer: a dynamic data-mixing service for LLM pretraining."""
+
+__version__ = "0.1.0"
