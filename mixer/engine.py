@@ -1,0 +1,173 @@
+"""One job's state machine: signals in log order -> strategy -> weight versions.
+
+The engine is pure and deterministic: the server, replay and the tests drive the same code.
+It never sees arrival times, only the log order (`log_seq`) the store assigned. Every update
+produces a `Version`: a monotonic number, the step it takes effect at, the shaped weights and
+the strategy's parameters. `snapshot()` / `Engine.restore()` carry the whole state exactly, so
+restart = newest snapshot + the log after it, and that reproduces the same versions as a
+replay from the start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mixer.signals import Report, Window
+from mixer.spec import CadenceSpec, JobSpec
+from mixer.strategies import Strategy, build_strategy
+from mixer.strategies.base import decode_state, encode_state
+
+
+@dataclass(slots=True)
+class Version:
+    """A weight version: what workers apply from `effective_step` on."""
+
+    version: int
+    effective_step: int
+    weights: np.ndarray
+    params: dict[str, Any] = field(default_factory=dict)
+    blob: bytes = b""
+    trigger_step: int = -1
+    """Step of the report whose arrival triggered this update (-1 for the initial version)."""
+    log_seq: int = -1
+    """Log position of that report (-1 for the initial version)."""
+
+    def same_as(self, other: Version) -> bool:
+        """Bit-exact equality of everything a worker or a replay can observe."""
+        return (
+            self.version == other.version
+            and self.effective_step == other.effective_step
+            and self.weights.shape == other.weights.shape
+            and np.array_equal(self.weights, other.weights)
+            and self.params == other.params
+            and self.blob == other.blob
+        )
+
+
+def shape_weights(w: np.ndarray, prior: np.ndarray, cadence: CadenceSpec) -> np.ndarray:
+    """Normalise, mix in the prior, then project onto {min_weight <= w_i <= max_weight, sum 1}."""
+    w = np.asarray(w, dtype=np.float64)
+    total = w.sum()
+    w = w / total if total > 0 and np.isfinite(total) else prior.copy()
+    c = cadence.prior_smoothing
+    if c > 0:
+        w = (1.0 - c) * w + c * prior
+    lo, hi = cadence.min_weight, cadence.max_weight
+    if lo <= 0.0 and hi >= 1.0:
+        return w
+    K = w.shape[0]
+    out = np.zeros(K)
+    free = np.ones(K, dtype=bool)
+    # Clamp the violators and rescale the rest until nothing violates (at most K rounds).
+    for _ in range(K + 1):
+        idx = np.flatnonzero(free)
+        if idx.size == 0:
+            break
+        mass = 1.0 - out[~free].sum()
+        base = w[idx]
+        s = base.sum()
+        vals = base * (mass / s) if s > 0 else np.full(idx.size, mass / idx.size)
+        low, high = vals < lo, vals > hi
+        if not (low.any() or high.any()):
+            out[idx] = vals
+            break
+        out[idx[low]] = lo
+        out[idx[high]] = hi
+        free[idx[low | high]] = False
+    return out
+
+
+class Engine:
+    """Consumes one job's reports in log order and emits versions."""
+
+    def __init__(self, spec: JobSpec, strategy: Strategy | None = None):
+        self.spec = spec
+        self.strategy = strategy or build_strategy(spec)
+        self.state = self.strategy.init(spec.seed)
+        self.prior = np.asarray(spec.prior())
+        initial = getattr(self.strategy, "initial_weights", None)
+        w0 = initial(self.state) if initial else self.prior
+        self.current = Version(0, 0, shape_weights(w0, self.prior, spec.cadence))
+        self.pending: list[Report] = []
+        c = spec.cadence
+        self.next_update_step = c.warmup_steps + c.update_every - 1
+        self.max_step = -1
+        self.last_log_seq = -1
+
+    def ingest(self, report: Report, log_seq: int) -> Version | None:
+        """Feed one validated report (at log position `log_seq`); return a new version if one is due."""
+        if log_seq <= self.last_log_seq:
+            raise ValueError(f"log order violated: seq {log_seq} after {self.last_log_seq}")
+        self.last_log_seq = log_seq
+        self.max_step = max(self.max_step, report.step)
+        self.pending.append(report)
+        if report.step < self.next_update_step:
+            return None
+        window = Window(self.pending, self.spec.num_domains)
+        self.pending = []
+        self.next_update_step = report.step + self.spec.cadence.update_every
+        self.state, decision = self.strategy.update(self.state, window)
+        if decision is None:
+            return None
+        weights = shape_weights(decision.weights, self.prior, self.spec.cadence)
+        self.current = Version(
+            version=self.current.version + 1,
+            effective_step=max(report.step + self.spec.cadence.delay, self.current.effective_step),
+            weights=weights,
+            params=decision.params,
+            blob=decision.blob,
+            trigger_step=report.step,
+            log_seq=log_seq,
+        )
+        return self.current
+
+    def snapshot(self) -> bytes:
+        """The whole engine state, exact; restore() continues as if never stopped."""
+        cur = self.current
+        return encode_state(
+            {
+                "strategy": self.strategy.name,
+                "fingerprint": self.spec.fingerprint(),
+                "state": self.state,
+                "version": [cur.version, cur.effective_step, cur.weights, cur.params, cur.trigger_step, cur.log_seq],
+                "blob": cur.blob.hex(),
+                "next_update_step": self.next_update_step,
+                "max_step": self.max_step,
+                "last_log_seq": self.last_log_seq,
+                "pending": [_report_state(r) for r in self.pending],
+            }
+        )
+
+    @classmethod
+    def restore(cls, spec: JobSpec, data: bytes) -> Engine:
+        snap = decode_state(data)
+        if snap["fingerprint"] != spec.fingerprint():
+            raise ValueError("snapshot belongs to a different job spec (fingerprint mismatch)")
+        eng = cls(spec)
+        eng.state = snap["state"]
+        v, eff, w, params, trig, seq = snap["version"]
+        eng.current = Version(v, eff, w, params, bytes.fromhex(snap["blob"]), trig, seq)
+        eng.next_update_step = snap["next_update_step"]
+        eng.max_step = snap["max_step"]
+        eng.last_log_seq = snap["last_log_seq"]
+        eng.pending = [Report(**r) for r in snap["pending"]]
+        return eng
+
+
+def _report_state(r: Report) -> dict[str, Any]:
+    return {name: getattr(r, name) for name in Report.__slots__}
+
+
+def derive_versions(spec: JobSpec, reports: Iterable[tuple[int, Report]]) -> list[Version]:
+    """Replay a log from scratch: every version the engine emits, the initial one first."""
+    engine = Engine(spec)
+    out = [engine.current]
+    for log_seq, report in reports:
+        v = engine.ingest(report, log_seq)
+        if v is not None:
+            out.append(v)
+    return out

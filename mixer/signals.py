@@ -1,0 +1,200 @@
+"""Signals: what a worker measured at one step, and their validation.
+
+A `Report` is keyed by `(step, source, seq)` within its job: `seq` numbers the reports one
+source makes at one step (usually only 0), so a retried or re-sent report has the same key and
+is dropped as a duplicate. Per-domain arrays have length K (the job's domain count); per-sample
+arrays have one entry per sample and travel as packed little-endian bytes on the wire.
+
+`validate_report` is the only gate into the log: it raises `SignalError` naming the field, and
+nothing of a rejected report is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Signal kinds a strategy may declare it needs (see DESIGN.md, "What workers measure").
+DOMAIN_LOSS = "domain_loss"
+EXCESS_LOSS = "excess_loss"
+SAMPLE_LOSS = "sample_loss"
+ALIGNMENT = "alignment"
+SAMPLE_ALIGNMENT = "sample_alignment"
+VAL_LOSS = "val_loss"
+SIGNAL_KINDS = (DOMAIN_LOSS, EXCESS_LOSS, SAMPLE_LOSS, ALIGNMENT, SAMPLE_ALIGNMENT, VAL_LOSS)
+
+PER_DOMAIN_FIELDS = ("domain_loss_sum", "domain_token_count", "domain_sample_count", "excess_loss_sum", "val_loss", "alignment")
+PER_SAMPLE_FIELDS = {
+    "sample_loss": np.float32,
+    "sample_domain": np.int32,
+    "sample_id": np.int64,
+    "sample_topic": np.int32,
+    "sample_align": np.float32,
+}
+
+
+class SignalError(ValueError):
+    """A report is invalid; the message names the field."""
+
+    def __init__(self, field_name: str, message: str):
+        self.field = field_name
+        super().__init__(f"{field_name}: {message}")
+
+
+@dataclass(slots=True)
+class Report:
+    """What one source measured at one step."""
+
+    step: int
+    source: str
+    seq: int = 0
+    applied_version: int = -1
+    domain_loss_sum: np.ndarray | None = None
+    """Sum of per-token losses per domain (float64, K)."""
+    domain_token_count: np.ndarray | None = None
+    """Loss-bearing tokens per domain (float64, K)."""
+    domain_sample_count: np.ndarray | None = None
+    """Samples per domain (int64, K)."""
+    excess_loss_sum: np.ndarray | None = None
+    """Sum over tokens of max(loss - reference loss, 0) per domain (DoReMi; float64, K)."""
+    val_loss: np.ndarray | None = None
+    """Per-domain validation loss (float64, K); NaN marks a domain not evaluated."""
+    alignment: np.ndarray | None = None
+    """Per-domain gradient alignment with the target gradient (DGA; float64, K)."""
+    sample_loss: np.ndarray | None = None
+    sample_domain: np.ndarray | None = None
+    sample_id: np.ndarray | None = None
+    sample_topic: np.ndarray | None = None
+    sample_align: np.ndarray | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[int, str, int]:
+        return (self.step, self.source, self.seq)
+
+    @property
+    def num_samples(self) -> int:
+        if self.sample_loss is not None:
+            return int(self.sample_loss.shape[0])
+        if self.domain_sample_count is not None:
+            return int(self.domain_sample_count.sum())
+        return 0
+
+
+def validate_report(r: Report, num_domains: int, *, max_samples: int = 1 << 20) -> Report:
+    """Check a report against its job; return it with arrays in canonical dtypes."""
+    if isinstance(r.step, bool) or not isinstance(r.step, (int, np.integer)) or r.step < 0:
+        raise SignalError("step", f"must be an integer >= 0, got {r.step!r}")
+    if not isinstance(r.source, str) or not r.source or len(r.source) > 256:
+        raise SignalError("source", "must be a non-empty string of at most 256 characters")
+    if isinstance(r.seq, bool) or not isinstance(r.seq, (int, np.integer)) or r.seq < 0:
+        raise SignalError("seq", f"must be an integer >= 0, got {r.seq!r}")
+    if r.applied_version < -1:
+        raise SignalError("applied_version", f"must be >= -1 (-1: unknown), got {r.applied_version}")
+    for name in PER_DOMAIN_FIELDS:
+        arr = getattr(r, name)
+        if arr is None:
+            continue
+        dtype = np.int64 if name == "domain_sample_count" else np.float64
+        arr = np.asarray(arr, dtype=dtype)
+        if arr.ndim != 1 or arr.shape[0] != num_domains:
+            raise SignalError(name, f"has {arr.size} entries; the job has {num_domains} domains")
+        if name == "val_loss":
+            if np.isinf(arr).any():
+                raise SignalError(name, "contains Inf; use NaN for a domain that was not evaluated")
+        elif not np.isfinite(arr).all():
+            bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+            raise SignalError(name, f"contains a non-finite value at domain index {bad}")
+        if name in ("domain_loss_sum", "domain_token_count", "domain_sample_count", "excess_loss_sum") and (arr < 0).any():
+            bad = int(np.flatnonzero(arr < 0)[0])
+            raise SignalError(name, f"must be >= 0; got {arr[bad]} at domain index {bad}")
+        setattr(r, name, arr)
+    if r.domain_loss_sum is not None and r.domain_token_count is None:
+        raise SignalError("domain_token_count", "is required with domain_loss_sum")
+    if r.domain_token_count is not None:
+        loss = r.domain_loss_sum if r.domain_loss_sum is not None else np.zeros(num_domains)
+        orphan = (r.domain_token_count == 0) & (loss > 0)
+        if orphan.any():
+            raise SignalError("domain_loss_sum", f"is positive at domain index {int(np.flatnonzero(orphan)[0])} with zero tokens")
+    n = None
+    for name, dtype in PER_SAMPLE_FIELDS.items():
+        arr = getattr(r, name)
+        if arr is None:
+            continue
+        arr = np.asarray(arr, dtype=dtype)
+        if arr.ndim != 1:
+            raise SignalError(name, "must be one-dimensional")
+        if n is None:
+            n = arr.shape[0]
+            if n > max_samples:
+                raise SignalError(name, f"has {n} samples; at most {max_samples} per report")
+        elif arr.shape[0] != n:
+            raise SignalError(name, f"has {arr.shape[0]} entries; other per-sample arrays have {n}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+            raise SignalError(name, f"contains a non-finite value at sample index {bad}")
+        setattr(r, name, arr)
+    if r.sample_loss is not None and (r.sample_loss < 0).any():
+        raise SignalError("sample_loss", "must be >= 0")
+    if r.sample_domain is not None and r.sample_domain.size:
+        lo, hi = int(r.sample_domain.min()), int(r.sample_domain.max())
+        if lo < 0 or hi >= num_domains:
+            raise SignalError("sample_domain", f"index {hi if hi >= num_domains else lo} is out of range [0, {num_domains})")
+    if n is not None and r.sample_loss is None:
+        raise SignalError("sample_loss", "is required when any per-sample array is sent")
+    if r.sample_topic is not None and r.sample_topic.size and int(r.sample_topic.min()) < 0:
+        raise SignalError("sample_topic", "topic ids must be >= 0")
+    return r
+
+
+@dataclass(slots=True)
+class Window:
+    """The reports a strategy sees at one update: everything since the previous update, in log order."""
+
+    reports: list[Report]
+    num_domains: int
+
+    @property
+    def step(self) -> int:
+        return max(r.step for r in self.reports)
+
+    def _sum(self, name: str, dtype=np.float64) -> np.ndarray:
+        total = np.zeros(self.num_domains, dtype=dtype)
+        for r in self.reports:
+            arr = getattr(r, name)
+            if arr is not None:
+                total += arr
+        return total
+
+    def loss_sum(self) -> np.ndarray:
+        return self._sum("domain_loss_sum")
+
+    def token_count(self) -> np.ndarray:
+        return self._sum("domain_token_count")
+
+    def sample_count(self) -> np.ndarray:
+        return self._sum("domain_sample_count", np.int64)
+
+    def excess_loss_sum(self) -> np.ndarray:
+        return self._sum("excess_loss_sum")
+
+    def mean_loss(self) -> tuple[np.ndarray, np.ndarray]:
+        """Token-mean loss per domain, and a mask of domains seen in this window."""
+        tokens = self.token_count()
+        seen = tokens > 0
+        mean = np.zeros(self.num_domains)
+        mean[seen] = self.loss_sum()[seen] / tokens[seen]
+        return mean, seen
+
+    def latest(self, name: str) -> np.ndarray | None:
+        """The newest non-None per-domain array of that name (validation loss, alignment)."""
+        for r in reversed(self.reports):
+            arr = getattr(r, name)
+            if arr is not None:
+                return arr
+        return None
+
+    def samples(self, name: str) -> np.ndarray | None:
+        parts = [getattr(r, name) for r in self.reports if getattr(r, name) is not None]
+        return np.concatenate(parts) if parts else None

@@ -1,0 +1,304 @@
+"""Job specs: the domains a job mixes, the strategy that mixes them, and the cadence.
+
+A spec is plain data. `JobSpec.from_dict` validates everything and raises one `SpecError`
+naming the field, what was wrong and what would be right. Specs load from YAML and from the
+Megatron `--data-path 0.3 prefixA 0.7 prefixB` form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import yaml
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+WEIGHT_UNITS = ("samples", "tokens")
+
+
+class SpecError(ValueError):
+    """A job spec is invalid; the message names the field."""
+
+    def __init__(self, field_name: str, message: str):
+        self.field = field_name
+        super().__init__(f"{field_name}: {message}")
+
+
+@dataclass(kw_only=True, slots=True)
+class DomainSpec:
+    """One data domain."""
+
+    name: str
+    """Unique within the job; appears in metrics and tables."""
+    prefix: str = ""
+    """Megatron data prefix (path without .bin/.idx) the worker samples from."""
+    weight: float = 1.0
+    """Prior weight (normalised over domains); the strategy starts here."""
+    size: float = 0.0
+    """Domain size (documents or tokens); used by temperature sampling."""
+
+
+@dataclass(kw_only=True, slots=True)
+class StrategySpec:
+    """Which domain-level strategy runs, and its parameters."""
+
+    name: str = "static"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True, slots=True)
+class WeightingSpec:
+    """Instance-level weighting applied inside the worker's training step."""
+
+    name: str = "none"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True, slots=True)
+class CadenceSpec:
+    """When the strategy updates and how its output is shaped."""
+
+    update_every: int = 10
+    """Steps between strategy updates."""
+    warmup_steps: int = 0
+    """No update before this step: the prior weights hold."""
+    delay: int = 1
+    """A version computed from step s takes effect at step s + delay."""
+    min_weight: float = 0.0
+    """Floor on every domain weight (guards against collapse)."""
+    max_weight: float = 1.0
+    """Cap on every domain weight."""
+    prior_smoothing: float = 0.0
+    """Mix this fraction of the prior back into every version."""
+    snapshot_every: int = 50
+    """Versions between snapshots of strategy state (restart = snapshot + log tail)."""
+    max_step_lag: int = 100_000
+    """Reports more than this many steps behind the newest step are rejected."""
+
+
+@dataclass(kw_only=True, slots=True)
+class JobSpec:
+    """Everything the service needs to mix one training job."""
+
+    name: str
+    domains: list[DomainSpec]
+    strategy: StrategySpec = field(default_factory=StrategySpec)
+    weighting: WeightingSpec = field(default_factory=WeightingSpec)
+    cadence: CadenceSpec = field(default_factory=CadenceSpec)
+    unit: str = "samples"
+    """What weights are fractions of: samples or tokens."""
+    seed: int = 0
+
+    @property
+    def num_domains(self) -> int:
+        return len(self.domains)
+
+    @property
+    def domain_names(self) -> list[str]:
+        return [d.name for d in self.domains]
+
+    def prior(self) -> list[float]:
+        total = sum(d.weight for d in self.domains)
+        return [d.weight / total for d in self.domains]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        """Stable hash of the whole spec: equal specs, equal fingerprints."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def validate(self) -> JobSpec:
+        if not isinstance(self.name, str) or not NAME_RE.match(self.name):
+            raise SpecError("name", f"{self.name!r} must be 1-128 characters of letters, digits, '.', '_', '-'")
+        if not self.domains:
+            raise SpecError("domains", "at least one domain is required")
+        seen: set[str] = set()
+        for i, d in enumerate(self.domains):
+            where = f"domains[{i}]"
+            if not isinstance(d.name, str) or not d.name.strip():
+                raise SpecError(f"{where}.name", "must be a non-empty string")
+            if d.name in seen:
+                raise SpecError(f"{where}.name", f"duplicate domain name {d.name!r}; names must be unique")
+            seen.add(d.name)
+            _finite_nonneg(f"{where}.weight", d.weight)
+            _finite_nonneg(f"{where}.size", d.size)
+        if sum(d.weight for d in self.domains) <= 0:
+            raise SpecError("domains", "prior weights sum to zero; give at least one domain a positive weight")
+        if self.unit not in WEIGHT_UNITS:
+            raise SpecError("unit", f"{self.unit!r} is not one of {', '.join(WEIGHT_UNITS)}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise SpecError("seed", f"must be a non-negative integer, got {self.seed!r}")
+        c = self.cadence
+        _positive_int("cadence.update_every", c.update_every)
+        _nonneg_int("cadence.warmup_steps", c.warmup_steps)
+        _nonneg_int("cadence.delay", c.delay)
+        _positive_int("cadence.snapshot_every", c.snapshot_every)
+        _positive_int("cadence.max_step_lag", c.max_step_lag)
+        _finite_nonneg("cadence.min_weight", c.min_weight)
+        _finite_nonneg("cadence.max_weight", c.max_weight)
+        if c.min_weight * self.num_domains > 1.0:
+            raise SpecError(
+                "cadence.min_weight",
+                f"{c.min_weight} x {self.num_domains} domains exceeds 1; use at most {1.0 / self.num_domains:.6g}",
+            )
+        if c.max_weight * self.num_domains < 1.0 or c.max_weight > 1.0:
+            raise SpecError(
+                "cadence.max_weight", f"must lie in [{1.0 / self.num_domains:.6g}, 1] for {self.num_domains} domains"
+            )
+        if c.min_weight > c.max_weight:
+            raise SpecError("cadence.min_weight", "must not exceed cadence.max_weight")
+        if not 0.0 <= c.prior_smoothing <= 1.0:
+            raise SpecError("cadence.prior_smoothing", f"must lie in [0, 1], got {c.prior_smoothing}")
+        # Imported here: strategies import this module for the spec type.
+        from mixer.strategies import validate_strategy_spec
+        from mixer.weighting import validate_weighting_spec
+
+        validate_strategy_spec(self)
+        validate_weighting_spec(self)
+        return self
+
+    @classmethod
+    def from_dict(cls, data: Any) -> JobSpec:
+        """Build and validate a spec from parsed YAML/JSON."""
+        if not isinstance(data, dict):
+            raise SpecError("spec", f"must be a mapping, got {type(data).__name__}")
+        _no_unknown("spec", data, {"name", "domains", "data_path", "strategy", "weighting", "cadence", "unit", "seed"})
+        if "domains" in data and "data_path" in data:
+            raise SpecError("data_path", "give either domains or data_path, not both")
+        if "data_path" in data:
+            domains = parse_data_path(data["data_path"])
+        else:
+            raw = data.get("domains")
+            if not isinstance(raw, list):
+                raise SpecError("domains", "must be a list of {name, prefix, weight, size}")
+            domains = []
+            for i, d in enumerate(raw):
+                if isinstance(d, str):
+                    d = {"name": d}
+                if not isinstance(d, dict):
+                    raise SpecError(f"domains[{i}]", "must be a mapping or a name")
+                _no_unknown(f"domains[{i}]", d, {"name", "prefix", "weight", "size"})
+                domains.append(
+                    DomainSpec(
+                        name=d.get("name"),
+                        prefix=str(d.get("prefix", "")),
+                        weight=_number(f"domains[{i}].weight", d.get("weight", 1.0)),
+                        size=_number(f"domains[{i}].size", d.get("size", 0.0)),
+                    )
+                )
+        strategy = _sub_spec("strategy", data.get("strategy", {}), StrategySpec)
+        weighting = _sub_spec("weighting", data.get("weighting", {}), WeightingSpec)
+        cad = data.get("cadence", {}) or {}
+        if not isinstance(cad, dict):
+            raise SpecError("cadence", "must be a mapping")
+        allowed = set(CadenceSpec.__dataclass_fields__)
+        _no_unknown("cadence", cad, allowed)
+        cadence = CadenceSpec(**cad)
+        spec = cls(
+            name=data.get("name"),
+            domains=domains,
+            strategy=strategy,
+            weighting=weighting,
+            cadence=cadence,
+            unit=data.get("unit", "samples"),
+            seed=data.get("seed", 0),
+        )
+        return spec.validate()
+
+    @classmethod
+    def from_yaml(cls, text: str) -> JobSpec:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise SpecError("spec", f"not valid YAML: {e}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSpec:
+        return cls.from_dict(json.loads(text))
+
+
+def parse_data_path(value: Any) -> list[DomainSpec]:
+    """Import Megatron's `--data-path 0.3 prefixA 0.7 prefixB` (or plain prefixes) as domains."""
+    tokens = value.split() if isinstance(value, str) else list(value) if isinstance(value, list) else None
+    if not tokens:
+        raise SpecError("data_path", "must be a non-empty string or list like '0.3 prefixA 0.7 prefixB'")
+    tokens = [str(t) for t in tokens]
+
+    def is_number(t: str) -> bool:
+        try:
+            float(t)
+            return True
+        except ValueError:
+            return False
+
+    if is_number(tokens[0]):
+        if len(tokens) % 2:
+            raise SpecError("data_path", "weighted form needs pairs of 'weight prefix'; got an odd number of items")
+        pairs = [(tokens[i], tokens[i + 1]) for i in range(0, len(tokens), 2)]
+        for w, p in pairs:
+            if not is_number(w):
+                raise SpecError("data_path", f"expected a weight before prefix {p!r}, got {w!r}")
+        weighted = [(float(w), p) for w, p in pairs]
+    else:
+        weighted = [(1.0, p) for p in tokens]
+    domains, used = [], set()
+    for w, p in weighted:
+        base = p.rstrip("/").rsplit("/", 1)[-1] or p
+        name, n = base, 1
+        while name in used:
+            n += 1
+            name = f"{base}_{n}"
+        used.add(name)
+        domains.append(DomainSpec(name=name, prefix=p, weight=w))
+    return domains
+
+
+def _sub_spec(where: str, raw: Any, cls: type) -> Any:
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        raise SpecError(where, "must be a name or a mapping {name, params}")
+    _no_unknown(where, raw, {"name", "params"})
+    params = raw.get("params", {}) or {}
+    if not isinstance(params, dict):
+        raise SpecError(f"{where}.params", "must be a mapping")
+    return cls(name=str(raw.get("name", cls().name if where != "strategy" else "static")), params=dict(params))
+
+
+def _no_unknown(where: str, data: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise SpecError(f"{where}.{unknown[0]}", f"unknown field; allowed: {', '.join(sorted(allowed))}")
+
+
+def _number(where: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise SpecError(where, f"must be a number, got {v!r}")
+    return float(v)
+
+
+def _finite_nonneg(where: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise SpecError(where, f"must be a finite number >= 0, got {v!r}")
+
+
+def _positive_int(where: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise SpecError(where, f"must be a positive integer, got {v!r}")
+
+
+def _nonneg_int(where: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise SpecError(where, f"must be an integer >= 0, got {v!r}")
