@@ -1,0 +1,258 @@
+"""`mixer ...`: the command line (click).
+
+Every command that prints records or figures takes `--json` and then prints one JSON
+document as its last output line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mixer.client import DEFAULT_ADDRESS
+
+address_option = click.option("--address", default=DEFAULT_ADDRESS, show_default=True, envvar="MIXER_ADDRESS", help="host:port of a mixer service")
+json_option = click.option("--json", "as_json", is_flag=True, help="print one JSON document as the last line")
+
+
+def _quiet_imports() -> None:
+    # megatron-core warns at import about optional GPU libraries; a CLI user cannot act on it.
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, separators=(",", ":"), default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _rpc_errors(fn):
+    """Turn gRPC errors into one clear line and exit code 1."""
+    import functools
+
+    import grpc
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except grpc.RpcError as e:
+            code = e.code().name if hasattr(e, "code") else "ERROR"
+            details = e.details() if hasattr(e, "details") else str(e)
+            if code == "UNAVAILABLE":
+                details = f"no mixer service reachable at {kwargs.get('address', '?')} ({details}); start one with `mixer serve`"
+            raise click.ClickException(f"{code}: {details}") from None
+
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="more logging")
+def main(verbose: int) -> None:
+    """mixer: live data mixing for LLM pretraining."""
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--db", default="mixer.db", show_default=True, envvar="MIXER_DB", help="SQLite file path or database URL (postgresql://...)")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=50051, show_default=True, type=int)
+@click.option("--http-port", default=9400, show_default=True, type=int, help="/metrics and /api (0: any free port)")
+def serve(db: str, host: str, port: int, http_port: int) -> None:
+    """Run the mixer service (gRPC + HTTP metrics) until SIGTERM."""
+    import asyncio
+
+    from mixer.server.app import ServeConfig
+    from mixer.server.app import serve as run
+
+    logging.getLogger("mixer").setLevel(logging.INFO)
+    asyncio.run(run(ServeConfig(db=db, host=host, port=port, http_port=http_port)))
+
+
+@main.group()
+def job() -> None:
+    """Create and inspect jobs."""
+
+
+def _job_dict(j) -> dict[str, Any]:
+    return {
+        "name": j.name,
+        "strategy": j.strategy,
+        "weighting": j.weighting,
+        "domains": list(j.domains),
+        "latest_version": j.latest_version,
+        "max_step": j.max_step,
+        "reports": j.report_count,
+        "fingerprint": j.fingerprint,
+        "source_job": j.source_job or None,
+    }
+
+
+@job.command("create")
+@click.argument("spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@address_option
+@json_option
+@_rpc_errors
+def job_create(spec_file: Path, address: str, as_json: bool) -> None:
+    """Create a job from a YAML spec (idempotent by name)."""
+    from mixer.client import MixerClient
+    from mixer.spec import JobSpec, SpecError
+
+    text = spec_file.read_text()
+    try:
+        JobSpec.from_yaml(text)
+    except SpecError as e:
+        raise click.ClickException(f"{spec_file}: {e}") from None
+    with MixerClient(address) as c:
+        j, created = c.create_job(text)
+    if as_json:
+        emit_json({**_job_dict(j), "created": created})
+    else:
+        click.echo(f"{'created' if created else 'exists (same spec)'}: {j.name} ({j.strategy}, {len(j.domains)} domains)")
+
+
+@job.command("list")
+@address_option
+@json_option
+@_rpc_errors
+def job_list(address: str, as_json: bool) -> None:
+    """List jobs."""
+    from mixer.client import MixerClient
+
+    with MixerClient(address) as c:
+        jobs = [_job_dict(j) for j in c.list_jobs()]
+    if as_json:
+        emit_json({"jobs": jobs})
+        return
+    click.echo(f"{'name':<32} {'strategy':<10} {'domains':>7} {'version':>7} {'step':>8}")
+    for j in jobs:
+        v = "-" if j["latest_version"] < 0 else j["latest_version"]
+        s = "-" if j["max_step"] < 0 else j["max_step"]
+        click.echo(f"{j['name']:<32} {j['strategy']:<10} {len(j['domains']):>7} {v:>7} {s:>8}")
+
+
+@job.command("show")
+@click.argument("name")
+@address_option
+@json_option
+@_rpc_errors
+def job_show(name: str, address: str, as_json: bool) -> None:
+    """Show one job and its spec."""
+    from mixer.client import MixerClient
+
+    with MixerClient(address) as c:
+        j = c.get_job(name)
+    d = {**_job_dict(j), "spec": json.loads(j.spec_json)}
+    if as_json:
+        emit_json(d)
+        return
+    import yaml
+
+    click.echo(yaml.safe_dump(d, sort_keys=False).rstrip())
+
+
+def weights_table(domains: list[str], rows: list[dict[str, Any]]) -> str:
+    """Versions as a table: one row per version, one column per domain."""
+    width = max(8, *(len(d) for d in domains))
+    head = f"{'version':>7} {'step':>7} " + " ".join(f"{d[:width]:>{width}}" for d in domains)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['version']:>7} {r['effective_step']:>7} " + " ".join(f"{w:>{width}.4f}" for w in r["weights"]))
+    return "\n".join(lines)
+
+
+def _version_dict(v) -> dict[str, Any]:
+    return {
+        "version": v.version,
+        "effective_step": v.effective_step,
+        "trigger_step": v.trigger_step,
+        "weights": list(v.weights),
+        "params": json.loads(v.params_json) if v.params_json else {},
+    }
+
+
+@main.command()
+@click.argument("name")
+@click.option("--step", type=int, default=None, help="only the version in force at this step")
+@click.option("--watch", is_flag=True, help="keep printing new versions as they are made")
+@address_option
+@json_option
+@_rpc_errors
+def weights(name: str, step: int | None, watch: bool, address: str, as_json: bool) -> None:
+    """Show a job's weight versions (or the one in force at --step)."""
+    from mixer.client import MixerClient
+
+    with MixerClient(address) as c:
+        domains = list(c.get_job(name).domains)
+        if step is not None:
+            rows = [_version_dict(c.get_weights(name, step=step))]
+        else:
+            rows = [_version_dict(v) for v in c.list_versions(name)]
+        if as_json and not watch:
+            emit_json({"job": name, "domains": domains, "versions": rows})
+            return
+        if not as_json:
+            click.echo(weights_table(domains, rows))
+        if watch:
+            last = rows[-1]["version"] if rows else -1
+            try:
+                for v in c.watch(name, after=last):
+                    d = _version_dict(v)
+                    if as_json:
+                        emit_json(d)
+                    else:
+                        click.echo(weights_table(domains, [d]).splitlines()[-1])
+            except KeyboardInterrupt:
+                pass
+
+
+@main.command()
+@click.option("--address", default=None, help="use a running service instead of starting an embedded one")
+@click.option("--job", "job_name", default="demo", show_default=True)
+@click.option("--steps", default=600, show_default=True, type=int)
+@click.option("--strategy", default="odm", show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None, help="where the corpus, data and database go (default: a temporary folder)")
+@json_option
+def demo(address: str | None, job_name: str, steps: int, strategy: str, workdir: Path | None, as_json: bool) -> None:
+    """Train a tiny Megatron-core GPT on a synthetic corpus, attached to a mixer service."""
+    _quiet_imports()
+    from mixer.demo import run_demo
+
+    result = run_demo(address=address, job=job_name, steps=steps, strategy=strategy, workdir=workdir, progress=not as_json)
+    if as_json:
+        emit_json(result)
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print numbers."""
+
+
+@bench.command("service")
+@click.option("--reports", default=2000, show_default=True, type=int, help="reports to ingest")
+@click.option("--samples", default=4096, show_default=True, type=int, help="per-sample losses per report")
+@click.option("--sessions", default=4, show_default=True, type=int, help="concurrent sessions")
+@click.option("--db", default=None, help="database URL (default: a SQLite file in a temporary folder)")
+@json_option
+def bench_service(reports: int, samples: int, sessions: int, db: str | None, as_json: bool) -> None:
+    """Durable ingest, GetWeights latency and push latency against a real server on loopback."""
+    from mixer.bench.service import run_service_bench
+
+    result = run_service_bench(reports=reports, samples=samples, sessions=sessions, db=db, progress=not as_json)
+    if as_json:
+        emit_json(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""MixerClient: a blocking API for tools, and a background Reporter for training loops.
+
+Every call has a deadline; unary calls retry UNAVAILABLE through the channel's service config.
+The Reporter never blocks the training loop: reports go into a bounded in-memory buffer (and a
+spill file beyond it), a background thread streams them over a session, resends whatever was
+not acknowledged after a reconnect, and keeps the newest weight version for the loop to poll.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from mixer.engine import Version
+from mixer.signals import Report
+from mixer.spec import JobSpec
+from mixer.v1 import mixer_pb2 as pb
+from mixer.v1 import mixer_pb2_grpc as pb_grpc
+from mixer.wire import report_to_proto, version_from_proto
+
+log = logging.getLogger("mixer.client")
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "mixer.v1.MixerService"}],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+
+def channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(
+        address,
+        options=[
+            ("grpc.service_config", _SERVICE_CONFIG),
+            ("grpc.enable_retries", 1),
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20),
+        ],
+    )
+
+
+class MixerClient:
+    """Blocking client for tools and scripts."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = 10.0):
+        self.address = address
+        self.timeout = timeout
+        self._channel = channel(address)
+        self.stub = pb_grpc.MixerServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> MixerClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+
+    def create_job(self, spec: str | JobSpec | dict[str, Any]) -> tuple[pb.Job, bool]:
+        if isinstance(spec, JobSpec):
+            spec = spec.to_json()
+        elif isinstance(spec, dict):
+            spec = json.dumps(spec)
+        resp = self.stub.CreateJob(pb.CreateJobRequest(spec=spec), timeout=self.timeout)
+        return resp.job, resp.created
+
+    def get_job(self, name: str) -> pb.Job:
+        return self.stub.GetJob(pb.GetJobRequest(name=name), timeout=self.timeout).job
+
+    def list_jobs(self) -> list[pb.Job]:
+        return list(self.stub.ListJobs(pb.ListJobsRequest(), timeout=self.timeout).jobs)
+
+    def get_weights(self, job: str, *, step: int | None = None, version: int | None = None) -> pb.WeightVersion:
+        req = pb.GetWeightsRequest(job=job)
+        if step is not None:
+            req.step = step
+        if version is not None:
+            req.version = version
+        return self.stub.GetWeights(req, timeout=self.timeout).version
+
+    def list_versions(self, job: str, after: int = -1, limit: int = 0) -> list[pb.WeightVersion]:
+        return list(self.stub.ListVersions(pb.ListVersionsRequest(job=job, after_version=after, limit=limit), timeout=self.timeout).versions)
+
+    def watch(self, job: str, after: int = -1, timeout: float | None = None) -> Iterator[pb.WeightVersion]:
+        for resp in self.stub.WatchWeights(pb.WatchWeightsRequest(job=job, after_version=after), timeout=timeout):
+            yield resp.version
+
+    def report(self, job: str, report: Report | pb.Signals) -> pb.ReportResponse:
+        msg = report if isinstance(report, pb.Signals) else report_to_proto(report)
+        return self.stub.Report(pb.ReportRequest(job=job, signals=msg), timeout=self.timeout)
+
+
+class _Spill:
+    """Length-prefixed report bytes on disk, read back in order (beyond the memory bound)."""
+
+    def __init__(self, directory: str | None):
+        fd, self.path = tempfile.mkstemp(prefix="mixer-spill-", suffix=".bin", dir=directory)
+        os.close(fd)
+        self._w = open(self.path, "ab")
+        self._r = open(self.path, "rb")
+        self.count = 0
+
+    def push(self, data: bytes) -> None:
+        self._w.write(struct.pack("<I", len(data)) + data)
+        self._w.flush()
+        self.count += 1
+
+    def pop(self) -> bytes:
+        (n,) = struct.unpack("<I", self._r.read(4))
+        self.count -= 1
+        return self._r.read(n)
+
+    def close(self) -> None:
+        self._w.close()
+        self._r.close()
+        Path(self.path).unlink(missing_ok=True)
+
+
+class Reporter:
+    """Background session for one worker: submit() never blocks; poll() gives new versions."""
+
+    def __init__(
+        self,
+        address: str,
+        job: str,
+        source: str,
+        *,
+        max_buffer: int = 4096,
+        spill_dir: str | None = None,
+        timeout: float = 10.0,
+        max_backoff: float = 2.0,
+    ):
+        self.address, self.job, self.source = address, job, source
+        self.timeout = timeout
+        self.max_backoff = max_backoff
+        self.max_buffer = max_buffer
+        self._spill_dir = spill_dir
+        self._spill: _Spill | None = None
+        self._cv = threading.Condition()
+        self._buffer: deque[tuple[tuple[int, int], bytes]] = deque()  # unacknowledged, oldest first
+        self._acked: set[tuple[int, int]] = set()
+        self._sent = 0  # how many of _buffer the current stream has sent
+        self._closing = False
+        self._stop = False
+        self._stream_gen = 0
+        self.current: Version | None = None
+        self.domains: list[str] = []
+        self._polled = -1
+        self.acked = 0
+        self.duplicates = 0
+        self.rejected: list[pb.Nack] = []
+        self.connected = threading.Event()
+        self.resume_from: tuple[int, int] = (-1, -1)
+        self._thread = threading.Thread(target=self._run, name=f"mixer-reporter-{source}", daemon=True)
+
+    def start(self) -> Reporter:
+        self._thread.start()
+        return self
+
+    # -- the training loop's side -----------------------------------------------------------
+
+    def submit(self, report: Report | pb.Signals) -> None:
+        """Queue a report; returns at once (beyond max_buffer reports go to a spill file)."""
+        msg = report if isinstance(report, pb.Signals) else report_to_proto(report)
+        key, data = (msg.step, msg.seq), msg.SerializeToString()
+        with self._cv:
+            if self._spill is not None and self._spill.count or len(self._buffer) >= self.max_buffer:
+                if self._spill is None:
+                    self._spill = _Spill(self._spill_dir)
+                self._spill.push(data)
+            else:
+                self._buffer.append((key, data))
+            self._cv.notify_all()
+
+    def poll(self) -> Version | None:
+        """The newest version if it is newer than the last one polled, else None."""
+        cur = self.current
+        if cur is None or cur.version <= self._polled:
+            return None
+        self._polled = cur.version
+        return cur
+
+    @property
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._buffer) + (self._spill.count if self._spill else 0)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every submitted report is acknowledged (or the timeout passes)."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._buffer or (self._spill and self._spill.count):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(left, 0.1))
+        return True
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Flush, then end the session. Returns whether everything was acknowledged."""
+        ok = self.flush(timeout)
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=5)
+        if self._spill is not None:
+            self._spill.close()
+        return ok
+
+    # -- the background side ------------------------------------------------------------------
+
+    def _requests(self, gen: int):
+        yield pb.SessionRequest(hello=pb.Hello(job=self.job, source=self.source))
+        while True:
+            with self._cv:
+                while not self._stop and gen == self._stream_gen and self._sent >= len(self._buffer):
+                    self._refill()
+                    if self._sent < len(self._buffer):
+                        break
+                    self._cv.wait(0.5)
+                if self._stop or gen != self._stream_gen:
+                    return
+                _, data = self._buffer[self._sent]
+                self._sent += 1
+            yield pb.SessionRequest(report=pb.Signals.FromString(data))
+
+    def _refill(self) -> None:
+        while self._spill is not None and self._spill.count and len(self._buffer) < self.max_buffer:
+            msg = pb.Signals.FromString(self._spill.pop())
+            self._buffer.append(((msg.step, msg.seq), msg.SerializeToString()))
+
+    def _on_ack(self, key: tuple[int, int]) -> None:
+        with self._cv:
+            self._acked.add(key)
+            while self._buffer and self._buffer[0][0] in self._acked:
+                k, _ = self._buffer.popleft()
+                self._acked.discard(k)
+                self._sent = max(0, self._sent - 1)
+            self._refill()
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            with self._cv:
+                if self._stop:
+                    return
+                self._stream_gen += 1
+                gen = self._stream_gen
+                self._sent = 0  # resend everything unacknowledged on the new stream
+            ch = channel(self.address)
+            stub = pb_grpc.MixerServiceStub(ch)
+            try:
+                call = stub.Session(self._requests(gen))
+                for resp in call:
+                    kind = resp.WhichOneof("kind")
+                    if kind == "welcome":
+                        self.resume_from = (resp.welcome.last_step, resp.welcome.last_seq)
+                        self.domains = list(resp.welcome.domains)
+                        self._set_version(resp.welcome.current)
+                        self.connected.set()
+                        backoff = 0.05
+                    elif kind == "ack":
+                        self.acked += 1
+                        self.duplicates += resp.ack.duplicate
+                        self._on_ack((resp.ack.step, resp.ack.seq))
+                    elif kind == "version":
+                        self._set_version(resp.version)
+                    elif kind == "nack":
+                        if resp.nack.code == grpc.StatusCode.UNAVAILABLE.value[0]:
+                            break  # the service is reloading the job: reconnect and resend
+                        # Refused for good (invalid): drop it so it is not resent forever.
+                        self.rejected.append(resp.nack)
+                        log.error("report step %d seq %d refused: %s", resp.nack.step, resp.nack.seq, resp.nack.message)
+                        self._on_ack((resp.nack.step, resp.nack.seq))
+            except grpc.RpcError as e:
+                code = e.code() if hasattr(e, "code") else None
+                if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
+                    log.error("session for job %s refused: %s", self.job, e.details())
+            finally:
+                self.connected.clear()
+                with self._cv:
+                    self._stream_gen += 1  # ends the request generator of this stream
+                    self._cv.notify_all()
+                ch.close()
+            with self._cv:
+                if self._stop:
+                    return
+                self._cv.wait(backoff)
+            backoff = min(self.max_backoff, backoff * 2)
+
+    def _set_version(self, msg: pb.WeightVersion) -> None:
+        v = version_from_proto(msg)
+        if self.current is None or v.version > self.current.version:
+            self.current = v
+
+
+def report_from_arrays(step: int, source: str, **arrays: Any) -> Report:
+    """Build a Report from numpy arrays (a convenience for training loops)."""
+    fields = {k: (np.asarray(v) if v is not None and not isinstance(v, (int, float, str, dict)) else v) for k, v in arrays.items()}
+    return Report(step=step, source=source, **fields)

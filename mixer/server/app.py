@@ -1,0 +1,86 @@
+"""`mixer serve`: the gRPC server, its HTTP side, and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mixer.server.http import HttpSide
+from mixer.server.metrics import Metrics
+from mixer.server.runtime import Limits, Runtimes
+from mixer.server.service import MixerService
+from mixer.store import Store, redact
+from mixer.store.writer import GroupCommitWriter
+from mixer.v1 import mixer_pb2, mixer_pb2_grpc
+
+log = logging.getLogger("mixer.server")
+
+SERVICE_NAME = mixer_pb2.DESCRIPTOR.services_by_name["MixerService"].full_name
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(kw_only=True, slots=True)
+class ServeConfig:
+    """How `mixer serve` runs."""
+
+    db: str = "mixer.db"
+    """Database URL (postgresql://...) or a SQLite file path."""
+    host: str = "127.0.0.1"
+    port: int = 50051
+    http_port: int = 9400
+    """Port of /metrics and /api (0: any free port)."""
+    grace_seconds: float = 10.0
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+
+
+async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
+    store = Store(cfg.db)
+    runtimes: Runtimes
+    metrics = Metrics(lambda: list(runtimes.jobs.values()))
+    writer = GroupCommitWriter(store, on_commit=metrics.observe_commit)
+    runtimes = Runtimes(store, writer, Limits(), metrics)
+    opts = [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=opts)
+    mixer_pb2_grpc.add_MixerServiceServicer_to_server(MixerService(runtimes, metrics), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    address = f"{cfg.host}:{cfg.port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise SystemExit(f"cannot bind {address}: is another server running there?")
+    serving = True
+    http = HttpSide(cfg.host, cfg.http_port, metrics, runtimes, lambda: serving)
+    await server.start()
+    http.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("mixer serving on %s:%d (http %d), database %s", cfg.host, bound, http.port, redact(store.url))
+    print(f"mixer serving on {cfg.host}:{bound} http={http.port} db={redact(store.url)}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    # Graceful: stop advertising, let in-flight reports commit and be acknowledged, then exit.
+    serving = False
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(cfg.grace_seconds)
+    writer.close()
+    http.stop()
+    store.close()
+    log.info("mixer stopped")

@@ -1,0 +1,307 @@
+"""Live jobs: each job's engine, log position, per-source marks and watchers.
+
+Everything here runs on the server's event loop thread, so the ingest path up to the commit
+needs no lock: validate -> dedup -> assign the log position -> engine -> submit to the group
+commit. The acknowledgement waits for the commit. A failed commit poisons the job's runtime:
+it is dropped and rebuilt from the database (snapshot + log) on the next access, so memory
+never runs ahead of what is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from mixer.engine import Engine, Version
+from mixer.signals import Report, SignalError, validate_report
+from mixer.spec import JobSpec, SpecError
+from mixer.store import Append, JobRecord, Store
+from mixer.store.writer import GroupCommitWriter
+from mixer.v1 import mixer_pb2 as pb
+from mixer.wire import report_from_proto
+
+log = logging.getLogger("mixer.server")
+
+
+class MixerError(Exception):
+    """An error with the gRPC status it maps to."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+@dataclass(slots=True)
+class Limits:
+    max_samples_per_report: int = 1 << 20
+    max_domains: int = 100_000
+
+
+@dataclass
+class JobRuntime:
+    job: JobRecord
+    spec: JobSpec
+    engine: Engine
+    next_seq: int
+    marks: dict[str, tuple[int, int]]
+    report_count: int = 0
+    sample_count: int = 0
+    duplicate_count: int = 0
+    created_at: dict[int, float] = field(default_factory=dict)
+    inflight: dict[tuple[int, str, int], tuple[Future, int]] = field(default_factory=dict)
+    watchers: set[asyncio.Queue] = field(default_factory=set)
+    last_loss: np.ndarray | None = None
+    applied_lag: int = 0
+    """Steps between a version's effective step and the step a worker first reported applying it."""
+    applied_seen: set[int] = field(default_factory=set)
+    poisoned: bool = False
+
+    def subscribe(self) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue(maxsize=1024)
+        self.watchers.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        self.watchers.discard(q)
+
+    def publish(self, v: Version) -> None:
+        for q in list(self.watchers):
+            if q.full():  # a reader that stopped reading loses its oldest push, never blocks ingest
+                q.get_nowait()
+            q.put_nowait(v)
+
+
+class Runtimes:
+    """All live jobs of one server, loaded lazily from the store."""
+
+    def __init__(self, store: Store, writer: GroupCommitWriter, limits: Limits | None = None, metrics=None):
+        self.store = store
+        self.writer = writer
+        self.limits = limits or Limits()
+        self.metrics = metrics
+        self.jobs: dict[str, JobRuntime] = {}
+        self._loading: dict[str, asyncio.Future] = {}
+        self._ids: dict[str, int] = {}
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    async def create_job(self, spec_text: str, source_job: str | None = None) -> tuple[JobRecord, bool]:
+        try:
+            spec = JobSpec.from_yaml(spec_text)
+        except SpecError as e:
+            raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid job spec: {e}") from None
+        if spec.num_domains > self.limits.max_domains:
+            raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"domains: {spec.num_domains} exceeds the limit of {self.limits.max_domains}")
+        existing = await asyncio.to_thread(self.store.get_job, spec.name)
+        if existing is not None:
+            if existing.fingerprint != spec.fingerprint():
+                raise MixerError(grpc.StatusCode.ALREADY_EXISTS, f"job {spec.name!r} exists with a different spec (fingerprint {existing.fingerprint})")
+            return existing, False
+        rec, created = await asyncio.to_thread(self.store.create_job, spec.name, spec.to_json(), spec.fingerprint(), spec.strategy.name, source_job)
+        if created:
+            engine = Engine(spec)
+            await asyncio.wrap_future(self.writer.submit(Append(rec.id, versions=[engine.current], snapshot=(0, -1, engine.snapshot()))))
+        elif rec.fingerprint != spec.fingerprint():
+            raise MixerError(grpc.StatusCode.ALREADY_EXISTS, f"job {spec.name!r} exists with a different spec")
+        return rec, created
+
+    async def get(self, name: str) -> JobRuntime:
+        rt = self.jobs.get(name)
+        if rt is not None and not rt.poisoned:
+            return rt
+        if name in self._loading:
+            return await asyncio.shield(self._loading[name])
+        fut = asyncio.get_running_loop().create_future()
+        self._loading[name] = fut
+        try:
+            # Anything an old, poisoned runtime queued must be settled before the log is read.
+            await asyncio.wrap_future(self.writer.barrier(self._ids.get(name)))
+            rt = await asyncio.to_thread(self._load, name)
+            self.jobs[name] = rt
+            self._ids[name] = rt.job.id
+            fut.set_result(rt)
+            return rt
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # mark retrieved: other waiters get it through shield
+            raise
+        finally:
+            del self._loading[name]
+
+    def _load(self, name: str) -> JobRuntime:
+        job = self.store.get_job(name)
+        if job is None:
+            raise MixerError(grpc.StatusCode.NOT_FOUND, f"job {name!r} not found")
+        spec = JobSpec.from_json(job.spec_json)
+        snap = self.store.latest_snapshot(job.id)
+        engine = Engine.restore(spec, snap[2]) if snap else Engine(spec)
+        for rec in self.store.signals(job.id, after_seq=engine.last_log_seq):
+            engine.ingest(decode_payload(rec.payload, spec.num_domains), rec.seq)
+        count, max_seq, _ = self.store.log_stats(job.id)
+        rt = JobRuntime(job=job, spec=spec, engine=engine, next_seq=max_seq + 1, marks=self.store.source_marks(job.id), report_count=count)
+        log.info("loaded job %s: %d reports, version %d", name, count, engine.current.version)
+        return rt
+
+    # -- ingest -------------------------------------------------------------------------------
+
+    def begin_ingest(self, rt: JobRuntime, msg: pb.Signals) -> tuple[Future | None, pb.Ack, Version | None]:
+        """Validate and append one report (synchronously, on the loop). Returns the commit future,
+        the ack to send once it resolves, and the new version if this report produced one."""
+        if rt.poisoned:
+            raise MixerError(grpc.StatusCode.UNAVAILABLE, f"job {rt.job.name!r} is reloading after a database failure; reconnect and resend")
+        try:
+            report = validate_report(report_from_proto(msg), rt.spec.num_domains, max_samples=self.limits.max_samples_per_report)
+        except SignalError as e:
+            self._reject("invalid")
+            raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"report rejected: {e}") from None
+        key = report.key
+        eng = rt.engine
+        lag = rt.spec.cadence.max_step_lag
+        if eng.max_step >= 0 and report.step < eng.max_step - lag:
+            self._reject("stale")
+            raise MixerError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"report rejected: step: {report.step} is more than cadence.max_step_lag={lag} steps behind the newest step {eng.max_step}",
+            )
+        mark = rt.marks.get(report.source)
+        if mark is not None and (report.step, report.seq) <= mark:
+            if key in rt.inflight:
+                fut, seq = rt.inflight[key]
+                rt.duplicate_count += 1
+                return fut, pb.Ack(step=report.step, seq=report.seq, duplicate=True, log_seq=seq), None
+            seq = self.store.has_signal(rt.job.id, *key)
+            if seq is not None:
+                rt.duplicate_count += 1
+                return None, pb.Ack(step=report.step, seq=report.seq, duplicate=True, log_seq=seq), None
+            self._reject("out_of_order")
+            raise MixerError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"report rejected: source {report.source!r} already reported step {mark[0]} seq {mark[1]}; "
+                f"step {report.step} seq {report.seq} is out of order and not in the log",
+            )
+        seq = rt.next_seq
+        t0 = time.perf_counter()
+        version = eng.ingest(report, seq)
+        if self.metrics is not None and version is not None:
+            self.metrics.observe_update(rt.spec.strategy.name, time.perf_counter() - t0)
+        rt.next_seq += 1
+        rt.marks[report.source] = (report.step, report.seq)
+        rt.report_count += 1
+        rt.sample_count += report.num_samples
+        if report.domain_token_count is not None:
+            mean, seen = _mean_loss(report)
+            rt.last_loss = mean if rt.last_loss is None else np.where(seen, mean, rt.last_loss)
+        self._track_applied(rt, report)
+        row = {
+            "seq": seq,
+            "step": report.step,
+            "source": report.source,
+            "source_seq": report.seq,
+            "applied_version": report.applied_version,
+            "num_samples": report.num_samples,
+            "payload": msg.SerializeToString(),
+        }
+        append = Append(rt.job.id, signals=[row])
+        if version is not None:
+            append.versions.append(version)
+            if version.version % rt.spec.cadence.snapshot_every == 0:
+                append.snapshot = (version.version, seq, eng.snapshot())
+        fut = self.writer.submit(append)
+        rt.inflight[key] = (fut, seq)
+        fut.add_done_callback(lambda f, rt=rt, key=key: self._settled(rt, key, f))
+        return fut, pb.Ack(step=report.step, seq=report.seq, duplicate=False, log_seq=seq), version
+
+    async def ingest(self, rt: JobRuntime, msg: pb.Signals) -> tuple[pb.Ack, Version | None]:
+        fut, ack, version = self.begin_ingest(rt, msg)
+        await self.settle(rt, fut, version)
+        return ack, version
+
+    async def settle(self, rt: JobRuntime, fut: Future | None, version: Version | None) -> None:
+        """Wait until a report is durable, then push its version (if any) to watchers."""
+        if fut is not None:
+            try:
+                await asyncio.wrap_future(fut)
+            except Exception as e:  # noqa: BLE001 - the database failed; the client keeps its report
+                raise MixerError(grpc.StatusCode.UNAVAILABLE, f"the database did not commit the report ({type(e).__name__}); retry later") from None
+        if version is not None:
+            rt.created_at[version.version] = time.time()
+            rt.publish(version)
+
+    def _settled(self, rt: JobRuntime, key, fut: Future) -> None:
+        # Runs on the writer thread: only plain dict/flag updates here.
+        rt.inflight.pop(key, None)
+        if fut.exception() is not None and not rt.poisoned:
+            rt.poisoned = True
+            log.warning("commit failed for job %s; it will be reloaded from the database", rt.job.name)
+            self.jobs.pop(rt.job.name, None)
+
+    def _track_applied(self, rt: JobRuntime, report: Report) -> None:
+        v = report.applied_version
+        if v < 0 or v in rt.applied_seen:
+            return
+        rt.applied_seen.add(v)
+        if v == rt.engine.current.version:
+            rt.applied_lag = max(0, report.step - rt.engine.current.effective_step)
+
+    def _reject(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected(reason)
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    async def version_at(self, rt: JobRuntime, *, step: int | None = None, number: int | None = None) -> tuple[Version, float]:
+        cur = rt.engine.current
+        if (step is None and number is None) or (number == cur.version) or (step is not None and step >= cur.effective_step):
+            return cur, rt.created_at.get(cur.version, 0.0)
+        found = await asyncio.to_thread(self.store.version, rt.job.id, number=number, step=step)
+        if found is None:
+            what = f"version {number}" if number is not None else f"step {step}"
+            raise MixerError(grpc.StatusCode.NOT_FOUND, f"job {rt.job.name!r} has no version for {what}")
+        return found
+
+
+def _mean_loss(r: Report) -> tuple[np.ndarray, np.ndarray]:
+    seen = r.domain_token_count > 0
+    mean = np.zeros_like(r.domain_token_count)
+    loss = r.domain_loss_sum if r.domain_loss_sum is not None else np.zeros_like(mean)
+    mean[seen] = loss[seen] / r.domain_token_count[seen]
+    return mean, seen
+
+
+def decode_payload(payload: bytes, num_domains: int) -> Report:
+    """A stored report, as the engine saw it."""
+    msg = pb.Signals.FromString(payload)
+    return validate_report(report_from_proto(msg), num_domains)
+
+
+def job_to_proto(rt_or_rec, store_stats: tuple[int, int] | None = None) -> pb.Job:
+    if isinstance(rt_or_rec, JobRuntime):
+        rt = rt_or_rec
+        rec, spec = rt.job, rt.spec
+        latest, max_step, count = rt.engine.current.version, rt.engine.max_step, rt.report_count
+    else:
+        rec = rt_or_rec
+        spec = JobSpec.from_json(rec.spec_json)
+        latest, max_step, count = -1, -1, 0
+    return pb.Job(
+        name=rec.name,
+        spec_json=rec.spec_json,
+        fingerprint=rec.fingerprint,
+        domains=spec.domain_names,
+        strategy=spec.strategy.name,
+        latest_version=latest,
+        max_step=max_step,
+        report_count=count,
+        created_at=rec.created_at,
+        source_job=rec.source_job or "",
+        weighting=spec.weighting.name,
+    )
+
+

@@ -1,0 +1,196 @@
+"""The gRPC servicer: mixer.v1.MixerService over the live runtimes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+
+import grpc
+
+from mixer.server.runtime import MixerError, Runtimes, job_to_proto
+from mixer.v1 import mixer_pb2 as pb
+from mixer.v1 import mixer_pb2_grpc as pb_grpc
+from mixer.wire import version_to_proto
+
+log = logging.getLogger("mixer.server")
+
+
+def _unary(method):
+    """Map MixerError to its status and time the call."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        t0 = time.perf_counter()
+        try:
+            return await method(self, request, context)
+        except MixerError as e:
+            await context.abort(e.code, e.message)
+        finally:
+            self.metrics.rpc_seconds.labels(method.__name__).observe(time.perf_counter() - t0)
+
+    return wrapper
+
+
+class MixerService(pb_grpc.MixerServiceServicer):
+    def __init__(self, runtimes: Runtimes, metrics):
+        self.rts = runtimes
+        self.metrics = metrics
+
+    def _version(self, rt, v, created_at: float | None = None) -> pb.WeightVersion:
+        return version_to_proto(rt.job.name, v, rt.spec.domain_names, created_at if created_at is not None else rt.created_at.get(v.version, 0.0))
+
+    @staticmethod
+    def _need(name: str, what: str = "job") -> None:
+        if not name:
+            raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: a job name is required")
+
+    @_unary
+    async def CreateJob(self, request, context):
+        rec, created = await self.rts.create_job(request.spec)
+        rt = await self.rts.get(rec.name)
+        return pb.CreateJobResponse(job=job_to_proto(rt), created=created)
+
+    @_unary
+    async def GetJob(self, request, context):
+        self._need(request.name, "name")
+        return pb.GetJobResponse(job=job_to_proto(await self.rts.get(request.name)))
+
+    @_unary
+    async def ListJobs(self, request, context):
+        recs = await asyncio.to_thread(self.rts.store.list_jobs)
+        jobs = []
+        for rec in recs:
+            rt = self.rts.jobs.get(rec.name)
+            jobs.append(job_to_proto(rt if rt is not None else rec))
+        return pb.ListJobsResponse(jobs=jobs)
+
+    @_unary
+    async def Report(self, request, context):
+        self._need(request.job)
+        t0 = time.perf_counter()
+        rt = await self.rts.get(request.job)
+        ack, _ = await self.rts.ingest(rt, request.signals)
+        self.metrics.ingest_seconds.observe(time.perf_counter() - t0)
+        return pb.ReportResponse(ack=ack, latest=self._version(rt, rt.engine.current))
+
+    @_unary
+    async def GetWeights(self, request, context):
+        self._need(request.job)
+        rt = await self.rts.get(request.job)
+        which = request.WhichOneof("at")
+        if which == "step" and request.step < 0:
+            raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"step: must be >= 0, got {request.step}")
+        v, created = await self.rts.version_at(rt, step=request.step if which == "step" else None, number=request.version if which == "version" else None)
+        return pb.GetWeightsResponse(version=self._version(rt, v, created))
+
+    @_unary
+    async def ListVersions(self, request, context):
+        self._need(request.job)
+        rt = await self.rts.get(request.job)
+        rows = await asyncio.to_thread(self.rts.store.versions, rt.job.id, request.after_version, request.limit)
+        return pb.ListVersionsResponse(versions=[self._version(rt, v, c) for v, c in rows])
+
+    async def WatchWeights(self, request, context):
+        try:
+            self._need(request.job)
+            rt = await self.rts.get(request.job)
+        except MixerError as e:
+            await context.abort(e.code, e.message)
+        q = rt.subscribe()
+        try:
+            last = request.after_version
+            for v, created in await asyncio.to_thread(self.rts.store.versions, rt.job.id, last):
+                yield pb.WatchWeightsResponse(version=self._version(rt, v, created))
+                last = v.version
+            while True:
+                v = await q.get()
+                if v.version > last:
+                    last = v.version
+                    yield pb.WatchWeightsResponse(version=self._version(rt, v))
+        finally:
+            rt.unsubscribe(q)
+
+    async def Session(self, request_iterator, context):
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("kind") != "hello":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session: the first message must be hello")
+        hello = first.hello
+        try:
+            self._need(hello.job, "hello.job")
+            if not hello.source:
+                raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, "hello.source: a source name is required")
+            rt = await self.rts.get(hello.job)
+        except MixerError as e:
+            await context.abort(e.code, e.message)
+        last = rt.marks.get(hello.source, (-1, -1))
+        out: asyncio.Queue = asyncio.Queue()
+        q = rt.subscribe()
+        yield pb.SessionResponse(
+            welcome=pb.Welcome(
+                job=rt.job.name,
+                source=hello.source,
+                last_step=last[0],
+                last_seq=last[1],
+                current=self._version(rt, rt.engine.current),
+                domains=rt.spec.domain_names,
+                spec_json=rt.spec.to_json(),
+            )
+        )
+        pending: set[asyncio.Task] = set()
+
+        async def settle(fut, ack, version, t0):
+            try:
+                await self.rts.settle(rt, fut, version)
+                self.metrics.ingest_seconds.observe(time.perf_counter() - t0)
+                out.put_nowait(pb.SessionResponse(ack=ack))
+            except MixerError as e:
+                out.put_nowait(pb.SessionResponse(nack=pb.Nack(step=ack.step, seq=ack.seq, code=e.code.value[0], message=e.message)))
+
+        async def read():
+            async for req in request_iterator:
+                kind = req.WhichOneof("kind")
+                if kind != "report":
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    fut, ack, version = self.rts.begin_ingest(rt, req.report)
+                except MixerError as e:
+                    out.put_nowait(pb.SessionResponse(nack=pb.Nack(step=req.report.step, seq=req.report.seq, code=e.code.value[0], message=e.message)))
+                    continue
+                task = asyncio.create_task(settle(fut, ack, version, t0))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            if pending:
+                await asyncio.gather(*pending)
+            out.put_nowait(None)
+
+        async def push():
+            while True:
+                v = await q.get()
+                created = rt.created_at.get(v.version)
+                if created:
+                    self.metrics.push_seconds.observe(max(0.0, time.time() - created))
+                out.put_nowait(pb.SessionResponse(version=self._version(rt, v)))
+
+        reader = asyncio.create_task(read())
+        pusher = asyncio.create_task(push())
+        try:
+            while True:
+                item = await out.get()
+                if item is None:
+                    break
+                yield item
+            await reader
+        finally:
+            for t in (reader, pusher):
+                t.cancel()
+            for t in (reader, pusher):
+                with contextlib.suppress(BaseException):
+                    await t
+            rt.unsubscribe(q)

@@ -1,0 +1,67 @@
+"""Tables: jobs, the append-only signal log, weight versions, and strategy snapshots."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    spec_json: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    strategy: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    source_job: Mapped[str | None] = mapped_column(String(128), nullable=True, default=None)
+
+
+class SignalRow(Base):
+    """One accepted report. `payload` is the wire `Signals` message, exact and compact."""
+
+    __tablename__ = "signals"
+    __table_args__ = (UniqueConstraint("job_id", "step", "source", "source_seq", name="uq_signals_key"),)
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    step: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(String(256))
+    source_seq: Mapped[int] = mapped_column(BigInteger)
+    applied_version: Mapped[int] = mapped_column(BigInteger)
+    num_samples: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[float] = mapped_column(Float)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class VersionRow(Base):
+    """A weight version; `weights` is little-endian float64 bytes (exact)."""
+
+    __tablename__ = "versions"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    effective_step: Mapped[int] = mapped_column(BigInteger, index=True)
+    trigger_step: Mapped[int] = mapped_column(BigInteger)
+    log_seq: Mapped[int] = mapped_column(BigInteger)
+    weights: Mapped[bytes] = mapped_column(LargeBinary)
+    params_json: Mapped[str] = mapped_column(Text)
+    blob: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class SnapshotRow(Base):
+    """Engine state right after a version; restart = newest snapshot + the log after `log_seq`."""
+
+    __tablename__ = "snapshots"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    log_seq: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,276 @@
+"""The store: jobs, the signal log, versions and snapshots in SQLite or PostgreSQL.
+
+Synchronous SQLAlchemy 2.0; the server calls it from one writer thread (group commit) and
+from reader threads. Hot inserts use Core bulk statements. Migrations (Alembic) run at open.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from mixer.engine import Version
+from mixer.store.models import JobRow, SignalRow, SnapshotRow, VersionRow
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def normalize_url(url: str) -> str:
+    """Accept a SQLAlchemy URL, a PostgreSQL URL without a driver, or a plain SQLite path."""
+    if "://" not in url:
+        return f"sqlite:///{Path(url).expanduser().resolve()}"
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
+    return url
+
+
+@dataclass(slots=True)
+class JobRecord:
+    id: int
+    name: str
+    spec_json: str
+    fingerprint: str
+    strategy: str
+    created_at: float
+    source_job: str | None
+
+
+@dataclass(slots=True)
+class SignalRecord:
+    seq: int
+    step: int
+    source: str
+    source_seq: int
+    applied_version: int
+    num_samples: int
+    received_at: float
+    payload: bytes
+
+
+@dataclass(slots=True)
+class Append:
+    """One unit of a group commit: a job's new log entries, versions and snapshot."""
+
+    job_id: int
+    signals: list[dict[str, Any]] = field(default_factory=list)
+    versions: list[Version] = field(default_factory=list)
+    snapshot: tuple[int, int, bytes] | None = None
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+class Store:
+    """Repository over one database URL."""
+
+    def __init__(self, url: str, *, migrate: bool = True):
+        self.url = normalize_url(url)
+        kwargs: dict[str, Any] = {}
+        if self.url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
+        else:
+            kwargs.update(pool_pre_ping=True, pool_size=8, max_overflow=8)
+        self.engine: Engine = create_engine(self.url, **kwargs)
+        if self.url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        if migrate:
+            self.migrate()
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def migrate(self) -> None:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def create_job(self, name: str, spec_json: str, fingerprint: str, strategy: str, source_job: str | None = None) -> tuple[JobRecord, bool]:
+        """Insert a job; return (record, created). An existing name returns the stored record."""
+        existing = self.get_job(name)
+        if existing is not None:
+            return existing, False
+        with Session(self.engine) as s, s.begin():
+            row = JobRow(name=name, spec_json=spec_json, fingerprint=fingerprint, strategy=strategy, created_at=time.time(), source_job=source_job)
+            s.add(row)
+            s.flush()
+            rec = _job(row)
+        return rec, True
+
+    def get_job(self, name: str) -> JobRecord | None:
+        with Session(self.engine) as s:
+            row = s.scalar(select(JobRow).where(JobRow.name == name))
+            return _job(row) if row else None
+
+    def list_jobs(self) -> list[JobRecord]:
+        with Session(self.engine) as s:
+            return [_job(r) for r in s.scalars(select(JobRow).order_by(JobRow.id))]
+
+    # -- the log ------------------------------------------------------------------------
+
+    def append(self, batch: list[Append]) -> None:
+        """Commit many jobs' log entries, versions and snapshots in one transaction."""
+        now = time.time()
+        signals, versions, snaps = [], [], []
+        for a in batch:
+            for row in a.signals:
+                signals.append({"job_id": a.job_id, "received_at": now, **row})
+            for v in a.versions:
+                versions.append(_version_row(a.job_id, v, now))
+            if a.snapshot is not None:
+                version, log_seq, state = a.snapshot
+                snaps.append({"job_id": a.job_id, "version": version, "log_seq": log_seq, "state": state, "created_at": now})
+        with self.engine.begin() as conn:
+            if signals:
+                conn.execute(insert(SignalRow), signals)
+            if versions:
+                conn.execute(insert(VersionRow), versions)
+            if snaps:
+                conn.execute(insert(SnapshotRow), snaps)
+
+    def signals(self, job_id: int, after_seq: int = -1, batch: int = 2000) -> Iterator[SignalRecord]:
+        """The log of a job in order, from after `after_seq`, read in pages."""
+        last = after_seq
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    select(SignalRow.__table__).where(SignalRow.job_id == job_id, SignalRow.seq > last).order_by(SignalRow.seq).limit(batch)
+                ).all()
+            for r in rows:
+                yield SignalRecord(r.seq, r.step, r.source, r.source_seq, r.applied_version, r.num_samples, r.received_at, r.payload)
+            if len(rows) < batch:
+                return
+            last = rows[-1].seq
+
+    def has_signal(self, job_id: int, step: int, source: str, source_seq: int) -> int | None:
+        """The log position of a report with this key, or None."""
+        with self.engine.connect() as conn:
+            return conn.scalar(
+                select(SignalRow.seq).where(
+                    SignalRow.job_id == job_id, SignalRow.step == step, SignalRow.source == source, SignalRow.source_seq == source_seq
+                )
+            )
+
+    def log_stats(self, job_id: int) -> tuple[int, int, int]:
+        """(report count, max seq, max step) of a job's log; -1 where empty."""
+        with self.engine.connect() as conn:
+            n, seq, step = conn.execute(
+                select(func.count(), func.max(SignalRow.seq), func.max(SignalRow.step)).where(SignalRow.job_id == job_id)
+            ).one()
+        return n, -1 if seq is None else seq, -1 if step is None else step
+
+    def source_marks(self, job_id: int) -> dict[str, tuple[int, int]]:
+        """Per source, the highest (step, seq) in the log: where a resumed session continues."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(SignalRow.source, func.max(SignalRow.step)).where(SignalRow.job_id == job_id).group_by(SignalRow.source)
+            ).all()
+            marks = {}
+            for source, step in rows:
+                seq = conn.scalar(
+                    select(func.max(SignalRow.source_seq)).where(SignalRow.job_id == job_id, SignalRow.source == source, SignalRow.step == step)
+                )
+                marks[source] = (step, seq)
+        return marks
+
+    # -- versions and snapshots -----------------------------------------------------------
+
+    def versions(self, job_id: int, after: int = -1, limit: int = 0) -> list[tuple[Version, float]]:
+        q = select(VersionRow.__table__).where(VersionRow.job_id == job_id, VersionRow.version > after).order_by(VersionRow.version)
+        if limit:
+            q = q.limit(limit)
+        with self.engine.connect() as conn:
+            return [(_version(r), r.created_at) for r in conn.execute(q)]
+
+    def version(self, job_id: int, *, number: int | None = None, step: int | None = None) -> tuple[Version, float] | None:
+        """The newest version, a given number, or the one in force at `step`."""
+        q = select(VersionRow.__table__).where(VersionRow.job_id == job_id)
+        if number is not None:
+            q = q.where(VersionRow.version == number)
+        if step is not None:
+            q = q.where(VersionRow.effective_step <= step)
+        q = q.order_by(VersionRow.version.desc()).limit(1)
+        with self.engine.connect() as conn:
+            r = conn.execute(q).first()
+        return (_version(r), r.created_at) if r else None
+
+    def latest_snapshot(self, job_id: int) -> tuple[int, int, bytes] | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(
+                select(SnapshotRow.version, SnapshotRow.log_seq, SnapshotRow.state)
+                .where(SnapshotRow.job_id == job_id)
+                .order_by(SnapshotRow.version.desc())
+                .limit(1)
+            ).first()
+        return (r.version, r.log_seq, r.state) if r else None
+
+    def overwrite_version_weights(self, job_id: int, version: int, weights: np.ndarray) -> None:
+        """Change a stored version in place. Only for tests of `replay --verify` on a corrupted record."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(VersionRow)
+                .where(VersionRow.job_id == job_id, VersionRow.version == version)
+                .values(weights=np.asarray(weights, dtype="<f8").tobytes())
+            )
+
+
+def _job(row: JobRow) -> JobRecord:
+    return JobRecord(row.id, row.name, row.spec_json, row.fingerprint, row.strategy, row.created_at, row.source_job)
+
+
+def _version_row(job_id: int, v: Version, now: float) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "version": v.version,
+        "effective_step": v.effective_step,
+        "trigger_step": v.trigger_step,
+        "log_seq": v.log_seq,
+        "weights": np.asarray(v.weights, dtype="<f8").tobytes(),
+        "params_json": json.dumps(v.params, sort_keys=True),
+        "blob": v.blob,
+        "created_at": now,
+    }
+
+
+def _version(r: Any) -> Version:
+    return Version(
+        version=r.version,
+        effective_step=r.effective_step,
+        weights=np.frombuffer(r.weights, dtype="<f8").astype(np.float64),
+        params=json.loads(r.params_json),
+        blob=bytes(r.blob),
+        trigger_step=r.trigger_step,
+        log_seq=r.log_seq,
+    )

@@ -1,0 +1,68 @@
+"""Conversions between the pure core's types and the mixer.v1 wire messages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from mixer.engine import Version
+from mixer.signals import PER_DOMAIN_FIELDS, PER_SAMPLE_FIELDS, Report, SignalError
+from mixer.v1 import mixer_pb2 as pb
+
+
+def report_to_proto(r: Report) -> pb.Signals:
+    msg = pb.Signals(step=int(r.step), source=r.source, seq=int(r.seq), applied_version=int(r.applied_version))
+    for name in PER_DOMAIN_FIELDS:
+        arr = getattr(r, name)
+        if arr is not None:
+            getattr(msg, name).extend(np.asarray(arr).tolist())
+    for name, dtype in PER_SAMPLE_FIELDS.items():
+        arr = getattr(r, name)
+        if arr is not None:
+            setattr(msg, name, np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
+    for k, v in r.extra.items():
+        msg.extra[k] = float(v)
+    return msg
+
+
+def report_from_proto(msg: pb.Signals) -> Report:
+    """Decode a wire report; array lengths and values are checked later by validate_report."""
+    r = Report(step=msg.step, source=msg.source, seq=msg.seq, applied_version=msg.applied_version, extra=dict(msg.extra))
+    for name in PER_DOMAIN_FIELDS:
+        values = getattr(msg, name)
+        if len(values):
+            setattr(r, name, np.array(values, dtype=np.int64 if name == "domain_sample_count" else np.float64))
+    for name, dtype in PER_SAMPLE_FIELDS.items():
+        raw = getattr(msg, name)
+        if raw:
+            dt = np.dtype(dtype).newbyteorder("<")
+            if len(raw) % dt.itemsize:
+                raise SignalError(name, f"is {len(raw)} bytes, not a whole number of {dt.itemsize}-byte {dt.name} values")
+            setattr(r, name, np.frombuffer(raw, dtype=dt).astype(dtype))
+    return r
+
+
+def version_to_proto(job: str, v: Version, domains: list[str], created_at: float = 0.0) -> pb.WeightVersion:
+    return pb.WeightVersion(
+        job=job,
+        version=v.version,
+        effective_step=v.effective_step,
+        weights=v.weights.tolist(),
+        domains=domains,
+        params_json=json.dumps(v.params, sort_keys=True),
+        params_blob=v.blob,
+        trigger_step=v.trigger_step,
+        created_at=created_at,
+    )
+
+
+def version_from_proto(msg: pb.WeightVersion) -> Version:
+    return Version(
+        version=msg.version,
+        effective_step=msg.effective_step,
+        weights=np.array(msg.weights, dtype=np.float64),
+        params=json.loads(msg.params_json) if msg.params_json else {},
+        blob=msg.params_blob,
+        trigger_step=msg.trigger_step,
+    )
