@@ -69,7 +69,9 @@ def main(verbose: int) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=50051, show_default=True, type=int)
 @click.option("--http-port", default=9400, show_default=True, type=int, help="/metrics and /api (0: any free port)")
-def serve(db: str, host: str, port: int, http_port: int) -> None:
+@click.option("--max-samples-per-report", default=1 << 20, show_default=True, type=int, help="larger reports are refused")
+@click.option("--max-message-bytes", default=64 << 20, show_default=True, type=int, help="gRPC message size limit")
+def serve(db: str, host: str, port: int, http_port: int, max_samples_per_report: int, max_message_bytes: int) -> None:
     """Run the mixer service (gRPC + HTTP metrics) until SIGTERM."""
     import asyncio
 
@@ -77,7 +79,8 @@ def serve(db: str, host: str, port: int, http_port: int) -> None:
     from mixer.server.app import serve as run
 
     logging.getLogger("mixer").setLevel(logging.INFO)
-    asyncio.run(run(ServeConfig(db=db, host=host, port=port, http_port=http_port)))
+    cfg = ServeConfig(db=db, host=host, port=port, http_port=http_port, max_samples_per_report=max_samples_per_report, max_message_bytes=max_message_bytes)
+    asyncio.run(run(cfg))
 
 
 @main.group()

@@ -37,6 +37,7 @@ class ServeConfig:
     """Port of /metrics and /api (0: any free port)."""
     grace_seconds: float = 10.0
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_samples_per_report: int = 1 << 20
 
 
 async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
@@ -44,7 +45,7 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     runtimes: Runtimes
     metrics = Metrics(lambda: list(runtimes.jobs.values()))
     writer = GroupCommitWriter(store, on_commit=metrics.observe_commit)
-    runtimes = Runtimes(store, writer, Limits(), metrics)
+    runtimes = Runtimes(store, writer, Limits(max_samples_per_report=cfg.max_samples_per_report), metrics)
     opts = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),

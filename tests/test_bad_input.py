@@ -1,0 +1,149 @@
+"""Bad input gets a clear status naming the field, and nothing of it reaches the log."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from mixer.client import MixerClient
+from mixer.signals import Report
+from mixer.store import Store
+from mixer.v1 import mixer_pb2 as pb
+from mixer.wire import report_to_proto
+
+K = 3
+
+
+def good(step: int, source: str = "w", **override) -> Report:
+    r = Report(
+        step=step,
+        source=source,
+        domain_loss_sum=np.array([10.0, 20.0, 30.0]),
+        domain_token_count=np.array([10.0, 10.0, 10.0]),
+        domain_sample_count=np.array([1, 1, 1]),
+        sample_loss=np.array([1.0, 2.0, 3.0], dtype=np.float32),
+        sample_domain=np.array([0, 1, 2], dtype=np.int32),
+    )
+    for k, v in override.items():
+        setattr(r, k, v)
+    return r
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    from tests.conftest import ServerProcess
+
+    d = tmp_path_factory.mktemp("bad")
+    s = ServerProcess(str(d / "mixer.db"), d, ["--max-samples-per-report", "1000", "--max-message-bytes", str(1 << 20)]).start()
+    with MixerClient(s.address) as c:
+        c.create_job({"name": "bad", "domains": ["a", "b", "c"], "strategy": "odm", "cadence": {"max_step_lag": 100}})
+        for step in range(0, 300, 50):
+            c.report("bad", good(step))
+    yield s
+    s.kill()
+
+
+@pytest.fixture
+def client(srv):
+    with MixerClient(srv.address) as c:
+        yield c
+
+
+def log_keys(srv) -> list[tuple]:
+    store = Store(srv.db, migrate=False)
+    try:
+        rec = store.get_job("bad")
+        return [(s.seq, s.step, s.source, s.source_seq) for s in store.signals(rec.id)]
+    finally:
+        store.close()
+
+
+def refused(srv, client, msg: pb.Signals | Report, code: grpc.StatusCode, *needles: str, job: str = "bad") -> None:
+    before = log_keys(srv)
+    with pytest.raises(grpc.RpcError) as err:
+        client.report(job, msg)
+    assert err.value.code() == code, err.value.details()
+    for needle in needles:
+        assert needle in err.value.details(), err.value.details()
+    assert log_keys(srv) == before, "a refused report changed the log"
+
+
+def test_unknown_job_is_not_found(srv, client):
+    refused(srv, client, good(400), grpc.StatusCode.NOT_FOUND, "'nope'", job="nope")
+    with pytest.raises(grpc.RpcError) as err:
+        client.get_weights("nope")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_nan_loss_is_invalid(srv, client):
+    refused(srv, client, good(400, domain_loss_sum=np.array([1.0, np.nan, 1.0])), grpc.StatusCode.INVALID_ARGUMENT, "domain_loss_sum", "index 1")
+
+
+def test_inf_sample_loss_is_invalid(srv, client):
+    refused(srv, client, good(400, sample_loss=np.array([1.0, np.inf, 1.0], dtype=np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "sample_loss", "non-finite")
+
+
+def test_negative_count_is_invalid(srv, client):
+    refused(srv, client, good(400, domain_sample_count=np.array([1, -2, 1])), grpc.StatusCode.INVALID_ARGUMENT, "domain_sample_count", ">= 0")
+
+
+def test_domain_array_length_mismatch_is_invalid(srv, client):
+    refused(srv, client, good(400, domain_token_count=np.array([1.0, 1.0])), grpc.StatusCode.INVALID_ARGUMENT, "domain_token_count", "3 domains")
+
+
+def test_sample_array_length_mismatch_is_invalid(srv, client):
+    refused(srv, client, good(400, sample_domain=np.array([0, 1], dtype=np.int32)), grpc.StatusCode.INVALID_ARGUMENT, "sample_domain", "2 entries")
+
+
+def test_domain_index_out_of_range_is_invalid(srv, client):
+    refused(srv, client, good(400, sample_domain=np.array([0, 1, 7], dtype=np.int32)), grpc.StatusCode.INVALID_ARGUMENT, "sample_domain", "out of range")
+
+
+def test_step_far_behind_the_log_is_invalid(srv, client):
+    refused(srv, client, good(10, source="late"), grpc.StatusCode.INVALID_ARGUMENT, "step", "max_step_lag")
+
+
+def test_too_many_samples_is_invalid(srv, client):
+    n = 5000
+    r = good(400, sample_loss=np.ones(n, dtype=np.float32), sample_domain=np.zeros(n, dtype=np.int32))
+    refused(srv, client, r, grpc.StatusCode.INVALID_ARGUMENT, "sample_loss", "at most 1000")
+
+
+def test_oversized_message_is_refused_cleanly(srv, client):
+    r = good(400)
+    msg = report_to_proto(r)
+    msg.sample_id = b"\0" * (2 << 20)  # beyond the server's 1 MiB message limit
+    refused(srv, client, msg, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def test_ragged_sample_bytes_are_invalid(srv, client):
+    msg = report_to_proto(good(400))
+    msg.sample_loss = b"\0" * 10
+    refused(srv, client, msg, grpc.StatusCode.INVALID_ARGUMENT, "sample_loss", "whole number")
+
+
+def test_out_of_order_step_is_refused(srv, client):
+    refused(srv, client, good(230), grpc.StatusCode.FAILED_PRECONDITION, "out of order")
+
+
+def test_duplicate_is_acknowledged_and_dropped(srv, client):
+    before = log_keys(srv)
+    resp = client.report("bad", good(250))
+    assert resp.ack.duplicate
+    assert log_keys(srv) == before
+
+
+def test_bad_spec_names_the_field(srv, client):
+    with pytest.raises(grpc.RpcError) as err:
+        client.create_job({"name": "x", "domains": ["a"], "strategy": {"name": "nosuch"}})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "strategy.name" in err.value.details() and "odm" in err.value.details()
+
+
+def test_same_name_different_spec_already_exists(srv, client):
+    with pytest.raises(grpc.RpcError) as err:
+        client.create_job({"name": "bad", "domains": ["a", "b"], "strategy": "odm"})
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    job, created = client.create_job({"name": "bad", "domains": ["a", "b", "c"], "strategy": "odm", "cadence": {"max_step_lag": 100}})
+    assert not created and job.name == "bad"
