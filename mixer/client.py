@@ -51,10 +51,15 @@ _SERVICE_CONFIG = json.dumps(
 )
 
 
+# Reconnect quickly after a service restart (gRPC's default backoff grows to minutes).
+FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
 def channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(
         address,
         options=[
+            *FAST_RECONNECT,
             ("grpc.service_config", _SERVICE_CONFIG),
             ("grpc.enable_retries", 1),
             ("grpc.max_receive_message_length", 64 << 20),

@@ -59,25 +59,37 @@ def shape_weights(w: np.ndarray, prior: np.ndarray, cadence: CadenceSpec) -> np.
     lo, hi = cadence.min_weight, cadence.max_weight
     if lo <= 0.0 and hi >= 1.0:
         return w
-    K = w.shape[0]
-    out = np.zeros(K)
-    free = np.ones(K, dtype=bool)
-    # Clamp the violators and rescale the rest until nothing violates (at most K rounds).
-    for _ in range(K + 1):
-        idx = np.flatnonzero(free)
-        if idx.size == 0:
-            break
-        mass = 1.0 - out[~free].sum()
-        base = w[idx]
-        s = base.sum()
-        vals = base * (mass / s) if s > 0 else np.full(idx.size, mass / idx.size)
-        low, high = vals < lo, vals > hi
-        if not (low.any() or high.any()):
-            out[idx] = vals
-            break
-        out[idx[low]] = lo
-        out[idx[high]] = hi
-        free[idx[low | high]] = False
+    return _box_simplex(w, lo, hi)
+
+
+def _box_simplex(w: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """The weights clip(t * w, lo, hi) whose sum is 1: the largest domains hit the cap, the
+    smallest the floor, and the rest keep their proportions. Exact, O(K log K)."""
+    pos = w > 0
+    n_zero = int((~pos).sum())
+    ws = np.sort(w[pos])[::-1]
+    if hi * ws.size + lo * n_zero < 1.0:
+        # Too few positive weights to reach 1 under the cap: spread the rest uniformly.
+        return _box_simplex(w + 1.0 / w.size, lo, hi)
+    A, B = lo / ws, hi / ws  # t where a domain leaves the floor, and where it reaches the cap
+    P = np.concatenate([[0.0], np.cumsum(ws)])
+
+    def f(t):
+        ia = np.searchsorted(A, t, "right") if lo > 0 else np.full(np.shape(t), ws.size)
+        ib = np.searchsorted(B, t, "left")
+        return lo * (ws.size - ia + n_zero) + hi * ib, P[ia] - P[ib]
+
+    cands = np.unique(np.concatenate([A, B]))
+    const, slope = f(cands)
+    j = int(np.argmax(const + cands * slope >= 1.0))
+    left = cands[j - 1] if j > 0 else 0.0
+    c, s = f(np.array([(left + cands[j]) / 2.0]))
+    t = (1.0 - c[0]) / s[0] if s[0] > 0 else cands[j]
+    out = np.where(pos, np.clip(t * w, lo, hi), lo)
+    # Recompute the free domains from their own sum: the prefix sums above lose precision.
+    free = pos & (out > lo) & (out < hi)
+    if free.any():
+        out[free] = w[free] * ((1.0 - out[~free].sum()) / w[free].sum())
     return out
 
 

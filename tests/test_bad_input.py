@@ -8,6 +8,7 @@ import pytest
 
 from mixer.client import MixerClient
 from mixer.signals import Report
+from mixer.server.launch import ServerProcess
 from mixer.store import Store
 from mixer.v1 import mixer_pb2 as pb
 from mixer.wire import report_to_proto
@@ -32,8 +33,6 @@ def good(step: int, source: str = "w", **override) -> Report:
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    from tests.conftest import ServerProcess
-
     d = tmp_path_factory.mktemp("bad")
     s = ServerProcess(str(d / "mixer.db"), d, ["--max-samples-per-report", "1000", "--max-message-bytes", str(1 << 20)]).start()
     with MixerClient(s.address) as c:

@@ -7,9 +7,6 @@ client side: a report counts once the service acknowledged it, i.e. once it is c
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -18,43 +15,13 @@ from typing import Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
 from mixer.client import MixerClient, Reporter
+from mixer.server.launch import ServerProcess
 from mixer.v1 import mixer_pb2 as pb
 
 K = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(db: str, workdir: Path) -> tuple[subprocess.Popen, str]:
-    port, http_port = _free_port(), _free_port()
-    log = open(workdir / "serve.log", "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mixer.cli", "serve", "--db", db, "--port", str(port), "--http-port", str(http_port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mixer serve exited: {(workdir / 'serve.log').read_text()}")
-            try:
-                stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                return proc, address
-            except grpc.RpcError:
-                time.sleep(0.1)
-    proc.kill()
-    raise TimeoutError("mixer serve did not start")
 
 
 def _make_reports(n: int, samples: int, source: str, seed: int) -> list[pb.Signals]:
@@ -87,12 +54,11 @@ def run_service_bench(*, reports: int = 2000, samples: int = 4096, sessions: int
     with tempfile.TemporaryDirectory(prefix="mixer-bench-") as tmp:
         workdir = Path(tmp)
         db_url = db or str(workdir / "bench.db")
-        proc, address = start_server(db_url, workdir)
+        srv = ServerProcess(db_url, workdir).start()
         try:
-            return _run(address, db_url, reports, samples, sessions, progress)
+            return _run(srv.address, db_url, reports, samples, sessions, progress)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            srv.terminate()
 
 
 def _run(address: str, db_url: str, reports: int, samples: int, sessions: int, progress: bool) -> dict[str, Any]:

@@ -80,6 +80,7 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     serving = False
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    runtimes.stopping.set()
     await server.stop(cfg.grace_seconds)
     writer.close()
     http.stop()

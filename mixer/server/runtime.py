@@ -89,6 +89,8 @@ class Runtimes:
         self.jobs: dict[str, JobRuntime] = {}
         self._loading: dict[str, asyncio.Future] = {}
         self._ids: dict[str, int] = {}
+        self.stopping = asyncio.Event()
+        """Set on SIGTERM: sessions stop reading, settle what they took, and end."""
 
     # -- jobs -------------------------------------------------------------------------------
 

@@ -180,17 +180,31 @@ class MixerService(pb_grpc.MixerServiceServicer):
 
         reader = asyncio.create_task(read())
         pusher = asyncio.create_task(push())
+        stopping = asyncio.create_task(self.rts.stopping.wait())
         try:
             while True:
-                item = await out.get()
+                getter = asyncio.ensure_future(out.get())
+                await asyncio.wait({getter, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    # Shutting down: take no more reports, acknowledge what was taken, end the stream.
+                    getter.cancel()
+                    reader.cancel()
+                    if pending:
+                        await asyncio.gather(*pending, return_exceptions=True)
+                    while not out.empty():
+                        item = out.get_nowait()
+                        if item is not None:
+                            yield item
+                    return
+                item = getter.result()
                 if item is None:
                     break
                 yield item
             await reader
         finally:
-            for t in (reader, pusher):
+            for t in (reader, pusher, stopping):
                 t.cancel()
-            for t in (reader, pusher):
+            for t in (reader, pusher, stopping):
                 with contextlib.suppress(BaseException):
                     await t
             rt.unsubscribe(q)

@@ -1,0 +1,138 @@
+"""Server behaviour: graceful SIGTERM, health, watch, weights at a step, metrics, CLI JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mixer.client import MixerClient, Reporter
+from mixer.signals import Report
+from mixer.store import Store
+
+SPEC = {"name": "srv", "domains": ["a", "b", "c"], "strategy": "odm", "cadence": {"update_every": 5}}
+
+
+def report(step: int, source: str = "w") -> Report:
+    return Report(
+        step=step,
+        source=source,
+        domain_loss_sum=np.array([10.0, 40.0, 20.0]),
+        domain_token_count=np.array([10.0, 10.0, 10.0]),
+        domain_sample_count=np.array([2, 2, 2]),
+    )
+
+
+def test_health_reflection_and_weights_at_step(server):
+    with grpc.insecure_channel(server.address) as ch:
+        status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="mixer.v1.MixerService"), timeout=5)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+    with MixerClient(server.address) as c:
+        c.create_job(SPEC)
+        for s in range(40):
+            c.report("srv", report(s))
+        versions = c.list_versions("srv")
+        assert [v.version for v in versions] == list(range(len(versions)))
+        assert len(versions) == 9  # the initial version and one per 5 steps
+        for v in versions[1:]:
+            at = c.get_weights("srv", step=v.effective_step)
+            assert at.version == v.version
+            before = c.get_weights("srv", step=v.effective_step - 1)
+            assert before.version == v.version - 1
+        assert c.get_weights("srv", version=3).version == 3
+        latest = c.get_weights("srv")
+        assert latest.version == versions[-1].version and list(latest.domains) == ["a", "b", "c"]
+        assert abs(sum(latest.weights) - 1) < 1e-12
+
+
+def test_watch_gets_history_then_new_versions(server):
+    with MixerClient(server.address) as c:
+        c.create_job(SPEC)
+        for s in range(10):
+            c.report("srv", report(s))
+        got: list[int] = []
+        done = threading.Event()
+
+        def watch():
+            for v in c.watch("srv", after=-1, timeout=30):
+                got.append(v.version)
+                if v.version >= 4:
+                    done.set()
+                    return
+
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        for s in range(10, 20):
+            c.report("srv", report(s))
+        assert done.wait(30), got
+        assert got == [0, 1, 2, 3, 4]
+
+
+def test_metrics_expose_per_domain_series(server):
+    with MixerClient(server.address) as c:
+        c.create_job(SPEC)
+        for s in range(12):
+            c.report("srv", report(s))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=5).read().decode()
+    for needle in (
+        'mixer_domain_weight{domain="b",job="srv"}',
+        'mixer_domain_loss{domain="b",job="srv"} 4.0',
+        'mixer_reports_total{job="srv"} 12.0',
+        'mixer_samples_total{job="srv"} 72.0',
+        'mixer_weight_version{job="srv"} 2.0',
+        "mixer_rpc_duration_seconds_bucket",
+        "mixer_db_commit_duration_seconds_count",
+        "mixer_strategy_update_duration_seconds_count",
+    ):
+        assert needle in text, needle
+    api = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/api/jobs/srv", timeout=5).read())
+    assert api["version"] == 2 and api["domains"] == ["a", "b", "c"]
+
+
+def test_sigterm_is_graceful_and_nothing_acknowledged_is_lost(server):
+    with MixerClient(server.address) as c:
+        c.create_job(SPEC)
+    rep = Reporter(server.address, "srv", "w", max_backoff=0.2).start()
+    for s in range(3000):
+        rep.submit(report(s))
+    while rep.acked < 200:
+        pass
+    assert server.terminate() == 0, server.log()
+    assert "mixer stopped" in server.log()
+    acked_before = rep.acked
+    store = Store(server.db)
+    rec = store.get_job("srv")
+    assert store.log_stats(rec.id)[0] >= acked_before
+    store.close()
+    server.start()
+    assert rep.close(timeout=60), rep.pending
+    store = Store(server.db)
+    steps = sorted(s.step for s in store.signals(rec.id))
+    assert steps == list(range(3000))
+    store.close()
+
+
+def test_cli_json_output(server, tmp_path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: clijob\ndata_path: 0.3 /data/web 0.7 /data/code\nstrategy: odm\n")
+
+    def mixer(*args):
+        out = subprocess.run([sys.executable, "-m", "mixer.cli", *args, "--address", server.address, "--json"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    created = mixer("job", "create", str(spec))
+    assert created["created"] and created["domains"] == ["web", "code"]
+    assert mixer("job", "list")["jobs"][0]["name"] == "clijob"
+    assert mixer("job", "show", "clijob")["spec"]["domains"][0]["prefix"] == "/data/web"
+    w = mixer("weights", "clijob")
+    assert w["versions"][0]["weights"] == [0.3, 0.7]
+    assert mixer("weights", "clijob", "--step", "5")["versions"][0]["version"] == 0
+    bad = subprocess.run([sys.executable, "-m", "mixer.cli", "job", "show", "nope", "--address", server.address], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
