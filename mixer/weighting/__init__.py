@@ -33,11 +33,15 @@ PARSERS: dict[str, Callable[[dict[str, Any]], Any]] = {
 def validate_weighting_spec(spec: JobSpec) -> None:
     name = spec.weighting.name
     if name not in METHODS:
-        raise SpecError("weighting.name", f"unknown instance weighting {name!r}; available: {', '.join(sorted(METHODS))}")
+        raise SpecError(
+            "weighting.name", f"unknown instance weighting {name!r}; available: {', '.join(sorted(METHODS))}"
+        )
     unknown = sorted(set(spec.weighting.params) - METHODS[name])
     if unknown:
         allowed = ", ".join(sorted(METHODS[name])) or "none"
-        raise SpecError(f"weighting.params.{unknown[0]}", f"unknown parameter for {name!r}; allowed: {allowed}")
+        raise SpecError(
+            f"weighting.params.{unknown[0]}", f"unknown parameter for {name!r}; allowed: {allowed}"
+        )
     if name in PARSERS:
         PARSERS[name](spec.weighting.params)
 
@@ -45,6 +49,8 @@ def validate_weighting_spec(spec: JobSpec) -> None:
 def parse_weighting_params(name: str, params: dict[str, Any]) -> Any:
     """Typed parameters of method `name` (LossParams, TopicParams, DwmParams; None for 'none')."""
     if name not in METHODS:
-        raise SpecError("weighting.name", f"unknown instance weighting {name!r}; available: {', '.join(sorted(METHODS))}")
+        raise SpecError(
+            "weighting.name", f"unknown instance weighting {name!r}; available: {', '.join(sorted(METHODS))}"
+        )
     parser = PARSERS.get(name)
     return parser(params) if parser else None

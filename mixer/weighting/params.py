@@ -44,7 +44,9 @@ def _int(name: str, v: Any, lo: int) -> int:
 def _no_unknown(method: str, given: dict[str, Any], allowed: frozenset[str]) -> None:
     unknown = sorted(set(given) - allowed)
     if unknown:
-        raise SpecError(_where(unknown[0]), f"unknown parameter for {method!r}; allowed: {', '.join(sorted(allowed))}")
+        raise SpecError(
+            _where(unknown[0]), f"unknown parameter for {method!r}; allowed: {', '.join(sorted(allowed))}"
+        )
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -67,7 +69,9 @@ class LossParams:
         _no_unknown("loss", given, cls.NAMES)
         method = given.get("method", "linupper")
         if not isinstance(method, str) or LOSS_ALIASES.get(method, method) not in LOSS_METHODS:
-            raise SpecError(_where("method"), f"must be one of {', '.join(LOSS_METHODS)} (or 'mid'), got {method!r}")
+            raise SpecError(
+                _where("method"), f"must be one of {', '.join(LOSS_METHODS)} (or 'mid'), got {method!r}"
+            )
         return cls(
             method=LOSS_ALIASES.get(method, method),
             delta=_positive("delta", given.get("delta", 1.0)),
@@ -93,10 +97,14 @@ class TopicParams:
         _no_unknown("topic", given, cls.NAMES)
         raw = given.get("topic_weights", [])
         if not isinstance(raw, (list, tuple)):
-            raise SpecError(_where("topic_weights"), f"must be a list of numbers >= 0, got {type(raw).__name__}")
+            raise SpecError(
+                _where("topic_weights"), f"must be a list of numbers >= 0, got {type(raw).__name__}"
+            )
         weights = tuple(_nonneg_float(f"topic_weights[{i}]", v) for i, v in enumerate(raw))
         if weights and sum(weights) <= 0:
-            raise SpecError(_where("topic_weights"), "all topic weights are zero; give at least one a positive weight")
+            raise SpecError(
+                _where("topic_weights"), "all topic weights are zero; give at least one a positive weight"
+            )
         return cls(topic_weights=weights)
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,7 +120,7 @@ class DwmParams:
     lr: float = 1e-3
     """Learning rate of the weighting model's optimiser."""
     eta: float = 1.0
-    """Model step size in the one-step unroll; with Adam only its sign matters, so 1 is fine."""
+    """Model step size in the one-step unroll; Adam is nearly blind to its scale, so 1 is fine."""
     optimizer: str = "adam"
     """adam | sgd."""
     momentum: float = 0.9
@@ -124,7 +132,9 @@ class DwmParams:
     total_steps: int = 100_000
     """Training progress enters the features as min(step / total_steps, 1)."""
 
-    NAMES = frozenset({"hidden", "lr", "eta", "optimizer", "momentum", "num_topics", "seq_len", "total_steps"})
+    NAMES = frozenset(
+        {"hidden", "lr", "eta", "optimizer", "momentum", "num_topics", "seq_len", "total_steps"}
+    )
 
     @classmethod
     def parse(cls, given: dict[str, Any]) -> DwmParams:

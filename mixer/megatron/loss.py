@@ -1,0 +1,243 @@
+"""The training loss plus per-domain and per-sample statistics, reduced on the device.
+
+Nothing here calls .item() or .cpu() on the critical path: StepStats stays on the device, and
+AsyncHostCopy moves it to (pinned) host memory without blocking, to be read a step later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["AsyncHostCopy", "HostStats", "LossHook", "StepStats", "compute_loss", "reduce_step_stats"]
+
+
+@dataclass
+class StepStats:
+    """Detached statistics of one step's batch, on the device."""
+
+    loss: Tensor  # [] the training loss that was optimised (detached)
+    sample_loss: Tensor  # [b] float32: token-mean loss of each sample (unweighted)
+    sample_domain: Tensor  # [b] int32: domain index of each sample
+    sample_id: Tensor  # [b] int64: global sample ids (-1 when unknown)
+    domain_loss_sum: Tensor  # [K] float32: sum of token losses per domain
+    domain_token_count: Tensor  # [K] float32: loss-mask tokens per domain
+    domain_sample_count: Tensor  # [K] int64: samples per domain
+
+
+@dataclass
+class HostStats:
+    """StepStats as numpy arrays on the host, tagged with the step they belong to."""
+
+    step: int
+    loss: float
+    sample_loss: np.ndarray  # float32 [b]
+    sample_domain: np.ndarray  # int32 [b]
+    sample_id: np.ndarray  # int64 [b]
+    domain_loss_sum: np.ndarray  # float64 [K]
+    domain_token_count: np.ndarray  # float64 [K]
+    domain_sample_count: np.ndarray  # int64 [K]
+
+    def domain_mean_loss(self) -> np.ndarray:
+        """Token-mean loss per domain (NaN where the domain had no tokens)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(
+                self.domain_token_count > 0, self.domain_loss_sum / self.domain_token_count, np.nan
+            )
+
+
+def compute_loss(
+    per_token_loss: Tensor,
+    loss_mask: Tensor,
+    dataset_id: Tensor,
+    num_domains: int,
+    *,
+    instance_weights: Tensor | None = None,
+    sample_id: Tensor | None = None,
+) -> tuple[Tensor, StepStats]:
+    """Scalar loss to optimise (instance-weighted token mean) and the step's unweighted StepStats."""
+    # loss = sum_b w_b S_b / sum_b w_b T_b (S_b: masked loss sum of sample b, T_b: its tokens):
+    # with w = 1 it is Megatron's token mean, and scaling all weights does not change it.
+    if per_token_loss.dim() != 2 or per_token_loss.shape != loss_mask.shape:
+        raise ValueError(
+            f"per-token loss {tuple(per_token_loss.shape)} and mask {tuple(loss_mask.shape)} must be [b, s]"
+        )
+    batch = per_token_loss.shape[0]
+    device = per_token_loss.device
+    mask = loss_mask.to(per_token_loss.dtype)
+    sample_sum = (per_token_loss * mask).sum(dim=1)  # [b], carries the graph
+    sample_tokens = mask.sum(dim=1)  # [b]
+    if instance_weights is None:
+        loss = sample_sum.sum() / sample_tokens.sum().clamp(min=1)
+    else:
+        w = instance_weights.detach().to(device=device, dtype=per_token_loss.dtype).reshape(batch)
+        loss = (w * sample_sum).sum() / (w * sample_tokens).sum().clamp(min=torch.finfo(w.dtype).tiny)
+
+    with torch.no_grad():
+        domain = dataset_id.to(device=device, dtype=torch.int64).reshape(batch)
+        sums = sample_sum.detach().float()
+        tokens = sample_tokens.detach().float()
+        # index_add_ rather than bincount: bincount on CUDA synchronises to size its output.
+        loss_sum = torch.zeros(num_domains, device=device, dtype=torch.float32).index_add_(0, domain, sums)
+        token_count = torch.zeros(num_domains, device=device, dtype=torch.float32).index_add_(
+            0, domain, tokens
+        )
+        sample_count = torch.zeros(num_domains, device=device, dtype=torch.int64).index_add_(
+            0, domain, torch.ones_like(domain)
+        )
+        if sample_id is None:
+            ids = torch.full((batch,), -1, device=device, dtype=torch.int64)
+        else:
+            ids = sample_id.to(device=device, dtype=torch.int64).reshape(batch)
+        stats = StepStats(
+            loss=loss.detach().float(),
+            sample_loss=sums / tokens.clamp(min=1),
+            sample_domain=domain.to(torch.int32),
+            sample_id=ids,
+            domain_loss_sum=loss_sum,
+            domain_token_count=token_count,
+            domain_sample_count=sample_count,
+        )
+    return loss, stats
+
+
+def reduce_step_stats(stats: StepStats, group=None) -> StepStats:
+    """Sum per-domain statistics and gather per-sample ones over the data-parallel group."""
+    # A no-op unless more than one rank. Per-domain sums travel in one float64 all-reduce (sample
+    # counts stay exact); per-sample arrays are all-gathered in rank order, so every rank ends up
+    # with the whole global batch; the loss becomes the mean over ranks (what DP optimises).
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) <= 1:
+        return stats
+    world = dist.get_world_size(group)
+    k = stats.domain_loss_sum.numel()
+    packed = torch.cat(
+        [
+            stats.domain_loss_sum.double(),
+            stats.domain_token_count.double(),
+            stats.domain_sample_count.double(),
+            stats.loss.double().reshape(1),
+        ]
+    )
+    dist.all_reduce(packed, group=group)
+
+    def gather(t: Tensor) -> Tensor:
+        out = torch.empty((world * t.numel(),), dtype=t.dtype, device=t.device)
+        dist.all_gather_into_tensor(out, t.contiguous(), group=group)
+        return out
+
+    return StepStats(
+        loss=(packed[3 * k] / world).float(),
+        sample_loss=gather(stats.sample_loss),
+        sample_domain=gather(stats.sample_domain),
+        sample_id=gather(stats.sample_id),
+        domain_loss_sum=packed[:k].float(),
+        domain_token_count=packed[k : 2 * k].float(),
+        domain_sample_count=packed[2 * k : 3 * k].round().to(torch.int64),
+    )
+
+
+class LossHook:
+    """compute_loss bound to K domains, with the data-parallel reduction of the statistics."""
+
+    def __init__(self, num_domains: int, group=None, reduce: bool = True) -> None:
+        self.num_domains = num_domains
+        self.group = group
+        self.reduce = reduce
+
+    def __call__(
+        self,
+        per_token_loss: Tensor,
+        loss_mask: Tensor,
+        dataset_id: Tensor,
+        sample_id: Tensor | None = None,
+        instance_weights: Tensor | None = None,
+    ) -> tuple[Tensor, StepStats]:
+        """Loss to backpropagate and the (reduced) statistics of the step."""
+        loss, stats = compute_loss(
+            per_token_loss,
+            loss_mask,
+            dataset_id,
+            self.num_domains,
+            instance_weights=instance_weights,
+            sample_id=sample_id,
+        )
+        if self.reduce:
+            stats = reduce_step_stats(stats, self.group)
+        return loss, stats
+
+
+class AsyncHostCopy:
+    """Copy StepStats to host memory without blocking; read each step's copy one step later."""
+
+    # Two host buffers alternate: push(step, stats) starts copying into one and returns the
+    # finished copy of the previous push from the other. On CUDA the buffers are pinned and the
+    # copy is non_blocking behind a CUDA event; on the CPU it is a plain clone.
+
+    def __init__(self) -> None:
+        self._buffers: list[dict[str, Tensor] | None] = [None, None]
+        self._events: list[object | None] = [None, None]
+        self._steps: list[int | None] = [None, None]
+        self._slot = 0
+
+    def _host_buffer(self, slot: int, stats: StepStats) -> dict[str, Tensor]:
+        """(Re)allocate the slot's host tensors when shapes or dtypes change."""
+        buf = self._buffers[slot]
+        on_cuda = stats.loss.is_cuda
+        if buf is None or any(
+            buf[f.name].shape != getattr(stats, f.name).shape
+            or buf[f.name].dtype != getattr(stats, f.name).dtype
+            for f in fields(StepStats)
+        ):
+            buf = {}
+            for f in fields(StepStats):
+                t = getattr(stats, f.name)
+                buf[f.name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=on_cuda)
+            self._buffers[slot] = buf
+        return buf
+
+    def push(self, step: int, stats: StepStats) -> HostStats | None:
+        """Start copying step's stats; return the previous push's stats (or None)."""
+        slot = self._slot
+        buf = self._host_buffer(slot, stats)
+        on_cuda = stats.loss.is_cuda
+        for f in fields(StepStats):
+            buf[f.name].copy_(getattr(stats, f.name), non_blocking=on_cuda)
+        if on_cuda:
+            event = torch.cuda.Event()
+            event.record()
+            self._events[slot] = event
+        else:
+            self._events[slot] = None
+        self._steps[slot] = step
+        self._slot = 1 - slot
+        return self._collect(1 - slot)
+
+    def flush(self) -> HostStats | None:
+        """Wait for the last push and return it (call at the end of training or at a checkpoint)."""
+        return self._collect(1 - self._slot)
+
+    def _collect(self, slot: int) -> HostStats | None:
+        """Read a finished slot into numpy (copies, so the slot can be reused), once."""
+        step = self._steps[slot]
+        if step is None:
+            return None
+        event = self._events[slot]
+        if event is not None:
+            event.synchronize()
+        buf = self._buffers[slot]
+        assert buf is not None
+        self._steps[slot] = None
+        return HostStats(
+            step=step,
+            loss=float(buf["loss"]),
+            sample_loss=buf["sample_loss"].numpy().astype(np.float32, copy=True),
+            sample_domain=buf["sample_domain"].numpy().astype(np.int32, copy=True),
+            sample_id=buf["sample_id"].numpy().astype(np.int64, copy=True),
+            domain_loss_sum=buf["domain_loss_sum"].numpy().astype(np.float64),
+            domain_token_count=buf["domain_token_count"].numpy().astype(np.float64),
+            domain_sample_count=buf["domain_sample_count"].numpy().astype(np.int64, copy=True),
+        )

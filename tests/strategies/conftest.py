@@ -1,0 +1,74 @@
+"""Shared helpers for the strategy tests: the conformance vectors and tolerant comparison."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mixer.spec import JobSpec
+
+
+def conformance_dir() -> Path:
+    """shared/conformance beside the repository, or $MIXER_CONFORMANCE_DIR."""
+    beside = Path(__file__).resolve().parents[2].parent / "shared" / "conformance"
+    if beside.is_dir():
+        return beside
+    env = os.environ.get("MIXER_CONFORMANCE_DIR")
+    if env and Path(env).is_dir():
+        return Path(env)
+    pytest.fail(
+        f"conformance vectors not found: looked for {beside} and $MIXER_CONFORMANCE_DIR={env!r}; "
+        "check out the shared/ folder beside the repository or point the variable at it"
+    )
+
+
+@pytest.fixture(scope="session")
+def conformance():
+    """load('odm') -> the parsed odm.json."""
+    cache: dict[str, Any] = {}
+
+    def load(name: str) -> dict[str, Any]:
+        if name not in cache:
+            path = conformance_dir() / f"{name}.json"
+            if not path.is_file():
+                pytest.fail(f"conformance file {path} is missing")
+            cache[name] = json.loads(path.read_text())
+        return cache[name]
+
+    return load
+
+
+def _assert_close(got: Any, expected: Any, *, rtol: float, atol: float, what: str) -> None:
+    """|got - expected| <= atol + rtol |expected|, elementwise, with a message naming the field."""
+    g = np.asarray(got, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert g.shape == e.shape, f"{what}: shape {g.shape} != expected {e.shape}"
+    bad = np.abs(g - e) > atol + rtol * np.abs(e)
+    if bad.any():
+        i = np.unravel_index(int(np.flatnonzero(bad)[0]), g.shape) if g.ndim else ()
+        raise AssertionError(f"{what}: at {i} got {g[i]!r}, expected {e[i]!r} (rtol {rtol}, atol {atol})")
+
+
+def _make_spec(strategy: str, params: dict[str, Any] | None = None, *, K: int = 5, **extra: Any) -> JobSpec:
+    data = {
+        "name": "t",
+        "domains": [{"name": f"d{i}"} for i in range(K)],
+        "strategy": {"name": strategy, "params": params or {}},
+    }
+    data.update(extra)
+    return JobSpec.from_dict(data)
+
+
+@pytest.fixture(scope="session")
+def assert_close():
+    return _assert_close
+
+
+@pytest.fixture(scope="session")
+def make_spec():
+    return _make_spec
