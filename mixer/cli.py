@@ -17,7 +17,28 @@ import click
 
 from mixer.client import DEFAULT_ADDRESS
 
-address_option = click.option("--address", default=DEFAULT_ADDRESS, show_default=True, envvar="MIXER_ADDRESS", help="host:port of a mixer service")
+def address_option(fn):
+    """--address plus the connection's credentials (token, TLS)."""
+    for opt in reversed(
+        [
+            click.option("--address", default=DEFAULT_ADDRESS, show_default=True, envvar="MIXER_ADDRESS", help="host:port of a mixer service"),
+            click.option("--token", default=None, envvar="MIXER_TOKEN", help="bearer token (mx_...)"),
+            click.option("--tls-ca", default=None, envvar="MIXER_TLS_CA", type=click.Path(exists=True, dir_okay=False), help="CA certificate: connect with TLS"),
+            click.option("--tls-cert", "client_cert", default=None, type=click.Path(exists=True, dir_okay=False), help="client certificate (mutual TLS)"),
+            click.option("--tls-key", "client_key", default=None, type=click.Path(exists=True, dir_okay=False), help="client key (mutual TLS)"),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+def connect(kw: dict[str, Any]):
+    """A MixerClient from the connection options (popped from a command's kwargs)."""
+    from mixer.client import MixerClient, TlsConfig
+
+    ca, cert, key = kw.pop("tls_ca"), kw.pop("client_cert"), kw.pop("client_key")
+    tls = TlsConfig(ca, cert, key) if ca or cert else None
+    return MixerClient(kw.pop("address"), token=kw.pop("token"), tls=tls)
 json_option = click.option("--json", "as_json", is_flag=True, help="print one JSON document as the last line")
 
 
@@ -45,13 +66,14 @@ def _rpc_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        address = kwargs.get("address", "?")
         try:
             return fn(*args, **kwargs)
         except grpc.RpcError as e:
             code = e.code().name if hasattr(e, "code") else "ERROR"
             details = e.details() if hasattr(e, "details") else str(e)
             if code == "UNAVAILABLE":
-                details = f"no mixer service reachable at {kwargs.get('address', '?')} ({details}); start one with `mixer serve`"
+                details = f"no mixer service reachable at {address} ({details}); start one with `mixer serve`"
             raise click.ClickException(f"{code}: {details}") from None
 
     return wrapper
@@ -71,7 +93,14 @@ def main(verbose: int) -> None:
 @click.option("--http-port", default=9400, show_default=True, type=int, help="/metrics and /api (0: any free port)")
 @click.option("--max-samples-per-report", default=1 << 20, show_default=True, type=int, help="larger reports are refused")
 @click.option("--max-message-bytes", default=64 << 20, show_default=True, type=int, help="gRPC message size limit")
-def serve(db: str, host: str, port: int, http_port: int, max_samples_per_report: int, max_message_bytes: int) -> None:
+@click.option("--max-domains", default=100_000, show_default=True, type=int, help="domains per job")
+@click.option("--max-sessions-per-job", default=1024, show_default=True, type=int)
+@click.option("--auth", is_flag=True, help="require bearer tokens (mixer token create)")
+@click.option("--insecure", is_flag=True, help="allow a non-loopback --host without --auth")
+@click.option("--tls-cert", default=None, help="server certificate (PEM): serve TLS")
+@click.option("--tls-key", default=None, help="server private key (PEM)")
+@click.option("--tls-client-ca", default=None, help="require client certificates signed by this CA (mutual TLS)")
+def serve(**kw) -> None:
     """Run the mixer service (gRPC + HTTP metrics) until SIGTERM."""
     import asyncio
 
@@ -79,8 +108,51 @@ def serve(db: str, host: str, port: int, http_port: int, max_samples_per_report:
     from mixer.server.app import serve as run
 
     logging.getLogger("mixer").setLevel(logging.INFO)
-    cfg = ServeConfig(db=db, host=host, port=port, http_port=http_port, max_samples_per_report=max_samples_per_report, max_message_bytes=max_message_bytes)
-    asyncio.run(run(cfg))
+    asyncio.run(run(ServeConfig(**kw)))
+
+
+@main.group()
+def token() -> None:
+    """Issue and revoke bearer tokens (written straight to the database)."""
+
+
+@token.command("create")
+@click.option("--job", required=True, help="the job the token is for, or '*' for every job")
+@click.option("--role", required=True, type=click.Choice(["reader", "writer", "admin"]))
+@click.option("--db", default="mixer.db", show_default=True, envvar="MIXER_DB")
+@json_option
+def token_create(job: str, role: str, db: str, as_json: bool) -> None:
+    """Create a token; it is printed once and stored only as a hash."""
+    from mixer.server.auth import create_token
+    from mixer.store import Store
+
+    store = Store(db)
+    try:
+        tok = create_token(store, job, role)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        store.close()
+    if as_json:
+        emit_json({"token": tok, "job": job, "role": role})
+    else:
+        click.echo(tok)
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@click.option("--db", default="mixer.db", show_default=True, envvar="MIXER_DB")
+def token_revoke(token_id: str, db: str) -> None:
+    """Revoke a token by its id (the part after mx_ and before the next _)."""
+    from mixer.store import Store
+
+    store = Store(db)
+    try:
+        if not store.revoke_token(token_id):
+            raise click.ClickException(f"no token with id {token_id!r}")
+    finally:
+        store.close()
+    click.echo(f"revoked {token_id}")
 
 
 @main.group()
@@ -107,9 +179,8 @@ def _job_dict(j) -> dict[str, Any]:
 @address_option
 @json_option
 @_rpc_errors
-def job_create(spec_file: Path, address: str, as_json: bool) -> None:
+def job_create(spec_file: Path, as_json: bool, **conn) -> None:
     """Create a job from a YAML spec (idempotent by name)."""
-    from mixer.client import MixerClient
     from mixer.spec import JobSpec, SpecError
 
     text = spec_file.read_text()
@@ -117,7 +188,7 @@ def job_create(spec_file: Path, address: str, as_json: bool) -> None:
         JobSpec.from_yaml(text)
     except SpecError as e:
         raise click.ClickException(f"{spec_file}: {e}") from None
-    with MixerClient(address) as c:
+    with connect(conn) as c:
         j, created = c.create_job(text)
     if as_json:
         emit_json({**_job_dict(j), "created": created})
@@ -129,11 +200,9 @@ def job_create(spec_file: Path, address: str, as_json: bool) -> None:
 @address_option
 @json_option
 @_rpc_errors
-def job_list(address: str, as_json: bool) -> None:
+def job_list(as_json: bool, **conn) -> None:
     """List jobs."""
-    from mixer.client import MixerClient
-
-    with MixerClient(address) as c:
+    with connect(conn) as c:
         jobs = [_job_dict(j) for j in c.list_jobs()]
     if as_json:
         emit_json({"jobs": jobs})
@@ -150,11 +219,9 @@ def job_list(address: str, as_json: bool) -> None:
 @address_option
 @json_option
 @_rpc_errors
-def job_show(name: str, address: str, as_json: bool) -> None:
+def job_show(name: str, as_json: bool, **conn) -> None:
     """Show one job and its spec."""
-    from mixer.client import MixerClient
-
-    with MixerClient(address) as c:
+    with connect(conn) as c:
         j = c.get_job(name)
     d = {**_job_dict(j), "spec": json.loads(j.spec_json)}
     if as_json:
@@ -192,11 +259,9 @@ def _version_dict(v) -> dict[str, Any]:
 @address_option
 @json_option
 @_rpc_errors
-def weights(name: str, step: int | None, watch: bool, address: str, as_json: bool) -> None:
+def weights(name: str, step: int | None, watch: bool, as_json: bool, **conn) -> None:
     """Show a job's weight versions (or the one in force at --step)."""
-    from mixer.client import MixerClient
-
-    with MixerClient(address) as c:
+    with connect(conn) as c:
         domains = list(c.get_job(name).domains)
         if step is not None:
             rows = [_version_dict(c.get_weights(name, step=step))]

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,26 +56,46 @@ _SERVICE_CONFIG = json.dumps(
 FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(
-        address,
-        options=[
-            *FAST_RECONNECT,
-            ("grpc.service_config", _SERVICE_CONFIG),
-            ("grpc.enable_retries", 1),
-            ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20),
-        ],
-    )
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS for a client: the CA that signed the server's certificate, and for mutual TLS a client certificate."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(p: str | None) -> bytes | None:
+            return Path(p).read_bytes() if p else None
+
+        return grpc.ssl_channel_credentials(root_certificates=read(self.ca), private_key=read(self.key), certificate_chain=read(self.cert))
+
+
+def channel(address: str, tls: TlsConfig | None = None) -> grpc.Channel:
+    options = [
+        *FAST_RECONNECT,
+        ("grpc.service_config", _SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_receive_message_length", 64 << 20),
+        ("grpc.max_send_message_length", 64 << 20),
+    ]
+    if tls is not None:
+        return grpc.secure_channel(address, tls.credentials(), options=options)
+    return grpc.insecure_channel(address, options=options)
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 class MixerClient:
     """Blocking client for tools and scripts."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = 10.0):
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = 10.0, token: str | None = None, tls: TlsConfig | None = None):
         self.address = address
         self.timeout = timeout
-        self._channel = channel(address)
+        self._channel = channel(address, tls)
+        self._md = auth_metadata(token)
         self.stub = pb_grpc.MixerServiceStub(self._channel)
 
     def close(self) -> None:
@@ -94,14 +115,14 @@ class MixerClient:
             spec = spec.to_json()
         elif isinstance(spec, dict):
             spec = json.dumps(spec)
-        resp = self.stub.CreateJob(pb.CreateJobRequest(spec=spec), timeout=self.timeout)
+        resp = self.stub.CreateJob(pb.CreateJobRequest(spec=spec), timeout=self.timeout, metadata=self._md)
         return resp.job, resp.created
 
     def get_job(self, name: str) -> pb.Job:
-        return self.stub.GetJob(pb.GetJobRequest(name=name), timeout=self.timeout).job
+        return self.stub.GetJob(pb.GetJobRequest(name=name), timeout=self.timeout, metadata=self._md).job
 
     def list_jobs(self) -> list[pb.Job]:
-        return list(self.stub.ListJobs(pb.ListJobsRequest(), timeout=self.timeout).jobs)
+        return list(self.stub.ListJobs(pb.ListJobsRequest(), timeout=self.timeout, metadata=self._md).jobs)
 
     def get_weights(self, job: str, *, step: int | None = None, version: int | None = None) -> pb.WeightVersion:
         req = pb.GetWeightsRequest(job=job)
@@ -109,18 +130,18 @@ class MixerClient:
             req.step = step
         if version is not None:
             req.version = version
-        return self.stub.GetWeights(req, timeout=self.timeout).version
+        return self.stub.GetWeights(req, timeout=self.timeout, metadata=self._md).version
 
     def list_versions(self, job: str, after: int = -1, limit: int = 0) -> list[pb.WeightVersion]:
-        return list(self.stub.ListVersions(pb.ListVersionsRequest(job=job, after_version=after, limit=limit), timeout=self.timeout).versions)
+        return list(self.stub.ListVersions(pb.ListVersionsRequest(job=job, after_version=after, limit=limit), timeout=self.timeout, metadata=self._md).versions)
 
     def watch(self, job: str, after: int = -1, timeout: float | None = None) -> Iterator[pb.WeightVersion]:
-        for resp in self.stub.WatchWeights(pb.WatchWeightsRequest(job=job, after_version=after), timeout=timeout):
+        for resp in self.stub.WatchWeights(pb.WatchWeightsRequest(job=job, after_version=after), timeout=timeout, metadata=self._md):
             yield resp.version
 
     def report(self, job: str, report: Report | pb.Signals) -> pb.ReportResponse:
         msg = report if isinstance(report, pb.Signals) else report_to_proto(report)
-        return self.stub.Report(pb.ReportRequest(job=job, signals=msg), timeout=self.timeout)
+        return self.stub.Report(pb.ReportRequest(job=job, signals=msg), timeout=self.timeout, metadata=self._md)
 
 
 class _Spill:
@@ -162,8 +183,14 @@ class Reporter:
         spill_dir: str | None = None,
         timeout: float = 10.0,
         max_backoff: float = 2.0,
+        token: str | None = None,
+        tls: TlsConfig | None = None,
     ):
-        self.address, self.job, self.source = address, job, source
+        """`address` may list several servers ("a:50051,b:50051"); on failure the next is tried."""
+        self.addresses = [a.strip() for a in address.split(",") if a.strip()]
+        self.address, self.job, self.source = self.addresses[0], job, source
+        self._md = auth_metadata(token)
+        self._tls = tls
         self.timeout = timeout
         self.max_backoff = max_backoff
         self.max_buffer = max_buffer
@@ -184,6 +211,7 @@ class Reporter:
         self.rejected: list[pb.Nack] = []
         self.connected = threading.Event()
         self.resume_from: tuple[int, int] = (-1, -1)
+        self.last_error = ""
         self._thread = threading.Thread(target=self._run, name=f"mixer-reporter-{source}", daemon=True)
 
     def start(self) -> Reporter:
@@ -281,10 +309,11 @@ class Reporter:
                 self._stream_gen += 1
                 gen = self._stream_gen
                 self._sent = 0  # resend everything unacknowledged on the new stream
-            ch = channel(self.address)
+            ch = channel(self.address, self._tls)
             stub = pb_grpc.MixerServiceStub(ch)
+            welcomed = False
             try:
-                call = stub.Session(self._requests(gen))
+                call = stub.Session(self._requests(gen), metadata=self._md)
                 for resp in call:
                     kind = resp.WhichOneof("kind")
                     if kind == "welcome":
@@ -292,6 +321,7 @@ class Reporter:
                         self.domains = list(resp.welcome.domains)
                         self._set_version(resp.welcome.current)
                         self.connected.set()
+                        welcomed = True
                         backoff = 0.05
                     elif kind == "ack":
                         self.acked += 1
@@ -308,14 +338,18 @@ class Reporter:
                         self._on_ack((resp.nack.step, resp.nack.seq))
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else None
-                if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
+                if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
                     log.error("session for job %s refused: %s", self.job, e.details())
+                self.last_error = f"{code.name if code else 'ERROR'}: {e.details() if hasattr(e, 'details') else e}"
             finally:
                 self.connected.clear()
                 with self._cv:
                     self._stream_gen += 1  # ends the request generator of this stream
                     self._cv.notify_all()
                 ch.close()
+            if not welcomed and len(self.addresses) > 1:
+                # This server would not take the session (down, or not the job's owner): try the next.
+                self.address = self.addresses[(self.addresses.index(self.address) + 1) % len(self.addresses)]
             with self._cv:
                 if self._stop:
                     return

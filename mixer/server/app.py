@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mixer.server.auth import Authenticator
 from mixer.server.http import HttpSide
 from mixer.server.metrics import Metrics
 from mixer.server.runtime import Limits, Runtimes
@@ -38,36 +41,78 @@ class ServeConfig:
     grace_seconds: float = 10.0
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_samples_per_report: int = 1 << 20
+    max_domains: int = 100_000
+    max_sessions_per_job: int = 1024
+    auth: bool = False
+    """Require bearer tokens (see `mixer token create`)."""
+    insecure: bool = False
+    """Allow a non-loopback address without auth."""
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    """Require client certificates signed by this CA (mutual TLS)."""
+
+    def validate(self) -> None:
+        if not is_loopback(self.host) and not self.auth and not self.insecure:
+            raise SystemExit(f"refusing to serve on {self.host} without --auth; pass --insecure to do it anyway")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise SystemExit("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise SystemExit("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise SystemExit(f"--{name.replace('_', '-')}: no such file {path}")
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _credentials(cfg: ServeConfig) -> grpc.ServerCredentials:
+    pair = [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())]
+    if cfg.tls_client_ca:
+        return grpc.ssl_server_credentials(pair, root_certificates=Path(cfg.tls_client_ca).read_bytes(), require_client_auth=True)
+    return grpc.ssl_server_credentials(pair)
 
 
 async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
+    cfg.validate()
     store = Store(cfg.db)
+    auth = Authenticator(store, cfg.auth)
     runtimes: Runtimes
     metrics = Metrics(lambda: list(runtimes.jobs.values()))
     writer = GroupCommitWriter(store, on_commit=metrics.observe_commit)
-    runtimes = Runtimes(store, writer, Limits(max_samples_per_report=cfg.max_samples_per_report), metrics)
+    limits = Limits(max_samples_per_report=cfg.max_samples_per_report, max_domains=cfg.max_domains, max_sessions_per_job=cfg.max_sessions_per_job)
+    runtimes = Runtimes(store, writer, limits, metrics)
     opts = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(options=opts)
-    mixer_pb2_grpc.add_MixerServiceServicer_to_server(MixerService(runtimes, metrics), server)
+    mixer_pb2_grpc.add_MixerServiceServicer_to_server(MixerService(runtimes, metrics, auth), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{cfg.host}:{cfg.port}"
-    bound = server.add_insecure_port(address)
+    bound = server.add_secure_port(address, _credentials(cfg)) if cfg.tls_cert else server.add_insecure_port(address)
     if bound == 0:
         raise SystemExit(f"cannot bind {address}: is another server running there?")
     serving = True
-    http = HttpSide(cfg.host, cfg.http_port, metrics, runtimes, lambda: serving)
+    http = HttpSide(cfg.host, cfg.http_port, metrics, runtimes, lambda: serving, auth)
     await server.start()
     http.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("mixer serving on %s:%d (http %d), database %s", cfg.host, bound, http.port, redact(store.url))
-    print(f"mixer serving on {cfg.host}:{bound} http={http.port} db={redact(store.url)}", flush=True)
+    mode = ("mTLS" if cfg.tls_client_ca else "TLS") if cfg.tls_cert else "plaintext"
+    log.info("mixer serving on %s:%d (%s, auth %s, http %d), database %s", cfg.host, bound, mode, "on" if cfg.auth else "off", http.port, redact(store.url))
+    print(f"mixer serving on {cfg.host}:{bound} ({mode}, auth {'on' if cfg.auth else 'off'}) http={http.port} db={redact(store.url)}", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

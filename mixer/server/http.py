@@ -7,7 +7,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
 
+import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mixer.server.runtime import MixerError
 
 
 def _job_json(rt) -> dict:
@@ -29,7 +32,8 @@ def _job_json(rt) -> dict:
 class HttpSide:
     """A small threaded HTTP server next to the gRPC port."""
 
-    def __init__(self, host: str, port: int, metrics, runtimes, health_state):
+    def __init__(self, host: str, port: int, metrics, runtimes, health_state, auth=None):
+        self.auth = auth
         self.metrics = metrics
         self.runtimes = runtimes
         self.health_state = health_state
@@ -41,6 +45,14 @@ class HttpSide:
 
             def do_GET(self):
                 path = urlparse(self.path).path
+                if path != "/healthz" and side.auth is not None and side.auth.enabled:
+                    # Per-job JSON takes that job's reader token; everything spanning jobs needs a '*' token.
+                    job = unquote(path[len("/api/jobs/"):]) if path.startswith("/api/jobs/") else "*"
+                    try:
+                        side.auth.check(self.headers.get("Authorization"), job, "reader")
+                    except MixerError as e:
+                        code = 401 if e.code == grpc.StatusCode.UNAUTHENTICATED else 403
+                        return self._json(code, {"error": e.message})
                 if path == "/metrics":
                     return self._send(200, generate_latest(side.metrics.registry), CONTENT_TYPE_LATEST)
                 if path == "/healthz":

@@ -46,6 +46,17 @@ class ServerProcess:
 
     def wait_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        if "--tls-cert" in self.extra_args:
+            # Without the client's CA at hand, the log line says when a TLS server is up.
+            start = len(self.log())
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"mixer serve exited with {self.proc.returncode}:\n{self.log()}")
+                if "mixer serving on" in self.log()[start:]:
+                    return
+                time.sleep(0.05)
+            self.kill()
+            raise TimeoutError(f"mixer serve not serving after {timeout}s:\n{self.log()}")
         with grpc.insecure_channel(self.address, options=FAST_RECONNECT) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while time.monotonic() < deadline:

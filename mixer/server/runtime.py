@@ -42,6 +42,7 @@ class MixerError(Exception):
 class Limits:
     max_samples_per_report: int = 1 << 20
     max_domains: int = 100_000
+    max_sessions_per_job: int = 1024
 
 
 @dataclass
@@ -62,6 +63,7 @@ class JobRuntime:
     """Steps between a version's effective step and the step a worker first reported applying it."""
     applied_seen: set[int] = field(default_factory=set)
     poisoned: bool = False
+    sessions: int = 0
 
     def subscribe(self) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue(maxsize=1024)

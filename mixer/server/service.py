@@ -10,7 +10,9 @@ import time
 
 import grpc
 
+from mixer.server.auth import ALL_JOBS, Authenticator
 from mixer.server.runtime import MixerError, Runtimes, job_to_proto
+from mixer.spec import JobSpec, SpecError
 from mixer.v1 import mixer_pb2 as pb
 from mixer.v1 import mixer_pb2_grpc as pb_grpc
 from mixer.wire import version_to_proto
@@ -35,9 +37,10 @@ def _unary(method):
 
 
 class MixerService(pb_grpc.MixerServiceServicer):
-    def __init__(self, runtimes: Runtimes, metrics):
+    def __init__(self, runtimes: Runtimes, metrics, auth: Authenticator):
         self.rts = runtimes
         self.metrics = metrics
+        self.auth = auth
 
     def _version(self, rt, v, created_at: float | None = None) -> pb.WeightVersion:
         return version_to_proto(rt.job.name, v, rt.spec.domain_names, created_at if created_at is not None else rt.created_at.get(v.version, 0.0))
@@ -49,6 +52,14 @@ class MixerService(pb_grpc.MixerServiceServicer):
 
     @_unary
     async def CreateJob(self, request, context):
+        p = self.auth.check_grpc(context, None, "admin")
+        if p is not None and p.job != ALL_JOBS:
+            try:
+                name = JobSpec.from_yaml(request.spec).name
+            except SpecError as e:
+                raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid job spec: {e}") from None
+            if name != p.job:
+                raise MixerError(grpc.StatusCode.PERMISSION_DENIED, f"token {p.token_id} is admin of job {p.job!r} only, not {name!r}")
         rec, created = await self.rts.create_job(request.spec)
         rt = await self.rts.get(rec.name)
         return pb.CreateJobResponse(job=job_to_proto(rt), created=created)
@@ -56,11 +67,15 @@ class MixerService(pb_grpc.MixerServiceServicer):
     @_unary
     async def GetJob(self, request, context):
         self._need(request.name, "name")
+        self.auth.check_grpc(context, request.name, "reader")
         return pb.GetJobResponse(job=job_to_proto(await self.rts.get(request.name)))
 
     @_unary
     async def ListJobs(self, request, context):
+        p = self.auth.check_grpc(context, None, "reader")
         recs = await asyncio.to_thread(self.rts.store.list_jobs)
+        if p is not None and p.job != ALL_JOBS:
+            recs = [r for r in recs if r.name == p.job]
         jobs = []
         for rec in recs:
             rt = self.rts.jobs.get(rec.name)
@@ -70,6 +85,7 @@ class MixerService(pb_grpc.MixerServiceServicer):
     @_unary
     async def Report(self, request, context):
         self._need(request.job)
+        self.auth.check_grpc(context, request.job, "writer")
         t0 = time.perf_counter()
         rt = await self.rts.get(request.job)
         ack, _ = await self.rts.ingest(rt, request.signals)
@@ -79,6 +95,7 @@ class MixerService(pb_grpc.MixerServiceServicer):
     @_unary
     async def GetWeights(self, request, context):
         self._need(request.job)
+        self.auth.check_grpc(context, request.job, "reader")
         rt = await self.rts.get(request.job)
         which = request.WhichOneof("at")
         if which == "step" and request.step < 0:
@@ -89,6 +106,7 @@ class MixerService(pb_grpc.MixerServiceServicer):
     @_unary
     async def ListVersions(self, request, context):
         self._need(request.job)
+        self.auth.check_grpc(context, request.job, "reader")
         rt = await self.rts.get(request.job)
         rows = await asyncio.to_thread(self.rts.store.versions, rt.job.id, request.after_version, request.limit)
         return pb.ListVersionsResponse(versions=[self._version(rt, v, c) for v, c in rows])
@@ -96,6 +114,7 @@ class MixerService(pb_grpc.MixerServiceServicer):
     async def WatchWeights(self, request, context):
         try:
             self._need(request.job)
+            self.auth.check_grpc(context, request.job, "reader")
             rt = await self.rts.get(request.job)
         except MixerError as e:
             await context.abort(e.code, e.message)
@@ -125,9 +144,20 @@ class MixerService(pb_grpc.MixerServiceServicer):
             self._need(hello.job, "hello.job")
             if not hello.source:
                 raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, "hello.source: a source name is required")
+            self.auth.check_grpc(context, hello.job, "writer")
             rt = await self.rts.get(hello.job)
         except MixerError as e:
             await context.abort(e.code, e.message)
+        if rt.sessions >= self.rts.limits.max_sessions_per_job:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"job {rt.job.name!r} has {rt.sessions} sessions, the limit (--max-sessions-per-job)")
+        rt.sessions += 1
+        try:
+            async for item in self._session(rt, hello, request_iterator):
+                yield item
+        finally:
+            rt.sessions -= 1
+
+    async def _session(self, rt, hello, request_iterator):
         last = rt.marks.get(hello.source, (-1, -1))
         out: asyncio.Queue = asyncio.Queue()
         q = rt.subscribe()

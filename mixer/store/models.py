@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -20,6 +20,7 @@ class JobRow(Base):
     strategy: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[float] = mapped_column(Float)
     source_job: Mapped[str | None] = mapped_column(String(128), nullable=True, default=None)
+    status: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
 
 
 class SignalRow(Base):
@@ -65,3 +66,29 @@ class SnapshotRow(Base):
     log_seq: Mapped[int] = mapped_column(BigInteger)
     state: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class TokenRow(Base):
+    """A bearer token: `mx_<id>_<secret>`; only a SHA-256 of the secret is kept."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    job: Mapped[str] = mapped_column(String(128))
+    """The job it grants access to, or '*' for every job."""
+    role: Mapped[str] = mapped_column(String(16))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+class LeaseRow(Base):
+    """Which server owns a job (high availability); `epoch` grows with each hand-over."""
+
+    __tablename__ = "leases"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    address: Mapped[str] = mapped_column(String(256))
+    expires_at: Mapped[float] = mapped_column(Float)
+    epoch: Mapped[int] = mapped_column(BigInteger)

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, create_engine, event, func, insert, select, updat
 from sqlalchemy.orm import Session
 
 from mixer.engine import Version
-from mixer.store.models import JobRow, SignalRow, SnapshotRow, VersionRow
+from mixer.store.models import JobRow, SignalRow, SnapshotRow, TokenRow, VersionRow
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -235,6 +235,22 @@ class Store:
                 .limit(1)
             ).first()
         return (r.version, r.log_seq, r.state) if r else None
+
+    # -- tokens ---------------------------------------------------------------------------
+
+    def add_token(self, token_id: str, job: str, role: str, secret_hash: str) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.add(TokenRow(id=token_id, job=job, role=role, secret_hash=secret_hash, created_at=time.time(), revoked=False))
+
+    def get_token(self, token_id: str) -> tuple[str, str, str, bool] | None:
+        """(job, role, secret hash, revoked) of a token id."""
+        with self.engine.connect() as conn:
+            r = conn.execute(select(TokenRow.job, TokenRow.role, TokenRow.secret_hash, TokenRow.revoked).where(TokenRow.id == token_id)).first()
+        return (r.job, r.role, r.secret_hash, bool(r.revoked)) if r else None
+
+    def revoke_token(self, token_id: str) -> bool:
+        with self.engine.begin() as conn:
+            return conn.execute(update(TokenRow).where(TokenRow.id == token_id).values(revoked=True)).rowcount == 1
 
     def overwrite_version_weights(self, job_id: int, version: int, weights: np.ndarray) -> None:
         """Change a stored version in place. Only for tests of `replay --verify` on a corrupted record."""
