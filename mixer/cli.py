@@ -171,6 +171,7 @@ def _job_dict(j) -> dict[str, Any]:
         "reports": j.report_count,
         "fingerprint": j.fingerprint,
         "source_job": j.source_job or None,
+        "status": j.status,
     }
 
 
@@ -230,6 +231,21 @@ def job_show(name: str, as_json: bool, **conn) -> None:
     import yaml
 
     click.echo(yaml.safe_dump(d, sort_keys=False).rstrip())
+
+
+@job.command("finish")
+@click.argument("name")
+@address_option
+@json_option
+@_rpc_errors
+def job_finish(name: str, as_json: bool, **conn) -> None:
+    """Mark a job finished: readable, but it takes no more reports."""
+    with connect(conn) as c:
+        j = c.finish_job(name)
+    if as_json:
+        emit_json(_job_dict(j))
+    else:
+        click.echo(f"finished: {j.name} ({j.report_count} reports, version {j.latest_version})")
 
 
 def weights_table(domains: list[str], rows: list[dict[str, Any]]) -> str:
@@ -320,6 +336,20 @@ def bench_service(reports: int, samples: int, sessions: int, db: str | None, as_
     result = run_service_bench(reports=reports, samples=samples, sessions=sessions, db=db, progress=not as_json)
     if as_json:
         emit_json(result)
+
+
+def _mount() -> None:
+    """Attach the commands that live beside their subsystems."""
+    from mixer import offline_cli
+
+    for cmd in offline_cli.COMMANDS:
+        if cmd.name == "replay-bench":
+            bench.add_command(cmd, "replay")
+        else:
+            main.add_command(cmd)
+
+
+_mount()
 
 
 if __name__ == "__main__":

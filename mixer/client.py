@@ -38,7 +38,12 @@ _SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
-                "name": [{"service": "mixer.v1.MixerService"}],
+                # Unary calls only: the Session stream reconnects and resends itself, and a
+                # transparently retried stream could replay or skip buffered reports.
+                "name": [
+                    {"service": "mixer.v1.MixerService", "method": m}
+                    for m in ("CreateJob", "GetJob", "ListJobs", "FinishJob", "Report", "GetWeights", "ListVersions")
+                ],
                 "retryPolicy": {
                     "maxAttempts": 5,
                     "initialBackoff": "0.1s",
@@ -120,6 +125,9 @@ class MixerClient:
 
     def get_job(self, name: str) -> pb.Job:
         return self.stub.GetJob(pb.GetJobRequest(name=name), timeout=self.timeout, metadata=self._md).job
+
+    def finish_job(self, name: str) -> pb.Job:
+        return self.stub.FinishJob(pb.FinishJobRequest(name=name), timeout=self.timeout, metadata=self._md).job
 
     def list_jobs(self) -> list[pb.Job]:
         return list(self.stub.ListJobs(pb.ListJobsRequest(), timeout=self.timeout, metadata=self._md).jobs)

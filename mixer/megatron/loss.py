@@ -6,13 +6,21 @@ AsyncHostCopy moves it to (pinned) host memory without blocking, to be read a st
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["AsyncHostCopy", "HostStats", "LossHook", "StepStats", "compute_loss", "reduce_step_stats"]
+__all__ = [
+    "AsyncHostCopy",
+    "HostStats",
+    "LossHook",
+    "StepStats",
+    "compute_loss",
+    "gather_samples",
+    "reduce_step_stats",
+]
 
 
 @dataclass
@@ -40,6 +48,8 @@ class HostStats:
     domain_loss_sum: np.ndarray  # float64 [K]
     domain_token_count: np.ndarray  # float64 [K]
     domain_sample_count: np.ndarray  # int64 [K]
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+    """Probe results and instance weights that rode along with this step (see AsyncHostCopy.push)."""
 
     def domain_mean_loss(self) -> np.ndarray:
         """Token-mean loss per domain (NaN where the domain had no tokens)."""
@@ -140,6 +150,16 @@ def reduce_step_stats(stats: StepStats, group=None) -> StepStats:
     )
 
 
+def gather_samples(t: Tensor, group=None) -> Tensor:
+    """A per-sample tensor all-gathered over the data-parallel group in rank order (as reduce_step_stats)."""
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) <= 1:
+        return t
+    out = torch.empty((dist.get_world_size(group) * t.numel(),), dtype=t.dtype, device=t.device)
+    dist.all_gather_into_tensor(out, t.contiguous().reshape(-1), group=group)
+    return out
+
+
 class LossHook:
     """compute_loss bound to K domains, with the data-parallel reduction of the statistics."""
 
@@ -175,7 +195,8 @@ class AsyncHostCopy:
 
     # Two host buffers alternate: push(step, stats) starts copying into one and returns the
     # finished copy of the previous push from the other. On CUDA the buffers are pinned and the
-    # copy is non_blocking behind a CUDA event; on the CPU it is a plain clone.
+    # copy is non_blocking behind a CUDA event; on the CPU it is a plain clone. Optional extras
+    # (probe results: a few numbers per domain or per sample) travel the same way.
 
     def __init__(self) -> None:
         self._buffers: list[dict[str, Tensor] | None] = [None, None]
@@ -183,29 +204,33 @@ class AsyncHostCopy:
         self._steps: list[int | None] = [None, None]
         self._slot = 0
 
-    def _host_buffer(self, slot: int, stats: StepStats) -> dict[str, Tensor]:
-        """(Re)allocate the slot's host tensors when shapes or dtypes change."""
+    @staticmethod
+    def _tensors(stats: StepStats, extras: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        out = {f.name: getattr(stats, f.name) for f in fields(StepStats)}
+        for name, t in (extras or {}).items():
+            out["extra." + name] = t.detach()
+        return out
+
+    def _host_buffer(self, slot: int, tensors: dict[str, Tensor], pinned: bool) -> dict[str, Tensor]:
+        """(Re)allocate the slot's host tensors when names, shapes or dtypes change."""
         buf = self._buffers[slot]
-        on_cuda = stats.loss.is_cuda
-        if buf is None or any(
-            buf[f.name].shape != getattr(stats, f.name).shape
-            or buf[f.name].dtype != getattr(stats, f.name).dtype
-            for f in fields(StepStats)
+        if (
+            buf is None
+            or buf.keys() != tensors.keys()
+            or any(buf[k].shape != t.shape or buf[k].dtype != t.dtype for k, t in tensors.items())
         ):
-            buf = {}
-            for f in fields(StepStats):
-                t = getattr(stats, f.name)
-                buf[f.name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=on_cuda)
+            buf = {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned) for k, t in tensors.items()}
             self._buffers[slot] = buf
         return buf
 
-    def push(self, step: int, stats: StepStats) -> HostStats | None:
-        """Start copying step's stats; return the previous push's stats (or None)."""
+    def push(self, step: int, stats: StepStats, extras: dict[str, Tensor] | None = None) -> HostStats | None:
+        """Start copying step's stats (and extras); return the previous push's stats (or None)."""
         slot = self._slot
-        buf = self._host_buffer(slot, stats)
+        tensors = self._tensors(stats, extras)
         on_cuda = stats.loss.is_cuda
-        for f in fields(StepStats):
-            buf[f.name].copy_(getattr(stats, f.name), non_blocking=on_cuda)
+        buf = self._host_buffer(slot, tensors, on_cuda)
+        for k, t in tensors.items():
+            buf[k].copy_(t, non_blocking=t.is_cuda)
         if on_cuda:
             event = torch.cuda.Event()
             event.record()
@@ -240,4 +265,5 @@ class AsyncHostCopy:
             domain_loss_sum=buf["domain_loss_sum"].numpy().astype(np.float64),
             domain_token_count=buf["domain_token_count"].numpy().astype(np.float64),
             domain_sample_count=buf["domain_sample_count"].numpy().astype(np.int64, copy=True),
+            extras={k[6:]: buf[k].numpy().copy() for k in buf if k.startswith("extra.")},
         )

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from mixer.megatron.data import VOCAB_SIZE
 
-__all__ = ["ModelConfig", "SDPAttention", "build_model", "init_distributed", "teardown"]
+__all__ = ["ModelConfig", "SDPAttention", "build_gpt", "build_model", "init_distributed", "teardown", "unwrap"]
 
 # True when init_distributed created the process group, so teardown only destroys what it made.
 _OWNS_PROCESS_GROUP = False
@@ -167,29 +167,20 @@ def build_model(cfg: ModelConfig, device: str = "cpu", seed: int = 0) -> torch.n
         parallel_state.initialize_model_parallel(1, 1)
     # Parameter init draws from torch's global RNG on the CPU path, so seed it for reproducibility.
     torch.manual_seed(seed)
+    if device.startswith("cuda"):
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        # Megatron forks a CUDA RNG around dropout; the inference tracker makes that fork a no-op.
+        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    return build_gpt(cfg, device)
+
+
+def build_gpt(cfg: ModelConfig, device: str = "cpu") -> torch.nn.Module:
+    """One more GPTModel (e.g. a frozen reference) once build_model has set up the parallel state."""
+    cfg.validate()
     spec = get_gpt_layer_local_spec()
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     config = _transformer_config(cfg, device)
-    if device.startswith("cuda"):
-        return _build_cuda(cfg, config, spec, device, seed)
-    # Megatron forks a CUDA RNG around dropout; the inference tracker makes that fork a no-op.
-    tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=cfg.vocab_size,
-        max_sequence_length=cfg.seq_length,
-        position_embedding_type="learned_absolute",
-        share_embeddings_and_output_weights=False,
-    )
-    return model.to(device)
-
-
-def _build_cuda(cfg: ModelConfig, config: TransformerConfig, spec, device: str, seed: int) -> torch.nn.Module:
-    """GPU path: CUDA RNG tracker, bf16 parameters wrapped in Float16Module (untested on CPU CI)."""
-    from megatron.core.transformer.module import Float16Module
-
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -199,8 +190,20 @@ def _build_cuda(cfg: ModelConfig, config: TransformerConfig, spec, device: str, 
         share_embeddings_and_output_weights=False,
     )
     model.to(device)
-    # A bare bf16 GPTModel fails with a dtype mismatch; Float16Module casts inputs and outputs.
+    if not device.startswith("cuda"):
+        return model
+    from megatron.core.transformer.module import Float16Module
+
+    # GPU path (bf16; not exercised on CPU CI): a bare bf16 GPTModel fails with a dtype
+    # mismatch, Float16Module casts inputs and outputs.
     return Float16Module(config, model)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside a Float16Module (or the model itself)."""
+    from megatron.core.transformer.module import Float16Module
+
+    return model.module if isinstance(model, Float16Module) else model
 
 
 def teardown() -> None:

@@ -3,6 +3,12 @@
 Step numbers are 0-based and count optimizer steps: step t is the (t+1)-th update, drawn with
 sampler.next_global_batch(t); a checkpoint "at step n" holds the state after n steps, and
 resuming from it runs step n next. This matches Megatron's `iteration` counter.
+
+Per step, in order: rank 0 polls the attachment and every rank gets the same new version
+(versions.VersionChannel); the sampler applies it at its effective step and the instance
+weighting follows the sampler's version; forward, instance-weighted loss, probes, backward,
+optimizer. The step's statistics (and probe results) are reduced over data-parallel ranks on
+the device and copied to the host asynchronously; rank 0 reports them one step later.
 """
 
 from __future__ import annotations
@@ -11,8 +17,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -21,9 +28,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mixer.megatron.loss import AsyncHostCopy, HostStats, LossHook
-from mixer.megatron.model import ModelConfig, build_model, teardown
-from mixer.megatron.sampler import MixtureDataset, MixtureSampler
+from mixer.megatron.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from mixer.megatron.loss import AsyncHostCopy, HostStats, LossHook, compute_loss, gather_samples
+from mixer.megatron.model import ModelConfig, build_gpt, build_model, teardown
+from mixer.megatron.probes import AlignmentProbe, ExcessLossProbe, SampleAlignProbe, validation_loss
+from mixer.megatron.sampler import MixtureDataset, MixtureSampler, make_sample_id
+from mixer.megatron.versions import VersionChannel
 
 __all__ = [
     "Attachment",
@@ -31,21 +41,21 @@ __all__ = [
     "TrainResult",
     "evaluate",
     "load_checkpoint",
+    "load_reference",
     "save_checkpoint",
     "train",
 ]
 
 log = logging.getLogger(__name__)
-_CHECKPOINT_FILE = "state.pt"
-_LATEST_FILE = "latest"
 
 
 @runtime_checkable
 class Attachment(Protocol):
     """The training loop's view of the mixing service (a session, a replay, or a test double)."""
 
-    # Optional extra method: report_validation(step=..., domain_loss=np.ndarray[K] float64);
-    # train() calls it after each balanced evaluation when the attachment has it.
+    # Optional methods: poll_version(step) -> VersionUpdate-like | None (preferred over poll: it
+    # carries params and blob, and a strict attachment may wait in it); report_validation(step=...,
+    # domain_loss=np.ndarray[K] float64), called after each balanced evaluation.
 
     def poll(self) -> tuple[int, Sequence[float], int] | None:
         """A new (version, weights, effective_step), or None when nothing is new; never blocks."""
@@ -62,14 +72,15 @@ class Attachment(Protocol):
         sample_loss: np.ndarray,
         sample_domain: np.ndarray,
         sample_id: np.ndarray,
+        **signals: Any,
     ) -> None:
-        """Hand over what step measured; must not block training."""
+        """Hand over what step measured (signals: optional mixer.signals.Report fields); must not block."""
         ...
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation, evaluation and checkpoint settings of one run."""
+    """Optimisation, evaluation, probe and checkpoint settings of one run."""
 
     steps: int = 20
     global_batch_size: int = 16
@@ -90,9 +101,19 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: no periodic checkpoints
     resume_from: Path | None = None  # a checkpoint_dir (uses its latest) or one step folder
     force_resume: bool = False  # load a sampler state saved for another job spec
+    reference: Path | None = None  # checkpoint of a frozen reference model: DoReMi's excess loss
+    align_every: int = 0  # DGA: per-domain gradient alignment every this many steps (0: off)
+    align_samples: int = 2  # per domain and rank, per alignment probe
+    align_target: list[int] = field(default_factory=list)  # target domains (empty: all)
+    align_exclude_self: bool = True
+    sample_align_every: int = 0  # DWM: per-sample alignment with the validation gradient (0: off)
+    sample_align_samples: int = 8  # validation samples per domain for the validation gradient
+    report_topics: bool = False  # send sample_topic (= the domain id) with every report
+    strict: bool = False  # hand every step's report over before the next step (strict attachments)
+    compare_every: int = 0  # benchmark: alternate blocks of this many steps detached / attached
 
     def validate(self) -> None:
-        """Raise ValueError on inconsistent settings."""
+        """Raise ValueError on inconsistent settings, naming the setting."""
         self.model.validate()
         if self.steps < 0 or self.global_batch_size <= 0:
             raise ValueError("steps must be >= 0 and global_batch_size > 0")
@@ -102,6 +123,11 @@ class TrainConfig:
             raise ValueError("need 0 < lr and 0 <= min_lr <= lr")
         if self.checkpoint_every and self.checkpoint_dir is None:
             raise ValueError("checkpoint_every needs checkpoint_dir")
+        for name in ("align_every", "sample_align_every", "compare_every", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.align_samples <= 0 or self.sample_align_samples <= 0:
+            raise ValueError("align_samples and sample_align_samples must be positive")
 
     @property
     def warmup(self) -> int:
@@ -111,17 +137,30 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a run measured, one entry per step it trained (from its start or resume step)."""
+    """What a run measured, one entry per reported step (from its start or resume step)."""
 
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
-    sample_ids: list[np.ndarray] = field(default_factory=list)
+    sample_ids: list[np.ndarray] = field(default_factory=list)  # the global batch (all ranks)
+    local_sample_ids: list[list[int]] = field(default_factory=list)  # this rank's slice
     stats: list[HostStats] = field(default_factory=list)
     val_history: list[tuple[int, np.ndarray]] = field(default_factory=list)
     checkpoints: list[Path] = field(default_factory=list)
+    applied: list[tuple[int, int]] = field(default_factory=list)  # (version, step it took effect)
+    step_times: list[float] = field(default_factory=list)  # wall time of every step run
+    attached: list[bool] = field(default_factory=list)  # whether that step was attached
     step_time_s: float = math.nan  # median wall time of a step, first two excluded
     final_step: int = 0
+
+    def median_step_time(self, attached: bool) -> float:
+        """Median step time of attached (or detached) steps, the first of each block excluded."""
+        times = [
+            t
+            for i, (t, a) in enumerate(zip(self.step_times, self.attached))
+            if a == attached and i > 0 and self.attached[i - 1] == a
+        ]
+        return float(np.median(times)) if times else math.nan
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -140,120 +179,58 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _allreduce_grads(model: torch.nn.Module) -> None:
-    """Average gradients over data-parallel ranks (plain torch; Megatron's DDP needs a GPU)."""
+def _world() -> int:
     dist = torch.distributed
-    if not dist.is_initialized() or dist.get_world_size() <= 1:
-        return
-    world = dist.get_world_size()
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, val_datasets: Sequence[Any], cfg: TrainConfig) -> np.ndarray:
-    """Balanced validation: each domain's first eval_samples samples scored on their own."""
-    device = torch.device(cfg.device)
-    was_training = model.training
-    model.eval()
-    losses = np.full(len(val_datasets), np.nan)
-    for d, ds in enumerate(val_datasets):
-        n = min(cfg.eval_samples, len(ds))
-        total = torch.zeros((), device=device, dtype=torch.float64)
-        tokens = torch.zeros((), device=device, dtype=torch.float64)
-        for start in range(0, n, cfg.global_batch_size):
-            keys = [(d, i) for i in range(start, min(n, start + cfg.global_batch_size))]
-            batch = _to_device(MixtureDataset(val_datasets).batch(keys), device)
-            per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-            mask = batch["loss_mask"].to(per_token.dtype)
-            total += (per_token.float() * mask).sum().double()
-            tokens += mask.sum().double()
-        if n:
-            losses[d] = (total / tokens.clamp(min=1)).item()
-    model.train(was_training)
-    return losses
-
-
-def save_checkpoint(
-    directory: Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    sampler: MixtureSampler,
-    cfg: TrainConfig | None = None,
-) -> Path:
-    """Write <directory>/step_<step>/state.pt and point <directory>/latest at it."""
-    directory = Path(directory)
-    folder = directory / f"step_{step:08d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {
-        "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "sampler": sampler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        # JSON text keeps the file loadable with weights_only=True.
-        "train_config": json.dumps(asdict(cfg), default=str) if cfg is not None else None,
-    }
-    tmp = folder / (_CHECKPOINT_FILE + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(folder / _CHECKPOINT_FILE)  # a crash mid-write never leaves a torn state.pt
-    (directory / _LATEST_FILE).write_text(folder.name + "\n")
-    return folder
-
-
-def _resolve_checkpoint(path: Path) -> Path:
-    """A step folder's state.pt, given that folder or a checkpoint directory with a latest file."""
-    path = Path(path)
-    if (path / _CHECKPOINT_FILE).is_file():
-        return path / _CHECKPOINT_FILE
-    if (path / _LATEST_FILE).is_file():
-        return path / (path / _LATEST_FILE).read_text().strip() / _CHECKPOINT_FILE
-    if path.is_file():
-        return path
-    raise FileNotFoundError(f"{path}: no checkpoint ({_CHECKPOINT_FILE} or {_LATEST_FILE}) found")
-
-
-def load_checkpoint(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    sampler: MixtureSampler,
-    force: bool = False,
-) -> int:
-    """Restore everything save_checkpoint wrote; returns the step to run next."""
-    file = _resolve_checkpoint(path)
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    # The sampler goes first: a fingerprint mismatch must refuse before anything is modified.
-    sampler.load_state_dict(state["sampler"], force=force)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    step = int(state["step"])
-    if sampler.step != step:
-        raise ValueError(f"{file}: sampler is at step {sampler.step}, checkpoint at step {step}")
-    return step
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _is_rank0() -> bool:
-    """True on the data-parallel rank that logs and writes checkpoints."""
+    """True on the data-parallel rank that logs, reports and writes checkpoints."""
     dist = torch.distributed
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _checkpoint(cfg: TrainConfig, step: int, model, optimizer, scheduler, sampler) -> Path:
+def _allreduce_grads(model: torch.nn.Module) -> None:
+    """Average gradients over data-parallel ranks (plain torch; Megatron's DDP needs a GPU)."""
+    if _world() <= 1:
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(_world())
+
+
+def evaluate(model: torch.nn.Module, val_datasets: Sequence[Any], cfg: TrainConfig) -> np.ndarray:
+    """Balanced validation: each domain's first eval_samples samples scored on their own."""
+    return validation_loss(model, val_datasets, cfg.eval_samples, cfg.global_batch_size, cfg.device)
+
+
+def load_reference(path: Path, cfg: TrainConfig) -> torch.nn.Module:
+    """A frozen reference GPTModel from a checkpoint of this trainer (its own shape, this vocabulary)."""
+    state = read_checkpoint(path)
+    if not state.get("train_config"):
+        raise ValueError(f"{path}: checkpoint carries no train_config; cannot tell the reference model's shape")
+    ref_cfg = ModelConfig(**json.loads(state["train_config"])["model"])
+    if ref_cfg.vocab_size != cfg.model.vocab_size or ref_cfg.seq_length < cfg.seq_length:
+        raise ValueError(
+            f"{path}: reference model has vocab {ref_cfg.vocab_size} and sequence length {ref_cfg.seq_length}; "
+            f"training needs vocab {cfg.model.vocab_size} and sequence length >= {cfg.seq_length}"
+        )
+    # Building draws from the global RNG; fork it so the trained model's run stays reproducible.
+    with torch.random.fork_rng(devices=[]):
+        ref = build_gpt(ref_cfg, cfg.device)
+    ref.load_state_dict(state["model"])
+    return ref.eval().requires_grad_(False)
+
+
+def _checkpoint(cfg: TrainConfig, step: int, model, optimizer, scheduler, sampler, weighting) -> Path:
     """Save on rank 0 (every rank holds the same state); other ranks wait for it."""
     assert cfg.checkpoint_dir is not None
     folder = Path(cfg.checkpoint_dir) / f"step_{step:08d}"
     if _is_rank0():
-        folder = save_checkpoint(cfg.checkpoint_dir, step, model, optimizer, scheduler, sampler, cfg)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        instance = weighting.state_dict() if weighting is not None else None
+        folder = save_checkpoint(cfg.checkpoint_dir, step, model, optimizer, scheduler, sampler, cfg, instance)
+    if _world() > 1:
         torch.distributed.barrier()
     return folder
 
@@ -261,7 +238,7 @@ def _checkpoint(cfg: TrainConfig, step: int, model, optimizer, scheduler, sample
 class _Run:
     """Per-run bookkeeping: results, reports to the attachment, progress display."""
 
-    def __init__(self, cfg: TrainConfig, attachment: Attachment | None, bar: tqdm) -> None:
+    def __init__(self, cfg: TrainConfig, attachment: Any, bar: tqdm) -> None:
         self.cfg = cfg
         self.attachment = attachment
         self.bar = bar
@@ -282,20 +259,28 @@ class _Run:
         self.bar.set_postfix(step=stats.step, loss=f"{stats.loss:.4f}", version=version, refresh=False)
         if self.cfg.log_every and (stats.step + 1) % self.cfg.log_every == 0:
             per_domain = np.array2string(stats.domain_mean_loss(), precision=3)
-            log.info(
-                "step %d loss %.4f version %d domain loss %s", stats.step, stats.loss, version, per_domain
-            )
-        if self.attachment is not None:
-            self.attachment.report(
-                step=stats.step,
-                applied_version=version,
-                domain_loss_sum=stats.domain_loss_sum,
-                domain_token_count=stats.domain_token_count,
-                domain_sample_count=stats.domain_sample_count,
-                sample_loss=stats.sample_loss,
-                sample_domain=stats.sample_domain,
-                sample_id=stats.sample_id,
-            )
+            log.info("step %d loss %.4f version %d domain loss %s", stats.step, stats.loss, version, per_domain)
+        if self.attachment is None:
+            return
+        x = stats.extras
+        signals: dict[str, Any] = {k: x[k].astype(np.float64) for k in ("excess_loss_sum", "alignment") if k in x}
+        if "sample_align" in x:
+            signals["sample_align"] = x["sample_align"].astype(np.float32)
+        if "grad_norm_mean" in x:
+            signals["extra"] = {"grad_norm_mean": float(x["grad_norm_mean"])}
+        if self.cfg.report_topics:
+            signals["sample_topic"] = stats.sample_domain.astype(np.int32)
+        self.attachment.report(
+            step=stats.step,
+            applied_version=version,
+            domain_loss_sum=stats.domain_loss_sum,
+            domain_token_count=stats.domain_token_count,
+            domain_sample_count=stats.domain_sample_count,
+            sample_loss=stats.sample_loss,
+            sample_domain=stats.sample_domain,
+            sample_id=stats.sample_id,
+            **signals,
+        )
 
     def validation(self, steps_done: int, losses: np.ndarray) -> None:
         """Record a balanced validation after steps_done steps and hand it to the attachment."""
@@ -310,75 +295,136 @@ def train(
     datasets: Sequence[Any],
     val_datasets: Sequence[Any],
     sampler: MixtureSampler,
-    attachment: Attachment | None = None,
+    attachment: Attachment | Any | None = None,
     progress: bool = True,
+    *,
+    weighting: Any = None,
+    target_dataset: Any = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train up to cfg.steps (from the resume step, if any); builds and tears down the model."""
+    """Train up to cfg.steps (from the resume step, if any); builds and tears down the model.
+
+    weighting: an instance.InstanceWeighting (None: plain token-mean loss). target_dataset: DGA's
+    target data (None: the target domains). on_step(step) runs after every step (tests use it).
+    """
     cfg.validate()
     num_domains = len(datasets)
     if sampler.num_domains != num_domains or sampler.global_batch_size != cfg.global_batch_size:
         raise ValueError("sampler domains / global batch size do not match the datasets / config")
     if val_datasets and len(val_datasets) != num_domains:
         raise ValueError(f"{len(val_datasets)} validation sets for {num_domains} domains")
+    if cfg.sample_align_every and not val_datasets:
+        raise ValueError("sample_align_every needs validation datasets (the validation gradient)")
     device = torch.device(cfg.device)
     model = build_model(cfg.model, cfg.device, seed=cfg.seed)
+    sample_align = None
     try:
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
-        )
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg))
+        excess = ExcessLossProbe(load_reference(cfg.reference, cfg), num_domains) if cfg.reference else None
+        align = None
+        if cfg.align_every:
+            align = AlignmentProbe(
+                model, datasets, every=cfg.align_every, samples=cfg.align_samples, target=cfg.align_target,
+                target_dataset=target_dataset, exclude_self=cfg.align_exclude_self, device=device,
+            )
+        if cfg.sample_align_every:
+            sample_align = SampleAlignProbe(
+                model, val_datasets, every=cfg.sample_align_every, samples=cfg.sample_align_samples, device=device
+            )
         start = 0
         if cfg.resume_from is not None:
-            start = load_checkpoint(cfg.resume_from, model, optimizer, scheduler, sampler, cfg.force_resume)
+            start = load_checkpoint(cfg.resume_from, model, optimizer, scheduler, sampler, cfg.force_resume, weighting)
         elif sampler.step != 0:
             raise ValueError(f"sampler is at step {sampler.step} but training starts at step 0")
+        channel = VersionChannel(attachment if _is_rank0() else None, num_domains)
+        channel = channel if channel.active else None
         data = MixtureDataset(datasets)
         hook = LossHook(num_domains)
         host = AsyncHostCopy()
-        show = progress and _is_rank0()
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not show, dynamic_ncols=True)
-        run = _Run(cfg, attachment, bar)
-        durations: list[float] = []
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not (progress and _is_rank0()), dynamic_ncols=True)
+        run = _Run(cfg, attachment if _is_rank0() else None, bar)
+        r = run.result
         model.train()
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            if attachment is not None:
-                update = attachment.poll()
+            # In a comparison run, even blocks are detached: no polls, reports, stats or probes.
+            attached = not cfg.compare_every or (step // cfg.compare_every) % 2 == 1
+            if channel is not None and attached:
+                update = channel.poll(step)
                 if update is not None:
-                    version, weights, effective_step = update
-                    sampler.set_weights(weights, version, effective_step)
+                    sampler.set_weights(update.weights, update.version, update.effective_step)
+                    if weighting is not None:
+                        weighting.offer(update)
             keys = sampler.rank_slice(sampler.next_global_batch(step))
             run.versions[step] = sampler.version
+            if attached:
+                r.local_sample_ids.append([make_sample_id(d, i) for d, i in keys])
+            if weighting is not None:
+                weighting.sync(sampler.version)
             batch = _to_device(data.batch(keys), device)
-            per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-            loss, stats = hook(per_token, batch["loss_mask"], batch["dataset_id"], batch["sample_id"])
+            probe_sample = sample_align is not None and attached and sample_align.due(step)
+            with sample_align.capture(probe_sample) if sample_align is not None else nullcontext():
+                per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+            extras: dict[str, torch.Tensor] = {}
+            w = None
+            if weighting is not None and weighting.enabled:
+                mask = batch["loss_mask"].to(per_token.dtype)
+                tokens = mask.sum(dim=1)
+                sample_loss = (per_token.detach() * mask).sum(dim=1) / tokens.clamp(min=1)
+                w = weighting.weights(step, sample_loss.float(), batch["dataset_id"], tokens)
+                extras["sample_weight"] = gather_samples(w.float())
+            if attached:
+                loss, stats = hook(per_token, batch["loss_mask"], batch["dataset_id"], batch["sample_id"], w)
+            else:
+                loss, stats = compute_loss(per_token, batch["loss_mask"], batch["dataset_id"], num_domains, instance_weights=w)
+            if excess is not None and attached:
+                extras["excess_loss_sum"] = excess.measure(batch, per_token)
+            if probe_sample:
+                extras["sample_align"] = sample_align.measure(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             _allreduce_grads(model)
+            if align is not None and attached and align.due(step):
+                extras.update(align.measure(step))  # before the update: same parameters as the step
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
-            run.emit(host.push(step, stats))
-            durations.append(time.perf_counter() - t0)
+            if attached:
+                run.emit(host.push(step, stats, extras))
+                if cfg.strict:
+                    run.emit(host.flush())
+            else:
+                run.versions.pop(step)
+            r.step_times.append(time.perf_counter() - t0)
+            r.attached.append(attached)
             bar.update(1)
             done = step + 1
+            if attached and cfg.compare_every and done % cfg.compare_every == 0:
+                run.emit(host.flush())  # the block ends: nothing of it may leak into the next
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
                 # Drain the pending report first, so every step up to the checkpoint is reported.
                 run.emit(host.flush())
-                run.result.checkpoints.append(_checkpoint(cfg, done, model, optimizer, scheduler, sampler))
+                r.checkpoints.append(_checkpoint(cfg, done, model, optimizer, scheduler, sampler, weighting))
             if val_datasets and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
                 run.validation(done, evaluate(model, val_datasets, cfg))
+            if on_step is not None:
+                on_step(step)
         run.emit(host.flush())
         saved_final = bool(cfg.checkpoint_every) and cfg.steps % cfg.checkpoint_every == 0
         if cfg.checkpoint_dir is not None and cfg.steps > start and not saved_final:
-            run.result.checkpoints.append(_checkpoint(cfg, cfg.steps, model, optimizer, scheduler, sampler))
+            r.checkpoints.append(_checkpoint(cfg, cfg.steps, model, optimizer, scheduler, sampler, weighting))
         if val_datasets and cfg.steps > start:
             run.validation(cfg.steps, evaluate(model, val_datasets, cfg))
         bar.close()
-        run.result.final_step = max(start, cfg.steps)
-        if len(durations) > 2:
-            run.result.step_time_s = float(np.median(durations[2:]))
-        return run.result
+        r.final_step = max(start, cfg.steps)
+        r.applied = sampler.applied
+        if len(r.step_times) > 2:
+            r.step_time_s = float(np.median(r.step_times[2:]))
+        return r
     finally:
+        if sample_align is not None:
+            sample_align.close()
         teardown()
+

@@ -1,16 +1,54 @@
-"""The HTTP side: Prometheus text at /metrics, health at /healthz, JSON under /api/."""
+"""The HTTP side: Prometheus text at /metrics, health at /healthz, JSON under /api/, the page at /.
+
+JSON:
+  /api/jobs                          every job in the database (live state where it is loaded)
+  /api/jobs/NAME                     one job
+  /api/jobs/NAME/versions            ?tail=N (the newest N) or ?after=V: weights, effective step, and
+                                     the step a worker first reported applying each version
+  /api/jobs/NAME/versions/V          one version with its full parameters (e.g. all topic weights)
+  /api/jobs/NAME/loss                ?after_seq=S&limit=N: per-step, per-domain training-loss sums
+                                     and token counts from the log after S (a derived job shows its
+                                     source's); "reset": the reader should drop what it has
+
+The page (/ and /jobs/NAME, see page.py) is a static shell without data: its script reads the
+JSON above, so with auth on it carries the reader's bearer token like any other client.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlparse
+from itertools import islice
+from urllib.parse import parse_qs, unquote, urlparse
 
 import grpc
+import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
+from mixer.server import page
 from mixer.server.runtime import MixerError
+from mixer.spec import NAME_RE, JobSpec
+from mixer.store.models import SignalRow
+from mixer.v1 import mixer_pb2 as pb
+
+TOPIC_TOP_K = 10
+"""Topic weights are per topic (thousands): lists carry the top k, /versions/V carries them all."""
+MAX_TAIL = 5000
+
+
+class HttpError(Exception):
+    def __init__(self, code: int, message: str):
+        self.code = code
+        self.message = message
+
+
+def _finite(x: float) -> float | None:
+    # JSON has no NaN or Infinity; the page treats null as "not measured".
+    return float(x) if math.isfinite(x) else None
 
 
 def _job_json(rt) -> dict:
@@ -22,11 +60,172 @@ def _job_json(rt) -> dict:
         "version": cur.version,
         "effective_step": cur.effective_step,
         "weights": cur.weights.tolist(),
-        "loss": None if rt.last_loss is None else rt.last_loss.tolist(),
+        "loss": None if rt.last_loss is None else [_finite(x) for x in rt.last_loss],
         "max_step": rt.engine.max_step,
         "reports": rt.report_count,
         "source_job": rt.job.source_job,
+        "status": rt.job.status,
+        "applied_lag_steps": rt.applied_lag,
+        "loaded": True,
     }
+
+
+def _stored_job_json(store, rec) -> dict:
+    """A job this server has not loaded (no session or RPC has touched it since start)."""
+    spec = JobSpec.from_json(rec.spec_json)
+    newest = store.version(rec.id)
+    v = newest[0] if newest else None
+    return {
+        "name": rec.name,
+        "strategy": spec.strategy.name,
+        "domains": spec.domain_names,
+        "version": v.version if v else -1,
+        "effective_step": v.effective_step if v else -1,
+        "weights": v.weights.tolist() if v else spec.prior(),
+        "loss": None,
+        "max_step": None,
+        "reports": None,
+        "source_job": rec.source_job,
+        "status": rec.status,
+        "applied_lag_steps": None,
+        "loaded": False,
+    }
+
+
+def _version_json(v, created_at: float, applied_step: int | None, full: bool = False) -> dict:
+    params = dict(v.params)
+    out = {
+        "version": v.version,
+        "effective_step": v.effective_step,
+        "trigger_step": v.trigger_step,
+        "created_at": created_at,
+        "weights": v.weights.tolist(),
+        "applied_step": applied_step,
+        "applied_lag_steps": None if applied_step is None else max(0, applied_step - v.effective_step),
+    }
+    topics = params.pop("topic_weights", None) if not full else params.get("topic_weights")
+    if topics is not None:
+        t = np.asarray(topics, dtype=np.float64)
+        top = np.argsort(-t, kind="stable")[:TOPIC_TOP_K]
+        out["num_topics"] = int(t.size)
+        out["topic_weights_top"] = [[int(i), float(t[i])] for i in top]
+    # Bulky parameters (a weighting model's tensors) stay out of lists; /versions/V has them all.
+    out["params"] = params if full else {k: x for k, x in params.items() if not isinstance(x, (list, dict))}
+    return out
+
+
+class JobData:
+    """Reads behind the JSON API: the store, plus a small per-job cache of scanned log positions."""
+
+    def __init__(self, runtimes):
+        self.runtimes = runtimes
+        self.store = runtimes.store
+        self._lock = threading.Lock()
+        self._applied: dict[int, tuple[int, dict[int, int]]] = {}
+        """job id -> (highest log seq scanned, version -> first step a worker reported applying it)."""
+
+    def record(self, name: str):
+        rec = self.store.get_job(name)
+        if rec is None:
+            raise HttpError(404, f"job {name!r} not found")
+        return rec
+
+    def jobs(self) -> list[dict]:
+        live = dict(self.runtimes.jobs)
+        return [_job_json(live[r.name]) if r.name in live else _stored_job_json(self.store, r) for r in self.store.list_jobs()]
+
+    def job(self, name: str) -> dict:
+        rt = self.runtimes.jobs.get(name)
+        return _job_json(rt) if rt is not None else _stored_job_json(self.store, self.record(name))
+
+    def versions(self, name: str, after: int | None, tail: int) -> dict:
+        rec = self.record(name)
+        if after is None:
+            newest = self.store.version(rec.id)
+            after = -1 if newest is None else newest[0].version - tail
+        rows = self.store.versions(rec.id, after=after, limit=MAX_TAIL)
+        applied = self.applied_steps(rec.id)
+        return {
+            "job": name,
+            "domains": JobSpec.from_json(rec.spec_json).domain_names,
+            "versions": [_version_json(v, t, applied.get(v.version)) for v, t in rows],
+        }
+
+    def version(self, name: str, number: int) -> dict:
+        rec = self.record(name)
+        found = self.store.version(rec.id, number=number)
+        if found is None:
+            raise HttpError(404, f"job {name!r} has no version {number}")
+        return _version_json(found[0], found[1], self.applied_steps(rec.id).get(number), full=True)
+
+    def applied_steps(self, job_id: int) -> dict[int, int]:
+        """First step at which a worker reported applying each version; scans only the new log."""
+        with self._lock:
+            seen, first = self._applied.get(job_id, (-1, {}))
+            top = self._max_seq(job_id)
+            if top is not None and top > seen:
+                with self.store.engine.connect() as conn:
+                    rows = conn.execute(
+                        select(SignalRow.applied_version, func.min(SignalRow.step))
+                        .where(SignalRow.job_id == job_id, SignalRow.seq > seen, SignalRow.seq <= top, SignalRow.applied_version >= 0)
+                        .group_by(SignalRow.applied_version)
+                    ).all()
+                first = dict(first)
+                for v, step in rows:
+                    first[v] = min(step, first.get(v, step))
+                self._applied[job_id] = (top, first)
+            return first
+
+    def loss(self, name: str, after_seq: int | None, limit: int) -> dict:
+        rec = self.record(name)
+        owner = self._log_owner(rec)
+        domains = JobSpec.from_json(rec.spec_json).domain_names
+        top = self._max_seq(owner.id)
+        top = -1 if top is None else top
+        # A first read, a reader that fell far behind, or one ahead of this log (another database
+        # behind the same address) starts over at the tail: this feeds a chart, not an export.
+        reset = after_seq is None or after_seq > top or top - after_seq > limit
+        start = max(-1, top - limit) if reset else after_seq
+        by_step: dict[int, list[np.ndarray]] = {}
+        last = start
+        for r in islice(self.store.signals(owner.id, after_seq=start, batch=min(limit, 2000)), limit):
+            last = r.seq
+            msg = pb.Signals.FromString(r.payload)
+            if len(msg.domain_token_count) != len(domains) or len(msg.domain_loss_sum) != len(domains):
+                continue
+            acc = by_step.setdefault(r.step, [np.zeros(len(domains)), np.zeros(len(domains))])
+            acc[0] += msg.domain_loss_sum
+            acc[1] += msg.domain_token_count
+        points = [{"step": s, "loss_sum": a[0].tolist(), "tokens": a[1].tolist()} for s, a in sorted(by_step.items())]
+        return {"job": name, "log_job": owner.name, "domains": domains, "next_seq": last, "reset": reset, "points": points}
+
+    def _log_owner(self, rec):
+        """A derived job stores versions only; its loss is that of the log its versions came from."""
+        seen = {rec.name}
+        while rec.source_job and rec.source_job not in seen and self._max_seq(rec.id) is None:
+            src = self.store.get_job(rec.source_job)
+            if src is None:
+                break
+            seen.add(src.name)
+            rec = src
+        return rec
+
+    def _max_seq(self, job_id: int) -> int | None:
+        with self.store.engine.connect() as conn:
+            return conn.scalar(select(func.max(SignalRow.seq)).where(SignalRow.job_id == job_id))
+
+
+def _int_arg(query: dict, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
+    raw = query.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw[-1])
+    except ValueError:
+        raise HttpError(400, f"query parameter {name}: expected an integer, got {raw[-1]!r}") from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise HttpError(400, f"query parameter {name}: must lie in [{lo}, {hi}], got {value}")
+    return value
 
 
 class HttpSide:
@@ -37,6 +236,7 @@ class HttpSide:
         self.metrics = metrics
         self.runtimes = runtimes
         self.health_state = health_state
+        self.data = JobData(runtimes)
         side = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -44,38 +244,60 @@ class HttpSide:
                 pass
 
             def do_GET(self):
-                path = urlparse(self.path).path
-                if path != "/healthz" and side.auth is not None and side.auth.enabled:
+                url = urlparse(self.path)
+                path = url.path
+                parts = [unquote(p) for p in path.strip("/").split("/")] if path != "/" else []
+                try:
+                    if parts[:1] == ["jobs"] and len(parts) == 2 and NAME_RE.match(parts[1]):
+                        return self._send(200, page.job_html(parts[1]), "text/html; charset=utf-8")
+                    if path in ("/", "/index.html"):
+                        return self._send(200, page.index_html(), "text/html; charset=utf-8")
+                    if path == "/healthz":
+                        ok = side.health_state()
+                        return self._send(200 if ok else 503, b"ok\n" if ok else b"shutting down\n", "text/plain")
                     # Per-job JSON takes that job's reader token; everything spanning jobs needs a '*' token.
-                    job = unquote(path[len("/api/jobs/"):]) if path.startswith("/api/jobs/") else "*"
-                    try:
-                        side.auth.check(self.headers.get("Authorization"), job, "reader")
-                    except MixerError as e:
-                        code = 401 if e.code == grpc.StatusCode.UNAUTHENTICATED else 403
-                        return self._json(code, {"error": e.message})
-                if path == "/metrics":
-                    return self._send(200, generate_latest(side.metrics.registry), CONTENT_TYPE_LATEST)
-                if path == "/healthz":
-                    ok = side.health_state()
-                    return self._send(200 if ok else 503, b"ok\n" if ok else b"shutting down\n", "text/plain")
-                if path == "/api/jobs":
-                    jobs = [_job_json(rt) for rt in list(side.runtimes.jobs.values())]
-                    return self._json(200, {"jobs": jobs})
-                if path.startswith("/api/jobs/"):
-                    name = unquote(path[len("/api/jobs/"):])
-                    rt = side.runtimes.jobs.get(name)
-                    if rt is None:
-                        return self._json(404, {"error": f"job {name!r} is not loaded on this server"})
-                    return self._json(200, _job_json(rt))
-                return self._json(404, {"error": f"no such path {path!r}; try /metrics, /healthz, /api/jobs"})
+                    job = parts[2] if parts[:2] == ["api", "jobs"] and len(parts) > 2 else "*"
+                    if side.auth is not None and side.auth.enabled:
+                        try:
+                            side.auth.check(self.headers.get("Authorization"), job, "reader")
+                        except MixerError as e:
+                            raise HttpError(401 if e.code == grpc.StatusCode.UNAUTHENTICATED else 403, e.message) from None
+                    if path == "/metrics":
+                        return self._send(200, generate_latest(side.metrics.registry), CONTENT_TYPE_LATEST)
+                    if parts[:2] == ["api", "jobs"]:
+                        return self._json(200, self._api(parts[2:], parse_qs(url.query)))
+                    raise HttpError(404, f"no such path {path!r}; try /, /jobs/NAME, /metrics, /healthz, /api/jobs")
+                except HttpError as e:
+                    return self._json(e.code, {"error": e.message})
+                except SQLAlchemyError as e:
+                    return self._json(503, {"error": f"the database is unavailable ({type(e).__name__}); retry later"})
+                except Exception as e:  # noqa: BLE001 - a bug answers 500 with its name; the server stays up
+                    return self._json(500, {"error": f"internal error ({type(e).__name__}: {e})"})
+
+            def _api(self, rest: list[str], query: dict) -> dict:
+                d = side.data
+                if not rest:
+                    return {"jobs": d.jobs()}
+                name = rest[0]
+                if len(rest) == 1:
+                    return d.job(name)
+                if rest[1:] == ["versions"]:
+                    return d.versions(name, _int_arg(query, "after", None, lo=-1), _int_arg(query, "tail", 500, lo=1, hi=MAX_TAIL))
+                if len(rest) == 3 and rest[1] == "versions":
+                    return d.version(name, _int_arg({"v": [rest[2]]}, "v", 0, lo=0))
+                if rest[1:] == ["loss"]:
+                    return d.loss(name, _int_arg(query, "after_seq", None, lo=-1), _int_arg(query, "limit", 2000, lo=1, hi=MAX_TAIL))
+                raise HttpError(404, f"no such path {self.path!r}; try /api/jobs/{name}/versions or /api/jobs/{name}/loss")
 
             def _json(self, code, obj):
-                self._send(code, json.dumps(obj).encode(), "application/json")
+                self._send(code, json.dumps(obj, allow_nan=False).encode(), "application/json", no_store=True)
 
-            def _send(self, code, body, ctype):
+            def _send(self, code, body, ctype, no_store=False):
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
+                if no_store:  # live data: a cached copy would freeze the page's charts
+                    self.send_header("Cache-Control", "no-store")
                 self.end_headers()
                 self.wfile.write(body)
 

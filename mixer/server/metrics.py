@@ -68,6 +68,8 @@ class JobCollector(Collector):
         dups = CounterMetricFamily("mixer_duplicate_reports", "Re-sent reports dropped as duplicates", labels=["job"])
         versions = CounterMetricFamily("mixer_versions", "Weight versions created (the initial one included)", labels=["job"])
         for rt in list(self.runtimes_getter()):
+            if rt.job.status == "finished":
+                continue  # a finished job leaves no live series
             name = rt.job.name
             cur = rt.engine.current
             for d, w in zip(rt.spec.domain_names, cur.weights):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+from sqlalchemy.exc import SQLAlchemyError
 
 from mixer.engine import Engine, Version
 from mixer.signals import Report, SignalError, validate_report
@@ -153,11 +154,23 @@ class Runtimes:
         log.info("loaded job %s: %d reports, version %d", name, count, engine.current.version)
         return rt
 
+    async def finish(self, name: str) -> JobRuntime:
+        rt = await self.get(name)
+        await asyncio.to_thread(self.store.set_job_status, name, "finished")
+        rt.job.status = "finished"
+        return rt
+
     # -- ingest -------------------------------------------------------------------------------
 
     def begin_ingest(self, rt: JobRuntime, msg: pb.Signals) -> tuple[Future | None, pb.Ack, Version | None]:
         """Validate and append one report (synchronously, on the loop). Returns the commit future,
         the ack to send once it resolves, and the new version if this report produced one."""
+        if rt.job.source_job:
+            self._reject("derived")
+            raise MixerError(grpc.StatusCode.FAILED_PRECONDITION, f"job {rt.job.name!r} is derived from {rt.job.source_job!r} (a replay); it takes no reports")
+        if rt.job.status == "finished":
+            self._reject("finished")
+            raise MixerError(grpc.StatusCode.FAILED_PRECONDITION, f"job {rt.job.name!r} is finished; it takes no more reports")
         if rt.poisoned:
             raise MixerError(grpc.StatusCode.UNAVAILABLE, f"job {rt.job.name!r} is reloading after a database failure; reconnect and resend")
         try:
@@ -180,7 +193,10 @@ class Runtimes:
                 fut, seq = rt.inflight[key]
                 rt.duplicate_count += 1
                 return fut, pb.Ack(step=report.step, seq=report.seq, duplicate=True, log_seq=seq), None
-            seq = self.store.has_signal(rt.job.id, *key)
+            try:
+                seq = self.store.has_signal(rt.job.id, *key)
+            except SQLAlchemyError:
+                raise MixerError(grpc.StatusCode.UNAVAILABLE, "the database is unavailable; retry later") from None
             if seq is not None:
                 rt.duplicate_count += 1
                 return None, pb.Ack(step=report.step, seq=report.seq, duplicate=True, log_seq=seq), None
@@ -238,13 +254,19 @@ class Runtimes:
             rt.created_at[version.version] = time.time()
             rt.publish(version)
 
+    def poison(self, rt: JobRuntime) -> None:
+        """Drop a runtime whose memory may differ from the database; the next access reloads it."""
+        if not rt.poisoned:
+            rt.poisoned = True
+            log.warning("job %s will be reloaded from the database", rt.job.name)
+            if self.jobs.get(rt.job.name) is rt:
+                self.jobs.pop(rt.job.name, None)
+
     def _settled(self, rt: JobRuntime, key, fut: Future) -> None:
         # Runs on the writer thread: only plain dict/flag updates here.
         rt.inflight.pop(key, None)
-        if fut.exception() is not None and not rt.poisoned:
-            rt.poisoned = True
-            log.warning("commit failed for job %s; it will be reloaded from the database", rt.job.name)
-            self.jobs.pop(rt.job.name, None)
+        if fut.exception() is not None:
+            self.poison(rt)
 
     def _track_applied(self, rt: JobRuntime, report: Report) -> None:
         v = report.applied_version
@@ -306,6 +328,7 @@ def job_to_proto(rt_or_rec, store_stats: tuple[int, int] | None = None) -> pb.Jo
         created_at=rec.created_at,
         source_job=rec.source_job or "",
         weighting=spec.weighting.name,
+        status=rec.status,
     )
 
 

@@ -9,6 +9,7 @@ import logging
 import time
 
 import grpc
+from sqlalchemy.exc import SQLAlchemyError
 
 from mixer.server.auth import ALL_JOBS, Authenticator
 from mixer.server.runtime import MixerError, Runtimes, job_to_proto
@@ -20,14 +21,23 @@ from mixer.wire import version_to_proto
 log = logging.getLogger("mixer.server")
 
 
+def db_unavailable(e: SQLAlchemyError) -> MixerError:
+    """The database failed: the caller should keep its data and retry."""
+    log.warning("database error: %s", e.__class__.__name__)
+    return MixerError(grpc.StatusCode.UNAVAILABLE, f"the database is unavailable ({e.__class__.__name__}); retry later")
+
+
 def _unary(method):
-    """Map MixerError to its status and time the call."""
+    """Map MixerError (and database failures) to a status, and time the call."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
         t0 = time.perf_counter()
         try:
             return await method(self, request, context)
+        except SQLAlchemyError as e:
+            err = db_unavailable(e)
+            await context.abort(err.code, err.message)
         except MixerError as e:
             await context.abort(e.code, e.message)
         finally:
@@ -83,6 +93,13 @@ class MixerService(pb_grpc.MixerServiceServicer):
         return pb.ListJobsResponse(jobs=jobs)
 
     @_unary
+    async def FinishJob(self, request, context):
+        self._need(request.name, "name")
+        self.auth.check_grpc(context, request.name, "admin")
+        rt = await self.rts.finish(request.name)
+        return pb.FinishJobResponse(job=job_to_proto(rt))
+
+    @_unary
     async def Report(self, request, context):
         self._need(request.job)
         self.auth.check_grpc(context, request.job, "writer")
@@ -116,6 +133,9 @@ class MixerService(pb_grpc.MixerServiceServicer):
             self._need(request.job)
             self.auth.check_grpc(context, request.job, "reader")
             rt = await self.rts.get(request.job)
+        except SQLAlchemyError as e:
+            err = db_unavailable(e)
+            await context.abort(err.code, err.message)
         except MixerError as e:
             await context.abort(e.code, e.message)
         q = rt.subscribe()
@@ -134,7 +154,9 @@ class MixerService(pb_grpc.MixerServiceServicer):
 
     async def Session(self, request_iterator, context):
         try:
-            first = await anext(aiter(request_iterator))
+            # One iterator for the whole stream: a second aiter() may drop a message the first read ahead.
+            requests = aiter(request_iterator)
+            first = await anext(requests)
         except StopAsyncIteration:
             return
         if first.WhichOneof("kind") != "hello":
@@ -146,13 +168,16 @@ class MixerService(pb_grpc.MixerServiceServicer):
                 raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, "hello.source: a source name is required")
             self.auth.check_grpc(context, hello.job, "writer")
             rt = await self.rts.get(hello.job)
+        except SQLAlchemyError as e:
+            err = db_unavailable(e)
+            await context.abort(err.code, err.message)
         except MixerError as e:
             await context.abort(e.code, e.message)
         if rt.sessions >= self.rts.limits.max_sessions_per_job:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"job {rt.job.name!r} has {rt.sessions} sessions, the limit (--max-sessions-per-job)")
         rt.sessions += 1
         try:
-            async for item in self._session(rt, hello, request_iterator):
+            async for item in self._session(rt, hello, requests):
                 yield item
         finally:
             rt.sessions -= 1
@@ -192,6 +217,12 @@ class MixerService(pb_grpc.MixerServiceServicer):
                     fut, ack, version = self.rts.begin_ingest(rt, req.report)
                 except MixerError as e:
                     out.put_nowait(pb.SessionResponse(nack=pb.Nack(step=req.report.step, seq=req.report.seq, code=e.code.value[0], message=e.message)))
+                    continue
+                except Exception:  # noqa: BLE001 - a bug must not hang the session; the report is not in the log
+                    log.exception("ingest failed for job %s", rt.job.name)
+                    self.rts.poison(rt)  # its engine may be half-updated: rebuild it from the log
+                    code = grpc.StatusCode.INTERNAL.value[0]
+                    out.put_nowait(pb.SessionResponse(nack=pb.Nack(step=req.report.step, seq=req.report.seq, code=code, message="internal error; see the server log")))
                     continue
                 task = asyncio.create_task(settle(fut, ack, version, t0))
                 pending.add(task)

@@ -52,6 +52,7 @@ class JobRecord:
     strategy: str
     created_at: float
     source_job: str | None
+    status: str = "active"
 
 
 @dataclass(slots=True)
@@ -137,6 +138,10 @@ class Store:
     def list_jobs(self) -> list[JobRecord]:
         with Session(self.engine) as s:
             return [_job(r) for r in s.scalars(select(JobRow).order_by(JobRow.id))]
+
+    def set_job_status(self, name: str, status: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(JobRow).where(JobRow.name == name).values(status=status))
 
     # -- the log ------------------------------------------------------------------------
 
@@ -263,7 +268,7 @@ class Store:
 
 
 def _job(row: JobRow) -> JobRecord:
-    return JobRecord(row.id, row.name, row.spec_json, row.fingerprint, row.strategy, row.created_at, row.source_job)
+    return JobRecord(row.id, row.name, row.spec_json, row.fingerprint, row.strategy, row.created_at, row.source_job, row.status)
 
 
 def _version_row(job_id: int, v: Version, now: float) -> dict[str, Any]:

@@ -32,6 +32,6 @@ def validate_strategy_spec(spec: JobSpec) -> None:
 
 
 # Registration happens on import; keep this list in sync with the modules in this folder.
-from mixer.strategies import ado, aioli, dga, doremi, odm, static, toremi  # noqa: E402,F401
+from mixer.strategies import ado, aioli, dga, doremi, dwm, odm, static, toremi  # noqa: E402,F401
 
 __all__ = ["Decision", "REGISTRY", "State", "Strategy", "build_strategy", "decode_state", "encode_state", "register"]

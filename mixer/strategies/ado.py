@@ -28,8 +28,9 @@ the fitted ones, and the per-domain history keeps at most `max_points` points (h
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
-from scipy.optimize import minimize
 
 from mixer.signals import DOMAIN_LOSS, Window
 from mixer.strategies import register
@@ -44,38 +45,75 @@ def power_law_objective(
     theta: np.ndarray, log_n: np.ndarray, log_L: np.ndarray, delta: float
 ) -> tuple[float, np.ndarray]:
     """Mean Huber loss of the log-space fit and its gradient in (log beta, log eps, alpha)."""
-    log_beta, log_eps, alpha = theta
-    u = log_beta - alpha * log_n
+    # Python floats and few temporaries: L-BFGS-B calls this tens of times per domain and refit,
+    # on arrays of a few hundred points, where numpy's per-call overhead is most of the cost.
+    log_beta, log_eps, alpha = float(theta[0]), float(theta[1]), float(theta[2])
+    u = log_n * -alpha
+    u += log_beta
     pred = np.logaddexp(u, log_eps)
     r = pred - log_L
-    small = np.abs(r) <= delta
-    loss = np.where(small, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta)).mean()
-    d = np.where(small, r, delta * np.sign(r)) / r.shape[0]
+    a = np.abs(r)
+    small = a <= delta
+    m = r.shape[0]
+    loss = float(np.where(small, 0.5 * r * r, delta * (a - 0.5 * delta)).sum()) / m
+    d = np.where(small, r, np.copysign(delta, r))
+    d /= m
     share = np.exp(u - pred)  # d pred / d u; 1 - share is d pred / d log eps
-    grad = np.array([(d * share).sum(), (d * (1.0 - share)).sum(), -(d * share * log_n).sum()])
-    return float(loss), grad
+    ds = d * share
+    g_u = float(ds.sum())
+    return loss, np.array([g_u, float(d.sum()) - g_u, -float(ds @ log_n)])
+
+
+def _grid_losses(x0: np.ndarray, log_n: np.ndarray, log_L: np.ndarray, delta: float) -> np.ndarray:
+    """Mean Huber loss of every start (rows of x0) at once."""
+    pred = np.logaddexp(x0[:, :1] - x0[:, 2:] * log_n, x0[:, 1:2])
+    a = np.abs(pred - log_L)
+    return np.where(a <= delta, 0.5 * a * a, delta * (a - 0.5 * delta)).mean(axis=1)
+
+
+_BLAS = None  # threadpoolctl's controller once looked up; False when threadpoolctl is missing
+
+
+def _one_blas_thread():
+    """Limit BLAS to one thread while fitting: L-BFGS-B makes many tiny BLAS calls, and on a busy
+    machine multi-threaded OpenBLAS waits on its threads at each one (measured 5-15x slower)."""
+    global _BLAS
+    if _BLAS is None:
+        import scipy.optimize  # noqa: F401 - loads scipy's OpenBLAS, so the controller sees it
+
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # optional: without it the fits only run slower
+            _BLAS = False
+        else:
+            _BLAS = ThreadpoolController()  # after scipy is imported, so its OpenBLAS is listed
+    return _BLAS.limit(limits=1, user_api="blas") if _BLAS else contextlib.nullcontext()
 
 
 def fit_power_law(n: np.ndarray, L: np.ndarray, *, delta: float = 1e-3, starts: int = 2) -> np.ndarray:
     """(log beta, log eps, alpha) of L(n) = eps + beta n^-alpha: the objective is evaluated on a grid
     of (alpha, eps) guesses (beta matched to the first point) and L-BFGS-B runs from the best
     `starts` of them; the best result wins."""
+    # Imported here: scipy.optimize costs ~1 s, and every server start imports this module.
+    from scipy.optimize import minimize
+
     log_n = np.log(n)
     L = np.maximum(L, 1e-8)
     log_L = np.log(L)
     lo, hi = float(L.min()), float(L.max())
     bounds = [(-20.0, 20.0), (np.log(lo) - 10.0, np.log(hi)), (1e-4, 1.0)]
     lower, upper = [b[0] for b in bounds], [b[1] for b in bounds]
-    grid = []
+    starts_x = []
     for alpha0 in GRID_ALPHA:
         for eps_share in GRID_EPS_SHARE:
             eps0 = eps_share * lo
             log_beta0 = np.log(max(L[0] - eps0, 1e-8)) + alpha0 * log_n[0]
-            x0 = np.clip([log_beta0, np.log(eps0), alpha0], lower, upper)
-            grid.append((power_law_objective(x0, log_n, log_L, delta)[0], len(grid), x0))
-    grid.sort(key=lambda g: (g[0], g[1]))
-    best, best_fun = grid[0][2], grid[0][0]
-    for _, _, x0 in grid[:starts]:
+            starts_x.append(np.clip([log_beta0, np.log(eps0), alpha0], lower, upper))
+    x0s = np.array(starts_x)
+    losses = _grid_losses(x0s, log_n, log_L, delta)
+    order = np.argsort(losses, kind="stable")  # ties keep grid order
+    best, best_fun = x0s[order[0]], float(losses[order[0]])
+    for x0 in x0s[order[:starts]]:
         res = minimize(
             power_law_objective,
             x0,
@@ -192,11 +230,12 @@ class ADO(Strategy):
         due = last_fit < 0 and window.step >= p["warmup_steps"] + p["refit_every"]
         if due or (last_fit >= 0 and window.step - last_fit >= p["refit_every"]):
             fit, fitted = fit.copy(), fitted.copy()
-            for k in range(self.K):
-                m = int(hist_len[k])
-                if m >= MIN_POINTS and np.unique(hist_n[k, :m]).size >= MIN_POINTS:
-                    fit[k] = fit_power_law(hist_n[k, :m], hist_loss[k, :m], delta=p["huber_delta"])
-                    fitted[k] = True
+            with _one_blas_thread():
+                for k in range(self.K):
+                    m = int(hist_len[k])
+                    if m >= MIN_POINTS and np.unique(hist_n[k, :m]).size >= MIN_POINTS:
+                        fit[k] = fit_power_law(hist_n[k, :m], hist_loss[k, :m], delta=p["huber_delta"])
+                        fitted[k] = True
             last_fit = window.step
 
         new = dict(

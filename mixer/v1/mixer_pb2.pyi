@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Job(_message.Message):
-    __slots__ = ("name", "spec_json", "fingerprint", "domains", "strategy", "latest_version", "max_step", "report_count", "created_at", "source_job", "weighting")
+    __slots__ = ("name", "spec_json", "fingerprint", "domains", "strategy", "latest_version", "max_step", "report_count", "created_at", "source_job", "weighting", "status")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class Job(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_JOB_FIELD_NUMBER: _ClassVar[int]
     WEIGHTING_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec_json: str
     fingerprint: str
@@ -30,7 +31,8 @@ class Job(_message.Message):
     created_at: float
     source_job: str
     weighting: str
-    def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., domains: _Optional[_Iterable[str]] = ..., strategy: _Optional[str] = ..., latest_version: _Optional[int] = ..., max_step: _Optional[int] = ..., report_count: _Optional[int] = ..., created_at: _Optional[float] = ..., source_job: _Optional[str] = ..., weighting: _Optional[str] = ...) -> None: ...
+    status: str
+    def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., domains: _Optional[_Iterable[str]] = ..., strategy: _Optional[str] = ..., latest_version: _Optional[int] = ..., max_step: _Optional[int] = ..., report_count: _Optional[int] = ..., created_at: _Optional[float] = ..., source_job: _Optional[str] = ..., weighting: _Optional[str] = ..., status: _Optional[str] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("spec",)
@@ -61,6 +63,18 @@ class GetJobResponse(_message.Message):
 class ListJobsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class FinishJobRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class FinishJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs",)

@@ -49,6 +49,11 @@ class MixerServiceStub(object):
                 request_serializer=mixer_dot_v1_dot_mixer__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=mixer_dot_v1_dot_mixer__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.FinishJob = channel.unary_unary(
+                '/mixer.v1.MixerService/FinishJob',
+                request_serializer=mixer_dot_v1_dot_mixer__pb2.FinishJobRequest.SerializeToString,
+                response_deserializer=mixer_dot_v1_dot_mixer__pb2.FinishJobResponse.FromString,
+                _registered_method=True)
         self.Session = channel.stream_stream(
                 '/mixer.v1.MixerService/Session',
                 request_serializer=mixer_dot_v1_dot_mixer__pb2.SessionRequest.SerializeToString,
@@ -95,6 +100,14 @@ class MixerServiceServicer(object):
 
     def ListJobs(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishJob(self, request, context):
+        """Mark a job finished: its record stays readable, new reports are FAILED_PRECONDITION,
+        and its live series leave /metrics.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -152,6 +165,11 @@ def add_MixerServiceServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=mixer_dot_v1_dot_mixer__pb2.ListJobsRequest.FromString,
                     response_serializer=mixer_dot_v1_dot_mixer__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'FinishJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishJob,
+                    request_deserializer=mixer_dot_v1_dot_mixer__pb2.FinishJobRequest.FromString,
+                    response_serializer=mixer_dot_v1_dot_mixer__pb2.FinishJobResponse.SerializeToString,
             ),
             'Session': grpc.stream_stream_rpc_method_handler(
                     servicer.Session,
@@ -260,6 +278,33 @@ class MixerService(object):
             '/mixer.v1.MixerService/ListJobs',
             mixer_dot_v1_dot_mixer__pb2.ListJobsRequest.SerializeToString,
             mixer_dot_v1_dot_mixer__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mixer.v1.MixerService/FinishJob',
+            mixer_dot_v1_dot_mixer__pb2.FinishJobRequest.SerializeToString,
+            mixer_dot_v1_dot_mixer__pb2.FinishJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

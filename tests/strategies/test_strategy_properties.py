@@ -38,6 +38,7 @@ FAST_PARAMS: dict[str, list[dict[str, Any]]] = {
     ],
     "dga": [{}, {"target": ["d0"], "ema": 0.0, "clip_min": -1.0, "eta": 3.0, "eps": 0.01}],
     "toremi": [{"switch_step": 8}, {"switch_step": 0, "num_topics": 4, "w_max": 2.0}],
+    "dwm": [{"stage_steps": 4}, {"stage_steps": 6, "learn_steps": 2}],
 }
 CASES = [
     pytest.param(name, i, params, id=f"{name}-{i}")
@@ -100,6 +101,8 @@ def make_reports(K: int, n_steps: int, data_seed: int) -> list[Report]:
                 r.sample_domain = rng.integers(0, K, n)
                 r.sample_topic = rng.integers(0, 6, n)
                 r.sample_id = rng.integers(0, 10**9, n)
+                if rng.random() < 0.7:
+                    r.sample_align = rng.normal(0.0, 1.0, n)
             out.append(validate_report(r, K))
     return out
 

@@ -1,0 +1,343 @@
+"""Megatron-core GPT pretraining attached to a mixer service: `python -m mixer.megatron.pretrain`.
+
+    python -m mixer.megatron.pretrain --spec job.yaml --mixer 127.0.0.1:50051 --steps 1000
+    torchrun --nproc-per-node 8 -m mixer.megatron.pretrain --spec job.yaml --mixer HOST:50051 --device cuda
+
+What it does, in order:
+1. reads the job spec; rank 0 creates the job on the service (idempotent: the same spec again is
+   the same job) and opens a session; without --mixer it trains on the spec's prior weights;
+2. builds one megatron GPTDataset per domain from the spec's prefixes, and one per domain from the
+   sibling validation prefix (see `val_prefix`);
+3. switches on the probes the job's strategy declares (mixer.strategies ... .signals) and the
+   job's instance weighting;
+4. trains (mixer.megatron.train): AdamW, warmup + cosine, checkpoints with the sampler state,
+   rank 0 broadcasting versions; with the service unreachable it goes on with the last weights;
+5. flushes the reporter: waits (up to --flush-timeout) until the service has every report.
+
+On the CPU it runs the tiny model in float32 (gloo); with --device cuda, bf16 through
+Float16Module and NCCL, one process per GPU (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+log = logging.getLogger("mixer.pretrain")
+
+__all__ = ["PretrainOptions", "pretrain", "run_pretrain", "val_prefix"]
+
+
+@dataclass(kw_only=True)
+class PretrainOptions:
+    """Everything a pretraining run takes; the command-line options map onto these one to one."""
+
+    spec: Path
+    mixer: str | None = None
+    """host:port of the mixer service; None trains on the spec's prior weights (static baseline)."""
+    source: str = "rank0"
+    token: str | None = None
+    steps: int = 100
+    global_batch_size: int = 16
+    seq_length: int = 64
+    layers: int = 2
+    hidden: int = 64
+    heads: int = 4
+    vocab_size: int = 257
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int | None = None
+    seed: int | None = None
+    """None: the job spec's seed."""
+    device: str = "cpu"
+    save: Path | None = None
+    save_interval: int = 0
+    load: Path | None = None
+    force_resume: bool = False
+    eval_interval: int = 0
+    eval_samples: int = 16
+    reference: Path | None = None
+    align_every: int = 0
+    align_samples: int = 2
+    sample_align_every: int = 0
+    strict: bool = False
+    strict_timeout: float = 300.0
+    connect_timeout: float = 30.0
+    flush_timeout: float = 60.0
+    cache_dir: Path | None = None
+    compare_attached: int = 0
+    progress: bool = True
+
+
+def val_prefix(train_prefix: str) -> str:
+    """The validation prefix beside a training prefix.
+
+    `mixer data prepare` (data.prepare_corpus) writes <out>/<domain>/train and <out>/<domain>/val:
+    a prefix whose last component is `train` has its validation data in the sibling `val`. Any
+    other prefix P (e.g. Megatron's `..._text_document`) looks for `P_val`.
+    """
+    head, _, last = train_prefix.rpartition("/")
+    if last == "train":
+        return f"{head}/val" if head else "val"
+    return f"{train_prefix}_val"
+
+
+def _exists(prefix: str) -> bool:
+    return Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()
+
+
+def _probe_plan(spec: Any, opts: PretrainOptions, attached: bool) -> dict[str, Any]:
+    """Which probes and cadences this job needs, from its strategy's signals and its weighting."""
+    from mixer import signals as S
+    from mixer.strategies import build_strategy
+
+    strategy = build_strategy(spec)
+    needs = strategy.signals if attached else frozenset()
+    every = spec.cadence.update_every
+    plan: dict[str, Any] = {"needs": sorted(needs)}
+    if S.EXCESS_LOSS in needs:
+        if opts.reference is None:
+            raise click.UsageError(
+                f"strategy {spec.strategy.name!r} needs the excess loss against a reference model: pass "
+                "--reference CKPT (a checkpoint of a model trained on the prior mixture, e.g. from --save)"
+            )
+        plan["reference"] = opts.reference
+    if S.ALIGNMENT in needs:
+        params = strategy.params
+        plan["align_every"] = opts.align_every or every
+        plan["align_target"] = [spec.domain_names.index(n) for n in params.get("target", [])]
+        plan["align_target_prefix"] = params.get("target_prefix", "")
+        plan["align_exclude_self"] = bool(params.get("exclude_self", True))
+    if attached and (S.SAMPLE_ALIGNMENT in needs or spec.weighting.name == "dwm"):
+        plan["sample_align_every"] = opts.sample_align_every or every
+    if S.VAL_LOSS in needs and not opts.eval_interval:
+        plan["eval_every"] = every
+    # Topic statistics (ToReMi) and topic weighting use the domain as the sample's topic.
+    plan["report_topics"] = attached and (spec.strategy.name == "toremi" or spec.weighting.name == "topic")
+    return plan
+
+
+def _connect(opts: PretrainOptions, spec: Any) -> None:
+    """Create the job on the service (idempotent); a clear error when it is unreachable or taken."""
+    import grpc
+
+    from mixer.client import MixerClient
+
+    with MixerClient(opts.mixer, token=opts.token) as client:
+        try:
+            client.wait_ready(opts.connect_timeout)
+        except grpc.FutureTimeoutError:
+            raise click.ClickException(
+                f"mixer service at {opts.mixer} not reachable within {opts.connect_timeout}s "
+                "(start it with `mixer serve`, or leave out --mixer to train on the prior weights)"
+            ) from None
+        try:
+            _, created = client.create_job(spec)
+        except grpc.RpcError as e:
+            raise click.ClickException(f"creating job {spec.name!r} on {opts.mixer}: {e.details()}") from None
+    log.info("job %s %s on %s", spec.name, "created" if created else "exists (same spec)", opts.mixer)
+
+
+def run_pretrain(opts: PretrainOptions, *, on_step=None) -> dict[str, Any]:
+    """Run one pretraining job; returns a JSON-able record (per-step arrays included)."""
+    import torch
+
+    from mixer.engine import Engine
+    from mixer.megatron.data import build_domain_datasets
+    from mixer.megatron.instance import InstanceWeighting
+    from mixer.megatron.model import ModelConfig, init_distributed
+    from mixer.megatron.sampler import MixtureSampler
+    from mixer.megatron.train import TrainConfig, train
+    from mixer.spec import JobSpec, SpecError
+
+    try:
+        spec = JobSpec.from_yaml(Path(opts.spec).read_text())
+    except (OSError, SpecError) as e:
+        raise click.ClickException(f"{opts.spec}: {e}") from None
+    for i, d in enumerate(spec.domains):
+        if not d.prefix:
+            raise click.ClickException(f"{opts.spec}: domains[{i}].prefix is empty; pretraining needs each domain's data prefix")
+        if not _exists(d.prefix):
+            raise click.ClickException(f"{opts.spec}: domains[{i}].prefix {d.prefix}: no .bin/.idx (run `mixer data prepare`)")
+    attached = opts.mixer is not None
+    plan = _probe_plan(spec, opts, attached)
+
+    if opts.device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # before NCCL comes up
+    init_distributed(opts.device)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if opts.global_batch_size % world:
+        raise click.ClickException(f"--global-batch-size {opts.global_batch_size} is not divisible by {world} ranks")
+
+    val_prefixes = [val_prefix(d.prefix) for d in spec.domains]
+    has_val = all(_exists(p) for p in val_prefixes)
+    wants_val = opts.eval_interval or "eval_every" in plan or "sample_align_every" in plan
+    if wants_val and not has_val:
+        missing = next(p for p in val_prefixes if not _exists(p))
+        raise click.ClickException(f"validation data {missing} (.bin/.idx) not found; see val_prefix() for the convention")
+
+    attachment = None
+    if attached and rank == 0:
+        from mixer.megatron.attach import ServiceAttachment
+
+        _connect(opts, spec)
+        attachment = ServiceAttachment(
+            opts.mixer, spec.name, opts.source, strict=opts.strict, strict_timeout=opts.strict_timeout, token=opts.token
+        )
+    seed = spec.seed if opts.seed is None else opts.seed
+    cfg = TrainConfig(
+        steps=opts.steps, global_batch_size=opts.global_batch_size, lr=opts.lr, min_lr=opts.min_lr,
+        warmup_steps=opts.warmup, seed=seed, seq_length=opts.seq_length,
+        model=ModelConfig(num_layers=opts.layers, hidden_size=opts.hidden, num_attention_heads=opts.heads,
+                          seq_length=opts.seq_length, vocab_size=opts.vocab_size),
+        eval_every=opts.eval_interval or plan.get("eval_every", 0), eval_samples=opts.eval_samples,
+        device=opts.device, checkpoint_dir=opts.save, checkpoint_every=opts.save_interval, resume_from=opts.load,
+        force_resume=opts.force_resume, reference=plan.get("reference"), align_every=plan.get("align_every", 0),
+        align_samples=opts.align_samples, align_target=plan.get("align_target", []),
+        align_exclude_self=plan.get("align_exclude_self", True), sample_align_every=plan.get("sample_align_every", 0),
+        report_topics=plan["report_topics"], strict=opts.strict and attached, compare_every=opts.compare_attached,
+    )
+    weighting = InstanceWeighting(spec, opts.device)
+    v0 = Engine(spec).current  # the service's version 0, derived by the same pure code
+    delivered = True
+    # megatron keys its index cache by path and settings, not contents: a fresh folder per run.
+    # Rank 0 builds the indices and the other ranks read them, so all need the same folder
+    # (on several nodes, pass --cache-dir on a shared file system).
+    cache = [str(opts.cache_dir) if opts.cache_dir else (tempfile.mkdtemp(prefix="mixer-index-") if rank == 0 else None)]
+    if world > 1:
+        torch.distributed.broadcast_object_list(cache, src=0)
+    try:
+        datasets = build_domain_datasets([d.prefix for d in spec.domains], opts.seq_length, seed, None, Path(cache[0]))
+        vals = build_domain_datasets(val_prefixes, opts.seq_length, seed, None, Path(cache[0])) if has_val else []
+        target = None
+        if plan.get("align_target_prefix"):
+            target = build_domain_datasets([plan["align_target_prefix"]], opts.seq_length, seed, None, Path(cache[0]))[0]
+        sampler = MixtureSampler(
+            spec.num_domains, opts.global_batch_size, v0.weights, fingerprint=spec.fingerprint(),
+            dp_rank=rank, dp_size=world, dataset_lengths=[len(d) for d in datasets], version=v0.version,
+        )
+        result = train(
+            cfg, datasets, vals, sampler, attachment=attachment, progress=opts.progress and rank == 0,
+            weighting=weighting if weighting.enabled else None, target_dataset=target, on_step=on_step,
+        )
+    finally:
+        if attachment is not None:
+            delivered = attachment.close(opts.flush_timeout)
+            if not delivered:
+                log.error("%d reports not acknowledged within %.0fs", attachment.pending, opts.flush_timeout)
+        if not opts.cache_dir and rank == 0:
+            shutil.rmtree(cache[0], ignore_errors=True)
+    return _record(spec, opts, plan, result, rank, world, delivered)
+
+
+def _record(spec, opts: PretrainOptions, plan: dict[str, Any], result, rank: int, world: int, delivered: bool) -> dict[str, Any]:
+    """The run as JSON-able data (per-step arrays included: sample ids, instance weights)."""
+    attached_t, detached_t = result.median_step_time(True), result.median_step_time(False)
+    return {
+        "job": spec.name,
+        "rank": rank,
+        "world_size": world,
+        "mixer": opts.mixer,
+        "probes": {k: (str(v) if isinstance(v, Path) else v) for k, v in plan.items()},
+        "final_step": result.final_step,
+        "steps": result.steps,
+        "losses": result.losses,
+        "versions": result.versions,
+        "applied": [list(a) for a in result.applied],
+        "sample_ids": [ids.tolist() for ids in result.sample_ids],
+        "local_sample_ids": result.local_sample_ids,
+        "instance_weights": [s.extras["sample_weight"].tolist() for s in result.stats if "sample_weight" in s.extras],
+        "signals": {k: sum(k in s.extras for s in result.stats) for k in ("excess_loss_sum", "alignment", "sample_align")},
+        "val_history": [[step, np.asarray(v).tolist()] for step, v in result.val_history],
+        "checkpoints": [str(c) for c in result.checkpoints],
+        "step_time_s": result.step_time_s,
+        "step_time_attached_s": attached_t,
+        "step_time_detached_s": detached_t,
+        "attached_overhead": attached_t / detached_t - 1 if opts.compare_attached else None,
+        "all_reports_acknowledged": delivered,
+    }
+
+
+def _options(fn):
+    opts = [
+        click.option("--spec", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="job spec (YAML)"),
+        click.option("--mixer", default=None, envvar="MIXER_ADDRESS", help="host:port of the mixer service (leave out: prior weights)"),
+        click.option("--source", default="rank0", show_default=True, help="name of this worker's reports"),
+        click.option("--token", default=None, envvar="MIXER_TOKEN", help="bearer token for the service"),
+        click.option("--steps", default=100, show_default=True, type=click.IntRange(min=0)),
+        click.option("--global-batch-size", default=16, show_default=True, type=click.IntRange(min=1)),
+        click.option("--seq-length", default=64, show_default=True, type=click.IntRange(min=1)),
+        click.option("--layers", default=2, show_default=True, type=click.IntRange(min=1)),
+        click.option("--hidden", default=64, show_default=True, type=click.IntRange(min=1)),
+        click.option("--heads", default=4, show_default=True, type=click.IntRange(min=1)),
+        click.option("--vocab-size", default=257, show_default=True, type=click.IntRange(min=257), help="padded vocabulary (bytes + EOD need 257)"),
+        click.option("--lr", default=1e-3, show_default=True, type=float),
+        click.option("--min-lr", default=1e-4, show_default=True, type=float),
+        click.option("--warmup", default=None, type=click.IntRange(min=0), help="warmup steps (default: a tenth of --steps)"),
+        click.option("--seed", default=None, type=click.IntRange(min=0), help="default: the job spec's seed"),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda"),
+        click.option("--save", default=None, type=click.Path(file_okay=False, path_type=Path), help="checkpoint directory"),
+        click.option("--save-interval", default=0, show_default=True, type=click.IntRange(min=0), help="steps between checkpoints (0: only at the end)"),
+        click.option("--load", default=None, type=click.Path(exists=True, path_type=Path), help="resume from this checkpoint (directory or step folder)"),
+        click.option("--force-resume", is_flag=True, help="resume a checkpoint saved for another job spec"),
+        click.option("--eval-interval", default=0, show_default=True, type=click.IntRange(min=0), help="steps between balanced validations (0: the strategy's need, else only at the end)"),
+        click.option("--eval-samples", default=16, show_default=True, type=click.IntRange(min=1), help="validation samples per domain"),
+        click.option("--reference", default=None, type=click.Path(exists=True, path_type=Path), help="reference model checkpoint (DoReMi's excess loss)"),
+        click.option("--align-every", default=0, type=click.IntRange(min=0), help="DGA alignment probe cadence (default: the spec's update_every)"),
+        click.option("--align-samples", default=2, show_default=True, type=click.IntRange(min=1), help="samples per domain and rank per alignment probe"),
+        click.option("--sample-align-every", default=0, type=click.IntRange(min=0), help="DWM probe cadence (default: the spec's update_every)"),
+        click.option("--strict", is_flag=True, help="wait at each step boundary for the version in force (reproducible runs)"),
+        click.option("--strict-timeout", default=300.0, show_default=True, type=float),
+        click.option("--connect-timeout", default=30.0, show_default=True, type=float),
+        click.option("--flush-timeout", default=60.0, show_default=True, type=float, help="seconds to wait at the end for every report to be acknowledged"),
+        click.option("--cache-dir", default=None, type=click.Path(file_okay=False, path_type=Path), help="megatron index cache (default: a fresh temporary folder)"),
+        click.option("--compare-attached", default=0, show_default=True, type=click.IntRange(min=0), help="benchmark: alternate blocks of N steps detached / attached"),
+        click.option("--result", "result_file", default=None, type=click.Path(dir_okay=False, path_type=Path), help="write the run's record (per-step arrays included) as JSON"),
+        click.option("--no-progress", is_flag=True, help="no progress bar"),
+        click.option("--json", "as_json", is_flag=True, help="print a JSON summary as the last line"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@click.command("pretrain")
+@_options
+def pretrain(result_file: Path | None, no_progress: bool, as_json: bool, **kw: Any) -> dict[str, Any]:
+    """Pretrain a Megatron-core GPT on a job spec's domains, attached to a mixer service."""
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex|scope is deprecated).*")
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    record = run_pretrain(PretrainOptions(progress=not no_progress, **kw))
+    if result_file is not None:
+        result_file.parent.mkdir(parents=True, exist_ok=True)
+        result_file.write_text(json.dumps(record))
+    if record["rank"] == 0:
+        summary = {k: v for k, v in record.items() if k not in ("steps", "losses", "versions", "sample_ids", "local_sample_ids", "instance_weights")}
+        last = record["losses"][-1] if record["losses"] else float("nan")
+        click.echo(
+            f"{record['job']}: trained to step {record['final_step']}, last loss {last:.4f}, "
+            f"{1000 * record['step_time_s']:.1f} ms/step, reports acknowledged: {record['all_reports_acknowledged']}"
+        )
+        if record["attached_overhead"] is not None:
+            click.echo(
+                f"median step attached {1000 * record['step_time_attached_s']:.2f} ms, detached "
+                f"{1000 * record['step_time_detached_s']:.2f} ms: overhead {100 * record['attached_overhead']:+.1f}%"
+            )
+        if as_json:
+            click.echo(json.dumps(summary, default=str))
+    return record
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    pretrain()

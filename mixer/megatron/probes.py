@@ -1,0 +1,288 @@
+"""Probes: the signals beyond per-domain losses that some strategies need (DESIGN.md, "What workers measure").
+
+Each reduces on the device to a few numbers per domain or per sample and never syncs the host;
+the results ride the step's asynchronous host copy. Costs, with F and B one forward and one
+backward of a training micro-batch of b samples:
+
+- ExcessLossProbe (DoReMi, EXCESS_LOSS): a forward of the frozen reference model on the step's
+  batch, every step: about +F per step (~ +1/3 of a step). Plus one all-reduce of K floats.
+- AlignmentProbe (DGA, ALIGNMENT): every T steps, K forward+backward passes on per-domain probe
+  batches of `samples` each (plus one more for a target data prefix), K flattened gradients kept
+  in float32 (K x parameters x 4 bytes) and all-reduced over data-parallel ranks: about
+  K (F + B) (samples / b) / T per step on average.
+- SampleAlignProbe (DWM, SAMPLE_ALIGNMENT): every T steps, one forward of a balanced validation
+  batch and, per training sample, two [s, h] x [h, V] products with the output layer: output-layer
+  only, so about (F_val + 2 x output-layer forward) / T per step.
+- validation_loss (VAL_LOSS): every N steps, a forward over `samples` per domain, split over
+  data-parallel ranks; one host sync at the end. Periodic, on the critical path when it runs.
+
+Per-domain probe batches are drawn from each domain's own dataset at a position that depends only
+on the probe round, so they are balanced across domains (a zero-weight domain is still measured)
+and a resumed run measures the same samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mixer.megatron.loss import gather_samples
+from mixer.megatron.model import unwrap
+from mixer.megatron.sampler import MixtureDataset
+
+__all__ = ["AlignmentProbe", "ExcessLossProbe", "SampleAlignProbe", "validation_loss"]
+
+
+def _world(group: Any = None) -> tuple[int, int]:
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_reduce(t: Tensor, group: Any = None) -> Tensor:
+    if _world(group)[1] > 1:
+        torch.distributed.all_reduce(t, group=group)
+    return t
+
+
+def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _round_batch(ds: Any, domain: int, n: int, round_: int, group: Any = None) -> list[tuple[int, int]]:
+    """This rank's n keys of probe round `round_` in one domain's dataset (disjoint across ranks)."""
+    rank, world = _world(group)
+    base = (round_ * world + rank) * n
+    return [(domain, (base + j) % len(ds)) for j in range(n)]
+
+
+class ExcessLossProbe:
+    """DoReMi's clipped excess loss: per domain, sum over tokens of max(loss - reference loss, 0)."""
+
+    def __init__(self, reference: torch.nn.Module, num_domains: int, group: Any = None) -> None:
+        self.reference = reference.eval().requires_grad_(False)
+        self.num_domains = num_domains
+        self.group = group
+
+    @torch.no_grad()
+    def measure(self, batch: dict[str, Tensor], per_token: Tensor) -> Tensor:
+        """[K] float64 over the global batch (all-reduced), on the device."""
+        ref = self.reference(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        mask = batch["loss_mask"].float()
+        excess = ((per_token.detach().float() - ref.float()).clamp(min=0) * mask).sum(dim=1)
+        out = torch.zeros(self.num_domains, device=excess.device, dtype=torch.float64)
+        out.index_add_(0, batch["dataset_id"].long(), excess.double())
+        return _all_reduce(out, self.group)
+
+
+class AlignmentProbe:
+    """DGA/DoGE: W_i = <grad l_i, target gradient> per domain, and the mean domain-gradient norm."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        datasets: Sequence[Any],
+        *,
+        every: int,
+        samples: int,
+        target: Sequence[int] = (),
+        target_dataset: Any = None,
+        exclude_self: bool = True,
+        device: torch.device | str = "cpu",
+        group: Any = None,
+    ) -> None:
+        if every <= 0 or samples <= 0:
+            raise ValueError(f"alignment probe needs every > 0 and samples > 0, got {every} and {samples}")
+        self.model = model
+        self.data = MixtureDataset(list(datasets) + ([target_dataset] if target_dataset is not None else []))
+        self.num_domains = len(datasets)
+        self.every, self.samples = every, samples
+        # The target is the sum of the target domains' gradients (DoGE eq. 3), all domains when
+        # none are named; a target data prefix replaces it with that data's own gradient.
+        self.target = list(target) or list(range(self.num_domains))
+        self.has_target_dataset = target_dataset is not None
+        self.exclude_self = exclude_self and not self.has_target_dataset
+        self.device = torch.device(device)
+        self.group = group
+
+    def due(self, step: int) -> bool:
+        # The last step of each window of T: the report lands with the engine's update step.
+        return step % self.every == self.every - 1
+
+    def _gradient(self, keys: list[tuple[int, int]]) -> Tensor:
+        """Flattened float32 gradient of the token-mean loss of these samples, averaged over ranks."""
+        batch = _to(self.data.batch(keys), self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        per_token = self.model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        mask = batch["loss_mask"].to(per_token.dtype)
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)])
+        world = _world(self.group)[1]
+        return _all_reduce(flat, self.group).div_(world) if world > 1 else flat
+
+    def measure(self, step: int) -> dict[str, Tensor]:
+        """{"alignment": [K] float64, "grad_norm_mean": [] float64}, on the device."""
+        round_ = step // self.every
+        rows = [
+            self._gradient(_round_batch(self.data.datasets[d], d, self.samples, round_, self.group))
+            for d in range(self.num_domains)
+        ]
+        G = torch.stack(rows).double()
+        if self.has_target_dataset:
+            k = self.num_domains
+            target = self._gradient(_round_batch(self.data.datasets[k], k, self.samples, round_, self.group)).double()
+        else:
+            target = G[self.target].sum(dim=0)
+        W = G @ target
+        if self.exclude_self:
+            # DoGE drops <g_i, g_i> from W_i when domain i is itself part of the target.
+            in_target = torch.zeros(self.num_domains, dtype=torch.float64, device=G.device)
+            in_target[self.target] = 1.0
+            W = W - in_target * (G * G).sum(dim=1)
+        return {"alignment": W, "grad_norm_mean": G.norm(dim=1).mean()}
+
+
+class SampleAlignProbe:
+    """DWM: s_i = <grad l_i, grad L_val> restricted to the output layer's weight, per training sample."""
+
+    # With h_t the output layer's input at token t, W its weight, p_t = softmax(W h_t) and y_t the
+    # label: grad_W l_i = (1/T_i) sum_t (p_t - e_{y_t}) h_t^T. With G = grad_W L_val (balanced: the
+    # mean over domains of each domain's token-mean validation loss), s_i = (1/T_i) sum_t
+    # <p_t - e_{y_t}, G h_t>. The hidden states come from a forward hook on the output layer; the
+    # logits are recomputed from them (megatron's cross entropy may modify its input in place).
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        val_datasets: Sequence[Any],
+        *,
+        every: int,
+        samples: int,
+        device: torch.device | str = "cpu",
+        group: Any = None,
+    ) -> None:
+        if every <= 0 or samples <= 0:
+            raise ValueError(f"sample-alignment probe needs every > 0 and samples > 0, got {every} and {samples}")
+        self.model = model
+        self.data = MixtureDataset(val_datasets)
+        self.every, self.samples = every, samples
+        self.device = torch.device(device)
+        self.group = group
+        self.output_layer = unwrap(model).output_layer
+        self._armed = False
+        self._hidden: Tensor | None = None
+        self._handle = self.output_layer.register_forward_hook(self._hook)
+
+    def close(self) -> None:
+        self._handle.remove()
+
+    def due(self, step: int) -> bool:
+        return step % self.every == self.every - 1
+
+    def _hook(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._armed:
+            self._hidden = args[0].detach()
+
+    @contextmanager
+    def capture(self, active: bool):
+        """Record the output layer's input during the forward inside this block (when active)."""
+        self._armed = active
+        try:
+            yield
+        finally:
+            self._armed = False
+
+    def _deltas(self, h: Tensor, labels: Tensor) -> Tensor:
+        """p - onehot(labels) for hidden states h [n, H] (float32)."""
+        W = self.output_layer.weight.detach().float()
+        delta = torch.softmax(h @ W.t(), dim=-1)
+        delta[torch.arange(h.shape[0], device=h.device), labels] -= 1.0
+        return delta
+
+    @torch.no_grad()
+    def _val_gradient(self) -> Tensor:
+        """grad_W of the balanced validation loss [V, H] (float32), all-reduced over ranks."""
+        was_training = self.model.training
+        self.model.eval()
+        K = len(self.data.datasets)
+        G = None
+        try:
+            for d in range(K):
+                rank, world = _world(self.group)
+                n = min(self.samples, len(self.data.datasets[d]))
+                keys = [(d, i) for i in range(rank, n, world)]
+                Gd = torch.zeros_like(self.output_layer.weight, dtype=torch.float32)
+                tokens = torch.zeros((), device=Gd.device, dtype=torch.float32)
+                if keys:
+                    batch = _to(self.data.batch(keys), self.device)
+                    with self.capture(True):
+                        self.model(batch["tokens"], batch["position_ids"], None)
+                    h = self._hidden.transpose(0, 1).reshape(-1, self._hidden.shape[-1]).float()
+                    self._hidden = None
+                    mask = batch["loss_mask"].reshape(-1).float()
+                    delta = self._deltas(h, batch["labels"].reshape(-1)) * mask[:, None]
+                    Gd += delta.t() @ h
+                    tokens += mask.sum()
+                _all_reduce(Gd, self.group)
+                _all_reduce(tokens, self.group)
+                Gd /= tokens.clamp(min=1)
+                G = Gd if G is None else G + Gd
+        finally:
+            self.model.train(was_training)
+        return G / K
+
+    @torch.no_grad()
+    def measure(self, batch: dict[str, Tensor]) -> Tensor:
+        """[global batch] float32 (gathered in rank order), from the hidden states captured this step."""
+        if self._hidden is None:
+            raise RuntimeError("SampleAlignProbe.measure needs a forward inside capture(True) first")
+        hidden, self._hidden = self._hidden, None
+        G = self._val_gradient()
+        mask = batch["loss_mask"].float()
+        out = torch.empty(hidden.shape[1], device=hidden.device, dtype=torch.float32)
+        for i in range(hidden.shape[1]):  # one sample at a time bounds the [s, V] temporaries
+            h = hidden[:, i].float()
+            u = h @ G.t()
+            delta = self._deltas(h, batch["labels"][i])
+            out[i] = ((delta * u).sum(dim=-1) * mask[i]).sum() / mask[i].sum().clamp(min=1)
+        return gather_samples(out, self.group)
+
+
+@torch.no_grad()
+def validation_loss(
+    model: torch.nn.Module,
+    val_datasets: Sequence[Any],
+    samples: int,
+    batch_size: int,
+    device: torch.device | str,
+    group: Any = None,
+) -> np.ndarray:
+    """Balanced validation: each domain's first `samples` samples scored on their own, split over ranks."""
+    device = torch.device(device)
+    rank, world = _world(group)
+    data = MixtureDataset(val_datasets)
+    was_training = model.training
+    model.eval()
+    K = len(val_datasets)
+    sums = torch.zeros(2 * K, device=device, dtype=torch.float64)  # loss sums, then token counts
+    try:
+        for d, ds in enumerate(val_datasets):
+            indices = list(range(rank, min(samples, len(ds)), world))
+            for start in range(0, len(indices), batch_size):
+                batch = _to(data.batch([(d, i) for i in indices[start : start + batch_size]]), device)
+                per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+                mask = batch["loss_mask"].to(per_token.dtype)
+                sums[d] += (per_token.float() * mask).sum().double()
+                sums[K + d] += mask.sum().double()
+    finally:
+        model.train(was_training)
+    host = _all_reduce(sums, group).cpu().numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(host[K:] > 0, host[:K] / host[K:], np.nan)
