@@ -57,9 +57,26 @@ def shape_weights(w: np.ndarray, prior: np.ndarray, cadence: CadenceSpec) -> np.
     if c > 0:
         w = (1.0 - c) * w + c * prior
     lo, hi = cadence.min_weight, cadence.max_weight
-    if lo <= 0.0 and hi >= 1.0:
+    if (lo <= 0.0 and hi >= 1.0) or (lo <= w.min() and w.max() <= hi):
         return w
+    if hi >= 1.0:
+        return _floored_simplex(w, lo)
     return _box_simplex(w, lo, hi)
+
+
+def _floored_simplex(w: np.ndarray, lo: float) -> np.ndarray:
+    """The floor-only case of _box_simplex (no cap), in a few vector operations: the b smallest
+    domains sit at the floor, the rest keep their proportions."""
+    order = np.argsort(w, kind="stable")
+    ws = w[order]
+    rest = np.cumsum(ws[::-1])[::-1]  # rest[b] = sum of ws[b:]
+    b = np.arange(w.size)
+    t = (1.0 - b * lo) / np.where(rest > 0, rest, np.inf)
+    nb = int(np.argmax(t * ws >= lo))  # the first b whose smallest free domain clears the floor
+    out = np.full(w.size, lo)
+    free = order[nb:]
+    out[free] = w[free] * ((1.0 - lo * nb) / w[free].sum())
+    return out
 
 
 def _box_simplex(w: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -72,19 +89,21 @@ def _box_simplex(w: np.ndarray, lo: float, hi: float) -> np.ndarray:
         # Too few positive weights to reach 1 under the cap: spread the rest uniformly.
         return _box_simplex(w + 1.0 / w.size, lo, hi)
     A, B = lo / ws, hi / ws  # t where a domain leaves the floor, and where it reaches the cap
-    P = np.concatenate([[0.0], np.cumsum(ws)])
+    P = np.zeros(ws.size + 1)
+    np.cumsum(ws, out=P[1:])
 
     def f(t):
         ia = np.searchsorted(A, t, "right") if lo > 0 else np.full(np.shape(t), ws.size)
         ib = np.searchsorted(B, t, "left")
         return lo * (ws.size - ia + n_zero) + hi * ib, P[ia] - P[ib]
 
-    cands = np.unique(np.concatenate([A, B]))
+    cands = np.sort(np.concatenate([A, B]))
     const, slope = f(cands)
     j = int(np.argmax(const + cands * slope >= 1.0))
     left = cands[j - 1] if j > 0 else 0.0
-    c, s = f(np.array([(left + cands[j]) / 2.0]))
-    t = (1.0 - c[0]) / s[0] if s[0] > 0 else cands[j]
+    mid = (left + cands[j]) / 2.0
+    c, s = f(mid)
+    t = (1.0 - c) / s if s > 0 else cands[j]
     out = np.where(pos, np.clip(t * w, lo, hi), lo)
     # Recompute the free domains from their own sum: the prefix sums above lose precision.
     free = pos & (out > lo) & (out < hi)

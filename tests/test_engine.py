@@ -84,3 +84,16 @@ def test_prior_smoothing_mixes_the_prior_back():
 def test_odm_favours_the_high_loss_domain():
     last = derive_versions(job(), reports(300))[-1]
     assert int(np.argmax(last.weights)) == 3
+
+
+def test_floor_only_path_matches_the_general_projection():
+    from mixer.engine import _box_simplex, _floored_simplex
+
+    rng = np.random.default_rng(3)
+    for k in (2, 5, 22, 200):
+        for _ in range(300):
+            w = rng.dirichlet(np.full(k, 0.3))
+            w[rng.integers(k)] = 0.0
+            w /= w.sum()
+            lo = rng.uniform(0, 1 / k)
+            assert np.allclose(_floored_simplex(w, lo), _box_simplex(w, lo, 1.0), rtol=0, atol=1e-15)
