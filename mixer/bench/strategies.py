@@ -101,7 +101,9 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
-def bench_one(name: str, K: int, *, updates: int, update_every: int, samples: int, seed: int = 0) -> dict[str, Any]:
+def bench_one(
+    name: str, K: int, *, updates: int, update_every: int, samples: int, seed: int = 0
+) -> dict[str, Any]:
     """Time every update of one strategy at K domains; ADO's refits apart."""
     params, extra = bench_params(name, K, update_every)
     spec = JobSpec.from_dict(
@@ -155,8 +157,10 @@ def bench_one(name: str, K: int, *, updates: int, update_every: int, samples: in
             refit_period_updates=period,
         )
     if K == TARGET_K:
-        row["meets_target"] = bool(times) and row["p99_ms"] <= TARGET_MS and (
-            name != "ado" or (row["refit_ms"] is not None and row["refit_ms"] <= REFIT_TARGET_MS)
+        row["meets_target"] = (
+            bool(times)
+            and row["p99_ms"] <= TARGET_MS
+            and (name != "ado" or (row["refit_ms"] is not None and row["refit_ms"] <= REFIT_TARGET_MS))
         )
     return row
 
@@ -180,7 +184,9 @@ def run_strategy_bench(
     for name in names:
         for K in Ks:
             t0 = time.perf_counter()
-            rows.append(bench_one(name, K, updates=updates, update_every=update_every, samples=samples, seed=seed))
+            rows.append(
+                bench_one(name, K, updates=updates, update_every=update_every, samples=samples, seed=seed)
+            )
             if progress:
                 print(f"  {name} K={K}: {time.perf_counter() - t0:.1f} s", flush=True)
     return {

@@ -18,26 +18,37 @@ LABELS = {
 }
 
 
-def run_weighting_bench(*, batch: int = 4096, threads: int | None = None, repeats: int = 50) -> dict[str, Any]:
+def run_weighting_bench(
+    *, batch: int = 4096, threads: int | None = None, repeats: int = 50
+) -> dict[str, Any]:
     """run_bench's figures, with the targets and whether each is met."""
     from mixer.weighting.bench import TARGETS_MS, run_bench
 
     if batch < 1 or repeats < 1 or (threads is not None and threads < 1):
         raise ValueError(f"batch, repeats and threads must be >= 1, got {batch}, {repeats}, {threads}")
     figures = run_bench(batch=batch, repeats=repeats, threads=threads)
-    out: dict[str, Any] = {"batch": int(figures.pop("batch")), "threads": int(figures.pop("threads")),
-                           "repeats": repeats, "median_ms": figures, "targets_ms": dict(TARGETS_MS)}
+    out: dict[str, Any] = {
+        "batch": int(figures.pop("batch")),
+        "threads": int(figures.pop("threads")),
+        "repeats": repeats,
+        "median_ms": figures,
+        "targets_ms": dict(TARGETS_MS),
+    }
     # The targets are for batch 4096; other batch sizes are reported, not judged.
     out["meets_targets"] = {k: figures[k] <= t for k, t in TARGETS_MS.items()} if batch == 4096 else None
     return out
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"batch {result['batch']}, {result['threads']} torch thread(s), median of {result['repeats']} calls",
-             f"{'path':<38} {'median ms':>10} {'target ms':>10}"]
+    lines = [
+        f"batch {result['batch']}, {result['threads']} torch thread(s), median of {result['repeats']} calls",
+        f"{'path':<38} {'median ms':>10} {'target ms':>10}",
+    ]
     for key, ms in result["median_ms"].items():
         target = result["targets_ms"].get(key)
         judged = result["meets_targets"] or {}
         note = "" if key not in judged else ("  ok" if judged[key] else "  MISSES TARGET")
-        lines.append(f"{LABELS.get(key, key):<38} {ms:>10.3f} {'-' if target is None else f'{target:g}':>10}{note}")
+        lines.append(
+            f"{LABELS.get(key, key):<38} {ms:>10.3f} {'-' if target is None else f'{target:g}':>10}{note}"
+        )
     return "\n".join(lines)

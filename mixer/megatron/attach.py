@@ -78,7 +78,9 @@ class ServiceAttachment:
                 break
             except Exception as e:  # noqa: BLE001 - grpc errors: retry until the deadline
                 if time.monotonic() >= deadline:
-                    raise StrictTimeoutError(f"strict mode: no version for step {step} of job {self.job!r}: {e}") from None
+                    raise StrictTimeoutError(
+                        f"strict mode: no version for step {step} of job {self.job!r}: {e}"
+                    ) from None
                 time.sleep(0.5)
         if v.version <= self._last:
             return None
@@ -117,7 +119,9 @@ class ServiceAttachment:
     def report_validation(self, step: int, domain_loss: np.ndarray) -> None:
         # Validation goes out under its own source: the training reports of a step arrive one
         # step late (asynchronous host copy), and each source's keys must increase.
-        self.reporter.submit(Report(step=step, source=f"{self.source}/val", val_loss=np.asarray(domain_loss, dtype=np.float64)))
+        self.reporter.submit(
+            Report(step=step, source=f"{self.source}/val", val_loss=np.asarray(domain_loss, dtype=np.float64))
+        )
 
     @property
     def pending(self) -> int:

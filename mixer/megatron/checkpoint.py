@@ -4,6 +4,7 @@ Layout: <dir>/step_<8 digits>/state.pt, and <dir>/latest naming the newest step 
 is written under a temporary name and renamed, so a crash never leaves a torn state.pt. Everything
 in it loads with torch.load(weights_only=True): configs travel as JSON text, blobs as uint8 tensors.
 Rank 0 writes (every data-parallel rank holds the same state); the others wait at a barrier.
+load_reference builds a frozen model from such a checkpoint (DoReMi's reference model).
 """
 
 from __future__ import annotations
@@ -15,9 +16,18 @@ from typing import Any
 
 import torch
 
+from mixer.megatron.model import ModelConfig, build_gpt
 from mixer.megatron.sampler import MixtureSampler
 
-__all__ = ["CHECKPOINT_FILE", "LATEST_FILE", "load_checkpoint", "read_checkpoint", "resolve_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "LATEST_FILE",
+    "load_checkpoint",
+    "load_reference",
+    "read_checkpoint",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]
 
 CHECKPOINT_FILE = "state.pt"
 LATEST_FILE = "latest"
@@ -104,3 +114,23 @@ def load_checkpoint(
     if sampler.step != step:
         raise ValueError(f"{file}: sampler is at step {sampler.step}, checkpoint at step {step}")
     return step
+
+
+def load_reference(path: Path, model: ModelConfig, device: str) -> torch.nn.Module:
+    """A frozen reference GPTModel from a checkpoint of this trainer (its own shape; `model` is the trained one's)."""
+    state = read_checkpoint(path)
+    if not state.get("train_config"):
+        raise ValueError(
+            f"{path}: checkpoint carries no train_config; cannot tell the reference model's shape"
+        )
+    ref_cfg = ModelConfig(**json.loads(state["train_config"])["model"])
+    if ref_cfg.vocab_size != model.vocab_size or ref_cfg.seq_length < model.seq_length:
+        raise ValueError(
+            f"{path}: reference model has vocab {ref_cfg.vocab_size} and sequence length {ref_cfg.seq_length}; "
+            f"training needs vocab {model.vocab_size} and sequence length >= {model.seq_length}"
+        )
+    # Building draws from the global RNG; fork it so the trained model's run stays reproducible.
+    with torch.random.fork_rng(devices=[]):
+        ref = build_gpt(ref_cfg, device)
+    ref.load_state_dict(state["model"])
+    return ref.eval().requires_grad_(False)

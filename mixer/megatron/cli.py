@@ -16,9 +16,7 @@ from typing import Any
 import click
 import yaml
 
-from mixer.megatron.pretrain import pretrain
-
-__all__ = ["COMMANDS", "data"]
+__all__ = ["COMMANDS", "data", "pretrain"]
 
 
 def _quiet() -> None:
@@ -50,10 +48,18 @@ def synth(out_dir: Path, seed: int, docs_per_domain: int, as_json: bool) -> None
 @data.command("prepare")
 @click.argument("corpus_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--spec", "spec_out", default=None, type=click.Path(dir_okay=False, path_type=Path), help="also write a job spec over the prepared domains")
+@click.option(
+    "--spec",
+    "spec_out",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="also write a job spec over the prepared domains",
+)
 @click.option("--job", default=None, help="job name for --spec (default: the corpus folder's name)")
 @click.option("--strategy", default="static", show_default=True, help="strategy for --spec")
-@click.option("--update-every", default=10, show_default=True, type=click.IntRange(min=1), help="cadence for --spec")
+@click.option(
+    "--update-every", default=10, show_default=True, type=click.IntRange(min=1), help="cadence for --spec"
+)
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document as the last line")
 def prepare(
@@ -95,6 +101,179 @@ def prepare(
         out["spec"] = str(spec_out)
     if as_json:
         click.echo(json.dumps(out))
+
+
+def _options(fn):
+    opts = [
+        click.option(
+            "--spec",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            required=True,
+            help="job spec (YAML)",
+        ),
+        click.option(
+            "--mixer",
+            default=None,
+            envvar="MIXER_ADDRESS",
+            help="host:port of the mixer service (leave out: prior weights)",
+        ),
+        click.option("--source", default="rank0", show_default=True, help="name of this worker's reports"),
+        click.option("--token", default=None, envvar="MIXER_TOKEN", help="bearer token for the service"),
+        click.option("--steps", default=100, show_default=True, type=click.IntRange(min=0)),
+        click.option("--global-batch-size", default=16, show_default=True, type=click.IntRange(min=1)),
+        click.option("--seq-length", default=64, show_default=True, type=click.IntRange(min=1)),
+        click.option("--layers", default=2, show_default=True, type=click.IntRange(min=1)),
+        click.option("--hidden", default=64, show_default=True, type=click.IntRange(min=1)),
+        click.option("--heads", default=4, show_default=True, type=click.IntRange(min=1)),
+        click.option(
+            "--vocab-size",
+            default=257,
+            show_default=True,
+            type=click.IntRange(min=257),
+            help="padded vocabulary (bytes + EOD need 257)",
+        ),
+        click.option("--lr", default=1e-3, show_default=True, type=float),
+        click.option("--min-lr", default=1e-4, show_default=True, type=float),
+        click.option(
+            "--warmup",
+            default=None,
+            type=click.IntRange(min=0),
+            help="warmup steps (default: a tenth of --steps)",
+        ),
+        click.option("--seed", default=None, type=click.IntRange(min=0), help="default: the job spec's seed"),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda"),
+        click.option(
+            "--save",
+            default=None,
+            type=click.Path(file_okay=False, path_type=Path),
+            help="checkpoint directory",
+        ),
+        click.option(
+            "--save-interval",
+            default=0,
+            show_default=True,
+            type=click.IntRange(min=0),
+            help="steps between checkpoints (0: only at the end)",
+        ),
+        click.option(
+            "--load",
+            default=None,
+            type=click.Path(exists=True, path_type=Path),
+            help="resume from this checkpoint (directory or step folder)",
+        ),
+        click.option("--force-resume", is_flag=True, help="resume a checkpoint saved for another job spec"),
+        click.option(
+            "--eval-interval",
+            default=0,
+            show_default=True,
+            type=click.IntRange(min=0),
+            help="steps between balanced validations (0: the strategy's need, else only at the end)",
+        ),
+        click.option(
+            "--eval-samples",
+            default=16,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="validation samples per domain",
+        ),
+        click.option(
+            "--reference",
+            default=None,
+            type=click.Path(exists=True, path_type=Path),
+            help="reference model checkpoint (DoReMi's excess loss)",
+        ),
+        click.option(
+            "--align-every",
+            default=0,
+            type=click.IntRange(min=0),
+            help="DGA alignment probe cadence (default: the spec's update_every)",
+        ),
+        click.option(
+            "--align-samples",
+            default=2,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="samples per domain and rank per alignment probe",
+        ),
+        click.option(
+            "--sample-align-every",
+            default=0,
+            type=click.IntRange(min=0),
+            help="DWM probe cadence (default: the spec's update_every)",
+        ),
+        click.option(
+            "--strict",
+            is_flag=True,
+            help="wait at each step boundary for the version in force (reproducible runs)",
+        ),
+        click.option("--strict-timeout", default=300.0, show_default=True, type=float),
+        click.option("--connect-timeout", default=30.0, show_default=True, type=float),
+        click.option(
+            "--flush-timeout",
+            default=60.0,
+            show_default=True,
+            type=float,
+            help="seconds to wait at the end for every report to be acknowledged",
+        ),
+        click.option(
+            "--cache-dir",
+            default=None,
+            type=click.Path(file_okay=False, path_type=Path),
+            help="megatron index cache (default: a fresh temporary folder)",
+        ),
+        click.option(
+            "--compare-attached",
+            default=0,
+            show_default=True,
+            type=click.IntRange(min=0),
+            help="benchmark: alternate blocks of N steps detached / attached",
+        ),
+        click.option(
+            "--result",
+            "result_file",
+            default=None,
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="write the run's record (per-step arrays included) as JSON",
+        ),
+        click.option("--no-progress", is_flag=True, help="no progress bar"),
+        click.option("--json", "as_json", is_flag=True, help="print a JSON summary as the last line"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@click.command("pretrain")
+@_options
+def pretrain(result_file: Path | None, no_progress: bool, as_json: bool, **kw: Any) -> dict[str, Any]:
+    """Pretrain a Megatron-core GPT on a job spec's domains, attached to a mixer service."""
+    from mixer.megatron.pretrain import PretrainOptions, run_pretrain
+
+    _quiet()
+    record = run_pretrain(PretrainOptions(progress=not no_progress, **kw))
+    if result_file is not None:
+        result_file.parent.mkdir(parents=True, exist_ok=True)
+        result_file.write_text(json.dumps(record))
+    if record["rank"] == 0:
+        summary = {
+            k: v
+            for k, v in record.items()
+            if k not in ("steps", "losses", "versions", "sample_ids", "local_sample_ids", "instance_weights")
+        }
+        last = record["losses"][-1] if record["losses"] else float("nan")
+        click.echo(
+            f"{record['job']}: trained to step {record['final_step']}, last loss {last:.4f}, "
+            f"{1000 * (record['step_time_s'] or float('nan')):.1f} ms/step, "
+            f"reports acknowledged: {record['all_reports_acknowledged']}"
+        )
+        if record["attached_overhead"] is not None:
+            click.echo(
+                f"median step attached {1000 * record['step_time_attached_s']:.2f} ms, detached "
+                f"{1000 * record['step_time_detached_s']:.2f} ms: overhead {100 * record['attached_overhead']:+.1f}%"
+            )
+        if as_json:
+            click.echo(json.dumps(summary, default=str, allow_nan=False))
+    return record
 
 
 COMMANDS: list[click.Command] = [data, pretrain]

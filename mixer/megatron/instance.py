@@ -86,7 +86,9 @@ class InstanceWeighting:
                 mlp = dwm.init_params(self.builder.num_features, p.hidden, seed=self.seed)
             self.mlp = dwm.to_torch(mlp, self.device)
         else:
-            self.params = parse_weighting_params(self.method, {**self.spec_params, **_method_params(params, self.method)})
+            self.params = parse_weighting_params(
+                self.method, {**self.spec_params, **_method_params(params, self.method)}
+            )
 
     def weights(self, step: int, sample_loss: Tensor, domain: Tensor, tokens: Tensor) -> Tensor | None:
         """This rank's detached weights for the batch (None when weighting is off)."""
@@ -110,7 +112,10 @@ class InstanceWeighting:
         """What a checkpoint needs to continue with the same parameters (loadable with weights_only)."""
 
         def pack(params: dict[str, Any], blob: bytes) -> dict[str, Any]:
-            return {"params": json.dumps(params, sort_keys=True), "blob": torch.from_numpy(np.frombuffer(blob, np.uint8).copy())}
+            return {
+                "params": json.dumps(params, sort_keys=True),
+                "blob": torch.from_numpy(np.frombuffer(blob, np.uint8).copy()),
+            }
 
         return {
             "version": self.version,

@@ -20,12 +20,10 @@ Float16Module and NCCL, one process per GPU (torchrun sets RANK, WORLD_SIZE, LOC
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ import numpy as np
 
 log = logging.getLogger("mixer.pretrain")
 
-__all__ = ["PretrainOptions", "pretrain", "run_pretrain", "val_prefix"]
+__all__ = ["PretrainOptions", "run_pretrain", "val_prefix"]
 
 
 @dataclass(kw_only=True)
@@ -166,9 +164,13 @@ def run_pretrain(opts: PretrainOptions, *, on_step=None) -> dict[str, Any]:
         raise click.ClickException(f"{opts.spec}: {e}") from None
     for i, d in enumerate(spec.domains):
         if not d.prefix:
-            raise click.ClickException(f"{opts.spec}: domains[{i}].prefix is empty; pretraining needs each domain's data prefix")
+            raise click.ClickException(
+                f"{opts.spec}: domains[{i}].prefix is empty; pretraining needs each domain's data prefix"
+            )
         if not _exists(d.prefix):
-            raise click.ClickException(f"{opts.spec}: domains[{i}].prefix {d.prefix}: no .bin/.idx (run `mixer data prepare`)")
+            raise click.ClickException(
+                f"{opts.spec}: domains[{i}].prefix {d.prefix}: no .bin/.idx (run `mixer data prepare`)"
+            )
     attached = opts.mixer is not None
     plan = _probe_plan(spec, opts, attached)
 
@@ -177,14 +179,18 @@ def run_pretrain(opts: PretrainOptions, *, on_step=None) -> dict[str, Any]:
     init_distributed(opts.device)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if opts.global_batch_size % world:
-        raise click.ClickException(f"--global-batch-size {opts.global_batch_size} is not divisible by {world} ranks")
+        raise click.ClickException(
+            f"--global-batch-size {opts.global_batch_size} is not divisible by {world} ranks"
+        )
 
     val_prefixes = [val_prefix(d.prefix) for d in spec.domains]
     has_val = all(_exists(p) for p in val_prefixes)
     wants_val = opts.eval_interval or "eval_every" in plan or "sample_align_every" in plan
     if wants_val and not has_val:
         missing = next(p for p in val_prefixes if not _exists(p))
-        raise click.ClickException(f"validation data {missing} (.bin/.idx) not found; see val_prefix() for the convention")
+        raise click.ClickException(
+            f"validation data {missing} (.bin/.idx) not found; see val_prefix() for the convention"
+        )
 
     attachment = None
     if attached and rank == 0:
@@ -192,20 +198,45 @@ def run_pretrain(opts: PretrainOptions, *, on_step=None) -> dict[str, Any]:
 
         _connect(opts, spec)
         attachment = ServiceAttachment(
-            opts.mixer, spec.name, opts.source, strict=opts.strict, strict_timeout=opts.strict_timeout, token=opts.token
+            opts.mixer,
+            spec.name,
+            opts.source,
+            strict=opts.strict,
+            strict_timeout=opts.strict_timeout,
+            token=opts.token,
         )
     seed = spec.seed if opts.seed is None else opts.seed
     cfg = TrainConfig(
-        steps=opts.steps, global_batch_size=opts.global_batch_size, lr=opts.lr, min_lr=opts.min_lr,
-        warmup_steps=opts.warmup, seed=seed, seq_length=opts.seq_length,
-        model=ModelConfig(num_layers=opts.layers, hidden_size=opts.hidden, num_attention_heads=opts.heads,
-                          seq_length=opts.seq_length, vocab_size=opts.vocab_size),
-        eval_every=opts.eval_interval or plan.get("eval_every", 0), eval_samples=opts.eval_samples,
-        device=opts.device, checkpoint_dir=opts.save, checkpoint_every=opts.save_interval, resume_from=opts.load,
-        force_resume=opts.force_resume, reference=plan.get("reference"), align_every=plan.get("align_every", 0),
-        align_samples=opts.align_samples, align_target=plan.get("align_target", []),
-        align_exclude_self=plan.get("align_exclude_self", True), sample_align_every=plan.get("sample_align_every", 0),
-        report_topics=plan["report_topics"], strict=opts.strict and attached, compare_every=opts.compare_attached,
+        steps=opts.steps,
+        global_batch_size=opts.global_batch_size,
+        lr=opts.lr,
+        min_lr=opts.min_lr,
+        warmup_steps=opts.warmup,
+        seed=seed,
+        seq_length=opts.seq_length,
+        model=ModelConfig(
+            num_layers=opts.layers,
+            hidden_size=opts.hidden,
+            num_attention_heads=opts.heads,
+            seq_length=opts.seq_length,
+            vocab_size=opts.vocab_size,
+        ),
+        eval_every=opts.eval_interval or plan.get("eval_every", 0),
+        eval_samples=opts.eval_samples,
+        device=opts.device,
+        checkpoint_dir=opts.save,
+        checkpoint_every=opts.save_interval,
+        resume_from=opts.load,
+        force_resume=opts.force_resume,
+        reference=plan.get("reference"),
+        align_every=plan.get("align_every", 0),
+        align_samples=opts.align_samples,
+        align_target=plan.get("align_target", []),
+        align_exclude_self=plan.get("align_exclude_self", True),
+        sample_align_every=plan.get("sample_align_every", 0),
+        report_topics=plan["report_topics"],
+        strict=opts.strict and attached,
+        compare_every=opts.compare_attached,
     )
     weighting = InstanceWeighting(spec, opts.device)
     v0 = Engine(spec).current  # the service's version 0, derived by the same pure code
@@ -213,22 +244,47 @@ def run_pretrain(opts: PretrainOptions, *, on_step=None) -> dict[str, Any]:
     # megatron keys its index cache by path and settings, not contents: a fresh folder per run.
     # Rank 0 builds the indices and the other ranks read them, so all need the same folder
     # (on several nodes, pass --cache-dir on a shared file system).
-    cache = [str(opts.cache_dir) if opts.cache_dir else (tempfile.mkdtemp(prefix="mixer-index-") if rank == 0 else None)]
+    cache = [
+        str(opts.cache_dir)
+        if opts.cache_dir
+        else (tempfile.mkdtemp(prefix="mixer-index-") if rank == 0 else None)
+    ]
     if world > 1:
         torch.distributed.broadcast_object_list(cache, src=0)
     try:
-        datasets = build_domain_datasets([d.prefix for d in spec.domains], opts.seq_length, seed, None, Path(cache[0]))
-        vals = build_domain_datasets(val_prefixes, opts.seq_length, seed, None, Path(cache[0])) if has_val else []
+        datasets = build_domain_datasets(
+            [d.prefix for d in spec.domains], opts.seq_length, seed, None, Path(cache[0])
+        )
+        vals = (
+            build_domain_datasets(val_prefixes, opts.seq_length, seed, None, Path(cache[0]))
+            if has_val
+            else []
+        )
         target = None
         if plan.get("align_target_prefix"):
-            target = build_domain_datasets([plan["align_target_prefix"]], opts.seq_length, seed, None, Path(cache[0]))[0]
+            target = build_domain_datasets(
+                [plan["align_target_prefix"]], opts.seq_length, seed, None, Path(cache[0])
+            )[0]
         sampler = MixtureSampler(
-            spec.num_domains, opts.global_batch_size, v0.weights, fingerprint=spec.fingerprint(),
-            dp_rank=rank, dp_size=world, dataset_lengths=[len(d) for d in datasets], version=v0.version,
+            spec.num_domains,
+            opts.global_batch_size,
+            v0.weights,
+            fingerprint=spec.fingerprint(),
+            dp_rank=rank,
+            dp_size=world,
+            dataset_lengths=[len(d) for d in datasets],
+            version=v0.version,
         )
         result = train(
-            cfg, datasets, vals, sampler, attachment=attachment, progress=opts.progress and rank == 0,
-            weighting=weighting if weighting.enabled else None, target_dataset=target, on_step=on_step,
+            cfg,
+            datasets,
+            vals,
+            sampler,
+            attachment=attachment,
+            progress=opts.progress and rank == 0,
+            weighting=weighting if weighting.enabled else None,
+            target_dataset=target,
+            on_step=on_step,
         )
     finally:
         if attachment is not None:
@@ -240,7 +296,14 @@ def run_pretrain(opts: PretrainOptions, *, on_step=None) -> dict[str, Any]:
     return _record(spec, opts, plan, result, rank, world, delivered)
 
 
-def _record(spec, opts: PretrainOptions, plan: dict[str, Any], result, rank: int, world: int, delivered: bool) -> dict[str, Any]:
+def _finite(x: float) -> float | None:
+    """JSON has no NaN: a figure that was not measured is null."""
+    return float(x) if np.isfinite(x) else None
+
+
+def _record(
+    spec, opts: PretrainOptions, plan: dict[str, Any], result, rank: int, world: int, delivered: bool
+) -> dict[str, Any]:
     """The run as JSON-able data (per-step arrays included: sample ids, instance weights)."""
     attached_t, detached_t = result.median_step_time(True), result.median_step_time(False)
     return {
@@ -256,88 +319,26 @@ def _record(spec, opts: PretrainOptions, plan: dict[str, Any], result, rank: int
         "applied": [list(a) for a in result.applied],
         "sample_ids": [ids.tolist() for ids in result.sample_ids],
         "local_sample_ids": result.local_sample_ids,
-        "instance_weights": [s.extras["sample_weight"].tolist() for s in result.stats if "sample_weight" in s.extras],
-        "signals": {k: sum(k in s.extras for s in result.stats) for k in ("excess_loss_sum", "alignment", "sample_align")},
+        "instance_weights": [
+            s.extras["sample_weight"].tolist() for s in result.stats if "sample_weight" in s.extras
+        ],
+        "signals": {
+            k: sum(k in s.extras for s in result.stats)
+            for k in ("excess_loss_sum", "alignment", "sample_align")
+        },
         "val_history": [[step, np.asarray(v).tolist()] for step, v in result.val_history],
         "checkpoints": [str(c) for c in result.checkpoints],
-        "step_time_s": result.step_time_s,
-        "step_time_attached_s": attached_t,
-        "step_time_detached_s": detached_t,
-        "attached_overhead": attached_t / detached_t - 1 if opts.compare_attached else None,
+        "step_time_s": _finite(result.step_time_s),
+        "step_time_attached_s": _finite(attached_t),
+        "step_time_detached_s": _finite(detached_t),
+        "attached_overhead": _finite(attached_t / detached_t - 1) if opts.compare_attached else None,
         "all_reports_acknowledged": delivered,
     }
 
 
-def _options(fn):
-    opts = [
-        click.option("--spec", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="job spec (YAML)"),
-        click.option("--mixer", default=None, envvar="MIXER_ADDRESS", help="host:port of the mixer service (leave out: prior weights)"),
-        click.option("--source", default="rank0", show_default=True, help="name of this worker's reports"),
-        click.option("--token", default=None, envvar="MIXER_TOKEN", help="bearer token for the service"),
-        click.option("--steps", default=100, show_default=True, type=click.IntRange(min=0)),
-        click.option("--global-batch-size", default=16, show_default=True, type=click.IntRange(min=1)),
-        click.option("--seq-length", default=64, show_default=True, type=click.IntRange(min=1)),
-        click.option("--layers", default=2, show_default=True, type=click.IntRange(min=1)),
-        click.option("--hidden", default=64, show_default=True, type=click.IntRange(min=1)),
-        click.option("--heads", default=4, show_default=True, type=click.IntRange(min=1)),
-        click.option("--vocab-size", default=257, show_default=True, type=click.IntRange(min=257), help="padded vocabulary (bytes + EOD need 257)"),
-        click.option("--lr", default=1e-3, show_default=True, type=float),
-        click.option("--min-lr", default=1e-4, show_default=True, type=float),
-        click.option("--warmup", default=None, type=click.IntRange(min=0), help="warmup steps (default: a tenth of --steps)"),
-        click.option("--seed", default=None, type=click.IntRange(min=0), help="default: the job spec's seed"),
-        click.option("--device", default="cpu", show_default=True, help="cpu or cuda"),
-        click.option("--save", default=None, type=click.Path(file_okay=False, path_type=Path), help="checkpoint directory"),
-        click.option("--save-interval", default=0, show_default=True, type=click.IntRange(min=0), help="steps between checkpoints (0: only at the end)"),
-        click.option("--load", default=None, type=click.Path(exists=True, path_type=Path), help="resume from this checkpoint (directory or step folder)"),
-        click.option("--force-resume", is_flag=True, help="resume a checkpoint saved for another job spec"),
-        click.option("--eval-interval", default=0, show_default=True, type=click.IntRange(min=0), help="steps between balanced validations (0: the strategy's need, else only at the end)"),
-        click.option("--eval-samples", default=16, show_default=True, type=click.IntRange(min=1), help="validation samples per domain"),
-        click.option("--reference", default=None, type=click.Path(exists=True, path_type=Path), help="reference model checkpoint (DoReMi's excess loss)"),
-        click.option("--align-every", default=0, type=click.IntRange(min=0), help="DGA alignment probe cadence (default: the spec's update_every)"),
-        click.option("--align-samples", default=2, show_default=True, type=click.IntRange(min=1), help="samples per domain and rank per alignment probe"),
-        click.option("--sample-align-every", default=0, type=click.IntRange(min=0), help="DWM probe cadence (default: the spec's update_every)"),
-        click.option("--strict", is_flag=True, help="wait at each step boundary for the version in force (reproducible runs)"),
-        click.option("--strict-timeout", default=300.0, show_default=True, type=float),
-        click.option("--connect-timeout", default=30.0, show_default=True, type=float),
-        click.option("--flush-timeout", default=60.0, show_default=True, type=float, help="seconds to wait at the end for every report to be acknowledged"),
-        click.option("--cache-dir", default=None, type=click.Path(file_okay=False, path_type=Path), help="megatron index cache (default: a fresh temporary folder)"),
-        click.option("--compare-attached", default=0, show_default=True, type=click.IntRange(min=0), help="benchmark: alternate blocks of N steps detached / attached"),
-        click.option("--result", "result_file", default=None, type=click.Path(dir_okay=False, path_type=Path), help="write the run's record (per-step arrays included) as JSON"),
-        click.option("--no-progress", is_flag=True, help="no progress bar"),
-        click.option("--json", "as_json", is_flag=True, help="print a JSON summary as the last line"),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
-
-
-@click.command("pretrain")
-@_options
-def pretrain(result_file: Path | None, no_progress: bool, as_json: bool, **kw: Any) -> dict[str, Any]:
-    """Pretrain a Megatron-core GPT on a job spec's domains, attached to a mixer service."""
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex|scope is deprecated).*")
-    logging.getLogger("megatron").setLevel(logging.ERROR)
-    record = run_pretrain(PretrainOptions(progress=not no_progress, **kw))
-    if result_file is not None:
-        result_file.parent.mkdir(parents=True, exist_ok=True)
-        result_file.write_text(json.dumps(record))
-    if record["rank"] == 0:
-        summary = {k: v for k, v in record.items() if k not in ("steps", "losses", "versions", "sample_ids", "local_sample_ids", "instance_weights")}
-        last = record["losses"][-1] if record["losses"] else float("nan")
-        click.echo(
-            f"{record['job']}: trained to step {record['final_step']}, last loss {last:.4f}, "
-            f"{1000 * record['step_time_s']:.1f} ms/step, reports acknowledged: {record['all_reports_acknowledged']}"
-        )
-        if record["attached_overhead"] is not None:
-            click.echo(
-                f"median step attached {1000 * record['step_time_attached_s']:.2f} ms, detached "
-                f"{1000 * record['step_time_detached_s']:.2f} ms: overhead {100 * record['attached_overhead']:+.1f}%"
-            )
-        if as_json:
-            click.echo(json.dumps(summary, default=str))
-    return record
-
-
 if __name__ == "__main__":
+    # The command and its options live in mixer/megatron/cli.py (also mounted as `mixer pretrain`).
+    from mixer.megatron.cli import pretrain
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     pretrain()

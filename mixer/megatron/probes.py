@@ -123,7 +123,9 @@ class AlignmentProbe:
         mask = batch["loss_mask"].to(per_token.dtype)
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)])
+        flat = torch.cat(
+            [(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)]
+        )
         world = _world(self.group)[1]
         return _all_reduce(flat, self.group).div_(world) if world > 1 else flat
 
@@ -137,7 +139,9 @@ class AlignmentProbe:
         G = torch.stack(rows).double()
         if self.has_target_dataset:
             k = self.num_domains
-            target = self._gradient(_round_batch(self.data.datasets[k], k, self.samples, round_, self.group)).double()
+            target = self._gradient(
+                _round_batch(self.data.datasets[k], k, self.samples, round_, self.group)
+            ).double()
         else:
             target = G[self.target].sum(dim=0)
         W = G @ target
@@ -169,7 +173,9 @@ class SampleAlignProbe:
         group: Any = None,
     ) -> None:
         if every <= 0 or samples <= 0:
-            raise ValueError(f"sample-alignment probe needs every > 0 and samples > 0, got {every} and {samples}")
+            raise ValueError(
+                f"sample-alignment probe needs every > 0 and samples > 0, got {every} and {samples}"
+            )
         self.model = model
         self.data = MixtureDataset(val_datasets)
         self.every, self.samples = every, samples

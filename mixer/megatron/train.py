@@ -13,7 +13,6 @@ the device and copied to the host asynchronously; rank 0 reports them one step l
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -28,10 +27,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mixer.megatron.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from mixer.megatron.loss import AsyncHostCopy, HostStats, LossHook, compute_loss, gather_samples
-from mixer.megatron.model import ModelConfig, build_gpt, build_model, teardown
+from mixer.megatron.checkpoint import load_checkpoint, load_reference, save_checkpoint
+from mixer.megatron.loss import AsyncHostCopy, LossHook, compute_loss, gather_samples
+from mixer.megatron.model import ModelConfig, build_model, teardown
 from mixer.megatron.probes import AlignmentProbe, ExcessLossProbe, SampleAlignProbe, validation_loss
+from mixer.megatron.record import RunLog, TrainResult
 from mixer.megatron.sampler import MixtureDataset, MixtureSampler, make_sample_id
 from mixer.megatron.versions import VersionChannel
 
@@ -135,34 +135,6 @@ class TrainConfig:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 10)
 
 
-@dataclass
-class TrainResult:
-    """What a run measured, one entry per reported step (from its start or resume step)."""
-
-    steps: list[int] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
-    sample_ids: list[np.ndarray] = field(default_factory=list)  # the global batch (all ranks)
-    local_sample_ids: list[list[int]] = field(default_factory=list)  # this rank's slice
-    stats: list[HostStats] = field(default_factory=list)
-    val_history: list[tuple[int, np.ndarray]] = field(default_factory=list)
-    checkpoints: list[Path] = field(default_factory=list)
-    applied: list[tuple[int, int]] = field(default_factory=list)  # (version, step it took effect)
-    step_times: list[float] = field(default_factory=list)  # wall time of every step run
-    attached: list[bool] = field(default_factory=list)  # whether that step was attached
-    step_time_s: float = math.nan  # median wall time of a step, first two excluded
-    final_step: int = 0
-
-    def median_step_time(self, attached: bool) -> float:
-        """Median step time of attached (or detached) steps, the first of each block excluded."""
-        times = [
-            t
-            for i, (t, a) in enumerate(zip(self.step_times, self.attached))
-            if a == attached and i > 0 and self.attached[i - 1] == a
-        ]
-        return float(np.median(times)) if times else math.nan
-
-
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to lr, then cosine decay to min_lr at the last step."""
     warmup = cfg.warmup
@@ -205,89 +177,18 @@ def evaluate(model: torch.nn.Module, val_datasets: Sequence[Any], cfg: TrainConf
     return validation_loss(model, val_datasets, cfg.eval_samples, cfg.global_batch_size, cfg.device)
 
 
-def load_reference(path: Path, cfg: TrainConfig) -> torch.nn.Module:
-    """A frozen reference GPTModel from a checkpoint of this trainer (its own shape, this vocabulary)."""
-    state = read_checkpoint(path)
-    if not state.get("train_config"):
-        raise ValueError(f"{path}: checkpoint carries no train_config; cannot tell the reference model's shape")
-    ref_cfg = ModelConfig(**json.loads(state["train_config"])["model"])
-    if ref_cfg.vocab_size != cfg.model.vocab_size or ref_cfg.seq_length < cfg.seq_length:
-        raise ValueError(
-            f"{path}: reference model has vocab {ref_cfg.vocab_size} and sequence length {ref_cfg.seq_length}; "
-            f"training needs vocab {cfg.model.vocab_size} and sequence length >= {cfg.seq_length}"
-        )
-    # Building draws from the global RNG; fork it so the trained model's run stays reproducible.
-    with torch.random.fork_rng(devices=[]):
-        ref = build_gpt(ref_cfg, cfg.device)
-    ref.load_state_dict(state["model"])
-    return ref.eval().requires_grad_(False)
-
-
 def _checkpoint(cfg: TrainConfig, step: int, model, optimizer, scheduler, sampler, weighting) -> Path:
     """Save on rank 0 (every rank holds the same state); other ranks wait for it."""
     assert cfg.checkpoint_dir is not None
     folder = Path(cfg.checkpoint_dir) / f"step_{step:08d}"
     if _is_rank0():
         instance = weighting.state_dict() if weighting is not None else None
-        folder = save_checkpoint(cfg.checkpoint_dir, step, model, optimizer, scheduler, sampler, cfg, instance)
+        folder = save_checkpoint(
+            cfg.checkpoint_dir, step, model, optimizer, scheduler, sampler, cfg, instance
+        )
     if _world() > 1:
         torch.distributed.barrier()
     return folder
-
-
-class _Run:
-    """Per-run bookkeeping: results, reports to the attachment, progress display."""
-
-    def __init__(self, cfg: TrainConfig, attachment: Any, bar: tqdm) -> None:
-        self.cfg = cfg
-        self.attachment = attachment
-        self.bar = bar
-        self.result = TrainResult()
-        self.versions: dict[int, int] = {}
-
-    def emit(self, stats: HostStats | None) -> None:
-        """Record one finished step and report it (stats arrive one step late)."""
-        if stats is None:
-            return
-        version = self.versions.pop(stats.step)
-        r = self.result
-        r.steps.append(stats.step)
-        r.losses.append(stats.loss)
-        r.versions.append(version)
-        r.sample_ids.append(stats.sample_id)
-        r.stats.append(stats)
-        self.bar.set_postfix(step=stats.step, loss=f"{stats.loss:.4f}", version=version, refresh=False)
-        if self.cfg.log_every and (stats.step + 1) % self.cfg.log_every == 0:
-            per_domain = np.array2string(stats.domain_mean_loss(), precision=3)
-            log.info("step %d loss %.4f version %d domain loss %s", stats.step, stats.loss, version, per_domain)
-        if self.attachment is None:
-            return
-        x = stats.extras
-        signals: dict[str, Any] = {k: x[k].astype(np.float64) for k in ("excess_loss_sum", "alignment") if k in x}
-        if "sample_align" in x:
-            signals["sample_align"] = x["sample_align"].astype(np.float32)
-        if "grad_norm_mean" in x:
-            signals["extra"] = {"grad_norm_mean": float(x["grad_norm_mean"])}
-        if self.cfg.report_topics:
-            signals["sample_topic"] = stats.sample_domain.astype(np.int32)
-        self.attachment.report(
-            step=stats.step,
-            applied_version=version,
-            domain_loss_sum=stats.domain_loss_sum,
-            domain_token_count=stats.domain_token_count,
-            domain_sample_count=stats.domain_sample_count,
-            sample_loss=stats.sample_loss,
-            sample_domain=stats.sample_domain,
-            sample_id=stats.sample_id,
-            **signals,
-        )
-
-    def validation(self, steps_done: int, losses: np.ndarray) -> None:
-        """Record a balanced validation after steps_done steps and hand it to the attachment."""
-        self.result.val_history.append((steps_done, losses))
-        report = getattr(self.attachment, "report_validation", None)
-        if report is not None:
-            report(step=steps_done, domain_loss=losses)
 
 
 def train(
@@ -319,22 +220,40 @@ def train(
     model = build_model(cfg.model, cfg.device, seed=cfg.seed)
     sample_align = None
     try:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg))
-        excess = ExcessLossProbe(load_reference(cfg.reference, cfg), num_domains) if cfg.reference else None
+        excess = (
+            ExcessLossProbe(load_reference(cfg.reference, cfg.model, cfg.device), num_domains)
+            if cfg.reference
+            else None
+        )
         align = None
         if cfg.align_every:
             align = AlignmentProbe(
-                model, datasets, every=cfg.align_every, samples=cfg.align_samples, target=cfg.align_target,
-                target_dataset=target_dataset, exclude_self=cfg.align_exclude_self, device=device,
+                model,
+                datasets,
+                every=cfg.align_every,
+                samples=cfg.align_samples,
+                target=cfg.align_target,
+                target_dataset=target_dataset,
+                exclude_self=cfg.align_exclude_self,
+                device=device,
             )
         if cfg.sample_align_every:
             sample_align = SampleAlignProbe(
-                model, val_datasets, every=cfg.sample_align_every, samples=cfg.sample_align_samples, device=device
+                model,
+                val_datasets,
+                every=cfg.sample_align_every,
+                samples=cfg.sample_align_samples,
+                device=device,
             )
         start = 0
         if cfg.resume_from is not None:
-            start = load_checkpoint(cfg.resume_from, model, optimizer, scheduler, sampler, cfg.force_resume, weighting)
+            start = load_checkpoint(
+                cfg.resume_from, model, optimizer, scheduler, sampler, cfg.force_resume, weighting
+            )
         elif sampler.step != 0:
             raise ValueError(f"sampler is at step {sampler.step} but training starts at step 0")
         channel = VersionChannel(attachment if _is_rank0() else None, num_domains)
@@ -342,8 +261,14 @@ def train(
         data = MixtureDataset(datasets)
         hook = LossHook(num_domains)
         host = AsyncHostCopy()
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not (progress and _is_rank0()), dynamic_ncols=True)
-        run = _Run(cfg, attachment if _is_rank0() else None, bar)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            desc="train",
+            disable=not (progress and _is_rank0()),
+            dynamic_ncols=True,
+        )
+        run = RunLog(cfg, attachment if _is_rank0() else None, bar)
         r = run.result
         model.train()
         for step in range(start, cfg.steps):
@@ -377,7 +302,9 @@ def train(
             if attached:
                 loss, stats = hook(per_token, batch["loss_mask"], batch["dataset_id"], batch["sample_id"], w)
             else:
-                loss, stats = compute_loss(per_token, batch["loss_mask"], batch["dataset_id"], num_domains, instance_weights=w)
+                loss, stats = compute_loss(
+                    per_token, batch["loss_mask"], batch["dataset_id"], num_domains, instance_weights=w
+                )
             if excess is not None and attached:
                 extras["excess_loss_sum"] = excess.measure(batch, per_token)
             if probe_sample:
@@ -427,4 +354,3 @@ def train(
         if sample_align is not None:
             sample_align.close()
         teardown()
-

@@ -115,7 +115,9 @@ class VersionChannel:
             update = poll_attachment(self.attachment, step)
             if update is not None:
                 if len(update.weights) != k:
-                    raise ValueError(f"version {update.version} has {len(update.weights)} weights for {k} domains")
+                    raise ValueError(
+                        f"version {update.version} has {len(update.weights)} weights for {k} domains"
+                    )
                 # Version numbers and steps stay far below 2^53: exact in float64.
                 header[:4] = torch.tensor(
                     [1.0, update.version, update.effective_step, float(bool(update.params or update.blob))],

@@ -16,9 +16,10 @@ from grpc_reflection.v1alpha import reflection
 from mixer.server.auth import Authenticator
 from mixer.server.http import HttpSide
 from mixer.server.metrics import Metrics
-from mixer.server.runtime import Limits, Runtimes
+from mixer.server.runtime import HaConfig, Limits, Runtimes
 from mixer.server.service import MixerService
 from mixer.store import Store, redact
+from mixer.store.repository import Fence
 from mixer.store.writer import GroupCommitWriter
 from mixer.v1 import mixer_pb2, mixer_pb2_grpc
 
@@ -51,12 +52,21 @@ class ServeConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     """Require client certificates signed by this CA (mutual TLS)."""
+    ha: bool = False
+    """Share the database with other servers; each job is owned by one through a lease."""
+    server_id: str = ""
+    """This server's name in lease rows (default: host:port)."""
+    advertise: str = ""
+    """The address other servers send clients to (default: host:port)."""
+    lease_ttl: float = 5.0
 
     def validate(self) -> None:
         if not is_loopback(self.host) and not self.auth and not self.insecure:
             raise SystemExit(f"refusing to serve on {self.host} without --auth; pass --insecure to do it anyway")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise SystemExit("--tls-cert and --tls-key go together")
+        if self.ha and not self.db.startswith("postgres"):
+            raise SystemExit("--ha needs a shared PostgreSQL database (--db postgresql://...)")
         if self.tls_client_ca and not self.tls_cert:
             raise SystemExit("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
@@ -87,9 +97,13 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     auth = Authenticator(store, cfg.auth)
     runtimes: Runtimes
     metrics = Metrics(lambda: list(runtimes.jobs.values()))
-    writer = GroupCommitWriter(store, on_commit=metrics.observe_commit)
+    ha = None
+    if cfg.ha:
+        me = cfg.advertise or f"{cfg.host}:{cfg.port}"
+        ha = HaConfig(server_id=cfg.server_id or me, address=me, ttl=cfg.lease_ttl)
+    writer = GroupCommitWriter(store, on_commit=metrics.observe_commit, fence=Fence(ha.server_id, ha.ttl) if ha else None)
     limits = Limits(max_samples_per_report=cfg.max_samples_per_report, max_domains=cfg.max_domains, max_sessions_per_job=cfg.max_sessions_per_job)
-    runtimes = Runtimes(store, writer, limits, metrics)
+    runtimes = Runtimes(store, writer, limits, metrics, ha)
     opts = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -118,6 +132,7 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    leases = asyncio.create_task(runtimes.keep_leases()) if ha else None
     if ready is not None:
         ready.set()
     await stop.wait()
@@ -128,6 +143,9 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     runtimes.stopping.set()
     await server.stop(cfg.grace_seconds)
     writer.close()
+    if leases is not None:
+        leases.cancel()
+        store.release_leases(ha.server_id)  # hand our jobs over at once instead of after the TTL
     http.stop()
     store.close()
     log.info("mixer stopped")

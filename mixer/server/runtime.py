@@ -39,6 +39,16 @@ class MixerError(Exception):
         super().__init__(message)
 
 
+@dataclass(frozen=True, slots=True)
+class HaConfig:
+    """High availability: jobs are owned through lease rows; a non-owner sends clients on."""
+
+    server_id: str
+    address: str
+    """Where clients reach this server (reported to them by the other servers)."""
+    ttl: float = 5.0
+
+
 @dataclass(slots=True)
 class Limits:
     max_samples_per_report: int = 1 << 20
@@ -84,7 +94,8 @@ class JobRuntime:
 class Runtimes:
     """All live jobs of one server, loaded lazily from the store."""
 
-    def __init__(self, store: Store, writer: GroupCommitWriter, limits: Limits | None = None, metrics=None):
+    def __init__(self, store: Store, writer: GroupCommitWriter, limits: Limits | None = None, metrics=None, ha: HaConfig | None = None):
+        self.ha = ha
         self.store = store
         self.writer = writer
         self.limits = limits or Limits()
@@ -111,6 +122,8 @@ class Runtimes:
             return existing, False
         rec, created = await asyncio.to_thread(self.store.create_job, spec.name, spec.to_json(), spec.fingerprint(), spec.strategy.name, source_job)
         if created:
+            if self.ha is not None:
+                await asyncio.to_thread(self.store.acquire_lease, rec.id, self.ha.server_id, self.ha.address, self.ha.ttl)
             engine = Engine(spec)
             await asyncio.wrap_future(self.writer.submit(Append(rec.id, versions=[engine.current], snapshot=(0, -1, engine.snapshot()))))
         elif rec.fingerprint != spec.fingerprint():
@@ -144,6 +157,10 @@ class Runtimes:
         job = self.store.get_job(name)
         if job is None:
             raise MixerError(grpc.StatusCode.NOT_FOUND, f"job {name!r} not found")
+        if self.ha is not None:
+            ours, owner = self.store.acquire_lease(job.id, self.ha.server_id, self.ha.address, self.ha.ttl)
+            if not ours:
+                raise MixerError(grpc.StatusCode.UNAVAILABLE, f"job {name!r} is served by {owner}; connect there")
         spec = JobSpec.from_json(job.spec_json)
         snap = self.store.latest_snapshot(job.id)
         engine = Engine.restore(spec, snap[2]) if snap else Engine(spec)
@@ -153,6 +170,20 @@ class Runtimes:
         rt = JobRuntime(job=job, spec=spec, engine=engine, next_seq=max_seq + 1, marks=self.store.source_marks(job.id), report_count=count)
         log.info("loaded job %s: %d reports, version %d", name, count, engine.current.version)
         return rt
+
+    async def keep_leases(self) -> None:
+        """Renew this server's leases; drop every job whose lease another server took."""
+        while True:
+            await asyncio.sleep(self.ha.ttl / 3)
+            live = {rt.job.id: rt for rt in list(self.jobs.values())}
+            if not live:
+                continue
+            try:
+                lost = await asyncio.to_thread(self.store.renew_leases, list(live), self.ha.server_id, self.ha.ttl)
+            except SQLAlchemyError:
+                lost = list(live)  # cannot prove we still own them
+            for job_id in lost:
+                self.poison(live[job_id])
 
     async def finish(self, name: str) -> JobRuntime:
         rt = await self.get(name)

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, insert, select, update
+from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mixer.engine import Version
-from mixer.store.models import JobRow, SignalRow, SnapshotRow, TokenRow, VersionRow
+from mixer.store.models import JobRow, LeaseRow, SignalRow, SnapshotRow, TokenRow, VersionRow
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -65,6 +66,18 @@ class SignalRecord:
     num_samples: int
     received_at: float
     payload: bytes
+
+
+class LeaseLost(RuntimeError):
+    """This server no longer owns a job it tried to write (high availability)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """Commits of a lease holder check, in the same transaction, that it still owns the job."""
+
+    owner: str
+    ttl: float
 
 
 @dataclass(slots=True)
@@ -145,7 +158,7 @@ class Store:
 
     # -- the log ------------------------------------------------------------------------
 
-    def append(self, batch: list[Append]) -> None:
+    def append(self, batch: list[Append], fence: Fence | None = None) -> None:
         """Commit many jobs' log entries, versions and snapshots in one transaction."""
         now = time.time()
         signals, versions, snaps = [], [], []
@@ -158,6 +171,17 @@ class Store:
                 version, log_seq, state = a.snapshot
                 snaps.append({"job_id": a.job_id, "version": version, "log_seq": log_seq, "state": state, "created_at": now})
         with self.engine.begin() as conn:
+            if fence is not None:
+                # Extending our own lease locks its row: a takeover cannot interleave, and a
+                # server that lost the job cannot write to its log.
+                for job_id in sorted({a.job_id for a in batch}):
+                    res = conn.execute(
+                        update(LeaseRow)
+                        .where(LeaseRow.job_id == job_id, LeaseRow.owner == fence.owner)
+                        .values(expires_at=self._now(conn) + fence.ttl)
+                    )
+                    if res.rowcount != 1:
+                        raise LeaseLost(f"server {fence.owner} no longer owns job id {job_id}")
             if signals:
                 conn.execute(insert(SignalRow), signals)
             if versions:
@@ -240,6 +264,50 @@ class Store:
                 .limit(1)
             ).first()
         return (r.version, r.log_seq, r.state) if r else None
+
+    # -- leases (high availability) -------------------------------------------------------------
+
+    def _now(self, conn) -> float:
+        """The database's clock, so that servers on different hosts agree on lease expiry."""
+        if self.dialect == "postgresql":
+            return float(conn.scalar(text("select extract(epoch from clock_timestamp())")))
+        return time.time()
+
+    def acquire_lease(self, job_id: int, owner: str, address: str, ttl: float) -> tuple[bool, str]:
+        """Take or extend the lease of a job; returns (ours, the owner's address)."""
+        with self.engine.begin() as conn:
+            now = self._now(conn)
+            row = conn.execute(select(LeaseRow).where(LeaseRow.job_id == job_id).with_for_update()).first()
+            if row is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(insert(LeaseRow).values(job_id=job_id, owner=owner, address=address, expires_at=now + ttl, epoch=1))
+                    return True, address
+                except IntegrityError:
+                    row = conn.execute(select(LeaseRow).where(LeaseRow.job_id == job_id).with_for_update()).first()
+            if row.owner == owner or row.expires_at < now:
+                conn.execute(
+                    update(LeaseRow)
+                    .where(LeaseRow.job_id == job_id)
+                    .values(owner=owner, address=address, expires_at=now + ttl, epoch=row.epoch + (row.owner != owner))
+                )
+                return True, address
+            return False, row.address
+
+    def renew_leases(self, job_ids: list[int], owner: str, ttl: float) -> list[int]:
+        """Extend our leases; returns the job ids whose lease we no longer hold."""
+        lost = []
+        with self.engine.begin() as conn:
+            now = self._now(conn)
+            for job_id in job_ids:
+                res = conn.execute(update(LeaseRow).where(LeaseRow.job_id == job_id, LeaseRow.owner == owner).values(expires_at=now + ttl))
+                if res.rowcount != 1:
+                    lost.append(job_id)
+        return lost
+
+    def release_leases(self, owner: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(LeaseRow).where(LeaseRow.owner == owner).values(expires_at=0.0))
 
     # -- tokens ---------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from mixer.store.repository import Append, Store
+from mixer.store.repository import Append, Fence, Store
 
 _STOP = object()
 
@@ -20,8 +20,9 @@ _STOP = object()
 class GroupCommitWriter:
     """Single writer thread with a bounded batch size."""
 
-    def __init__(self, store: Store, *, max_batch: int = 512, on_commit: Callable[[float, int], None] | None = None):
+    def __init__(self, store: Store, *, max_batch: int = 512, on_commit: Callable[[float, int], None] | None = None, fence: Fence | None = None):
         self.store = store
+        self.fence = fence
         self.max_batch = max_batch
         self.on_commit = on_commit
         self._q: queue.Queue = queue.Queue()
@@ -83,7 +84,7 @@ class GroupCommitWriter:
         t0 = time.perf_counter()
         try:
             if appends:
-                self.store.append(appends)
+                self.store.append(appends, self.fence)
         except Exception as e:  # noqa: BLE001 - every waiter must learn the commit failed
             for item, fut in waiting:
                 if item is not None:

@@ -49,7 +49,7 @@ from __future__ import annotations
 import json
 import math
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -59,7 +59,8 @@ from mixer.strategies.base import Decision, State, Strategy
 from mixer.weighting import parse_weighting_params
 from mixer.weighting.params import DwmParams
 
-# Sample losses beyond this make float32 feature rows overflow; such a batch is skipped, not trained on.
+# service_update refuses features that overflow float32 (absurd reported losses): the window is
+# skipped, counted in state["skipped"], and the model stays as it was.
 _SKIP_ERRORS = (ValueError, FloatingPointError)
 
 
@@ -67,7 +68,7 @@ _SKIP_ERRORS = (ValueError, FloatingPointError)
 class DWM(Strategy):
     name = "dwm"
     signals = frozenset({SAMPLE_ALIGNMENT, SAMPLE_LOSS})
-    defaults: dict[str, Any] = {"stages": 5, "stage_steps": 0, "learn_steps": 0}
+    defaults: ClassVar[dict[str, Any]] = {"stages": 5, "stage_steps": 0, "learn_steps": 0}
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -77,8 +78,11 @@ class DWM(Strategy):
     def validate(self) -> None:
         p = self.params
         for name, lo in (("stages", 1), ("stage_steps", 0), ("learn_steps", 0)):
-            self.check(name, isinstance(p[name], int) and not isinstance(p[name], bool) and p[name] >= lo,
-                       f"must be an integer >= {lo}")
+            self.check(
+                name,
+                isinstance(p[name], int) and not isinstance(p[name], bool) and p[name] >= lo,
+                f"must be an integer >= {lo}",
+            )
         self.check(
             "learn_steps",
             p["learn_steps"] <= self.stage_length,
@@ -88,7 +92,9 @@ class DWM(Strategy):
     @property
     def stage_length(self) -> int:
         """L: steps per stage."""
-        return self.params["stage_steps"] or max(1, math.ceil(self.config.total_steps / self.params["stages"]))
+        return self.params["stage_steps"] or max(
+            1, math.ceil(self.config.total_steps / self.params["stages"])
+        )
 
     @property
     def learn_length(self) -> int:
@@ -167,8 +173,12 @@ class DWM(Strategy):
             if self.config.num_topics and any(r.sample_topic is not None for r in reports):
                 # -1 marks a sample without a topic id; the features give it no topic share.
                 topics = np.concatenate(
-                    [r.sample_topic if r.sample_topic is not None else np.full(r.sample_loss.size, -1, np.int32)
-                     for r in reports]
+                    [
+                        r.sample_topic
+                        if r.sample_topic is not None
+                        else np.full(r.sample_loss.size, -1, np.int32)
+                        for r in reports
+                    ]
                 ).astype(np.int64)
             batches.append(
                 dwm.SampleBatch(
