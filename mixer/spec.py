@@ -16,6 +16,16 @@ from typing import Any
 
 import yaml
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-5` as a string; specs mean a number (as YAML 1.2 and JSON do)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 WEIGHT_UNITS = ("samples", "tokens")
 
@@ -219,7 +229,7 @@ class JobSpec:
     @classmethod
     def from_yaml(cls, text: str) -> JobSpec:
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as e:
             raise SpecError("spec", f"not valid YAML: {e}") from None
         return cls.from_dict(data)

@@ -66,3 +66,8 @@ def test_not_yaml_is_a_clear_error():
 def test_unicode_domain_names_are_allowed():
     s = spec(domains=["日本語", "español"])
     assert s.domain_names == ["日本語", "español"]
+
+
+def test_scientific_notation_is_a_number_in_yaml_and_json():
+    assert JobSpec.from_yaml("name: j\ndomains: [a, b]\ncadence: {min_weight: 1e-5}").cadence.min_weight == 1e-5
+    assert JobSpec.from_yaml('{"name": "j", "domains": ["a", "b"], "cadence": {"min_weight": 1e-05}}').cadence.min_weight == 1e-5

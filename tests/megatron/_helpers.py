@@ -13,7 +13,7 @@ def pretrain_args(spec: Path, *args: str, steps: int = 20) -> list[str]:
 
 def run_pretrain_cli(spec: Path, *args: str, steps: int = 20) -> dict:
     """Run the pretrain command in this process (as `python -m mixer.megatron.pretrain` would) and return its record."""
-    from mixer.megatron.pretrain import pretrain
+    from mixer.megatron.cli import pretrain
 
     return pretrain.main(pretrain_args(spec, *args, steps=steps), standalone_mode=False)
 
@@ -22,5 +22,12 @@ def small_options(spec: Path, **kw):
     """PretrainOptions of a tiny, quiet CPU run (what pretrain_args gives on the command line)."""
     from mixer.megatron.pretrain import PretrainOptions
 
-    base = {"steps": 20, "seq_length": 32, "global_batch_size": 8, "lr": 3e-3, "eval_samples": 8, "progress": False}
+    base = {
+        "steps": 20,
+        "seq_length": 32,
+        "global_batch_size": 8,
+        "lr": 3e-3,
+        "eval_samples": 8,
+        "progress": False,
+    }
     return PretrainOptions(spec=spec, **{**base, **kw})

@@ -49,4 +49,3 @@ def write_spec(tmp_path: Path, prepared: dict[str, dict[str, str]]):
         return path
 
     return make
-

@@ -26,11 +26,27 @@ def test_two_ranks_switch_versions_together_on_disjoint_slices(write_spec, serve
     port = str(_free_port())
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONWARNINGS": "ignore"}
-        args = pretrain_args(spec_path, "--mixer", server.address, "--result", str(tmp_path / f"rank{rank}.json"), steps=steps)
-        procs.append(subprocess.Popen([sys.executable, "-m", "mixer.megatron.pretrain", *args], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "PYTHONWARNINGS": "ignore",
+        }
+        args = pretrain_args(
+            spec_path, "--mixer", server.address, "--result", str(tmp_path / f"rank{rank}.json"), steps=steps
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "mixer.megatron.pretrain", *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     for p in procs:
         out, _ = p.communicate(timeout=110)
         assert p.returncode == 0, out[-3000:]
@@ -47,8 +63,15 @@ def test_two_ranks_switch_versions_together_on_disjoint_slices(write_spec, serve
     spec = JobSpec.from_yaml(spec_path.read_text())
     with MixerClient(server.address) as client:
         weights = {v.version: list(v.weights) for v in client.list_versions("two-ranks")}
-        assert client.get_job("two-ranks").report_count == steps + len(r0["val_history"])  # rank 0 alone reports
-    lengths = [len(d) for d in build_domain_datasets([d.prefix for d in spec.domains], 32, spec.seed, None, tmp_path / "cache")]
+        assert client.get_job("two-ranks").report_count == steps + len(
+            r0["val_history"]
+        )  # rank 0 alone reports
+    lengths = [
+        len(d)
+        for d in build_domain_datasets(
+            [d.prefix for d in spec.domains], 32, spec.seed, None, tmp_path / "cache"
+        )
+    ]
     sampler = MixtureSampler(spec.num_domains, 8, weights[0], fingerprint="x", dataset_lengths=lengths)
     applied = {step: version for version, step in r0["applied"][1:]}
     for step in range(steps):

@@ -34,13 +34,27 @@ class VersionScript:
 def run(domain_prefixes, cache_dir: Path, weighting: dict, updates: dict[int, VersionUpdate], steps: int = 8):
     names, train_prefixes, _ = domain_prefixes
     spec = JobSpec.from_dict(
-        {"name": "w", "domains": [{"name": n, "prefix": p} for n, p in zip(names, train_prefixes)], "weighting": weighting}
+        {
+            "name": "w",
+            "domains": [{"name": n, "prefix": p} for n, p in zip(names, train_prefixes)],
+            "weighting": weighting,
+        }
     )
     cfg = TrainConfig(steps=steps, global_batch_size=8, seq_length=32, lr=3e-3, seed=1)
     cfg.model.seq_length = 32
     datasets = build_domain_datasets(train_prefixes, 32, seed=1, num_samples=None, cache_dir=cache_dir)
-    sampler = MixtureSampler(len(names), 8, [1.0] * len(names), fingerprint="w", dataset_lengths=[len(d) for d in datasets])
-    result = train(cfg, datasets, [], sampler, attachment=VersionScript(updates), progress=False, weighting=InstanceWeighting(spec))
+    sampler = MixtureSampler(
+        len(names), 8, [1.0] * len(names), fingerprint="w", dataset_lengths=[len(d) for d in datasets]
+    )
+    result = train(
+        cfg,
+        datasets,
+        [],
+        sampler,
+        attachment=VersionScript(updates),
+        progress=False,
+        weighting=InstanceWeighting(spec),
+    )
     return result, [s.extras["sample_weight"] for s in result.stats]
 
 
@@ -48,7 +62,9 @@ def test_loss_weighting_parameters_switch_with_the_version(domain_prefixes, cach
     k = len(domain_prefixes[0])
     # The spec keeps the whole run in burn-in; version 1 (received at step 2, due at step 4) ends it.
     update = VersionUpdate(1, 4, (1.0,) * k, params={"weighting": {"burn_in": 0, "r": 0.1}})
-    result, weights = run(domain_prefixes, cache_dir, {"name": "loss", "params": {"burn_in": 1000}}, {2: update})
+    result, weights = run(
+        domain_prefixes, cache_dir, {"name": "loss", "params": {"burn_in": 1000}}, {2: update}
+    )
     assert result.versions == [0] * 4 + [1] * 4
     for step, w in enumerate(weights):
         assert (w.std() > 0.05) == (step >= 4), (step, w)
@@ -60,7 +76,9 @@ def test_dwm_model_from_the_version_blob(domain_prefixes, cache_dir: Path) -> No
     params = dwm.init_params(builder.num_features, hidden=8, seed=3)
     params["w2"] = np.linspace(-2, 2, 8).astype(np.float32)  # a trained-looking output layer
     update = VersionUpdate(1, 3, (1.0,) * k, blob=dwm.to_bytes(params, builder))
-    _result, weights = run(domain_prefixes, cache_dir, {"name": "dwm", "params": {"hidden": 8}}, {1: update}, steps=6)
+    _result, weights = run(
+        domain_prefixes, cache_dir, {"name": "dwm", "params": {"hidden": 8}}, {1: update}, steps=6
+    )
     # A fresh model (zero output layer) gives exactly uniform weights until the blob's version applies.
     for step, w in enumerate(weights):
         assert np.allclose(w, 1.0) == (step < 3), (step, w)

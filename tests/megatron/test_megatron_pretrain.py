@@ -34,7 +34,11 @@ def test_resume_through_the_entry_point_is_exact(write_spec, tmp_path: Path) -> 
 def test_strict_resume_replays_the_recorded_versions(write_spec, server, tmp_path: Path) -> None:
     # A scheduled static mixture changes weights at steps 8 and 18; in strict mode every step waits
     # for the version in force, so a resumed run gets the recorded versions step for step.
-    schedule = [{"step": 0, "weights": [1, 1, 1, 1]}, {"step": 8, "weights": [5, 1, 1, 1]}, {"step": 18, "weights": [1, 1, 5, 1]}]
+    schedule = [
+        {"step": 0, "weights": [1, 1, 1, 1]},
+        {"step": 8, "weights": [5, 1, 1, 1]},
+        {"step": 18, "weights": [1, 1, 5, 1]},
+    ]
     spec = write_spec("strict", {"name": "static", "params": {"mode": "schedule", "schedule": schedule}})
     ckpt = tmp_path / "ckpt"
     args = ("--mixer", server.address, "--strict")
@@ -74,7 +78,9 @@ def test_outage_training_goes_on_and_reports_arrive_later(write_spec, server) ->
             restart.append(threading.Thread(target=server.start))
             restart[0].start()
 
-    record = run_pretrain(small_options(spec, mixer=server.address, steps=60, flush_timeout=90), on_step=on_step)
+    record = run_pretrain(
+        small_options(spec, mixer=server.address, steps=60, flush_timeout=90), on_step=on_step
+    )
     restart[0].join()
     versions = record["versions"]
     assert record["final_step"] == 60 and record["steps"] == list(range(60))

@@ -108,7 +108,10 @@ def test_doremi_without_a_reference_is_refused(write_spec) -> None:
 def test_dga_gets_alignment_reports(write_spec, server) -> None:
     spec = write_spec("dga", {"name": "dga", "params": {"target": ["arith", "prose"]}})
     record = run_pretrain_cli(spec, "--mixer", server.address, steps=15)
-    assert record["probes"]["align_every"] == 5 and record["probes"]["align_target"] == [0, 3]  # domains sorted: arith, dupes, noise, prose
+    assert record["probes"]["align_every"] == 5 and record["probes"]["align_target"] == [
+        0,
+        3,
+    ]  # domains sorted: arith, dupes, noise, prose
     got = [r for r in reports(server.db, "dga") if r.alignment is not None]
     assert [r.step for r in got] == [4, 9, 14]
     assert all(r.extra["grad_norm_mean"] > 0 for r in got)

@@ -26,7 +26,7 @@ def test_bench_times_every_strategy_and_refits_apart() -> None:
     result = run_strategy_bench(Ks=(3,), updates=14, update_every=10, samples=16)
     rows = {r["strategy"]: r for r in result["rows"]}
     assert set(rows) == set(REGISTRY)
-    for name, r in rows.items():
+    for r in rows.values():
         assert r["K"] == 3 and r["updates"] >= 14, r
         assert 0 <= r["median_ms"] <= r["p99_ms"] <= r["max_ms"], r
     # 140 steps end before ADO's first refit (warm-up 100 + refit period 500); DWM publishes every 100.
@@ -37,7 +37,19 @@ def test_bench_times_every_strategy_and_refits_apart() -> None:
 def test_bench_strategies_cli_prints_a_table_and_json() -> None:
     out = CliRunner().invoke(
         cli_group(),
-        ["bench", "strategies", "-K", "2", "--strategy", "odm", "--strategy", "ado", "--updates", "3", "--json"],
+        [
+            "bench",
+            "strategies",
+            "-K",
+            "2",
+            "--strategy",
+            "odm",
+            "--strategy",
+            "ado",
+            "--updates",
+            "3",
+            "--json",
+        ],
     )
     assert out.exit_code == 0, out.output
     lines = out.output.strip().splitlines()

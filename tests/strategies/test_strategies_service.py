@@ -93,8 +93,14 @@ def _dwm(vs: list[Version]) -> None:
 # name -> (strategy params, extra spec fields, check of the versions' params)
 CASES: dict[str, tuple[dict[str, Any], dict[str, Any], Callable[[list[Version]], None]]] = {
     "static": (
-        {"mode": "schedule", "schedule": [{"step": 0, "weights": [1, 1, 1]}, {"step": 10, "weights": [3, 1, 1]},
-                                          {"step": 30, "weights": [1, 1, 4]}]},
+        {
+            "mode": "schedule",
+            "schedule": [
+                {"step": 0, "weights": [1, 1, 1]},
+                {"step": 10, "weights": [3, 1, 1]},
+                {"step": 30, "weights": [1, 1, 4]},
+            ],
+        },
         {},
         _static,
     ),
@@ -145,7 +151,9 @@ def make_report(step: int, declared: frozenset[str], rng: np.random.Generator) -
 
 def test_every_registered_strategy_has_a_case() -> None:
     missing = sorted(set(REGISTRY) - set(CASES))
-    assert not missing, f"add CASES entries (params that act within {STEPS} steps, params checks) for {missing}"
+    assert not missing, (
+        f"add CASES entries (params that act within {STEPS} steps, params checks) for {missing}"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))

