@@ -360,12 +360,19 @@ def bench_load(sessions: int, duration: float, window: int, db: str | None, as_j
 def _mount() -> None:
     """Attach the commands that live beside their subsystems."""
     from mixer import offline_cli
+    from mixer.bench import cli as bench_cli
 
     for cmd in offline_cli.COMMANDS:
         if cmd.name == "replay-bench":
             bench.add_command(cmd, "replay")
         else:
             main.add_command(cmd)
+    groups = {"bench": bench}
+    for group, cmd in bench_cli.COMMANDS:
+        if group not in groups:
+            groups[group] = click.Group(group, help="Label documents with topics for topic weighting (ToReMi).")
+            main.add_command(groups[group])
+        groups[group].add_command(cmd)
 
 
 _mount()

@@ -6,11 +6,14 @@ update window is timed: building the window, `strategy.update`, shaping the weig
 That is the work the server does on its event loop per update (what
 `mixer_strategy_update_duration_seconds` observes, for updates that produce a version).
 
-Target: at most 1 ms per update (median and p99) at K = 64 for every strategy. ADO's refits (the
-updates that refit the power laws) are reported apart, per refit and amortised over the updates of
-one refit period; target at most 200 ms per refit. The stream is made so that every strategy acts:
+Target: at most 1 ms per update (p99) at K = 64 for every strategy. ADO's refits (the updates that
+refit the power laws) are reported apart, per refit and amortised over the updates of one refit
+period; target at most 200 ms per refit. Each update is timed twice: the CPU time of the thread that
+runs it (`time.thread_time`; the strategies run torch and BLAS on that one thread) and wall time. The
+targets judge CPU time, the strategy's own cost; on a shared machine wall time adds however long the
+update waited for a core, which the table shows beside it. The stream is made so that every strategy acts:
 Aioli's probe rounds are shortened (lp_rounds 1, lp_steps 1), ADO refits every 500 steps after a
-100-step warm-up, DWM's workers report alignments at every step (so every update trains the
+100-step warm-up (delta_min 0.1 / K where the default 0.01 is not below 1 / K), DWM's workers report alignments at every step (so every update trains the
 weighting model once per step in the window) and publishes every 100 steps. The one-off lazy imports
 (scipy at ADO's first refit, torch at DWM's first training update: about 1 s and 4 s here) are paid
 before timing.
@@ -40,7 +43,8 @@ TOPICS = 16
 def bench_params(name: str, K: int, update_every: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Strategy params and extra spec fields that make `name` act within a short stream."""
     if name == "ado":
-        return {"warmup_steps": 100, "refit_every": 500}, {}
+        # delta_min must stay below 1/K; the default 0.01 is kept where it can be.
+        return {"warmup_steps": 100, "refit_every": 500, "delta_min": min(0.01, 0.1 / K)}, {}
     if name == "aioli":
         return {"lp_rounds": 1, "lp_steps": 1, "update_steps": (K + 20) * update_every}, {}
     if name == "toremi":
@@ -122,47 +126,59 @@ def bench_one(
     reports = synthetic_reports(K, steps, REGISTRY[name].signals, samples, seed)
     _warm_imports(name)
     engine = Engine(spec)
-    times, refits, versions = [], [], 0
+    wall, cpu, refit_wall, refit_cpu, versions = [], [], [], [], 0
     gc.collect()
     for seq, r in enumerate(reports):
         closes = r.step >= engine.next_update_step
         last_fit = engine.state.get("last_fit") if name == "ado" else None
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         v = engine.ingest(r, seq)
-        dt = (time.perf_counter() - t0) * 1e3
+        dt, dc = (time.perf_counter() - t0) * 1e3, (time.thread_time() - c0) * 1e3
         versions += v is not None
         if not closes:
             continue
         if name == "ado" and engine.state["last_fit"] != last_fit:
-            refits.append(dt)
+            refit_wall.append(dt)
+            refit_cpu.append(dc)
         else:
-            times.append(dt)
+            wall.append(dt)
+            cpu.append(dc)
     row: dict[str, Any] = {
         "strategy": name,
         "K": K,
-        "updates": len(times) + len(refits),
+        "updates": len(wall) + len(refit_wall),
         "versions": versions,
-        "median_ms": round(statistics.median(times), 4) if times else None,
-        "p99_ms": round(_pct(times, 99), 4) if times else None,
-        "max_ms": round(max(times), 4) if times else None,
+        **_stats("", wall),
+        **_stats("cpu_", cpu),
     }
     if name == "ado":
         period = params["refit_every"] / update_every
-        refit = statistics.median(refits) if refits else None
+        refit = statistics.median(refit_cpu) if refit_cpu else None
         row.update(
-            refits=len(refits),
-            refit_ms=None if refit is None else round(refit, 2),
-            refit_max_ms=round(max(refits), 2) if refits else None,
+            refits=len(refit_wall),
+            refit_ms=round(statistics.median(refit_wall), 2) if refit_wall else None,
+            refit_cpu_ms=None if refit is None else round(refit, 2),
+            refit_max_ms=round(max(refit_wall), 2) if refit_wall else None,
             refit_amortised_ms=None if refit is None else round(refit / period, 4),
             refit_period_updates=period,
         )
     if K == TARGET_K:
         row["meets_target"] = (
-            bool(times)
-            and row["p99_ms"] <= TARGET_MS
-            and (name != "ado" or (row["refit_ms"] is not None and row["refit_ms"] <= REFIT_TARGET_MS))
+            bool(cpu)
+            and row["cpu_p99_ms"] <= TARGET_MS
+            and (
+                name != "ado" or (row["refit_cpu_ms"] is not None and row["refit_cpu_ms"] <= REFIT_TARGET_MS)
+            )
         )
     return row
+
+
+def _stats(prefix: str, xs: list[float]) -> dict[str, float | None]:
+    return {
+        f"{prefix}median_ms": round(statistics.median(xs), 4) if xs else None,
+        f"{prefix}p99_ms": round(_pct(xs, 99), 4) if xs else None,
+        f"{prefix}max_ms": round(max(xs), 4) if xs else None,
+    }
 
 
 def run_strategy_bench(
@@ -202,25 +218,27 @@ def run_strategy_bench(
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The rows as a fixed-width table, one line per (strategy, K)."""
+    """The rows as a fixed-width table, one line per (strategy, K): CPU time of the update (what the
+    targets judge) and wall time (which on a busy machine includes waiting for a core)."""
     lines = [
-        f"{'strategy':<8} {'K':>5} {'updates':>7} {'median ms':>10} {'p99 ms':>9} {'max ms':>9}  notes",
+        f"{'':<15} {'---- CPU ms ----':^27} {'---- wall ms ----':^27}",
+        f"{'strategy':<8} {'K':>5} {'median':>8} {'p99':>8} {'max':>9} {'median':>8} {'p99':>8} {'max':>9}  notes",
     ]
+
+    def f(x: float | None, w: int = 8) -> str:
+        return f"{'-':>{w}}" if x is None else f"{x:>{w}.3f}"
+
     for r in result["rows"]:
-        note = ""
+        notes = []
+        if "meets_target" in r:
+            notes.append("ok" if r["meets_target"] else "MISSES TARGET")
         if r["strategy"] == "ado" and r["refits"]:
-            note = (
-                f"refit {r['refit_ms']} ms (max {r['refit_max_ms']}, {r['refits']} refits), "
+            notes.append(
+                f"refit {r['refit_cpu_ms']} ms CPU / {r['refit_ms']} ms wall ({r['refits']} refits), "
                 f"amortised {r['refit_amortised_ms']} ms/update over {r['refit_period_updates']:g} updates"
             )
-        if "meets_target" in r:
-            note = f"{'ok' if r['meets_target'] else 'MISSES TARGET'}" + (f"; {note}" if note else "")
-
-        def f(x):
-            return "-" if x is None else f"{x:.3f}"
-
         lines.append(
-            f"{r['strategy']:<8} {r['K']:>5} {r['updates']:>7} {f(r['median_ms']):>10} {f(r['p99_ms']):>9} "
-            f"{f(r['max_ms']):>9}  {note}"
+            f"{r['strategy']:<8} {r['K']:>5} {f(r['cpu_median_ms'])} {f(r['cpu_p99_ms'])} {f(r['cpu_max_ms'], 9)} "
+            f"{f(r['median_ms'])} {f(r['p99_ms'])} {f(r['max_ms'], 9)}  {'; '.join(notes)}"
         )
     return "\n".join(lines)

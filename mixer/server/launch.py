@@ -63,7 +63,7 @@ class ServerProcess:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"mixer serve exited with {self.proc.returncode}:\n{self.log()}")
                 try:
-                    if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1, wait_for_ready=True).status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:
                     time.sleep(0.05)

@@ -47,6 +47,7 @@ def power_law_objective(
     """Mean Huber loss of the log-space fit and its gradient in (log beta, log eps, alpha)."""
     # Python floats and few temporaries: L-BFGS-B calls this tens of times per domain and refit,
     # on arrays of a few hundred points, where numpy's per-call overhead is most of the cost.
+    # Every value is computed in the same order as before, so fits are unchanged to the bit.
     log_beta, log_eps, alpha = float(theta[0]), float(theta[1]), float(theta[2])
     u = log_n * -alpha
     u += log_beta
@@ -60,8 +61,8 @@ def power_law_objective(
     d /= m
     share = np.exp(u - pred)  # d pred / d u; 1 - share is d pred / d log eps
     ds = d * share
-    g_u = float(ds.sum())
-    return loss, np.array([g_u, float(d.sum()) - g_u, -float(ds @ log_n)])
+    # Summed as the first version summed them: a refit must not change by a rounding.
+    return loss, np.array([ds.sum(), (d * (1.0 - share)).sum(), -(ds * log_n).sum()])
 
 
 def _grid_losses(x0: np.ndarray, log_n: np.ndarray, log_L: np.ndarray, delta: float) -> np.ndarray:
@@ -214,13 +215,14 @@ class ADO(Strategy):
         )
         if window.step >= p["warmup_steps"]:
             H = hist_n.shape[1]
-            for k in np.flatnonzero(seen & (n > 0)):
-                if hist_len[k] == H:  # halve the history, keeping every other point
-                    keep = (H + 1) // 2
-                    hist_n[k, :keep], hist_loss[k, :keep] = hist_n[k, ::2], hist_loss[k, ::2]
-                    hist_len[k] = keep
-                hist_n[k, hist_len[k]], hist_loss[k, hist_len[k]] = n[k], smooth[k]
-                hist_len[k] += 1
+            ks = np.flatnonzero(seen & (n > 0))
+            full = ks[hist_len[ks] == H]
+            if full.size:  # halve the history, keeping every other point
+                keep = (H + 1) // 2
+                hist_n[full, :keep], hist_loss[full, :keep] = hist_n[full, ::2], hist_loss[full, ::2]
+                hist_len[full] = keep
+            hist_n[ks, hist_len[ks]], hist_loss[ks, hist_len[ks]] = n[ks], smooth[ks]
+            hist_len[ks] += 1
 
         h = state["h"]
         if counts.sum() > 0:

@@ -29,6 +29,7 @@ def test_bench_times_every_strategy_and_refits_apart() -> None:
     for r in rows.values():
         assert r["K"] == 3 and r["updates"] >= 14, r
         assert 0 <= r["median_ms"] <= r["p99_ms"] <= r["max_ms"], r
+        assert 0 <= r["cpu_median_ms"] <= r["cpu_p99_ms"] <= r["cpu_max_ms"], r
     # 140 steps end before ADO's first refit (warm-up 100 + refit period 500); DWM publishes every 100.
     assert rows["ado"]["refits"] == 0 and rows["ado"]["refit_ms"] is None
     assert rows["dwm"]["versions"] >= 1 and rows["static"]["versions"] == 0
