@@ -361,6 +361,10 @@ def _mount() -> None:
     """Attach the commands that live beside their subsystems."""
     from mixer import offline_cli
     from mixer.bench import cli as bench_cli
+    from mixer.megatron import cli as megatron_cli
+
+    for cmd in megatron_cli.COMMANDS:
+        main.add_command(cmd)
 
     for cmd in offline_cli.COMMANDS:
         if cmd.name == "replay-bench":

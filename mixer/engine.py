@@ -122,7 +122,9 @@ class Engine:
         self.prior = np.asarray(spec.prior())
         initial = getattr(self.strategy, "initial_weights", None)
         w0 = initial(self.state) if initial else self.prior
-        self.current = Version(0, 0, shape_weights(w0, self.prior, spec.cadence))
+        # Workers read their instance-weighting parameters from every version.
+        self.weighting = {"weighting": dict(spec.weighting.params)} if spec.weighting.name != "none" else {}
+        self.current = Version(0, 0, shape_weights(w0, self.prior, spec.cadence), dict(self.weighting))
         self.pending: list[Report] = []
         c = spec.cadence
         self.next_update_step = c.warmup_steps + c.update_every - 1
@@ -149,7 +151,7 @@ class Engine:
             version=self.current.version + 1,
             effective_step=max(report.step + self.spec.cadence.delay, self.current.effective_step),
             weights=weights,
-            params=decision.params,
+            params={**decision.params, **self.weighting},
             blob=decision.blob,
             trigger_step=report.step,
             log_seq=log_seq,

@@ -114,8 +114,8 @@ def _options(fn):
         click.option(
             "--mixer",
             default=None,
-            envvar="MIXER_ADDRESS",
-            help="host:port of the mixer service (leave out: prior weights)",
+            # No MIXER_ADDRESS fallback: leaving --mixer out must mean the static baseline.
+            help="host:port of the mixer service (leave out: the static baseline on the prior weights)",
         ),
         click.option("--source", default="rank0", show_default=True, help="name of this worker's reports"),
         click.option("--token", default=None, envvar="MIXER_TOKEN", help="bearer token for the service"),

@@ -13,7 +13,8 @@ this order of precedence, at:
 New parameters take effect together with the version's domain weights: `sync(version)` is called
 once the sampler has applied a version, so a step's weights and its instance weighting always
 come from the same version, on every rank. Topic ids are the domain ids (our byte-level datasets
-carry no finer topic labels); lengths are the loss-bearing tokens of each sample.
+carry no finer topic labels). DWM features treat every sample as a full sequence (lengths None):
+reports carry no per-sample lengths, so that is what the service can rebuild too.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class InstanceWeighting:
         self.spec_params = dict(spec.weighting.params)
         self.seed = spec.seed
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # dwm.evaluate reuses the model tensors only when their device equals the batch's exactly.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.group = group
         self.version = -1
         self._pending: dict[int, tuple[dict[str, Any], bytes]] = {}
@@ -90,7 +94,7 @@ class InstanceWeighting:
                 self.method, {**self.spec_params, **_method_params(params, self.method)}
             )
 
-    def weights(self, step: int, sample_loss: Tensor, domain: Tensor, tokens: Tensor) -> Tensor | None:
+    def weights(self, step: int, sample_loss: Tensor, domain: Tensor) -> Tensor | None:
         """This rank's detached weights for the batch (None when weighting is off)."""
         if not self.enabled:
             return None
@@ -105,7 +109,7 @@ class InstanceWeighting:
         from mixer.weighting import dwm
 
         return dwm.weights_for_step(
-            step, sample_loss, domain, self.mlp, self.builder, lengths=tokens, group=self.group
+            step, sample_loss, domain, self.mlp, self.builder, lengths=None, group=self.group
         )
 
     def state_dict(self) -> dict[str, Any]:

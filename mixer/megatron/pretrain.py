@@ -5,7 +5,8 @@
 
 What it does, in order:
 1. reads the job spec; rank 0 creates the job on the service (idempotent: the same spec again is
-   the same job) and opens a session; without --mixer it trains on the spec's prior weights;
+   the same job) and opens a session; without --mixer it is the static baseline: version 0 as the
+   service derives it (the prior weights; a static temperature or schedule job's initial weights);
 2. builds one megatron GPTDataset per domain from the spec's prefixes, and one per domain from the
    sibling validation prefix (see `val_prefix`);
 3. switches on the probes the job's strategy declares (mixer.strategies ... .signals) and the
@@ -154,7 +155,7 @@ def run_pretrain(opts: PretrainOptions, *, on_step=None) -> dict[str, Any]:
     from mixer.megatron.data import build_domain_datasets
     from mixer.megatron.instance import InstanceWeighting
     from mixer.megatron.model import ModelConfig, init_distributed
-    from mixer.megatron.sampler import MixtureSampler
+    from mixer.megatron.sampler import FingerprintMismatchError, MixtureSampler
     from mixer.megatron.train import TrainConfig, train
     from mixer.spec import JobSpec, SpecError
 
@@ -275,17 +276,20 @@ def run_pretrain(opts: PretrainOptions, *, on_step=None) -> dict[str, Any]:
             dataset_lengths=[len(d) for d in datasets],
             version=v0.version,
         )
-        result = train(
-            cfg,
-            datasets,
-            vals,
-            sampler,
-            attachment=attachment,
-            progress=opts.progress and rank == 0,
-            weighting=weighting if weighting.enabled else None,
-            target_dataset=target,
-            on_step=on_step,
-        )
+        try:
+            result = train(
+                cfg,
+                datasets,
+                vals,
+                sampler,
+                attachment=attachment,
+                progress=opts.progress and rank == 0,
+                weighting=weighting if weighting.enabled else None,
+                target_dataset=target,
+                on_step=on_step,
+            )
+        except FingerprintMismatchError as e:
+            raise click.ClickException(f"--load {opts.load}: {e}".replace("force=True", "--force-resume")) from None
     finally:
         if attachment is not None:
             delivered = attachment.close(opts.flush_timeout)

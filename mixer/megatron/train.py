@@ -295,9 +295,8 @@ def train(
             w = None
             if weighting is not None and weighting.enabled:
                 mask = batch["loss_mask"].to(per_token.dtype)
-                tokens = mask.sum(dim=1)
-                sample_loss = (per_token.detach() * mask).sum(dim=1) / tokens.clamp(min=1)
-                w = weighting.weights(step, sample_loss.float(), batch["dataset_id"], tokens)
+                sample_loss = (per_token.detach() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+                w = weighting.weights(step, sample_loss.float(), batch["dataset_id"])
                 extras["sample_weight"] = gather_samples(w.float())
             if attached:
                 loss, stats = hook(per_token, batch["loss_mask"], batch["dataset_id"], batch["sample_id"], w)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from _helpers import run_pretrain_cli, small_options
@@ -28,6 +29,11 @@ def test_resume_through_the_entry_point_is_exact(write_spec, tmp_path: Path) -> 
     assert resumed["sample_ids"] == full["sample_ids"][15:]
     assert resumed["losses"] == full["losses"][15:]  # bit-identical, not merely close
     assert np.mean(full["losses"][-5:]) < np.mean(full["losses"][:5]) - 0.3
+    # A checkpoint of another job spec is refused, unless forced.
+    other = write_spec("resume-other", cadence={"update_every": 7})
+    with pytest.raises(click.ClickException, match="--force-resume"):
+        run_pretrain_cli(other, "--load", str(ckpt), steps=31)
+    assert run_pretrain_cli(other, "--load", str(ckpt), "--force-resume", steps=31)["steps"] == [30]
 
 
 @pytest.mark.slow
