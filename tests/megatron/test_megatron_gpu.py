@@ -9,7 +9,6 @@ from _helpers import run_pretrain_cli
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
 
