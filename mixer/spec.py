@@ -138,6 +138,8 @@ class JobSpec:
             where = f"domains[{i}]"
             if not isinstance(d.name, str) or not d.name.strip():
                 raise SpecError(f"{where}.name", "must be a non-empty string")
+            if not _utf8(d.name):
+                raise SpecError(f"{where}.name", "is not valid Unicode text (a lone surrogate)")
             if d.name in seen:
                 raise SpecError(f"{where}.name", f"duplicate domain name {d.name!r}; names must be unique")
             seen.add(d.name)
@@ -229,6 +231,11 @@ class JobSpec:
     @classmethod
     def from_yaml(cls, text: str) -> JobSpec:
         try:
+            if text.lstrip().startswith("{"):
+                try:
+                    return cls.from_dict(json.loads(text))  # JSON joins surrogate pairs; YAML 1.1 does not
+                except json.JSONDecodeError:
+                    pass
             data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as e:
             raise SpecError("spec", f"not valid YAML: {e}") from None
@@ -285,6 +292,14 @@ def _sub_spec(where: str, raw: Any, cls: type) -> Any:
     if not isinstance(params, dict):
         raise SpecError(f"{where}.params", "must be a mapping")
     return cls(name=str(raw.get("name", cls().name if where != "strategy" else "static")), params=dict(params))
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _no_unknown(where: str, data: dict, allowed: set[str]) -> None:

@@ -35,8 +35,9 @@ class MixerError(Exception):
 
     def __init__(self, code: grpc.StatusCode, message: str):
         self.code = code
-        self.message = message
-        super().__init__(message)
+        # A status message must be valid UTF-8 (a lone surrogate from bad input would stall the call).
+        self.message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        super().__init__(self.message)
 
 
 @dataclass(frozen=True, slots=True)

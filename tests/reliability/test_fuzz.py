@@ -7,7 +7,7 @@ import math
 import grpc
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mixer.client import MixerClient
@@ -101,6 +101,8 @@ def test_any_report_gets_a_clean_status(fuzz_server, msg):
 
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(spec=specs())
+@example(spec={"name": "fz", "domains": ["a", "b"], "weighting": {"\U00010e2a": None}})  # once stalled the call
+@example(spec={"name": "fz2", "domains": ["\ud800"]})
 def test_any_spec_gets_a_clean_status(fuzz_server, spec):
     import json
 
