@@ -371,6 +371,9 @@ def _mount() -> None:
             bench.add_command(cmd, "replay")
         else:
             main.add_command(cmd)
+    from mixer.bench.quality import quality_command
+
+    bench.add_command(quality_command, "quality")
     groups = {"bench": bench}
     for group, cmd in bench_cli.COMMANDS:
         if group not in groups:

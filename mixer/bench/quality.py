@@ -1,0 +1,405 @@
+"""`mixer bench quality`: what each mixing strategy does to a small GPT, through the real path.
+
+Per strategy and seed: a byte-level megatron-core GPT (mixer.megatron.pretrain.run_pretrain) on
+the corpus prepared as indexed datasets, drawn by the live MixtureSampler, attached to one real
+`mixer serve` (SQLite in the out folder) through a ServiceAttachment; the probes its strategy
+declares switch on (DoReMi: a frozen reference forward, the same seed's uniform run; DGA: gradient
+alignment; DWM: per-sample alignment; Aioli: periodic balanced validation). Validation is balanced:
+each domain's validation windows scored on their own, averaged uniformly. Step-time baseline: the
+uniform run alternates blocks of detached and attached steps (identical training: a static job never
+changes its mixture), the purest measure of being attached; every other strategy is timed against a
+short detached static run of the same size, run just before it in the same process.
+Writes result.json, quality.png and table.md (mixer.bench.quality_plot).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import yaml
+
+from mixer.bench.quality_plot import format_table, plot_quality, summarize
+
+__all__ = ["STRATEGIES", "QualityConfig", "default_corpus", "quality_command", "run_quality"]
+
+STRATEGIES = ("uniform", "natural", "doremi", "odm", "ado", "aioli", "dga", "toremi", "loss-linupper", "dwm")
+QUICK_STRATEGIES = ("uniform", "odm", "doremi")
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Model and schedule of every run; the presets are `quick`, `cpu` and `gpu` (~125M)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    seq: int
+    batch: int
+    steps: int
+    lr: float  # peak; warm-up over 10% of the steps, cosine to lr / 10
+    eval_samples: int  # validation windows per domain (the first ones of each domain's set)
+    update_every: int = 10  # steps per strategy update window
+    eval_points: int = 10  # balanced evaluations along the run (Aioli evaluates more often)
+
+    @property
+    def compare_block(self) -> int:  # uniform: alternate detached / attached blocks of this many steps
+        return max(5, min(50, self.steps // 20))
+
+    @property
+    def baseline_steps(self) -> int:  # the detached static run timed before each other strategy
+        return max(20, min(40, self.steps // 20))
+
+
+PRESETS = {
+    # a smoke test: seconds per run on the 2-core dev machine
+    "quick": QualityConfig(layers=2, hidden=64, heads=4, seq=64, batch=16, steps=40, lr=2e-3, eval_samples=8,
+                           update_every=5),
+    # mixing-calibration.md's CPU model: ~260 ms/step through megatron-core on the idle 2-core machine
+    # (plain PyTorch: 165 ms), so 10 runs of 800 steps, probes and evaluations fit ~45 minutes
+    "cpu": QualityConfig(layers=3, hidden=128, heads=4, seq=128, batch=32, steps=800, lr=2e-3,
+                         eval_samples=64),
+    # ~125M parameters (12 x 768), bf16 on one GPU; 16k tokens a step, 400 steps ~ 1/3 pass over minipile
+    # (mixer/bench/quality_gpu.sh: uniform, odm, doremi in ~10 minutes on one H100, estimated)
+    "gpu": QualityConfig(layers=12, hidden=768, heads=12, seq=1024, batch=16, steps=400, lr=6e-4,
+                         eval_samples=64),
+}
+
+
+def default_corpus() -> Path:
+    """../shared/corpora/minipile beside the repository."""
+    import mixer
+
+    return Path(mixer.__file__).resolve().parents[1].parent / "shared" / "corpora" / "minipile"
+
+
+def _settings(name: str, cfg: QualityConfig, K: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(strategy, weighting) of a benchmark strategy: the method's parameters scaled to this run."""
+    steps, every, none = cfg.steps, cfg.update_every, {"name": "none"}
+    table: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+        "uniform": ("static", {}, none),
+        "natural": ("static", {}, none),  # prior weights = training tokens (bytes) per domain
+        # eta 0.1: eta 1 swung hard and hurt this small model (mixing-calibration.md)
+        "doremi": ("doremi", {"eta": 0.1}, none),
+        "odm": ("odm", {"alpha": 0.9}, none),
+        # the paper's warm-up / refit cadence (500 / 1000 steps) scaled to the run
+        "ado": ("ado", {"warmup_steps": max(every, steps // 10), "refit_every": max(every, steps // 10)},
+                none),
+        # one probe round of K segments, then exploit until the next round; several rounds per run
+        "aioli": ("aioli", {"lp_rounds": 1, "lp_steps": every,
+                            "update_steps": max(4 * K * every, steps // 3)}, none),
+        "dga": ("dga", {}, none),
+        # topics are the domains; stage 2 (lower what stays hard) for the second half
+        "toremi": ("toremi", {"switch_step": steps // 2}, {"name": "topic"}),
+        # Sow et al. LinUpper on a static uniform mixture, 10% burn-in
+        "loss-linupper": ("static", {},
+                          {"name": "loss", "params": {"method": "linupper", "burn_in": steps // 10}}),
+        "dwm": ("dwm", {}, {"name": "dwm", "params": {"total_steps": steps, "seq_len": cfg.seq}}),
+    }
+    strategy, params, weighting = table[name]
+    return {"name": strategy, "params": dict(params)}, weighting
+
+
+def _job_spec(name: str, job: str, seed: int, prefixes: dict[str, str], tokens: dict[str, int],
+              cfg: QualityConfig, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The job spec of one benchmark run; --set overrides the strategy's parameters."""
+    strategy, weighting = _settings(name, cfg, len(prefixes))
+    strategy["params"].update(overrides.get(name, {}))
+    weight = {d: (tokens[d] if name == "natural" else 1.0) for d in prefixes}
+    floor = 0.0 if strategy["name"] == "static" else 0.01
+    return {"name": job, "seed": seed, "unit": "samples", "strategy": strategy, "weighting": weighting,
+            "domains": [{"name": d, "prefix": p, "weight": weight[d]} for d, p in prefixes.items()],
+            "cadence": {"update_every": cfg.update_every, "min_weight": floor}}
+
+
+def _capability(name: str) -> str | None:
+    """Why a strategy cannot run through the real training path here (None: it can)."""
+    import inspect
+
+    from mixer.megatron.pretrain import PretrainOptions
+    from mixer.megatron.train import TrainConfig, train
+
+    have = {f.name for f in (*fields(TrainConfig), *fields(PretrainOptions))}
+    needs = {"doremi": ("reference", "excess-loss probe (reference model)"),
+             "dga": ("align_every", "gradient-alignment probe"),
+             "dwm": ("sample_align_every", "per-sample alignment probe"),
+             "aioli": ("eval_interval", "periodic validation-loss reports")}
+    if name in needs and needs[name][0] not in have:
+        return f"the worker has no {needs[name][1]} yet"
+    if name in ("loss-linupper", "toremi", "dwm") and "weighting" not in inspect.signature(train).parameters:
+        return "mixer.megatron.train does not apply instance weights yet"
+    return None
+
+
+def _prepare(corpus: Path, cache: Path, progress: bool) -> tuple[Path, dict[str, dict[str, str]]]:
+    """prepare_corpus into cache/<corpus fingerprint>/ once; reused while the corpus is unchanged."""
+    from mixer.megatron.data import prepare_corpus
+
+    h = hashlib.sha256()
+    for f in sorted(corpus.rglob("*.jsonl*")):
+        st = f.stat()
+        h.update(f"{f.relative_to(corpus)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    root = cache / h.hexdigest()[:16]
+    done = root / "prepared.json"
+    if done.is_file():
+        return root, json.loads(done.read_text())
+    shutil.rmtree(root, ignore_errors=True)  # a half-written folder from an interrupted run
+    prefixes = prepare_corpus(corpus, root / "data", progress=progress)
+    done.write_text(json.dumps(prefixes))
+    return root, prefixes
+
+
+@dataclass(frozen=True)
+class _Bench:
+    """What every run of one benchmark shares."""
+
+    cfg: QualityConfig
+    address: str
+    device: str
+    out: Path
+    index: Path  # megatron's sample-index cache (shared: the prepared data does not change)
+    progress: bool
+
+
+def _run_one(b: _Bench, name: str, seed: int, job: str, spec: dict[str, Any], reference: Path | None):
+    """One attached pretraining run (mixer.megatron.pretrain); returns what the report needs from it."""
+    from mixer.client import MixerClient
+    from mixer.megatron.pretrain import PretrainOptions, run_pretrain
+    from mixer.wire import version_from_proto
+
+    cfg, uniform = b.cfg, name == "uniform"
+    spec_path = b.out / "specs" / f"{name}-s{seed}.yaml"
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    eval_every = max(1, cfg.steps // cfg.eval_points)
+    if name == "aioli":  # its probe segments end on fresh validation losses
+        eval_every = min(eval_every, 2 * cfg.update_every)
+    common: dict[str, Any] = {
+        "spec": spec_path, "global_batch_size": cfg.batch, "seq_length": cfg.seq, "layers": cfg.layers,
+        "hidden": cfg.hidden, "heads": cfg.heads, "lr": cfg.lr, "min_lr": cfg.lr / 10, "seed": seed,
+        "device": b.device, "cache_dir": b.index}
+    detached = None
+    if not uniform:  # a detached static run of the same size just before, in this process: the baseline
+        static = {**spec, "name": f"{job}-detached", "strategy": {"name": "static"},
+                  "weighting": {"name": "none"}, "cadence": {"update_every": cfg.update_every}}
+        static_path = b.out / "specs" / f"{name}-s{seed}-detached.yaml"
+        static_path.write_text(yaml.safe_dump(static, sort_keys=False))
+        base = run_pretrain(PretrainOptions(**{**common, "spec": static_path}, steps=cfg.baseline_steps,
+                                            eval_samples=1, progress=False))
+        detached = base["step_time_s"]
+    opts = PretrainOptions(
+        **common, mixer=b.address, steps=cfg.steps, eval_interval=eval_every, eval_samples=cfg.eval_samples,
+        save=b.out / "checkpoints" / f"uniform-s{seed}" if uniform else None, reference=reference,
+        compare_attached=cfg.compare_block if uniform else 0, progress=b.progress, flush_timeout=120.0)
+    load0, t0 = os.getloadavg()[0], time.perf_counter()
+    rec = run_pretrain(opts)
+    if uniform:  # its detached blocks, interleaved with the attached ones (same training: a static job)
+        detached = rec["step_time_detached_s"]
+    wall = time.perf_counter() - t0
+    with MixerClient(b.address) as client:
+        versions = {v.version: v for v in map(version_from_proto, client.list_versions(job))}
+    val = [[int(s), [float(x) for x in losses]] for s, losses in rec["val_history"]]
+    final = np.asarray(val[-1][1])
+    keep = ("signals", "probes", "step_time_s", "step_time_attached_s", "step_time_detached_s",
+            "all_reports_acknowledged")
+    return {
+        "strategy": name, "seed": seed, "status": "ok", "job": job, "wall_s": wall,
+        "load_avg_1m": [load0, os.getloadavg()[0]],
+        "final_val": final.tolist(), "final_mean": float(final.mean()), "final_worst": float(final.max()),
+        "worst_domain": int(final.argmax()), "val_history": val,
+        # the weights the sampler applied, from the step each took effect
+        "trajectory": [[int(st), np.asarray(versions[v].weights).tolist()] for v, st in rec["applied"]
+                       if v in versions],
+        "versions": len(versions), "applied_versions": len(rec["applied"]),
+        "checkpoint": rec["checkpoints"][-1] if rec["checkpoints"] else None,
+        "baseline_step_time_s": detached,
+        **{k: rec[k] for k in keep},
+    }
+
+
+def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: QualityConfig, device: str = "cpu",
+                out: Path, cache: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
+                progress: bool = True, command: str = "") -> dict[str, Any]:
+    """Run every strategy x seed; write result.json, quality.png and table.md under out."""
+    from tqdm import tqdm
+
+    from mixer.megatron.data import TOKEN_DTYPE
+    from mixer.server.launch import ServerProcess
+
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    if unknown:
+        raise click.UsageError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+    # uniform is the baseline of every comparison (and DoReMi's reference): always run, first.
+    strategies = ["uniform"] + [s for s in dict.fromkeys(strategies) if s != "uniform"]
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("specs", "checkpoints", "logs"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+        (out / sub).mkdir()
+    for f in out.glob("mixer.db*"):  # one fresh service database per benchmark
+        f.unlink()
+    root, prefixes = _prepare(corpus, cache or out / "prepared", progress)
+    domains = list(prefixes)
+    size = np.dtype(TOKEN_DTYPE).itemsize
+    tokens = {d: Path(prefixes[d]["train"] + ".bin").stat().st_size // size for d in domains}
+    runid = time.strftime("%Y%m%d-%H%M%S")
+    result: dict[str, Any] = {
+        "command": command, "corpus": str(corpus), "domains": domains, "train_tokens": tokens,
+        "strategies": strategies, "seeds": list(range(seeds)), "device": device,
+        "config": {**cfg.__dict__, "compare_block": cfg.compare_block, "baseline_steps": cfg.baseline_steps},
+        "overrides": overrides or {},
+        "machine": _machine(device), "runs": [],
+    }
+    runs: list[dict[str, Any]] = result["runs"]
+    server = ServerProcess(str(out / "mixer.db"), out).start()
+    bench = _Bench(cfg, server.address, device, out, root / "index", progress)
+    t_start = time.perf_counter()
+    try:
+        todo = [(seed, name) for seed in range(seeds) for name in strategies]
+        bar = tqdm(todo, desc="quality", unit="run", disable=not progress)
+        for seed, name in bar:
+            bar.set_postfix(strategy=name, seed=seed)
+            job = f"quality-{runid}-{name}-s{seed}"
+            base = {"strategy": name, "seed": seed, "job": job}
+            reason, ref = _capability(name), None
+            if reason is None and name == "doremi":
+                uni = next((r for r in runs if r["strategy"] == "uniform" and r["seed"] == seed), {})
+                ref = Path(uni["checkpoint"]) if uni.get("checkpoint") else None
+                if ref is None:
+                    reason = "its reference model is the uniform run of the same seed, which did not finish"
+            if reason is not None:
+                runs.append({**base, "status": "not run", "reason": reason})
+                continue
+            train = {d: prefixes[d]["train"] for d in domains}
+            spec = _job_spec(name, job, seed, train, tokens, cfg, overrides or {})
+            try:
+                runs.append(_run_one(bench, name, seed, job, spec, ref))
+            except Exception as e:  # noqa: BLE001 - record it and go on with the other runs
+                (out / "logs" / f"{name}-s{seed}.txt").write_text(traceback.format_exc())
+                click_error = isinstance(e, click.ClickException)
+                msg = e.format_message() if click_error else f"{type(e).__name__}: {e}"
+                runs.append({**base, "status": "failed", "reason": msg})
+        bar.close()
+    finally:
+        server.terminate()
+    result["wall_s"] = time.perf_counter() - t_start
+    result["summary"], result["attach_overhead"] = summarize(runs, strategies, domains)
+    result["not_run"] = {f"{r['strategy']} (seed {r['seed']})": f"{r['status']}: {r['reason']}"
+                         for r in runs if r["status"] != "ok"}
+    files = {"json": out / "result.json", "png": out / "quality.png", "table": out / "table.md"}
+    result["files"] = {k: str(v) for k, v in files.items()}
+    plot_quality(result, files["png"])
+    files["table"].write_text(format_table(result))
+    files["json"].write_text(json.dumps(result, indent=1, default=_jsonable))
+    return result
+
+
+def _jsonable(o: Any) -> Any:
+    return o.tolist() if hasattr(o, "tolist") else str(o)
+
+
+def _machine(device: str) -> dict[str, Any]:
+    import torch
+
+    info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "load_avg_at_start": list(os.getloadavg())}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _parse_sets(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        strategy, dot, param = key.partition(".")
+        if not sep or not dot or strategy not in STRATEGIES:
+            raise click.BadParameter(f"{item!r}: expected STRATEGY.PARAM=VALUE", param_hint="--set")
+        out.setdefault(strategy, {})[param] = yaml.safe_load(value)
+    return out
+
+
+def _command_line(corpus: Path, names: list[str], cfg: QualityConfig, seeds: int, device: str, quick: bool,
+                  size: str, sets: tuple[str, ...], out: Path) -> str:
+    """The command that reproduces this run, every choice spelled out."""
+    parts = ["mixer bench quality", *(["--quick"] if quick else []), f"--corpus {corpus}",
+             f"--strategies {','.join(names)}", f"--steps {cfg.steps}", f"--seeds {seeds}",
+             f"--eval-samples {cfg.eval_samples}", f"--device {device}", f"--size {size}",
+             *(f"--set {s}" for s in sets), f"--out {out}"]
+    return " ".join(parts)
+
+
+PATH = click.Path(file_okay=False, path_type=Path)
+
+
+@click.command("quality")
+@click.option("--corpus", type=PATH, default=None,
+              help="folder of <domain>/{train,val}.jsonl[.gz]  [default: ../shared/corpora/minipile]")
+@click.option("--strategies", default=None,
+              help=f"comma-separated, from {','.join(STRATEGIES)}  [default: all; --quick: "
+                   f"{','.join(QUICK_STRATEGIES)}]; uniform always runs (the baseline, DoReMi's reference)")
+@click.option("--steps", type=click.IntRange(2), default=None, help="steps per run  [default: the preset's]")
+@click.option("--seeds", type=click.IntRange(1), default=1, show_default=True,
+              help="seeds 0..S-1 per strategy")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--quick", is_flag=True, help="smoke test: tiny model, few steps, three strategies")
+@click.option("--size", type=click.Choice(sorted(PRESETS)), default=None,
+              help="model preset  [default: quick with --quick, gpu with --device cuda, else cpu]")
+@click.option("--eval-samples", type=click.IntRange(1), default=None, help="validation windows per domain")
+@click.option("--set", "sets", multiple=True, metavar="STRATEGY.PARAM=VALUE",
+              help="override a strategy parameter, e.g. --set doremi.eta=1 (repeat)")
+@click.option("--out", type=PATH, default=Path("mixer-bench-quality"), show_default=True,
+              help="result folder (result.json, quality.png, table.md, mixer.db)")
+@click.option("--cache-dir", type=PATH, default=None, help="prepared corpus cache  [default: OUT/prepared]")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document as the last line")
+def quality_command(corpus: Path | None, strategies: str | None, steps: int | None, seeds: int, device: str,
+                    quick: bool, size: str | None, eval_samples: int | None, sets: tuple[str, ...], out: Path,
+                    cache_dir: Path | None, as_json: bool) -> None:
+    """Train a small GPT per strategy and seed through the live mixer; compare with uniform.
+
+    Writes OUT/result.json, OUT/quality.png and OUT/table.md (final mean and worst-domain balanced
+    validation loss, steps to reach uniform's final loss, paired difference from uniform, step time
+    against a detached static run).
+    """
+    import sys
+
+    size = size or ("quick" if quick else "gpu" if device.startswith("cuda") else "cpu")
+    cfg = PRESETS[size]
+    cfg = replace(cfg, steps=steps or cfg.steps, eval_samples=eval_samples or cfg.eval_samples)
+    names = [s.strip() for s in (strategies or "").split(",") if s.strip()]
+    names = names or list(QUICK_STRATEGIES if quick else STRATEGIES)
+    if corpus is None:
+        corpus = default_corpus()
+        if not corpus.is_dir():
+            if not quick:
+                raise click.UsageError(f"no corpus at {corpus}; pass --corpus DIR")
+            from mixer.megatron.corpus import write_synthetic_corpus
+
+            corpus = out / "synthetic-corpus"
+            write_synthetic_corpus(corpus, seed=0)
+    quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+    with warnings.catch_warnings(), quiet:
+        warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
+        result = run_quality(corpus=corpus, strategies=names, seeds=seeds, cfg=cfg, device=device, out=out,
+                             cache=cache_dir, overrides=_parse_sets(sets), progress=not as_json,
+                             command=_command_line(corpus, names, cfg, seeds, device, quick, size, sets, out))
+    click.echo(Path(result["files"]["table"]).read_text())
+    if as_json:
+        keep = ("command", "corpus", "domains", "strategies", "seeds", "device", "config", "machine",
+                "wall_s", "summary", "attach_overhead", "not_run", "files")
+        click.echo(json.dumps({k: result[k] for k in keep}, separators=(",", ":"), default=_jsonable))
+
+
+if __name__ == "__main__":  # python -m mixer.bench.quality (before `mixer bench quality` is mounted)
+    quality_command()

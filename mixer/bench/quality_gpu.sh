@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# `mixer bench quality` on one GPU (needs CUDA torch and megatron-core): a ~125M GPT (12 layers x 768,
+# 12 heads, sequence 1024, batch 16, bf16 through Float16Module), 400 steps each for uniform, odm and
+# doremi (reference = the uniform run), one seed, the mixer service on SQLite beside it.
+# Budget (estimated, not yet measured: gpu_check.sh's ~0.1 s per 8k-token step on an H100 suggests
+# ~0.2 s per 16k-token step here): data preparation ~20 s, 3 runs of ~80-110 s plus start-up and
+# 10 balanced evaluations each: about 7 minutes; `timeout 570` keeps it inside 10.
+#
+# Usage: bash mixer/bench/quality_gpu.sh [CORPUS] [OUT] [more `mixer bench quality` options]
+#   CORPUS  default ../shared/corpora/minipile (a device machine gets only the checkout: copy the
+#           corpus into an ignored folder and carry it, e.g.
+#             mkdir -p .bench && cp -r ../shared/corpora/minipile .bench/ && echo /.bench/ >> .git/info/exclude
+#           then run: bash mixer/bench/quality_gpu.sh .bench/minipile   with carry [".bench"])
+#   OUT     default /tmp/mixer-bench-quality-gpu (checkpoints of the 125M model are large); result.json,
+#           quality.png and table.md are copied to $OUT when that is set (the device machine's return folder)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+corpus=${1:-../shared/corpora/minipile}
+out=${2:-/tmp/mixer-bench-quality-gpu}
+shift $(( $# < 2 ? $# : 2 ))
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+status=0
+timeout 570 python -m mixer.bench.quality --corpus "$corpus" --device cuda --size gpu \
+  --strategies uniform,odm,doremi --steps 400 --seeds 1 --out "$out" --json "$@" || status=$?
+if [ -n "${OUT:-}" ]; then
+  for f in result.json quality.png table.md; do [ -f "$out/$f" ] && cp "$out/$f" "$OUT/"; done
+fi
+exit $status

@@ -1,0 +1,102 @@
+"""`mixer bench quality --quick` end to end on a small synthetic corpus: the output is complete."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mixer.bench.quality import QUICK_STRATEGIES, quality_command
+from mixer.bench.quality_plot import steps_to_reach, summarize
+from mixer.megatron.corpus import write_synthetic_corpus
+
+
+def test_steps_to_reach_interpolates_between_evaluations() -> None:
+    history = [[10, [4.0, 4.0]], [20, [3.0, 3.0]], [30, [2.0, 2.0]]]
+    assert steps_to_reach(history, 2.5) == pytest.approx(25.0)
+    assert steps_to_reach(history, 3.0) == pytest.approx(20.0)
+    assert steps_to_reach(history, 4.5) == pytest.approx(10.0)
+    assert steps_to_reach(history, 1.0) is None
+
+
+def _run(strategy: str, seed: int, finals: list[float], detached: float | None = None) -> dict:
+    hist = [[50, [f + 1 for f in finals]], [100, finals]]
+    return {
+        "strategy": strategy,
+        "seed": seed,
+        "status": "ok",
+        "final_mean": sum(finals) / len(finals),
+        "final_worst": max(finals),
+        "worst_domain": finals.index(max(finals)),
+        "val_history": hist,
+        "step_time_s": 0.2,
+        "step_time_attached_s": 0.11 if detached else None,
+        "step_time_detached_s": detached,
+        "baseline_step_time_s": detached or 0.1,
+        "versions": 1,
+        "wall_s": 1.0,
+    }
+
+
+def test_summarize_pairs_seeds_and_flags_noise() -> None:
+    runs = [
+        _run("uniform", 0, [2.0, 3.0], 0.1),
+        _run("uniform", 1, [2.1, 3.1], 0.1),
+        _run("odm", 0, [1.7, 2.7]),
+        _run("odm", 1, [1.8, 2.8]),
+        {"strategy": "dga", "seed": 0, "status": "not run", "reason": "no probe"},
+    ]
+    summary, attach = summarize(runs, ["uniform", "odm", "dga"], ["a", "b"])
+    odm = summary["odm"]
+    assert odm["paired_diff_mean"]["mean"] == pytest.approx(-0.3)
+    assert odm["paired_diff_mean"]["n"] == 2 and odm["paired_diff_mean"]["std"] == pytest.approx(
+        0.0, abs=1e-9
+    )
+    assert odm["worst_domain"] == "b"
+    assert odm["overhead_vs_detached"] == pytest.approx(1.0)
+    assert odm["verdict"] == "better than uniform"  # -0.3 beyond twice uniform's spread (0.0707)
+    assert summary["uniform"]["steps_to_uniform"] == {"0": 1.0, "1": 1.0}
+    assert summary["dga"]["status"] == "not run: no probe"
+    assert attach["per_seed"]["0"]["overhead"] == pytest.approx(0.1)
+    assert math.isclose(attach["uniform_seed_spread"], 0.0707, rel_tol=1e-2)
+
+
+@pytest.mark.slow
+def test_quality_quick_writes_a_complete_report(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    write_synthetic_corpus(corpus, seed=0, docs_per_domain=120)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        quality_command,
+        ["--quick", "--corpus", str(corpus), "--out", str(out), "--json"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("command", "config", "machine", "domains", "summary", "attach_overhead", "not_run", "files"):
+        assert key in doc, key
+    assert doc["strategies"] == list(QUICK_STRATEGIES)
+    assert not doc["not_run"], doc["not_run"]
+    for name in QUICK_STRATEGIES:
+        s = doc["summary"][name]
+        assert s["status"] == "ok" and s["seeds"] == [0]
+        assert math.isfinite(s["final_mean"]) and s["final_worst"] >= s["final_mean"]
+        assert s["step_time_s"] > 0 and "0" in s["steps_to_uniform"]
+    assert doc["summary"]["uniform"]["paired_diff_mean"]["mean"] == 0.0
+    assert doc["attach_overhead"]["per_seed"]["0"]["overhead"] is not None
+
+    full = json.loads((out / "result.json").read_text())
+    assert {r["strategy"] for r in full["runs"]} == set(QUICK_STRATEGIES)
+    doremi = next(r for r in full["runs"] if r["strategy"] == "doremi")
+    assert doremi["signals"]["excess_loss_sum"] > 0  # the reference forward really ran
+    assert all(r["val_history"] and r["trajectory"] for r in full["runs"])
+    png = out / "quality.png"
+    assert png.is_file() and png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "table.md").read_text()
+    rows = [
+        line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| strategy")
+    ]
+    assert [r.split("|")[1].strip() for r in rows] == list(QUICK_STRATEGIES)
