@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 
 from mixer.engine import Version
 from mixer.signals import Report
@@ -368,9 +367,3 @@ class Reporter:
         v = version_from_proto(msg)
         if self.current is None or v.version > self.current.version:
             self.current = v
-
-
-def report_from_arrays(step: int, source: str, **arrays: Any) -> Report:
-    """Build a Report from numpy arrays (a convenience for training loops)."""
-    fields = {k: (np.asarray(v) if v is not None and not isinstance(v, (int, float, str, dict)) else v) for k, v in arrays.items()}
-    return Report(step=step, source=source, **fields)

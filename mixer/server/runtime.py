@@ -20,7 +20,7 @@ import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
 from mixer.engine import Engine, Version
-from mixer.signals import Report, SignalError, validate_report
+from mixer.signals import Report, SignalError, Window, validate_report
 from mixer.spec import JobSpec, SpecError
 from mixer.store import Append, JobRecord, Store
 from mixer.store.writer import GroupCommitWriter
@@ -248,7 +248,7 @@ class Runtimes:
         rt.report_count += 1
         rt.sample_count += report.num_samples
         if report.domain_token_count is not None:
-            mean, seen = _mean_loss(report)
+            mean, seen = Window([report], rt.spec.num_domains).mean_loss()
             rt.last_loss = mean if rt.last_loss is None else np.where(seen, mean, rt.last_loss)
         self._track_applied(rt, report)
         row = {
@@ -323,14 +323,6 @@ class Runtimes:
             what = f"version {number}" if number is not None else f"step {step}"
             raise MixerError(grpc.StatusCode.NOT_FOUND, f"job {rt.job.name!r} has no version for {what}")
         return found
-
-
-def _mean_loss(r: Report) -> tuple[np.ndarray, np.ndarray]:
-    seen = r.domain_token_count > 0
-    mean = np.zeros_like(r.domain_token_count)
-    loss = r.domain_loss_sum if r.domain_loss_sum is not None else np.zeros_like(mean)
-    mean[seen] = loss[seen] / r.domain_token_count[seen]
-    return mean, seen
 
 
 def decode_payload(payload: bytes, num_domains: int) -> Report:
