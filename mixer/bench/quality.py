@@ -85,6 +85,31 @@ def default_corpus() -> Path:
     return Path(mixer.__file__).resolve().parents[1].parent / "shared" / "corpora" / "minipile"
 
 
+NOISE_ALPHABET = "".join(chr(c) for c in range(32, 127))  # printable ASCII: ln 95 = 4.55 nats/byte at best
+
+
+def noise_corpus(root: Path, count: int, train_bytes: int, val_bytes: int, doc_bytes: int = 2048) -> Path:
+    """`count` unlearnable control domains under root (noise-0, noise-1, ...): documents of printable
+    ASCII drawn uniformly at random, a fixed seed per domain. The best any model can do on them is
+    ln 95 = 4.55 nats/byte, so every step spent on them is wasted; a strategy that sees this should
+    starve them. They train but are left out of the score. Written once; reused while present."""
+    for i in range(count):
+        d = root / f"noise-{i}"
+        if (d / "val.jsonl").is_file():
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(10_000 + i)
+        alphabet = np.frombuffer(NOISE_ALPHABET.encode(), dtype=np.uint8)
+        for split, size in (("train", train_bytes), ("val", val_bytes)):
+            tmp = d / f"{split}.jsonl.tmp"
+            with tmp.open("w") as f:
+                for _ in range(max(1, size // doc_bytes)):
+                    text = alphabet[rng.integers(0, alphabet.size, doc_bytes)].tobytes().decode()
+                    f.write(json.dumps({"text": text}) + "\n")
+            tmp.rename(d / f"{split}.jsonl")
+    return root
+
+
 def _settings(name: str, cfg: QualityConfig, K: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(strategy, weighting) of a benchmark strategy: the method's parameters scaled to this run."""
     steps, every, none = cfg.steps, cfg.update_every, {"name": "none"}
@@ -171,6 +196,8 @@ class _Bench:
     out: Path
     index: Path  # megatron's sample-index cache (shared: the prepared data does not change)
     progress: bool
+    scored: tuple[int, ...]  # domains in the score (all but the noise control domains)
+    control: tuple[int, ...]  # the noise control domains: trained on, not scored
 
 
 def _run_one(b: _Bench, name: str, seed: int, job: str, spec: dict[str, Any], reference: Path | None):
@@ -209,8 +236,10 @@ def _run_one(b: _Bench, name: str, seed: int, job: str, spec: dict[str, Any], re
     wall = time.perf_counter() - t0
     with MixerClient(b.address) as client:
         versions = {v.version: v for v in map(version_from_proto, client.list_versions(job))}
-    val = [[int(s), [float(x) for x in losses]] for s, losses in rec["val_history"]]
+    val_all = [[int(s), [float(x) for x in losses]] for s, losses in rec["val_history"]]
+    val = [[s, [losses[i] for i in b.scored]] for s, losses in val_all]
     final = np.asarray(val[-1][1])
+    trajectory = [[int(st), np.asarray(versions[v].weights).tolist()] for v, st in rec["applied"] if v in versions]
     keep = ("signals", "probes", "step_time_s", "step_time_attached_s", "step_time_detached_s",
             "all_reports_acknowledged")
     return {
@@ -219,8 +248,9 @@ def _run_one(b: _Bench, name: str, seed: int, job: str, spec: dict[str, Any], re
         "final_val": final.tolist(), "final_mean": float(final.mean()), "final_worst": float(final.max()),
         "worst_domain": int(final.argmax()), "val_history": val,
         # the weights the sampler applied, from the step each took effect
-        "trajectory": [[int(st), np.asarray(versions[v].weights).tolist()] for v, st in rec["applied"]
-                       if v in versions],
+        "trajectory": trajectory,
+        "control_val_history": [[s, [losses[i] for i in b.control]] for s, losses in val_all] if b.control else [],
+        "control_weight": _mean_weight(trajectory, b.control, cfg.steps) if b.control else None,
         "versions": len(versions), "applied_versions": len(rec["applied"]),
         "checkpoint": rec["checkpoints"][-1] if rec["checkpoints"] else None,
         "baseline_step_time_s": detached,
@@ -228,10 +258,20 @@ def _run_one(b: _Bench, name: str, seed: int, job: str, spec: dict[str, Any], re
     }
 
 
+def _mean_weight(trajectory: list[list[Any]], domains: tuple[int, ...], steps: int) -> float:
+    """Total weight on `domains`, averaged over the run's steps (each version from its step on)."""
+    total = 0.0
+    for i, (start, w) in enumerate(trajectory):
+        end = trajectory[i + 1][0] if i + 1 < len(trajectory) else steps
+        total += max(0, min(end, steps) - max(start, 0)) * sum(w[d] for d in domains)
+    return total / steps if steps else 0.0
+
+
 def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: QualityConfig, device: str = "cpu",
                 out: Path, cache: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
-                progress: bool = True, command: str = "") -> dict[str, Any]:
-    """Run every strategy x seed; write result.json, quality.png and table.md under out."""
+                noise_domains: int = 0, progress: bool = True, command: str = "") -> dict[str, Any]:
+    """Run every strategy x seed; write result.json, quality.png and table.md under out (rewritten
+    after every run, so an interrupted benchmark keeps what it finished)."""
     from tqdm import tqdm
 
     from mixer.megatron.data import TOKEN_DTYPE
@@ -248,13 +288,23 @@ def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: Quality
         (out / sub).mkdir()
     for f in out.glob("mixer.db*"):  # one fresh service database per benchmark
         f.unlink()
-    root, prefixes = _prepare(corpus, cache or out / "prepared", progress)
-    domains = list(prefixes)
+    cache = cache or out / "prepared"
+    root, prefixes = _prepare(corpus, cache, progress)
     size = np.dtype(TOKEN_DTYPE).itemsize
-    tokens = {d: Path(prefixes[d]["train"] + ".bin").stat().st_size // size for d in domains}
+    tokens = {d: Path(prefixes[d]["train"] + ".bin").stat().st_size // size for d in prefixes}
+    control: list[str] = []
+    if noise_domains:  # each as large as the median real domain
+        median = int(np.median(list(tokens.values())))
+        _, noise = _prepare(noise_corpus(out / "noise-corpus", noise_domains, median, 200_000), cache, progress)
+        control = sorted(noise)
+        prefixes = {**prefixes, **noise}
+        tokens.update({d: Path(noise[d]["train"] + ".bin").stat().st_size // size for d in noise})
+    domains = list(prefixes)
+    scored = [d for d in domains if d not in control]
     runid = time.strftime("%Y%m%d-%H%M%S")
     result: dict[str, Any] = {
         "command": command, "corpus": str(corpus), "domains": domains, "train_tokens": tokens,
+        "scored_domains": scored, "control_domains": control,
         "strategies": strategies, "seeds": list(range(seeds)), "device": device,
         "config": {**cfg.__dict__, "compare_block": cfg.compare_block, "baseline_steps": cfg.baseline_steps},
         "overrides": overrides or {},
@@ -262,7 +312,10 @@ def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: Quality
     }
     runs: list[dict[str, Any]] = result["runs"]
     server = ServerProcess(str(out / "mixer.db"), out).start()
-    bench = _Bench(cfg, server.address, device, out, root / "index", progress)
+    bench = _Bench(cfg, server.address, device, out, root / "index", progress,
+                   tuple(domains.index(d) for d in scored), tuple(domains.index(d) for d in control))
+    files = {"json": out / "result.json", "png": out / "quality.png", "table": out / "table.md"}
+    result["files"] = {k: str(v) for k, v in files.items()}
     t_start = time.perf_counter()
     try:
         todo = [(seed, name) for seed in range(seeds) for name in strategies]
@@ -289,19 +342,26 @@ def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: Quality
                 click_error = isinstance(e, click.ClickException)
                 msg = e.format_message() if click_error else f"{type(e).__name__}: {e}"
                 runs.append({**base, "status": "failed", "reason": msg})
+            _write(result, files, strategies, scored, time.perf_counter() - t_start)
         bar.close()
     finally:
         server.terminate()
-    result["wall_s"] = time.perf_counter() - t_start
-    result["summary"], result["attach_overhead"] = summarize(runs, strategies, domains)
+    return result
+
+
+def _write(result: dict[str, Any], files: dict[str, Path], strategies: list[str], scored: list[str],
+           wall: float) -> None:
+    """Summarize the runs so far; (re)write result.json, quality.png and table.md."""
+    runs = result["runs"]
+    result["wall_s"] = wall
+    result["summary"], result["attach_overhead"] = summarize(runs, strategies, scored)
     result["not_run"] = {f"{r['strategy']} (seed {r['seed']})": f"{r['status']}: {r['reason']}"
                          for r in runs if r["status"] != "ok"}
-    files = {"json": out / "result.json", "png": out / "quality.png", "table": out / "table.md"}
-    result["files"] = {k: str(v) for k, v in files.items()}
     plot_quality(result, files["png"])
     files["table"].write_text(format_table(result))
-    files["json"].write_text(json.dumps(result, indent=1, default=_jsonable))
-    return result
+    tmp = files["json"].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=_jsonable))
+    tmp.replace(files["json"])
 
 
 def _jsonable(o: Any) -> Any:
@@ -331,11 +391,12 @@ def _parse_sets(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 
 
 def _command_line(corpus: Path, names: list[str], cfg: QualityConfig, seeds: int, device: str, quick: bool,
-                  size: str, sets: tuple[str, ...], out: Path) -> str:
+                  size: str, noise_domains: int, sets: tuple[str, ...], out: Path) -> str:
     """The command that reproduces this run, every choice spelled out."""
     parts = ["mixer bench quality", *(["--quick"] if quick else []), f"--corpus {corpus}",
              f"--strategies {','.join(names)}", f"--steps {cfg.steps}", f"--seeds {seeds}",
              f"--eval-samples {cfg.eval_samples}", f"--device {device}", f"--size {size}",
+             *([f"--noise-domains {noise_domains}"] if noise_domains else []),
              *(f"--set {s}" for s in sets), f"--out {out}"]
     return " ".join(parts)
 
@@ -357,6 +418,9 @@ PATH = click.Path(file_okay=False, path_type=Path)
 @click.option("--size", type=click.Choice(sorted(PRESETS)), default=None,
               help="model preset  [default: quick with --quick, gpu with --device cuda, else cpu]")
 @click.option("--eval-samples", type=click.IntRange(1), default=None, help="validation windows per domain")
+@click.option("--noise-domains", type=click.IntRange(0), default=0, show_default=True,
+              help="add N unlearnable control domains (random printable ASCII, as large as the median "
+                   "domain): trained on, left out of the score; a good strategy starves them")
 @click.option("--set", "sets", multiple=True, metavar="STRATEGY.PARAM=VALUE",
               help="override a strategy parameter, e.g. --set doremi.eta=1 (repeat)")
 @click.option("--out", type=PATH, default=Path("mixer-bench-quality"), show_default=True,
@@ -364,8 +428,8 @@ PATH = click.Path(file_okay=False, path_type=Path)
 @click.option("--cache-dir", type=PATH, default=None, help="prepared corpus cache  [default: OUT/prepared]")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document as the last line")
 def quality_command(corpus: Path | None, strategies: str | None, steps: int | None, seeds: int, device: str,
-                    quick: bool, size: str | None, eval_samples: int | None, sets: tuple[str, ...], out: Path,
-                    cache_dir: Path | None, as_json: bool) -> None:
+                    quick: bool, size: str | None, eval_samples: int | None, noise_domains: int,
+                    sets: tuple[str, ...], out: Path, cache_dir: Path | None, as_json: bool) -> None:
     """Train a small GPT per strategy and seed through the live mixer; compare with uniform.
 
     Writes OUT/result.json, OUT/quality.png and OUT/table.md (final mean and worst-domain balanced
@@ -392,11 +456,13 @@ def quality_command(corpus: Path | None, strategies: str | None, steps: int | No
     with warnings.catch_warnings(), quiet:
         warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
         result = run_quality(corpus=corpus, strategies=names, seeds=seeds, cfg=cfg, device=device, out=out,
-                             cache=cache_dir, overrides=_parse_sets(sets), progress=not as_json,
-                             command=_command_line(corpus, names, cfg, seeds, device, quick, size, sets, out))
+                             cache=cache_dir, overrides=_parse_sets(sets), noise_domains=noise_domains,
+                             progress=not as_json,
+                             command=_command_line(corpus, names, cfg, seeds, device, quick, size, noise_domains,
+                                                   sets, out))
     click.echo(Path(result["files"]["table"]).read_text())
     if as_json:
-        keep = ("command", "corpus", "domains", "strategies", "seeds", "device", "config", "machine",
+        keep = ("command", "corpus", "domains", "control_domains", "strategies", "seeds", "device", "config", "machine",
                 "wall_s", "summary", "attach_overhead", "not_run", "files")
         click.echo(json.dumps({k: result[k] for k in keep}, separators=(",", ":"), default=_jsonable))
 

@@ -103,6 +103,9 @@ def summarize(
             "versions": int(np.mean([r["versions"] for r in rs.values()])),
             "wall_s": float(sum(r["wall_s"] for r in rs.values())),
         }
+        control = [r["control_weight"] for r in rs.values() if r.get("control_weight") is not None]
+        if control:  # total weight on the noise control domains, averaged over the run
+            summary[name]["control_weight"] = float(np.mean(control))
     attach = {
         "what": "uniform run, alternating detached / attached blocks in one process; "
         "first step of each block excluded",
@@ -156,9 +159,9 @@ HEADER = ("| strategy | final mean val loss | worst-domain val loss (domain) "
           "| step time (ms) | vs detached static | verdict |")
 
 
-def _row(name: str, s: dict[str, Any]) -> str:
+def _row(name: str, s: dict[str, Any], control: bool = False) -> str:
     if s["status"] != "ok":
-        return f"| {name} | {s['status']} | | | | | | | |"
+        return f"| {name} | {s['status']} | | | | | | | |" + (" |" if control else "")
     dm, dw, base = s["paired_diff_mean"], s["paired_diff_worst"], name == "uniform"
     over = "-" if s["overhead_vs_detached"] is None else f"{100 * s['overhead_vs_detached']:+.1f}%"
     cells = [name, _pm(s["final_mean"], s["final_mean_spread"]),
@@ -167,18 +170,28 @@ def _row(name: str, s: dict[str, Any]) -> str:
              "-" if base else _pm(dm["mean"], dm["std"], signed=True),
              "-" if base else _pm(dw["mean"], dw["std"], signed=True),
              f"{1000 * s['step_time_s']:.0f}", over, s["verdict"]]
+    if control:
+        cells.append("-" if s.get("control_weight") is None else f"{s['control_weight']:.3f}")
     return "| " + " | ".join(cells) + " |"
 
 
 def format_table(result: dict[str, Any]) -> str:
     """The Markdown report: the table, then what did not run, the attach overhead and the setup."""
     cfg, m, att = result["config"], result["machine"], result["attach_overhead"]
-    intro = (f"Balanced validation loss (nats/byte: each of the {len(result['domains'])} domains' validation "
+    control = result.get("control_domains") or []
+    scored = result.get("scored_domains") or result["domains"]
+    intro = (f"Balanced validation loss (nats/byte: each of the {len(scored)} domains' validation "
              f"windows scored on their own, averaged uniformly) after {cfg['steps']} steps, "
              f"{len(result['seeds'])} seed(s); mean ± standard deviation over seeds. Δ: paired difference "
              "from uniform on the same seeds (negative = better).")
-    lines = [intro, "", HEADER, "|---" * 9 + "|"]
-    lines += [_row(name, result["summary"][name]) for name in result["strategies"]]
+    if control:
+        intro += (f" Training also drew from {len(control)} unlearnable control domain(s) ({', '.join(control)}: "
+                  "random printable ASCII, ln 95 = 4.55 nats/byte at best), left out of the score; the last "
+                  "column is their total weight averaged over the run (uniform: "
+                  f"{len(control) / len(result['domains']):.3f}).")
+    header = HEADER + (" weight on noise |" if control else "")
+    lines = [intro, "", header, "|---" * (10 if control else 9) + "|"]
+    lines += [_row(name, result["summary"][name], bool(control)) for name in result["strategies"]]
     if result.get("not_run"):
         lines += ["", "Not run:", *(f"- {k}: {v}" for k, v in result["not_run"].items())]
     per = [f"seed {k}: {1000 * v['detached_s']:.0f} ms detached, {1000 * v['attached_s']:.0f} ms attached "

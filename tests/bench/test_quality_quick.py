@@ -6,10 +6,11 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mixer.bench.quality import QUICK_STRATEGIES, quality_command
+from mixer.bench.quality import NOISE_ALPHABET, QUICK_STRATEGIES, _mean_weight, noise_corpus, quality_command
 from mixer.bench.quality_plot import steps_to_reach, summarize
 from mixer.megatron.corpus import write_synthetic_corpus
 
@@ -71,7 +72,7 @@ def test_quality_quick_writes_a_complete_report(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = CliRunner().invoke(
         quality_command,
-        ["--quick", "--corpus", str(corpus), "--out", str(out), "--json"],
+        ["--quick", "--corpus", str(corpus), "--out", str(out), "--noise-domains", "1", "--json"],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
@@ -79,6 +80,7 @@ def test_quality_quick_writes_a_complete_report(tmp_path: Path) -> None:
     for key in ("command", "config", "machine", "domains", "summary", "attach_overhead", "not_run", "files"):
         assert key in doc, key
     assert doc["strategies"] == list(QUICK_STRATEGIES)
+    assert doc["control_domains"] == ["noise-0"] and doc["domains"][-1] == "noise-0"
     assert not doc["not_run"], doc["not_run"]
     for name in QUICK_STRATEGIES:
         s = doc["summary"][name]
@@ -93,6 +95,13 @@ def test_quality_quick_writes_a_complete_report(tmp_path: Path) -> None:
     doremi = next(r for r in full["runs"] if r["strategy"] == "doremi")
     assert doremi["signals"]["excess_loss_sum"] > 0  # the reference forward really ran
     assert all(r["val_history"] and r["trajectory"] for r in full["runs"])
+    # the control domain trains but is not scored: K - 1 scored losses, one control loss per evaluation
+    assert full["scored_domains"] == [d for d in full["domains"] if d != "noise-0"]
+    for r in full["runs"]:
+        assert all(len(v) == len(full["domains"]) - 1 for _, v in r["val_history"])
+        assert all(len(v) == 1 and v[0] > 3.0 for _, v in r["control_val_history"])  # unlearnable
+        assert 0 < r["control_weight"] < 1
+    assert doc["summary"]["uniform"]["control_weight"] == pytest.approx(1 / len(full["domains"]))
     png = out / "quality.png"
     assert png.is_file() and png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "table.md").read_text()
@@ -100,3 +109,26 @@ def test_quality_quick_writes_a_complete_report(tmp_path: Path) -> None:
         line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| strategy")
     ]
     assert [r.split("|")[1].strip() for r in rows] == list(QUICK_STRATEGIES)
+    assert "weight on noise" in table and "noise-0" in table
+
+
+def test_noise_corpus_is_unlearnable_and_deterministic(tmp_path: Path) -> None:
+    a = noise_corpus(tmp_path / "a", 2, train_bytes=20_000, val_bytes=4_096)
+    b = noise_corpus(tmp_path / "b", 2, train_bytes=20_000, val_bytes=4_096)
+    assert sorted(d.name for d in a.iterdir()) == ["noise-0", "noise-1"]
+    for d in ("noise-0", "noise-1"):
+        for split in ("train", "val"):
+            assert (a / d / f"{split}.jsonl").read_bytes() == (b / d / f"{split}.jsonl").read_bytes()
+    docs = [json.loads(line)["text"] for line in (a / "noise-0" / "train.jsonl").read_text().splitlines()]
+    text = "".join(docs)
+    assert len(docs) == 9 and set(text) <= set(NOISE_ALPHABET)
+    counts = np.bincount(np.frombuffer(text.encode(), np.uint8) - 32, minlength=95)
+    assert counts.min() > 0.5 * counts.mean()  # uniform over the 95 printable characters
+    assert (a / "noise-0" / "train.jsonl").read_bytes() != (a / "noise-1" / "train.jsonl").read_bytes()
+
+
+def test_mean_weight_integrates_the_trajectory() -> None:
+    # weights [a, b, noise]: 0.2 on noise for steps 0-49, 0.6 for 50-99
+    traj = [[0, [0.4, 0.4, 0.2]], [50, [0.2, 0.2, 0.6]]]
+    assert _mean_weight(traj, (2,), 100) == pytest.approx(0.4)
+    assert _mean_weight(traj, (0, 1), 100) == pytest.approx(0.6)
