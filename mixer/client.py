@@ -8,6 +8,7 @@ not acknowledged after a reconnect, and keeps the newest weight version for the 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ from mixer.wire import report_to_proto, version_from_proto
 log = logging.getLogger("mixer.client")
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+BATCH_REPORTS = 256
+"""At most this many queued reports travel in one Session message (a ReportBatch)..."""
+BATCH_BYTES = 1 << 20
+"""...and at most this many bytes of them (a larger report travels alone)."""
 _SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
@@ -192,12 +197,15 @@ class Reporter:
         max_backoff: float = 2.0,
         token: str | None = None,
         tls: TlsConfig | None = None,
+        on_ack: Callable[[int, int], None] | None = None,
     ):
-        """`address` may list several servers ("a:50051,b:50051"); on failure the next is tried."""
+        """`address` may list several servers ("a:50051,b:50051"); on failure the next is tried.
+        `on_ack(step, seq)` is called on the reporter's thread as each report is acknowledged."""
         self.addresses = [a.strip() for a in address.split(",") if a.strip()]
         self.address, self.job, self.source = self.addresses[0], job, source
         self._md = auth_metadata(token)
         self._tls = tls
+        self._ack_hook = on_ack
         self.timeout = timeout
         self.max_backoff = max_backoff
         self.max_buffer = max_buffer
@@ -253,6 +261,18 @@ class Reporter:
         with self._cv:
             return len(self._buffer) + (self._spill.count if self._spill else 0)
 
+    def wait_pending(self, at_most: int, timeout: float | None = None) -> bool:
+        """Block until at most `at_most` reports are unacknowledged (back-pressure for a producer
+        that must not run ahead of the service); False if the timeout passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while len(self._buffer) + (self._spill.count if self._spill else 0) > at_most:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(0.1 if left is None else min(left, 0.1))
+        return True
+
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every submitted report is acknowledged (or the timeout passes)."""
         deadline = time.monotonic() + timeout
@@ -288,18 +308,28 @@ class Reporter:
                     self._cv.wait(0.5)
                 if self._stop or gen != self._stream_gen:
                     return
-                _, data = self._buffer[self._sent]
-                self._sent += 1
-            yield pb.SessionRequest(report=pb.Signals.FromString(data))
+                # Everything queued and unsent goes in one message (up to a size bound): a worker
+                # that reports faster than round trips pays one message per batch, not per report.
+                datas, size = [], 0
+                for _, data in itertools.islice(self._buffer, self._sent, self._sent + BATCH_REPORTS):
+                    if datas and size + len(data) > BATCH_BYTES:
+                        break
+                    datas.append(data)
+                    size += len(data)
+                self._sent += len(datas)
+            if len(datas) == 1:
+                yield pb.SessionRequest(report=pb.Signals.FromString(datas[0]))
+            else:
+                yield pb.SessionRequest(reports=pb.ReportBatch(reports=[pb.Signals.FromString(d) for d in datas]))
 
     def _refill(self) -> None:
         while self._spill is not None and self._spill.count and len(self._buffer) < self.max_buffer:
             msg = pb.Signals.FromString(self._spill.pop())
             self._buffer.append(((msg.step, msg.seq), msg.SerializeToString()))
 
-    def _on_ack(self, key: tuple[int, int]) -> None:
+    def _on_ack(self, *keys: tuple[int, int]) -> None:
         with self._cv:
-            self._acked.add(key)
+            self._acked.update(keys)
             while self._buffer and self._buffer[0][0] in self._acked:
                 k, _ = self._buffer.popleft()
                 self._acked.discard(k)
@@ -334,6 +364,16 @@ class Reporter:
                         self.acked += 1
                         self.duplicates += resp.ack.duplicate
                         self._on_ack((resp.ack.step, resp.ack.seq))
+                        if self._ack_hook is not None:
+                            self._ack_hook(resp.ack.step, resp.ack.seq)
+                    elif kind == "acks":
+                        acks = resp.acks.acks
+                        self.acked += len(acks)
+                        self.duplicates += sum(a.duplicate for a in acks)
+                        self._on_ack(*((a.step, a.seq) for a in acks))
+                        if self._ack_hook is not None:
+                            for a in acks:
+                                self._ack_hook(a.step, a.seq)
                     elif kind == "version":
                         self._set_version(resp.version)
                     elif kind == "nack":

@@ -82,6 +82,18 @@ class Report:
         return 0
 
 
+_NON_NEGATIVE = ("domain_loss_sum", "domain_token_count", "domain_sample_count", "excess_loss_sum")
+
+
+def _explain_non_negative(name: str, arr: np.ndarray) -> None:
+    """Raise the precise error for a per-domain array that must be finite and >= 0."""
+    if not np.isfinite(arr).all():
+        bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+        raise SignalError(name, f"contains a non-finite value at domain index {bad}")
+    bad = int(np.flatnonzero(arr < 0)[0])
+    raise SignalError(name, f"must be >= 0; got {arr[bad]} at domain index {bad}")
+
+
 def validate_report(r: Report, num_domains: int, *, max_samples: int = 1 << 20) -> Report:
     """Check a report against its job; return it with arrays in canonical dtypes."""
     if isinstance(r.step, bool) or not isinstance(r.step, (int, np.integer)) or r.step < 0:
@@ -100,21 +112,21 @@ def validate_report(r: Report, num_domains: int, *, max_samples: int = 1 << 20) 
         arr = np.asarray(arr, dtype=dtype)
         if arr.ndim != 1 or arr.shape[0] != num_domains:
             raise SignalError(name, f"has {arr.size} entries; the job has {num_domains} domains")
-        if name == "val_loss":
+        if name in _NON_NEGATIVE:
+            # The common case in two reductions: NaN fails both comparisons, +Inf the second.
+            if arr.size and not (arr.min() >= 0 and arr.max() < np.inf):
+                _explain_non_negative(name, arr)
+        elif name == "val_loss":
             if np.isinf(arr).any():
                 raise SignalError(name, "contains Inf; use NaN for a domain that was not evaluated")
         elif not np.isfinite(arr).all():
             bad = int(np.flatnonzero(~np.isfinite(arr))[0])
             raise SignalError(name, f"contains a non-finite value at domain index {bad}")
-        if name in ("domain_loss_sum", "domain_token_count", "domain_sample_count", "excess_loss_sum") and (arr < 0).any():
-            bad = int(np.flatnonzero(arr < 0)[0])
-            raise SignalError(name, f"must be >= 0; got {arr[bad]} at domain index {bad}")
         setattr(r, name, arr)
     if r.domain_loss_sum is not None and r.domain_token_count is None:
         raise SignalError("domain_token_count", "is required with domain_loss_sum")
-    if r.domain_token_count is not None:
-        loss = r.domain_loss_sum if r.domain_loss_sum is not None else np.zeros(num_domains)
-        orphan = (r.domain_token_count == 0) & (loss > 0)
+    if r.domain_token_count is not None and r.domain_loss_sum is not None and not r.domain_token_count.min() > 0:
+        orphan = (r.domain_token_count == 0) & (r.domain_loss_sum > 0)
         if orphan.any():
             raise SignalError("domain_loss_sum", f"is positive at domain index {int(np.flatnonzero(orphan)[0])} with zero tokens")
     n = None

@@ -26,20 +26,24 @@ def report_to_proto(r: Report) -> pb.Signals:
     return msg
 
 
+_DOMAIN_DTYPES = {name: np.int64 if name == "domain_sample_count" else np.float64 for name in PER_DOMAIN_FIELDS}
+_SAMPLE_DTYPES = {name: (np.dtype(dtype).newbyteorder("<"), dtype) for name, dtype in PER_SAMPLE_FIELDS.items()}
+
+
 def report_from_proto(msg: pb.Signals) -> Report:
     """Decode a wire report; array lengths and values are checked later by validate_report."""
-    r = Report(step=msg.step, source=msg.source, seq=msg.seq, applied_version=msg.applied_version, extra=dict(msg.extra))
-    for name in PER_DOMAIN_FIELDS:
-        values = getattr(msg, name)
-        if len(values):
-            setattr(r, name, np.array(values, dtype=np.int64 if name == "domain_sample_count" else np.float64))
-    for name, dtype in PER_SAMPLE_FIELDS.items():
-        raw = getattr(msg, name)
-        if raw:
-            dt = np.dtype(dtype).newbyteorder("<")
-            if len(raw) % dt.itemsize:
-                raise SignalError(name, f"is {len(raw)} bytes, not a whole number of {dt.itemsize}-byte {dt.name} values")
-            setattr(r, name, np.frombuffer(raw, dtype=dt).astype(dtype))
+    r = Report(step=msg.step, source=msg.source, seq=msg.seq, applied_version=msg.applied_version)
+    for fd, value in msg.ListFields():  # only the fields the worker set
+        name = fd.name
+        if name in _DOMAIN_DTYPES:
+            setattr(r, name, np.array(value, dtype=_DOMAIN_DTYPES[name]))
+        elif name in _SAMPLE_DTYPES:
+            dt, dtype = _SAMPLE_DTYPES[name]
+            if len(value) % dt.itemsize:
+                raise SignalError(name, f"is {len(value)} bytes, not a whole number of {dt.itemsize}-byte {dt.name} values")
+            setattr(r, name, np.frombuffer(value, dtype=dt).astype(dtype))
+        elif name == "extra":
+            r.extra = dict(value)
     return r
 
 

@@ -1,17 +1,22 @@
 """`mixer bench load`: many concurrent sessions, each in its own process, at full rate.
 
 Starts a real `mixer serve` (SQLite in a temporary folder unless --db is given), one job per
-session, and N client processes that each stream small per-domain reports over a session with
-a bounded window of unacknowledged reports, for a fixed duration. Prints throughput,
-acknowledgement latency, the server's memory at start and end, and the exact count of reports
-in the log against the count acknowledged and sent. Bounded: it stops by itself.
+session, and N client processes that each stream small per-domain reports through a Reporter
+(the client training jobs use: it sends whatever is queued as one batch message) with a bounded
+window of unacknowledged reports, for a fixed duration. Prints throughput,
+acknowledgement latency, the server's memory at start (once every session is up and has
+streamed for a warm-up of min(10 s, duration/10)) and at the end of the streaming, and the exact
+count of reports in the log against the count acknowledged and sent. The clock starts once every
+session is connected (64 interpreters starting on two cores take a while). Bounded: it stops by
+itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import queue
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,59 +34,42 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
-def _session_worker(address: str, job: str, duration: float, window: int, start_at: float, out: mp.Queue) -> None:
-    """One client process: stream reports for `duration` seconds, then drain and report counts."""
-    import grpc
-
-    from mixer.client import channel
+def _session_worker(address: str, job: str, duration: float, window: int, go, out: mp.Queue) -> None:
+    """One client process: a Reporter (the client training jobs use) fed as fast as it takes
+    reports, with at most `window` unacknowledged; then drain, and report counts and latencies."""
+    from mixer.client import Reporter
     from mixer.v1 import mixer_pb2 as pb
-    from mixer.v1 import mixer_pb2_grpc as pb_grpc
 
     rng = np.random.default_rng(abs(hash(job)) % 2**32)
     loss = rng.uniform(1, 4, K).tolist()
     tokens = [256.0] * K
-    permits = threading.Semaphore(window)
     sent_at: dict[int, float] = {}
     latencies: list[float] = []
-    state = {"sent": 0}
 
-    def requests():
-        yield pb.SessionRequest(hello=pb.Hello(job=job, source="load"))
-        while time.time() < start_at:
-            time.sleep(0.001)
-        end = time.time() + duration
-        step = 0
-        while time.time() < end:
-            if not permits.acquire(timeout=0.1):
-                continue
-            sent_at[step] = time.perf_counter()
-            yield pb.SessionRequest(report=pb.Signals(step=step, source="load", domain_loss_sum=loss, domain_token_count=tokens))
-            step += 1
-            state["sent"] = step
-        # Returning half-closes the stream: the service acknowledges what it took, then ends it.
+    def on_ack(step: int, seq: int) -> None:  # the reporter's thread
+        t = sent_at.pop(step, None)
+        if t is not None:
+            latencies.append(time.perf_counter() - t)
 
-    acked = 0
-    errors = 0
+    reporter = Reporter(address, job, "load", max_buffer=4 * window, on_ack=on_ack).start()
     error = None
-    ch = channel(address)
-    try:
-        for resp in pb_grpc.MixerServiceStub(ch).Session(requests()):
-            kind = resp.WhichOneof("kind")
-            if kind == "ack":
-                t = sent_at.pop(resp.ack.step, None)
-                if t is not None:
-                    latencies.append(time.perf_counter() - t)
-                acked += 1
-                permits.release()
-            elif kind == "nack":
-                errors += 1
-                permits.release()
-    except grpc.RpcError as e:
-        error = f"{e.code().name}: {e.details()}"
-    finally:
-        ch.close()
+    if not reporter.connected.wait(60):
+        error = f"no session within 60 s: {reporter.last_error}"
+    out.put({"ready": job})
+    go.wait(300)  # the clock starts once every session is connected
+    end = time.time() + duration
+    step = 0
+    while error is None and time.time() < end:
+        if not reporter.wait_pending(window - 1, timeout=0.1):
+            continue
+        sent_at[step] = time.perf_counter()
+        reporter.submit(pb.Signals(step=step, source="load", domain_loss_sum=loss, domain_token_count=tokens))
+        step += 1
+    if not reporter.close(timeout=120) and error is None:
+        error = f"{reporter.pending} reports unacknowledged at the end: {reporter.last_error}"
     lat = np.asarray(latencies) * 1000
-    result = {"job": job, "sent": state["sent"], "acked": acked, "errors": errors, "lat_ms": lat.tolist()[:: max(1, lat.size // 5000)]}
+    result = {"job": job, "sent": step, "acked": reporter.acked, "errors": len(reporter.rejected),
+              "lat_ms": lat.tolist()[:: max(1, lat.size // 5000)]}
     if error:
         result["error"] = error
     out.put(result)
@@ -102,28 +90,49 @@ def run_load_bench(*, sessions: int = 64, duration: float = 120.0, window: int =
                 for j in jobs:
                     c.create_job({"name": j, "domains": [f"d{i}" for i in range(K)], "strategy": "odm", "cadence": {"update_every": 10}})
                     c.get_job(j)  # load it before the clock starts
-            rss_start = _rss_bytes(srv.proc.pid)
+            rss_before = _rss_bytes(srv.proc.pid)
             ctx = mp.get_context("spawn")
             out: mp.Queue = ctx.Queue()
-            start_at = time.time() + 3.0 + sessions * 0.05  # every process connected before the clock starts
-            procs = [ctx.Process(target=_session_worker, args=(srv.address, j, duration, window, start_at, out), daemon=True) for j in jobs]
+            go = ctx.Event()
+            procs = [ctx.Process(target=_session_worker, args=(srv.address, j, duration, window, go, out), daemon=True) for j in jobs]
             for p in procs:
                 p.start()
-            results = []
-            bar = tqdm(total=sessions, desc=f"{sessions} sessions x {duration:.0f}s", unit="session", disable=not progress)
-            deadline = start_at + duration + 120
-            while len(results) < sessions and time.time() < deadline:
-                try:
-                    results.append(out.get(timeout=1))
-                    bar.update(1)
-                except Exception:  # noqa: BLE001 - queue.Empty: keep waiting until the deadline
-                    pass
+            ready, results = 0, []
+            bar = tqdm(total=sessions, desc="connecting", unit="session", disable=not progress)
+            deadline = time.time() + 120 + sessions
+            while ready < sessions and time.time() < deadline:
+                with contextlib.suppress(queue.Empty):
+                    msg = out.get(timeout=1)
+                    if "ready" in msg:
+                        ready += 1
+                        bar.update(1)
+                    else:  # a worker that ended early (an error)
+                        results.append(msg)
             bar.close()
+            go.set()
+            t_go = time.time()
+            # Memory: once the sessions are up and streaming (warm-up), and at the end of the streaming.
+            warm = min(10.0, duration / 10)
+            rss_start = 0
+            bar = tqdm(total=int(duration), desc=f"{sessions} sessions x {duration:.0f}s", unit="s", disable=not progress)
+            while time.time() < t_go + duration:
+                time.sleep(min(1.0, max(0.0, t_go + duration - time.time())))
+                bar.n = min(int(duration), int(time.time() - t_go))
+                bar.refresh()
+                if not rss_start and time.time() >= t_go + warm:
+                    rss_start = _rss_bytes(srv.proc.pid)
+            rss_end = _rss_bytes(srv.proc.pid)
+            bar.close()
+            deadline = time.time() + 150
+            while len(results) < sessions and time.time() < deadline:
+                with contextlib.suppress(queue.Empty):
+                    msg = out.get(timeout=1)
+                    if "ready" not in msg:
+                        results.append(msg)
             for p in procs:
                 p.join(5)
                 if p.is_alive():
                     p.kill()
-            rss_end = _rss_bytes(srv.proc.pid)
         finally:
             srv.terminate()
         store = Store(db_url)
@@ -144,6 +153,9 @@ def run_load_bench(*, sessions: int = 64, duration: float = 120.0, window: int =
         "reports_per_s": acked / duration,
         "ack_p50_ms": float(np.percentile(lat, 50)) if lat.size else float("nan"),
         "ack_p99_ms": float(np.percentile(lat, 99)) if lat.size else float("nan"),
+        "sessions_connected": ready,
+        "server_rss_before_sessions_mb": rss_before / 2**20,
+        "rss_warmup_s": warm,
         "server_rss_start_mb": rss_start / 2**20,
         "server_rss_end_mb": rss_end / 2**20,
         "server_rss_growth": (rss_end - rss_start) / rss_start if rss_start else float("nan"),

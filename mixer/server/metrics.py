@@ -31,7 +31,7 @@ class Metrics:
             "mixer_db_commit_batch_size", "Appends per group commit", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry
         )
         self.ingest_seconds = Histogram(
-            "mixer_ingest_lag_seconds", "From a report's arrival to its acknowledgement (durable)", buckets=LATENCY_BUCKETS, registry=self.registry
+            "mixer_ingest_lag_seconds", "From a report's (or a batch's) arrival to its acknowledgement (durable)", buckets=LATENCY_BUCKETS, registry=self.registry
         )
         self.push_seconds = Histogram(
             "mixer_version_push_lag_seconds", "From a version's commit to its push to a session", buckets=LATENCY_BUCKETS, registry=self.registry

@@ -2,7 +2,8 @@
 
 Everything here runs on the server's event loop thread, so the ingest path up to the commit
 needs no lock: validate -> dedup -> assign the log position -> engine -> submit to the group
-commit. The acknowledgement waits for the commit. A failed commit poisons the job's runtime:
+commit. The acknowledgement waits for the commit. A batch of reports goes through the same path
+report by report and is submitted as one append: one commit future, one acknowledgement message. A failed commit poisons the job's runtime:
 it is dropped and rebuilt from the database (snapshot + log) on the next access, so memory
 never runs ahead of what is durable.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -20,7 +22,7 @@ import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
 from mixer.engine import Engine, Version
-from mixer.signals import Report, SignalError, Window, validate_report
+from mixer.signals import Report, SignalError, validate_report
 from mixer.spec import JobSpec, SpecError
 from mixer.store import Append, JobRecord, Store
 from mixer.store.writer import GroupCommitWriter
@@ -57,6 +59,23 @@ class Limits:
     max_sessions_per_job: int = 1024
 
 
+CREATED_KEPT = 256
+"""Commit times kept per job, newest versions only (push-latency metric, current version's time)."""
+
+
+@dataclass(slots=True)
+class Taken:
+    """What begin_ingest did with a batch of reports."""
+
+    futures: list[Future] = field(default_factory=list)
+    """Commits to wait for: this batch's, and those of in-flight reports it repeated."""
+    acks: list[pb.Ack] = field(default_factory=list)
+    """Reports taken or found to be duplicates, in order; sent once `futures` resolve."""
+    refused: list[tuple[pb.Signals, MixerError]] = field(default_factory=list)
+    versions: list[Version] = field(default_factory=list)
+    """New versions, oldest first; published once `futures` resolve."""
+
+
 @dataclass
 class JobRuntime:
     job: JobRecord
@@ -73,7 +92,8 @@ class JobRuntime:
     last_loss: np.ndarray | None = None
     applied_lag: int = 0
     """Steps between a version's effective step and the step a worker first reported applying it."""
-    applied_seen: set[int] = field(default_factory=set)
+    applied_max: int = -1
+    """The newest version any worker reported applying."""
     poisoned: bool = False
     sessions: int = 0
 
@@ -84,6 +104,11 @@ class JobRuntime:
 
     def unsubscribe(self, q: asyncio.Queue) -> None:
         self.watchers.discard(q)
+
+    def note_created(self, v: Version) -> None:
+        self.created_at[v.version] = time.time()
+        while len(self.created_at) > CREATED_KEPT:
+            del self.created_at[next(iter(self.created_at))]
 
     def publish(self, v: Version) -> None:
         for q in list(self.watchers):
@@ -194,9 +219,31 @@ class Runtimes:
 
     # -- ingest -------------------------------------------------------------------------------
 
-    def begin_ingest(self, rt: JobRuntime, msg: pb.Signals) -> tuple[Future | None, pb.Ack, Version | None]:
-        """Validate and append one report (synchronously, on the loop). Returns the commit future,
-        the ack to send once it resolves, and the new version if this report produced one."""
+    def begin_ingest(self, rt: JobRuntime, msgs: Sequence[pb.Signals]) -> Taken:
+        """Validate and append reports, in order (synchronously, on the loop): each is taken,
+        recognized as a duplicate or refused on its own; everything taken goes to the group commit
+        as one append. The caller sends the acks once `settle` returns."""
+        taken = Taken()
+        fut: Future = Future()
+        append = Append(rt.job.id)
+        keys: list[tuple[int, str, int]] = []
+        for msg in msgs:
+            try:
+                self._admit(rt, msg, append, fut, keys, taken)
+            except MixerError as e:
+                taken.refused.append((msg, e))
+            except Exception:  # noqa: BLE001 - a bug must not hang the session; the report is not in the log
+                log.exception("ingest failed for job %s", rt.job.name)
+                self.poison(rt)  # its engine may be half-updated: rebuild it from the log (later reports: UNAVAILABLE)
+                taken.refused.append((msg, MixerError(grpc.StatusCode.INTERNAL, "internal error; see the server log")))
+        if append.signals:
+            self.writer.submit(append, fut)
+            fut.add_done_callback(lambda f, rt=rt, keys=keys: self._settled(rt, keys, f))
+            taken.futures.append(fut)
+        return taken
+
+    def _admit(self, rt: JobRuntime, msg: pb.Signals, append: Append, fut: Future, keys: list, taken: Taken) -> None:
+        """One report: refuse it (MixerError), ack it as a duplicate, or take it into `append`."""
         if rt.job.source_job:
             self._reject("derived")
             raise MixerError(grpc.StatusCode.FAILED_PRECONDITION, f"job {rt.job.name!r} is derived from {rt.job.source_job!r} (a replay); it takes no reports")
@@ -222,16 +269,20 @@ class Runtimes:
         mark = rt.marks.get(report.source)
         if mark is not None and (report.step, report.seq) <= mark:
             if key in rt.inflight:
-                fut, seq = rt.inflight[key]
+                other, seq = rt.inflight[key]
                 rt.duplicate_count += 1
-                return fut, pb.Ack(step=report.step, seq=report.seq, duplicate=True, log_seq=seq), None
+                if other is not fut and other not in taken.futures:
+                    taken.futures.append(other)
+                taken.acks.append(pb.Ack(step=report.step, seq=report.seq, duplicate=True, log_seq=seq))
+                return
             try:
                 seq = self.store.has_signal(rt.job.id, *key)
             except SQLAlchemyError:
                 raise MixerError(grpc.StatusCode.UNAVAILABLE, "the database is unavailable; retry later") from None
             if seq is not None:
                 rt.duplicate_count += 1
-                return None, pb.Ack(step=report.step, seq=report.seq, duplicate=True, log_seq=seq), None
+                taken.acks.append(pb.Ack(step=report.step, seq=report.seq, duplicate=True, log_seq=seq))
+                return
             self._reject("out_of_order")
             raise MixerError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -247,11 +298,13 @@ class Runtimes:
         rt.marks[report.source] = (report.step, report.seq)
         rt.report_count += 1
         rt.sample_count += report.num_samples
-        if report.domain_token_count is not None:
-            mean, seen = Window([report], rt.spec.num_domains).mean_loss()
-            rt.last_loss = mean if rt.last_loss is None else np.where(seen, mean, rt.last_loss)
+        tokens = report.domain_token_count
+        if tokens is not None and report.domain_loss_sum is not None:  # the live per-domain loss (page, metrics)
+            if rt.last_loss is None:
+                rt.last_loss = np.zeros(rt.spec.num_domains)
+            np.divide(report.domain_loss_sum, tokens, out=rt.last_loss, where=tokens > 0)
         self._track_applied(rt, report)
-        row = {
+        append.signals.append({
             "seq": seq,
             "step": report.step,
             "source": report.source,
@@ -259,31 +312,33 @@ class Runtimes:
             "applied_version": report.applied_version,
             "num_samples": report.num_samples,
             "payload": msg.SerializeToString(),
-        }
-        append = Append(rt.job.id, signals=[row])
+        })
         if version is not None:
             append.versions.append(version)
+            taken.versions.append(version)
             if version.version % rt.spec.cadence.snapshot_every == 0:
-                append.snapshot = (version.version, seq, eng.snapshot())
-        fut = self.writer.submit(append)
+                append.snapshot = (version.version, seq, eng.snapshot())  # a batch keeps its newest
         rt.inflight[key] = (fut, seq)
-        fut.add_done_callback(lambda f, rt=rt, key=key: self._settled(rt, key, f))
-        return fut, pb.Ack(step=report.step, seq=report.seq, duplicate=False, log_seq=seq), version
+        keys.append(key)
+        taken.acks.append(pb.Ack(step=report.step, seq=report.seq, duplicate=False, log_seq=seq))
 
     async def ingest(self, rt: JobRuntime, msg: pb.Signals) -> tuple[pb.Ack, Version | None]:
-        fut, ack, version = self.begin_ingest(rt, msg)
-        await self.settle(rt, fut, version)
-        return ack, version
+        """One report, acknowledged once durable (the unary Report call); refusal raises MixerError."""
+        taken = self.begin_ingest(rt, [msg])
+        if taken.refused:
+            raise taken.refused[0][1]
+        await self.settle(rt, taken)
+        return taken.acks[0], (taken.versions[-1] if taken.versions else None)
 
-    async def settle(self, rt: JobRuntime, fut: Future | None, version: Version | None) -> None:
-        """Wait until a report is durable, then push its version (if any) to watchers."""
-        if fut is not None:
+    async def settle(self, rt: JobRuntime, taken: Taken) -> None:
+        """Wait until a batch's reports are durable, then push its versions (if any) to watchers."""
+        for fut in taken.futures:
             try:
                 await asyncio.wrap_future(fut)
-            except Exception as e:  # noqa: BLE001 - the database failed; the client keeps its report
+            except Exception as e:  # noqa: BLE001 - the database failed; the client keeps its reports
                 raise MixerError(grpc.StatusCode.UNAVAILABLE, f"the database did not commit the report ({type(e).__name__}); retry later") from None
-        if version is not None:
-            rt.created_at[version.version] = time.time()
+        for version in taken.versions:
+            rt.note_created(version)
             rt.publish(version)
 
     def poison(self, rt: JobRuntime) -> None:
@@ -294,17 +349,18 @@ class Runtimes:
             if self.jobs.get(rt.job.name) is rt:
                 self.jobs.pop(rt.job.name, None)
 
-    def _settled(self, rt: JobRuntime, key, fut: Future) -> None:
+    def _settled(self, rt: JobRuntime, keys: list, fut: Future) -> None:
         # Runs on the writer thread: only plain dict/flag updates here.
-        rt.inflight.pop(key, None)
+        for key in keys:
+            rt.inflight.pop(key, None)
         if fut.exception() is not None:
             self.poison(rt)
 
     def _track_applied(self, rt: JobRuntime, report: Report) -> None:
         v = report.applied_version
-        if v < 0 or v in rt.applied_seen:
+        if v <= rt.applied_max:  # versions only grow: the first report applying v is the one to time
             return
-        rt.applied_seen.add(v)
+        rt.applied_max = v
         if v == rt.engine.current.version:
             rt.applied_lag = max(0, report.step - rt.engine.current.effective_step)
 

@@ -20,6 +20,8 @@ from mixer.wire import version_to_proto
 
 log = logging.getLogger("mixer.server")
 
+_STOPPING = object()  # a session's output queue: the server is shutting down
+
 
 def db_unavailable(e: SQLAlchemyError) -> MixerError:
     """The database failed: the caller should keep its data and retry."""
@@ -199,32 +201,44 @@ class MixerService(pb_grpc.MixerServiceServicer):
         )
         pending: set[asyncio.Task] = set()
 
-        async def settle(fut, ack, version, t0):
+        def nack(step: int, seq: int, e: MixerError) -> pb.SessionResponse:
+            return pb.SessionResponse(nack=pb.Nack(step=step, seq=seq, code=e.code.value[0], message=e.message))
+
+        async def settle(taken, batched: bool, t0: float):
             try:
-                await self.rts.settle(rt, fut, version)
-                self.metrics.ingest_seconds.observe(time.perf_counter() - t0)
-                out.put_nowait(pb.SessionResponse(ack=ack))
+                await self.rts.settle(rt, taken)
             except MixerError as e:
-                out.put_nowait(pb.SessionResponse(nack=pb.Nack(step=ack.step, seq=ack.seq, code=e.code.value[0], message=e.message)))
+                for ack in taken.acks:
+                    out.put_nowait(nack(ack.step, ack.seq, e))
+                return
+            self.metrics.ingest_seconds.observe(time.perf_counter() - t0)
+            if batched:
+                out.put_nowait(pb.SessionResponse(acks=pb.AckBatch(acks=taken.acks)))
+            else:
+                for ack in taken.acks:
+                    out.put_nowait(pb.SessionResponse(ack=ack))
 
         async def read():
             async for req in request_iterator:
+                if self.rts.stopping.is_set():  # shutting down: take nothing more
+                    break
                 kind = req.WhichOneof("kind")
-                if kind != "report":
+                if kind == "report":
+                    msgs, batched = [req.report], False
+                elif kind == "reports":
+                    msgs, batched = req.reports.reports, True
+                else:
                     continue
                 t0 = time.perf_counter()
-                try:
-                    fut, ack, version = self.rts.begin_ingest(rt, req.report)
-                except MixerError as e:
-                    out.put_nowait(pb.SessionResponse(nack=pb.Nack(step=req.report.step, seq=req.report.seq, code=e.code.value[0], message=e.message)))
+                taken = self.rts.begin_ingest(rt, msgs)
+                for msg, e in taken.refused:
+                    out.put_nowait(nack(msg.step, msg.seq, e))
+                if not taken.acks:
                     continue
-                except Exception:  # noqa: BLE001 - a bug must not hang the session; the report is not in the log
-                    log.exception("ingest failed for job %s", rt.job.name)
-                    self.rts.poison(rt)  # its engine may be half-updated: rebuild it from the log
-                    code = grpc.StatusCode.INTERNAL.value[0]
-                    out.put_nowait(pb.SessionResponse(nack=pb.Nack(step=req.report.step, seq=req.report.seq, code=code, message="internal error; see the server log")))
+                if not taken.futures:  # only duplicates already durable: acknowledge at once
+                    await settle(taken, batched, t0)
                     continue
-                task = asyncio.create_task(settle(fut, ack, version, t0))
+                task = asyncio.create_task(settle(taken, batched, t0))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
             if pending:
@@ -234,21 +248,25 @@ class MixerService(pb_grpc.MixerServiceServicer):
         async def push():
             while True:
                 v = await q.get()
+                while not q.empty():  # a worker needs only the newest weights: skip what it has not sent yet
+                    v = q.get_nowait()
                 created = rt.created_at.get(v.version)
                 if created:
                     self.metrics.push_seconds.observe(max(0.0, time.time() - created))
                 out.put_nowait(pb.SessionResponse(version=self._version(rt, v)))
 
+        async def stop_watch():
+            await self.rts.stopping.wait()
+            out.put_nowait(_STOPPING)
+
         reader = asyncio.create_task(read())
         pusher = asyncio.create_task(push())
-        stopping = asyncio.create_task(self.rts.stopping.wait())
+        stopper = asyncio.create_task(stop_watch())
         try:
             while True:
-                getter = asyncio.ensure_future(out.get())
-                await asyncio.wait({getter, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
+                item = await out.get()
+                if item is _STOPPING:
                     # Shutting down: take no more reports, acknowledge what was taken, end the stream.
-                    getter.cancel()
                     reader.cancel()
                     if pending:
                         await asyncio.gather(*pending, return_exceptions=True)
@@ -257,15 +275,14 @@ class MixerService(pb_grpc.MixerServiceServicer):
                         if item is not None:
                             yield item
                     return
-                item = getter.result()
                 if item is None:
                     break
                 yield item
             await reader
         finally:
-            for t in (reader, pusher, stopping):
+            for t in (reader, pusher, stopper):
                 t.cancel()
-            for t in (reader, pusher, stopping):
+            for t in (reader, pusher, stopper):
                 with contextlib.suppress(BaseException):
                     await t
             rt.unsubscribe(q)

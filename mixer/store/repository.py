@@ -25,6 +25,7 @@ from mixer.store.models import JobRow, LeaseRow, SignalRow, SnapshotRow, TokenRo
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _SIGNAL_COLUMNS = ("job_id", "seq", "step", "source", "source_seq", "applied_version", "num_samples", "received_at", "payload")
+_VERSION_COLUMNS = ("job_id", "version", "effective_step", "trigger_step", "log_seq", "weights", "params_json", "blob", "created_at")
 
 
 def normalize_url(url: str) -> str:
@@ -115,6 +116,7 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         mark = "?" if self.url.startswith("sqlite") else "%s"
         self._insert_signals = f"INSERT INTO signals ({', '.join(_SIGNAL_COLUMNS)}) VALUES ({', '.join([mark] * len(_SIGNAL_COLUMNS))})"
+        self._insert_versions = f"INSERT INTO versions ({', '.join(_VERSION_COLUMNS)}) VALUES ({', '.join([mark] * len(_VERSION_COLUMNS))})"
         if migrate:
             self.migrate()
 
@@ -189,8 +191,8 @@ class Store:
                 # The hot insert goes straight to the driver: SQLAlchemy's per-row work would cost
                 # more than the database's on small reports.
                 conn.exec_driver_sql(self._insert_signals, [tuple(r[c] for c in _SIGNAL_COLUMNS) for r in signals])
-            if versions:
-                conn.execute(insert(VersionRow), versions)
+            if versions:  # a version every few reports: the driver too
+                conn.exec_driver_sql(self._insert_versions, [tuple(r[c] for c in _VERSION_COLUMNS) for r in versions])
             if snaps:
                 conn.execute(insert(SnapshotRow), snaps)
 

@@ -30,8 +30,9 @@ class GroupCommitWriter:
         self._thread = threading.Thread(target=self._run, name="mixer-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, item: Append) -> Future:
-        fut: Future = Future()
+    def submit(self, item: Append, fut: Future | None = None) -> Future:
+        """Queue an append; the returned future (`fut`, when given) resolves once it is durable."""
+        fut = fut if fut is not None else Future()
         self._q.put((item, fut))
         return fut
 
