@@ -34,9 +34,10 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
-def _session_worker(address: str, job: str, duration: float, window: int, go, out: mp.Queue) -> None:
+def _session_worker(address: str, job: str, duration: float, window: int, rate: float, go, out: mp.Queue) -> None:
     """One client process: a Reporter (the client training jobs use) fed as fast as it takes
-    reports, with at most `window` unacknowledged; then drain, and report counts and latencies."""
+    reports (or at `rate` reports/s when > 0), with at most `window` unacknowledged; then drain,
+    and report counts and latencies."""
     from mixer.client import Reporter
     from mixer.v1 import mixer_pb2 as pb
 
@@ -59,12 +60,23 @@ def _session_worker(address: str, job: str, duration: float, window: int, go, ou
     go.wait(300)  # the clock starts once every session is connected
     end = time.time() + duration
     step = 0
+    due = time.perf_counter()
     while error is None and time.time() < end:
-        if not reporter.wait_pending(window - 1, timeout=0.1):
+        if rate > 0:  # paced: the next report is due 1/rate after the previous one was
+            wait = due - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+        # Full rate: refill the window whenever half of it is acknowledged (one wake-up per
+        # half window, not per report). Paced: one report when it is due and the window allows.
+        if not reporter.wait_pending(window - 1 if rate > 0 else window // 2, timeout=0.1):
             continue
-        sent_at[step] = time.perf_counter()
-        reporter.submit(pb.Signals(step=step, source="load", domain_loss_sum=loss, domain_token_count=tokens))
-        step += 1
+        for _ in range(1 if rate > 0 else window - reporter.pending):
+            # Paced, latency counts from when the report was due (a client held back by a full
+            # window or a slow process still counts the wait: no coordinated omission).
+            sent_at[step] = min(due, time.perf_counter()) if rate > 0 else time.perf_counter()
+            due += 1.0 / rate if rate > 0 else 0.0
+            reporter.submit(pb.Signals(step=step, source="load", domain_loss_sum=loss, domain_token_count=tokens))
+            step += 1
     if not reporter.close(timeout=120) and error is None:
         error = f"{reporter.pending} reports unacknowledged at the end: {reporter.last_error}"
     lat = np.asarray(latencies) * 1000
@@ -75,7 +87,8 @@ def _session_worker(address: str, job: str, duration: float, window: int, go, ou
     out.put(result)
 
 
-def run_load_bench(*, sessions: int = 64, duration: float = 120.0, window: int = 32, db: str | None = None, progress: bool = True) -> dict[str, Any]:
+def run_load_bench(*, sessions: int = 64, duration: float = 120.0, window: int = 32, rate: float = 0.0, db: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """`rate`: total reports/s offered across the sessions (0: each session at full rate)."""
     from mixer.client import MixerClient
     from mixer.server.launch import ServerProcess
     from mixer.store import Store
@@ -94,7 +107,7 @@ def run_load_bench(*, sessions: int = 64, duration: float = 120.0, window: int =
             ctx = mp.get_context("spawn")
             out: mp.Queue = ctx.Queue()
             go = ctx.Event()
-            procs = [ctx.Process(target=_session_worker, args=(srv.address, j, duration, window, go, out), daemon=True) for j in jobs]
+            procs = [ctx.Process(target=_session_worker, args=(srv.address, j, duration, window, rate / sessions, go, out), daemon=True) for j in jobs]
             for p in procs:
                 p.start()
             ready, results = 0, []
@@ -146,6 +159,7 @@ def run_load_bench(*, sessions: int = 64, duration: float = 120.0, window: int =
         "sessions_reporting": len(results),
         "duration_s": duration,
         "window": window,
+        "offered_rate": rate or "full",
         "reports_sent": sent,
         "reports_acked": acked,
         "reports_in_log": in_log,

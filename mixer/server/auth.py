@@ -7,6 +7,7 @@ to one job, or to every job ('*'). With auth off, every call is allowed.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -57,19 +58,37 @@ class Authenticator:
         self.enabled = enabled
         self._cache: dict[str, tuple[float, str, Principal]] = {}
 
-    def principal(self, header: str | None) -> Principal:
+    @staticmethod
+    def _parse(header: str | None) -> tuple[str, str]:
+        """(token id, SHA-256 of the secret) of an Authorization header."""
         if not header:
             raise MixerError(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token (metadata 'authorization: Bearer mx_...')")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.startswith("mx_") or token.count("_") < 2:
             raise MixerError(grpc.StatusCode.UNAUTHENTICATED, "malformed token; expected 'Bearer mx_<id>_<secret>'")
         _, token_id, secret = token.split("_", 2)
-        now = time.monotonic()
-        digest = hash_secret(secret)
+        return token_id, hash_secret(secret)
+
+    def _cached(self, token_id: str, digest: str) -> Principal | None:
         hit = self._cache.get(token_id)
-        if hit and hit[0] > now and hmac.compare_digest(hit[1], digest):
+        if hit and hit[0] > time.monotonic() and hmac.compare_digest(hit[1], digest):
             return hit[2]
-        row = self.store.get_token(token_id)
+        return None
+
+    def principal(self, header: str | None) -> Principal:
+        token_id, digest = self._parse(header)
+        return self._cached(token_id, digest) or self._verify(token_id, digest, self.store.get_token(token_id))
+
+    async def principal_async(self, header: str | None) -> Principal:
+        """principal() for the event loop: a cache miss reads the token row on a worker thread."""
+        token_id, digest = self._parse(header)
+        hit = self._cached(token_id, digest)
+        if hit is not None:
+            return hit
+        return self._verify(token_id, digest, await asyncio.to_thread(self.store.get_token, token_id))
+
+    def _verify(self, token_id: str, digest: str, row) -> Principal:
+        now = time.monotonic()
         # Compare even when the id is unknown, so timing does not tell ids apart.
         expected = row[2] if row else hash_secret(secrets.token_hex(8))
         if not hmac.compare_digest(expected, digest) or row is None or row[3]:
@@ -78,17 +97,21 @@ class Authenticator:
         self._cache[token_id] = (now + CACHE_SECONDS, digest, p)
         return p
 
-    def check(self, header: str | None, job: str | None, role: str) -> Principal | None:
-        if not self.enabled:
-            return None
-        p = self.principal(header)
+    @staticmethod
+    def _allow(p: Principal, job: str | None, role: str) -> Principal:
         if not p.may(job, role):
             what = f"job {job!r}" if job else "this call"
             raise MixerError(grpc.StatusCode.PERMISSION_DENIED, f"token {p.token_id} ({p.role} on {p.job!r}) may not act as {role} on {what}")
         return p
 
-    def check_grpc(self, context: grpc.aio.ServicerContext, job: str | None, role: str) -> Principal | None:
+    def check(self, header: str | None, job: str | None, role: str) -> Principal | None:
+        """For the HTTP side's threads."""
+        if not self.enabled:
+            return None
+        return self._allow(self.principal(header), job, role)
+
+    async def check_grpc(self, context: grpc.aio.ServicerContext, job: str | None, role: str) -> Principal | None:
         if not self.enabled:
             return None
         header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
-        return self.check(header, job, role)
+        return self._allow(await self.principal_async(header), job, role)

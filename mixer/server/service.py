@@ -64,7 +64,7 @@ class MixerService(pb_grpc.MixerServiceServicer):
 
     @_unary
     async def CreateJob(self, request, context):
-        p = self.auth.check_grpc(context, None, "admin")
+        p = await self.auth.check_grpc(context, None, "admin")
         if p is not None and p.job != ALL_JOBS:
             try:
                 name = JobSpec.from_yaml(request.spec).name
@@ -79,12 +79,12 @@ class MixerService(pb_grpc.MixerServiceServicer):
     @_unary
     async def GetJob(self, request, context):
         self._need(request.name, "name")
-        self.auth.check_grpc(context, request.name, "reader")
+        await self.auth.check_grpc(context, request.name, "reader")
         return pb.GetJobResponse(job=job_to_proto(await self.rts.get(request.name)))
 
     @_unary
     async def ListJobs(self, request, context):
-        p = self.auth.check_grpc(context, None, "reader")
+        p = await self.auth.check_grpc(context, None, "reader")
         recs = await asyncio.to_thread(self.rts.store.list_jobs)
         if p is not None and p.job != ALL_JOBS:
             recs = [r for r in recs if r.name == p.job]
@@ -97,14 +97,14 @@ class MixerService(pb_grpc.MixerServiceServicer):
     @_unary
     async def FinishJob(self, request, context):
         self._need(request.name, "name")
-        self.auth.check_grpc(context, request.name, "admin")
+        await self.auth.check_grpc(context, request.name, "admin")
         rt = await self.rts.finish(request.name)
         return pb.FinishJobResponse(job=job_to_proto(rt))
 
     @_unary
     async def Report(self, request, context):
         self._need(request.job)
-        self.auth.check_grpc(context, request.job, "writer")
+        await self.auth.check_grpc(context, request.job, "writer")
         t0 = time.perf_counter()
         rt = await self.rts.get(request.job)
         ack, _ = await self.rts.ingest(rt, request.signals)
@@ -114,7 +114,7 @@ class MixerService(pb_grpc.MixerServiceServicer):
     @_unary
     async def GetWeights(self, request, context):
         self._need(request.job)
-        self.auth.check_grpc(context, request.job, "reader")
+        await self.auth.check_grpc(context, request.job, "reader")
         rt = await self.rts.get(request.job)
         which = request.WhichOneof("at")
         if which == "step" and request.step < 0:
@@ -125,7 +125,7 @@ class MixerService(pb_grpc.MixerServiceServicer):
     @_unary
     async def ListVersions(self, request, context):
         self._need(request.job)
-        self.auth.check_grpc(context, request.job, "reader")
+        await self.auth.check_grpc(context, request.job, "reader")
         rt = await self.rts.get(request.job)
         rows = await asyncio.to_thread(self.rts.store.versions, rt.job.id, request.after_version, request.limit)
         return pb.ListVersionsResponse(versions=[self._version(rt, v, c) for v, c in rows])
@@ -133,7 +133,7 @@ class MixerService(pb_grpc.MixerServiceServicer):
     async def WatchWeights(self, request, context):
         try:
             self._need(request.job)
-            self.auth.check_grpc(context, request.job, "reader")
+            await self.auth.check_grpc(context, request.job, "reader")
             rt = await self.rts.get(request.job)
         except SQLAlchemyError as e:
             err = db_unavailable(e)
@@ -168,7 +168,7 @@ class MixerService(pb_grpc.MixerServiceServicer):
             self._need(hello.job, "hello.job")
             if not hello.source:
                 raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, "hello.source: a source name is required")
-            self.auth.check_grpc(context, hello.job, "writer")
+            await self.auth.check_grpc(context, hello.job, "writer")
             rt = await self.rts.get(hello.job)
         except SQLAlchemyError as e:
             err = db_unavailable(e)
