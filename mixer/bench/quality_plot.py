@@ -133,8 +133,11 @@ def _verdict(name: str, d: dict[str, Any], spread: float | None) -> str:
     if spread is None:
         return "1 seed: no verdict"
     if abs(d["mean"]) <= 2 * spread:
-        return "within noise"
-    return "better than uniform" if d["mean"] < 0 else "worse than uniform"
+        verdict = "within noise"
+    else:
+        verdict = "better than uniform" if d["mean"] < 0 else "worse than uniform"
+    # The paired view: on how many seeds it beat the same seed's uniform run.
+    return verdict + f" (better on {sum(x < 0 for x in d['per_seed'])}/{len(d['per_seed'])} seeds)"
 
 
 def _pm(x: float | None, sd: float | None, fmt: str = "{:.4f}", signed: bool = False) -> str:

@@ -58,7 +58,7 @@ def test_summarize_pairs_seeds_and_flags_noise() -> None:
     )
     assert odm["worst_domain"] == "b"
     assert odm["overhead_vs_detached"] == pytest.approx(1.0)
-    assert odm["verdict"] == "better than uniform"  # -0.3 beyond twice uniform's spread (0.0707)
+    assert odm["verdict"] == "better than uniform (better on 2/2 seeds)"  # -0.3 beyond twice the spread (0.0707)
     assert summary["uniform"]["steps_to_uniform"] == {"0": 1.0, "1": 1.0}
     assert summary["dga"]["status"] == "not run: no probe"
     assert attach["per_seed"]["0"]["overhead"] == pytest.approx(0.1)
