@@ -92,5 +92,5 @@ def test_a_busy_reporter_sends_batches_and_loses_nothing(server):
     assert steps == list(range(n))
     # the service observed fewer ingest messages than reports: they came batched
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=10).read().decode()
-    messages = float(re.search(r"^mixer_ingest_lag_seconds_count (\S+)$", metrics, re.M).group(1))
+    messages = float(re.search(r"^mixer_ingest_lag_seconds_count (\S+)$", metrics, re.MULTILINE).group(1))
     assert 0 < messages < n / 2, messages

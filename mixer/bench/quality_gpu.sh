@@ -13,6 +13,9 @@
 #           then run: bash mixer/bench/quality_gpu.sh .bench/minipile   with carry [".bench"])
 #   OUT     default /tmp/mixer-bench-quality-gpu (checkpoints of the 125M model are large); result.json,
 #           quality.png and table.md are copied to $OUT when that is set (the device machine's return folder)
+#   more options, e.g. `--noise-domains 2 --strategies uniform,doremi,dga` (the CPU benchmark's setting
+#           where mixing has something to fix). The files are rewritten after every run, so a run cut
+#           off by the timeout still returns the runs it finished.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore

@@ -3,9 +3,9 @@
 Everything here runs on the server's event loop thread, so the ingest path up to the commit
 needs no lock: validate -> dedup -> assign the log position -> engine -> submit to the group
 commit. The acknowledgement waits for the commit. A batch of reports goes through the same path
-report by report and is submitted as one append: one commit future, one acknowledgement message. A failed commit poisons the job's runtime:
-it is dropped and rebuilt from the database (snapshot + log) on the next access, so memory
-never runs ahead of what is durable.
+report by report and is submitted as one append: one commit future, one acknowledgement message.
+A failed commit poisons the job's runtime: it is dropped and rebuilt from the database
+(snapshot + log) on the next access, so memory never runs ahead of what is durable.
 """
 
 from __future__ import annotations
