@@ -67,8 +67,8 @@ PRESETS = {
     # a smoke test: seconds per run on the 2-core dev machine
     "quick": QualityConfig(layers=2, hidden=64, heads=4, seq=64, batch=16, steps=40, lr=2e-3, eval_samples=8,
                            update_every=5),
-    # mixing-calibration.md's CPU model: ~260 ms/step through megatron-core on the idle 2-core machine
-    # (plain PyTorch: 165 ms), so 10 runs of 800 steps, probes and evaluations fit ~45 minutes
+    # mixing-calibration.md's CPU model: ~180 ms/step through megatron-core on the idle 2-core machine
+    # (plain PyTorch: 165 ms); all 10 strategies x 800 steps, probes and evaluations: 28.7 minutes measured
     "cpu": QualityConfig(layers=3, hidden=128, heads=4, seq=128, batch=32, steps=800, lr=2e-3,
                          eval_samples=64),
     # ~125M parameters (12 x 768), bf16 on one GPU; 16k tokens a step, 400 steps ~ 1/3 pass over minipile
