@@ -256,17 +256,20 @@ class Reporter:
         self._polled = cur.version
         return cur
 
+    def _unacked(self) -> int:  # under self._cv
+        return len(self._buffer) + (self._spill.count if self._spill else 0)
+
     @property
     def pending(self) -> int:
         with self._cv:
-            return len(self._buffer) + (self._spill.count if self._spill else 0)
+            return self._unacked()
 
     def wait_pending(self, at_most: int, timeout: float | None = None) -> bool:
         """Block until at most `at_most` reports are unacknowledged (back-pressure for a producer
         that must not run ahead of the service); False if the timeout passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
-            while len(self._buffer) + (self._spill.count if self._spill else 0) > at_most:
+            while self._unacked() > at_most:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -275,14 +278,7 @@ class Reporter:
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every submitted report is acknowledged (or the timeout passes)."""
-        deadline = time.monotonic() + timeout
-        with self._cv:
-            while self._buffer or (self._spill and self._spill.count):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cv.wait(min(left, 0.1))
-        return True
+        return self.wait_pending(0, timeout)
 
     def close(self, timeout: float = 30.0) -> bool:
         """Flush, then end the session. Returns whether everything was acknowledged."""
@@ -360,14 +356,8 @@ class Reporter:
                         self.connected.set()
                         welcomed = True
                         backoff = 0.05
-                    elif kind == "ack":
-                        self.acked += 1
-                        self.duplicates += resp.ack.duplicate
-                        self._on_ack((resp.ack.step, resp.ack.seq))
-                        if self._ack_hook is not None:
-                            self._ack_hook(resp.ack.step, resp.ack.seq)
-                    elif kind == "acks":
-                        acks = resp.acks.acks
+                    elif kind in ("ack", "acks"):
+                        acks = [resp.ack] if kind == "ack" else resp.acks.acks
                         self.acked += len(acks)
                         self.duplicates += sum(a.duplicate for a in acks)
                         self._on_ack(*((a.step, a.seq) for a in acks))

@@ -23,7 +23,7 @@ import shutil
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,25 +149,6 @@ def _job_spec(name: str, job: str, seed: int, prefixes: dict[str, str], tokens: 
             "cadence": {"update_every": cfg.update_every, "min_weight": floor}}
 
 
-def _capability(name: str) -> str | None:
-    """Why a strategy cannot run through the real training path here (None: it can)."""
-    import inspect
-
-    from mixer.megatron.pretrain import PretrainOptions
-    from mixer.megatron.train import TrainConfig, train
-
-    have = {f.name for f in (*fields(TrainConfig), *fields(PretrainOptions))}
-    needs = {"doremi": ("reference", "excess-loss probe (reference model)"),
-             "dga": ("align_every", "gradient-alignment probe"),
-             "dwm": ("sample_align_every", "per-sample alignment probe"),
-             "aioli": ("eval_interval", "periodic validation-loss reports")}
-    if name in needs and needs[name][0] not in have:
-        return f"the worker has no {needs[name][1]} yet"
-    if name in ("loss-linupper", "toremi", "dwm") and "weighting" not in inspect.signature(train).parameters:
-        return "mixer.megatron.train does not apply instance weights yet"
-    return None
-
-
 def _prepare(corpus: Path, cache: Path, progress: bool) -> tuple[Path, dict[str, dict[str, str]]]:
     """prepare_corpus into cache/<corpus fingerprint>/ once; reused while the corpus is unchanged."""
     from mixer.megatron.data import prepare_corpus
@@ -184,6 +165,14 @@ def _prepare(corpus: Path, cache: Path, progress: bool) -> tuple[Path, dict[str,
     prefixes = prepare_corpus(corpus, root / "data", progress=progress)
     done.write_text(json.dumps(prefixes))
     return root, prefixes
+
+
+def _train_tokens(prefixes: dict[str, dict[str, str]]) -> dict[str, int]:
+    """Training tokens per prepared domain (the size of its .bin)."""
+    from mixer.megatron.data import TOKEN_DTYPE
+
+    size = np.dtype(TOKEN_DTYPE).itemsize
+    return {d: Path(p["train"] + ".bin").stat().st_size // size for d, p in prefixes.items()}
 
 
 @dataclass(frozen=True)
@@ -274,7 +263,6 @@ def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: Quality
     after every run, so an interrupted benchmark keeps what it finished)."""
     from tqdm import tqdm
 
-    from mixer.megatron.data import TOKEN_DTYPE
     from mixer.server.launch import ServerProcess
 
     unknown = sorted(set(strategies) - set(STRATEGIES))
@@ -290,15 +278,14 @@ def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: Quality
         f.unlink()
     cache = cache or out / "prepared"
     root, prefixes = _prepare(corpus, cache, progress)
-    size = np.dtype(TOKEN_DTYPE).itemsize
-    tokens = {d: Path(prefixes[d]["train"] + ".bin").stat().st_size // size for d in prefixes}
+    tokens = _train_tokens(prefixes)
     control: list[str] = []
     if noise_domains:  # each as large as the median real domain
         median = int(np.median(list(tokens.values())))
         _, noise = _prepare(noise_corpus(out / "noise-corpus", noise_domains, median, 200_000), cache, progress)
         control = sorted(noise)
         prefixes = {**prefixes, **noise}
-        tokens.update({d: Path(noise[d]["train"] + ".bin").stat().st_size // size for d in noise})
+        tokens.update(_train_tokens(noise))
     domains = list(prefixes)
     scored = [d for d in domains if d not in control]
     runid = time.strftime("%Y%m%d-%H%M%S")
@@ -324,8 +311,8 @@ def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: Quality
             bar.set_postfix(strategy=name, seed=seed)
             job = f"quality-{runid}-{name}-s{seed}"
             base = {"strategy": name, "seed": seed, "job": job}
-            reason, ref = _capability(name), None
-            if reason is None and name == "doremi":
+            reason, ref = None, None
+            if name == "doremi":
                 uni = next((r for r in runs if r["strategy"] == "uniform" and r["seed"] == seed), {})
                 ref = Path(uni["checkpoint"]) if uni.get("checkpoint") else None
                 if ref is None:

@@ -235,9 +235,6 @@ class MixerService(pb_grpc.MixerServiceServicer):
                     out.put_nowait(nack(msg.step, msg.seq, e))
                 if not taken.acks:
                     continue
-                if not taken.futures:  # only duplicates already durable: acknowledge at once
-                    await settle(taken, batched, t0)
-                    continue
                 task = asyncio.create_task(settle(taken, batched, t0))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
