@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from mixer.bench import load as load_defaults
 from mixer.client import DEFAULT_ADDRESS
 
 def address_option(fn):
@@ -345,15 +346,16 @@ def bench_service(reports: int, samples: int, sessions: int, db: str | None, as_
 @bench.command("load")
 @click.option("--sessions", default=64, show_default=True, type=int, help="concurrent sessions, one process and one job each")
 @click.option("--duration", default=120.0, show_default=True, type=float, help="seconds each session streams")
-@click.option("--window", default=32, show_default=True, type=int, help="unacknowledged reports per session")
+@click.option("--window", default=load_defaults.WINDOW, show_default=True, type=click.IntRange(1), help="unacknowledged reports per session")
 @click.option("--rate", default=0.0, show_default=True, type=click.FloatRange(0), help="total reports/s offered, paced evenly over the sessions (0: full rate)")
+@click.option("--client-nice", default=load_defaults.CLIENT_NICE, show_default=True, type=click.IntRange(0, 19), help="niceness of the client processes (0: equal footing with the server)")
 @click.option("--db", default=None, help="database URL (default: a SQLite file in a temporary folder)")
 @json_option
-def bench_load(sessions: int, duration: float, window: int, rate: float, db: str | None, as_json: bool) -> None:
+def bench_load(sessions: int, duration: float, window: int, rate: float, client_nice: int, db: str | None, as_json: bool) -> None:
     """Many sessions at full rate on loopback: throughput, ack latency, memory, exact log count."""
     from mixer.bench.load import run_load_bench
 
-    result = run_load_bench(sessions=sessions, duration=duration, window=window, rate=rate, db=db, progress=not as_json)
+    result = run_load_bench(sessions=sessions, duration=duration, window=window, rate=rate, client_nice=client_nice, db=db, progress=not as_json)
     if as_json:
         emit_json(result)
 

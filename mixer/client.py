@@ -156,6 +156,36 @@ class MixerClient:
         return self.stub.Report(pb.ReportRequest(job=job, signals=msg), timeout=self.timeout, metadata=self._md)
 
 
+_SESSION = "/mixer.v1.MixerService/Session"
+
+
+def _tag(message, field: str) -> bytes:
+    """The wire tag of a length-delimited field (a message): field number, wire type 2."""
+    return bytes([message.DESCRIPTOR.fields_by_name[field].number << 3 | 2])
+
+
+_REPORT = _tag(pb.SessionRequest, "report")
+_REPORTS = _tag(pb.SessionRequest, "reports")  # a ReportBatch
+_BATCH_ITEM = _tag(pb.ReportBatch, "reports")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _session_request(datas: list[bytes]) -> bytes:
+    """A serialized SessionRequest carrying already-serialized Signals: one report, or a batch."""
+    if len(datas) == 1:
+        return _REPORT + _varint(len(datas[0])) + datas[0]
+    batch = b"".join(_BATCH_ITEM + _varint(len(d)) + d for d in datas)
+    return _REPORTS + _varint(len(batch)) + batch
+
+
 class _Spill:
     """Length-prefixed report bytes on disk, read back in order (beyond the memory bound)."""
 
@@ -294,7 +324,7 @@ class Reporter:
     # -- the background side ------------------------------------------------------------------
 
     def _requests(self, gen: int):
-        yield pb.SessionRequest(hello=pb.Hello(job=self.job, source=self.source))
+        yield pb.SessionRequest(hello=pb.Hello(job=self.job, source=self.source)).SerializeToString()
         while True:
             with self._cv:
                 while not self._stop and gen == self._stream_gen and self._sent >= len(self._buffer):
@@ -313,10 +343,7 @@ class Reporter:
                     datas.append(data)
                     size += len(data)
                 self._sent += len(datas)
-            if len(datas) == 1:
-                yield pb.SessionRequest(report=pb.Signals.FromString(datas[0]))
-            else:
-                yield pb.SessionRequest(reports=pb.ReportBatch(reports=[pb.Signals.FromString(d) for d in datas]))
+            yield _session_request(datas)
 
     def _refill(self) -> None:
         while self._spill is not None and self._spill.count and len(self._buffer) < self.max_buffer:
@@ -343,10 +370,12 @@ class Reporter:
                 gen = self._stream_gen
                 self._sent = 0  # resend everything unacknowledged on the new stream
             ch = channel(self.address, self._tls)
-            stub = pb_grpc.MixerServiceStub(ch)
             welcomed = False
             try:
-                call = stub.Session(self._requests(gen), metadata=self._md)
+                # Requests go out as bytes built by _session_request: queued reports are kept
+                # serialized and are never parsed again to be sent.
+                session = ch.stream_stream(_SESSION, request_serializer=None, response_deserializer=pb.SessionResponse.FromString)
+                call = session(self._requests(gen), metadata=self._md)
                 for resp in call:
                     kind = resp.WhichOneof("kind")
                     if kind == "welcome":
@@ -358,6 +387,8 @@ class Reporter:
                         backoff = 0.05
                     elif kind in ("ack", "acks"):
                         acks = [resp.ack] if kind == "ack" else resp.acks.acks
+                        if kind == "acks" and resp.acks.HasField("latest"):
+                            self._set_version(resp.acks.latest)
                         self.acked += len(acks)
                         self.duplicates += sum(a.duplicate for a in acks)
                         self._on_ack(*((a.step, a.seq) for a in acks))

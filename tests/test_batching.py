@@ -9,7 +9,7 @@ import urllib.request
 import grpc
 import numpy as np
 
-from mixer.client import MixerClient, Reporter, channel
+from mixer.client import MixerClient, Reporter, _session_request, channel
 from mixer.store import Store
 from mixer.v1 import mixer_pb2 as pb
 from mixer.v1 import mixer_pb2_grpc as pb_grpc
@@ -31,6 +31,13 @@ def session(address: str, job: str, *requests: pb.SessionRequest) -> list[pb.Ses
         ch.close()
 
 
+def test_session_requests_built_from_serialized_reports_are_what_protobuf_would_send():
+    small, big = signals(1), pb.Signals(step=2, source="w" * 300, domain_loss_sum=[1.0] * 5000)  # lengths of 1 to 3 varint bytes
+    for datas in ([small], [big], [small, big, pb.Signals()]):
+        want = pb.SessionRequest(report=datas[0]) if len(datas) == 1 else pb.SessionRequest(reports=pb.ReportBatch(reports=datas))
+        assert _session_request([d.SerializeToString() for d in datas]) == want.SerializeToString()
+
+
 def test_a_batch_is_taken_report_by_report_and_acked_in_one_message(server):
     with MixerClient(server.address) as c:
         c.create_job({"name": "batch", "domains": ["a", "b"], "strategy": "odm", "cadence": {"update_every": 2}})
@@ -50,6 +57,10 @@ def test_a_batch_is_taken_report_by_report_and_acked_in_one_message(server):
     acks = next(r.acks.acks for r in out if r.WhichOneof("kind") == "acks")
     assert [(a.step, a.duplicate) for a in acks] == [(0, False), (1, False), (1, True), (3, False)]
     assert acks[2].log_seq == acks[1].log_seq  # the duplicate names the original's place in the log
+    # update_every 2: the batch triggered an update, and its weights came with the acknowledgement
+    ack_msg = next(r.acks for r in out if r.WhichOneof("kind") == "acks")
+    assert ack_msg.HasField("latest") and ack_msg.latest.version >= 1 and len(ack_msg.latest.weights) == K
+    assert "version" not in kinds  # ...not in a message of their own
     # the next batch resends two of them (a reconnect): duplicates, acked from the log
     out = session(server.address, "batch", pb.SessionRequest(reports=pb.ReportBatch(reports=[signals(1), signals(3), signals(4)])))
     acks = next(r.acks.acks for r in out if r.WhichOneof("kind") == "acks")

@@ -7,14 +7,16 @@ window of unacknowledged reports, for a fixed duration. Prints throughput,
 acknowledgement latency, the server's memory at start (once every session is up and has
 streamed for a warm-up of min(10 s, duration/10)) and at the end of the streaming, and the exact
 count of reports in the log against the count acknowledged and sent. The clock starts once every
-session is connected (64 interpreters starting on two cores take a while). Bounded: it stops by
-itself.
+session is connected (64 interpreters starting on two cores take a while). The client processes
+run at a lower CPU priority (`--client-nice`, 10 by default) than the server they measure.
+Bounded: it stops by itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import os
 import queue
 import tempfile
 import time
@@ -25,6 +27,13 @@ import numpy as np
 from tqdm import tqdm
 
 K = 8
+WINDOW = 6
+"""Unacknowledged reports per session: at 64 sessions, ~10,000 reports/s fit in ~30 ms (Little's
+law: in flight = throughput x latency), and a session sends half a window per message."""
+CLIENT_NICE = 10
+"""The client processes' niceness: they share the machine with the server, as load generators
+should, without taking the CPU from it when both want it (clients of a real deployment run on
+other machines). 0 puts them on an equal footing."""
 
 
 def _rss_bytes(pid: int) -> int:
@@ -34,10 +43,11 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
-def _session_worker(address: str, job: str, duration: float, window: int, rate: float, go, out: mp.Queue) -> None:
+def _session_worker(address: str, job: str, duration: float, window: int, rate: float, nice: int, go, out: mp.Queue) -> None:
     """One client process: a Reporter (the client training jobs use) fed as fast as it takes
     reports (or at `rate` reports/s when > 0), with at most `window` unacknowledged; then drain,
     and report counts and latencies."""
+    os.nice(nice)  # a load generator: the server under test gets the CPU first when both want it
     from mixer.client import Reporter
     from mixer.v1 import mixer_pb2 as pb
 
@@ -87,7 +97,9 @@ def _session_worker(address: str, job: str, duration: float, window: int, rate: 
     out.put(result)
 
 
-def run_load_bench(*, sessions: int = 64, duration: float = 120.0, window: int = 32, rate: float = 0.0, db: str | None = None, progress: bool = True) -> dict[str, Any]:
+def run_load_bench(
+    *, sessions: int = 64, duration: float = 120.0, window: int = WINDOW, rate: float = 0.0, client_nice: int = CLIENT_NICE, db: str | None = None, progress: bool = True
+) -> dict[str, Any]:
     """`rate`: total reports/s offered across the sessions (0: each session at full rate)."""
     from mixer.client import MixerClient
     from mixer.server.launch import ServerProcess
@@ -107,7 +119,7 @@ def run_load_bench(*, sessions: int = 64, duration: float = 120.0, window: int =
             ctx = mp.get_context("spawn")
             out: mp.Queue = ctx.Queue()
             go = ctx.Event()
-            procs = [ctx.Process(target=_session_worker, args=(srv.address, j, duration, window, rate / sessions, go, out), daemon=True) for j in jobs]
+            procs = [ctx.Process(target=_session_worker, args=(srv.address, j, duration, window, rate / sessions, client_nice, go, out), daemon=True) for j in jobs]
             for p in procs:
                 p.start()
             ready, results = 0, []
@@ -160,6 +172,7 @@ def run_load_bench(*, sessions: int = 64, duration: float = 120.0, window: int =
         "duration_s": duration,
         "window": window,
         "offered_rate": rate or "full",
+        "client_nice": client_nice,
         "reports_sent": sent,
         "reports_acked": acked,
         "reports_in_log": in_log,

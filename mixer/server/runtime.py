@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -131,6 +133,12 @@ class Runtimes:
         self._ids: dict[str, int] = {}
         self.stopping = asyncio.Event()
         """Set on SIGTERM: sessions stop reading, settle what they took, and end."""
+        self._loop = asyncio.get_running_loop()
+        # Commit outcomes travel from the writer thread to the loop through one mailbox: one
+        # loop wake-up per group commit, however many batches it settled.
+        self._mail: deque[tuple[Callable, Future]] = deque()
+        self._mail_lock = threading.Lock()
+        self._mail_armed = False
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -330,16 +338,68 @@ class Runtimes:
         await self.settle(rt, taken)
         return taken.acks[0], (taken.versions[-1] if taken.versions else None)
 
+    def when_settled(self, rt: JobRuntime, taken: Taken, done: Callable[[MixerError | None], None]) -> None:
+        """Call `done(None)` on the loop once a batch's reports are durable (its versions pushed to
+        watchers first), or `done(error)` if a commit failed (the client keeps its reports)."""
+
+        def finish(err: BaseException | None) -> None:
+            # The futures hold this closure (through their callbacks) and `taken` holds them: break
+            # the cycle so the batch is freed by reference counting, not by the cyclic collector
+            # (whose full collections over a busy heap stall the loop).
+            taken.futures.clear()
+            if err is not None:
+                done(MixerError(grpc.StatusCode.UNAVAILABLE, f"the database did not commit the report ({type(err).__name__}); retry later"))
+                return
+            for version in taken.versions:
+                rt.note_created(version)
+                rt.publish(version)
+            done(None)
+
+        futures = taken.futures
+        if not futures:
+            finish(None)
+            return
+        state = [len(futures), None]  # commits outstanding, the first error
+
+        def one(f: Future) -> None:
+            state[1] = state[1] or f.exception()
+            state[0] -= 1
+            if state[0] == 0:
+                finish(state[1])
+
+        for f in futures:
+            f.add_done_callback(lambda f: self._post(one, f))
+
     async def settle(self, rt: JobRuntime, taken: Taken) -> None:
         """Wait until a batch's reports are durable, then push its versions (if any) to watchers."""
-        for fut in taken.futures:
+        fut = self._loop.create_future()
+
+        def done(err: MixerError | None) -> None:
+            if not fut.done():
+                fut.set_exception(err) if err is not None else fut.set_result(None)
+
+        self.when_settled(rt, taken, done)
+        await fut
+
+    def _post(self, fn: Callable[[Future], None], f: Future) -> None:
+        """From any thread: run fn(f) on the loop (a wake-up is scheduled only if none is pending)."""
+        with self._mail_lock:
+            self._mail.append((fn, f))
+            if self._mail_armed:
+                return
+            self._mail_armed = True
+        self._loop.call_soon_threadsafe(self._drain_mail)
+
+    def _drain_mail(self) -> None:
+        with self._mail_lock:
+            items = list(self._mail)
+            self._mail.clear()
+            self._mail_armed = False
+        for fn, f in items:
             try:
-                await asyncio.wrap_future(fut)
-            except Exception as e:  # noqa: BLE001 - the database failed; the client keeps its reports
-                raise MixerError(grpc.StatusCode.UNAVAILABLE, f"the database did not commit the report ({type(e).__name__}); retry later") from None
-        for version in taken.versions:
-            rt.note_created(version)
-            rt.publish(version)
+                fn(f)
+            except Exception:  # one session's failure must not stop the others' acks
+                log.exception("settling a batch failed")
 
     def poison(self, rt: JobRuntime) -> None:
         """Drop a runtime whose memory may differ from the database; the next access reloads it."""

@@ -199,26 +199,38 @@ class MixerService(pb_grpc.MixerServiceServicer):
                 spec_json=rt.spec.to_json(),
             )
         )
-        pending: set[asyncio.Task] = set()
+        unsettled = 0  # batches taken whose commit has not resolved yet
+        all_settled = asyncio.Event()
+        all_settled.set()
 
         def nack(step: int, seq: int, e: MixerError) -> pb.SessionResponse:
             return pb.SessionResponse(nack=pb.Nack(step=step, seq=seq, code=e.code.value[0], message=e.message))
 
-        async def settle(taken, batched: bool, t0: float):
-            try:
-                await self.rts.settle(rt, taken)
-            except MixerError as e:
-                for ack in taken.acks:
-                    out.put_nowait(nack(ack.step, ack.seq, e))
-                return
-            self.metrics.ingest_seconds.observe(time.perf_counter() - t0)
-            if batched:
-                out.put_nowait(pb.SessionResponse(acks=pb.AckBatch(acks=taken.acks)))
-            else:
-                for ack in taken.acks:
-                    out.put_nowait(pb.SessionResponse(ack=ack))
+        def settled(taken, batched: bool, t0: float):
+            def done(err: MixerError | None) -> None:  # on the loop, once the batch's commit resolved
+                nonlocal unsettled
+                if err is not None:
+                    for ack in taken.acks:
+                        out.put_nowait(nack(ack.step, ack.seq, err))
+                else:
+                    self.metrics.ingest_seconds.observe(time.perf_counter() - t0)
+                    if batched:
+                        # New weights (published just now, if this batch triggered an update)
+                        # ride with the acknowledgement rather than in a message of their own.
+                        v = newest()
+                        latest = self._version(rt, v) if v is not None else None
+                        out.put_nowait(pb.SessionResponse(acks=pb.AckBatch(acks=taken.acks, latest=latest)))
+                    else:
+                        for ack in taken.acks:
+                            out.put_nowait(pb.SessionResponse(ack=ack))
+                unsettled -= 1
+                if not unsettled:
+                    all_settled.set()
+
+            return done
 
         async def read():
+            nonlocal unsettled
             async for req in request_iterator:
                 if self.rts.stopping.is_set():  # shutting down: take nothing more
                     break
@@ -235,21 +247,26 @@ class MixerService(pb_grpc.MixerServiceServicer):
                     out.put_nowait(nack(msg.step, msg.seq, e))
                 if not taken.acks:
                     continue
-                task = asyncio.create_task(settle(taken, batched, t0))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            if pending:
-                await asyncio.gather(*pending)
+                unsettled += 1
+                all_settled.clear()
+                self.rts.when_settled(rt, taken, settled(taken, batched, t0))
+            await all_settled.wait()
             out.put_nowait(None)
 
-        async def push():
-            while True:
-                v = await q.get()
-                while not q.empty():  # a worker needs only the newest weights: skip what it has not sent yet
-                    v = q.get_nowait()
+        def newest(v=None):
+            """The newest version published and not yet sent to this session (or `v`, or None):
+            a worker needs only the newest weights, the ones it was not sent are skipped."""
+            while not q.empty():
+                v = q.get_nowait()
+            if v is not None:
                 created = rt.created_at.get(v.version)
                 if created:
                     self.metrics.push_seconds.observe(max(0.0, time.time() - created))
+            return v
+
+        async def push():
+            while True:  # versions no acknowledgement took along
+                v = newest(await q.get())
                 out.put_nowait(pb.SessionResponse(version=self._version(rt, v)))
 
         async def stop_watch():
@@ -265,8 +282,7 @@ class MixerService(pb_grpc.MixerServiceServicer):
                 if item is _STOPPING:
                     # Shutting down: take no more reports, acknowledge what was taken, end the stream.
                     reader.cancel()
-                    if pending:
-                        await asyncio.gather(*pending, return_exceptions=True)
+                    await all_settled.wait()
                     while not out.empty():
                         item = out.get_nowait()
                         if item is not None:

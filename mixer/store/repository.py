@@ -25,6 +25,8 @@ from mixer.store.models import JobRow, LeaseRow, SignalRow, SnapshotRow, TokenRo
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _SIGNAL_COLUMNS = ("job_id", "seq", "step", "source", "source_seq", "applied_version", "num_samples", "received_at", "payload")
+_MAX_ROWS_PER_INSERT = 256
+"""Rows per multi-row INSERT (x 9 columns: well inside SQLite's and PostgreSQL's parameter limits)."""
 _VERSION_COLUMNS = ("job_id", "version", "effective_step", "trigger_step", "log_seq", "weights", "params_json", "blob", "created_at")
 
 
@@ -115,8 +117,8 @@ class Store:
         if self.url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         mark = "?" if self.url.startswith("sqlite") else "%s"
-        self._insert_signals = f"INSERT INTO signals ({', '.join(_SIGNAL_COLUMNS)}) VALUES ({', '.join([mark] * len(_SIGNAL_COLUMNS))})"
-        self._insert_versions = f"INSERT INTO versions ({', '.join(_VERSION_COLUMNS)}) VALUES ({', '.join([mark] * len(_VERSION_COLUMNS))})"
+        self._mark = mark
+        self._inserts: dict[tuple[str, int], str] = {}
         if migrate:
             self.migrate()
 
@@ -187,14 +189,27 @@ class Store:
                     )
                     if res.rowcount != 1:
                         raise LeaseLost(f"server {fence.owner} no longer owns job id {job_id}")
-            if signals:
-                # The hot insert goes straight to the driver: SQLAlchemy's per-row work would cost
-                # more than the database's on small reports.
-                conn.exec_driver_sql(self._insert_signals, [tuple(r[c] for c in _SIGNAL_COLUMNS) for r in signals])
-            if versions:  # a version every few reports: the driver too
-                conn.exec_driver_sql(self._insert_versions, [tuple(r[c] for c in _VERSION_COLUMNS) for r in versions])
+            # The hot inserts go straight to the driver: SQLAlchemy's per-row work would cost
+            # more than the database's on small reports.
+            self._insert_rows(conn, "signals", _SIGNAL_COLUMNS, signals)
+            self._insert_rows(conn, "versions", _VERSION_COLUMNS, versions)
             if snaps:
                 conn.execute(insert(SnapshotRow), snaps)
+
+    def _insert_rows(self, conn, table: str, columns: tuple[str, ...], rows: list[dict]) -> None:
+        """Insert rows with multi-row INSERTs in chunks of powers of two (at most 256 rows): a few
+        statements per commit whose texts the driver prepares once. A per-row executemany would
+        step the statement once per row, and the driver lets go of the interpreter lock at every
+        step: the writer thread then queues behind the event loop for each row."""
+        i = 0
+        while i < len(rows):
+            n = min(_MAX_ROWS_PER_INSERT, 1 << ((len(rows) - i).bit_length() - 1))
+            sql = self._inserts.get((table, n))
+            if sql is None:
+                one = f"({', '.join([self._mark] * len(columns))})"
+                sql = self._inserts[table, n] = f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join([one] * n)}"
+            conn.exec_driver_sql(sql, tuple(r[c] for r in rows[i : i + n] for c in columns))
+            i += n
 
     def signals(self, job_id: int, after_seq: int = -1, batch: int = 2000) -> Iterator[SignalRecord]:
         """The log of a job in order, from after `after_seq`, read in pages."""

@@ -222,10 +222,12 @@ class Nack(_message.Message):
     def __init__(self, step: _Optional[int] = ..., seq: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class AckBatch(_message.Message):
-    __slots__ = ("acks",)
+    __slots__ = ("acks", "latest")
     ACKS_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FIELD_NUMBER: _ClassVar[int]
     acks: _containers.RepeatedCompositeFieldContainer[Ack]
-    def __init__(self, acks: _Optional[_Iterable[_Union[Ack, _Mapping]]] = ...) -> None: ...
+    latest: WeightVersion
+    def __init__(self, acks: _Optional[_Iterable[_Union[Ack, _Mapping]]] = ..., latest: _Optional[_Union[WeightVersion, _Mapping]] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
     __slots__ = ("welcome", "ack", "version", "nack", "acks")
