@@ -156,7 +156,8 @@ class MixerClient:
         return self.stub.Report(pb.ReportRequest(job=job, signals=msg), timeout=self.timeout, metadata=self._md)
 
 
-_SESSION = "/mixer.v1.MixerService/Session"
+_SERVICE = pb.DESCRIPTOR.services_by_name["MixerService"]
+_SESSION = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['Session'].name}"
 
 
 def _tag(message, field: str) -> bytes:

@@ -311,15 +311,13 @@ def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: Quality
             bar.set_postfix(strategy=name, seed=seed)
             job = f"quality-{runid}-{name}-s{seed}"
             base = {"strategy": name, "seed": seed, "job": job}
-            reason, ref = None, None
-            if name == "doremi":
+            ref = None
+            if name == "doremi":  # its reference model is the same seed's uniform run
                 uni = next((r for r in runs if r["strategy"] == "uniform" and r["seed"] == seed), {})
-                ref = Path(uni["checkpoint"]) if uni.get("checkpoint") else None
-                if ref is None:
-                    reason = "its reference model is the uniform run of the same seed, which did not finish"
-            if reason is not None:
-                runs.append({**base, "status": "not run", "reason": reason})
-                continue
+                if not uni.get("checkpoint"):
+                    runs.append({**base, "status": "not run", "reason": "its reference model is the uniform run of the same seed, which did not finish"})
+                    continue
+                ref = Path(uni["checkpoint"])
             train = {d: prefixes[d]["train"] for d in domains}
             spec = _job_spec(name, job, seed, train, tokens, cfg, overrides or {})
             try:

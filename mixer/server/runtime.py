@@ -276,27 +276,26 @@ class Runtimes:
             )
         mark = rt.marks.get(report.source)
         if mark is not None and (report.step, report.seq) <= mark:
+            # A duplicate: acknowledged (once the original is durable) with the original's place.
             if key in rt.inflight:
                 other, seq = rt.inflight[key]
-                rt.duplicate_count += 1
                 if other is not fut and other not in taken.futures:
                     taken.futures.append(other)
-                taken.acks.append(pb.Ack(step=report.step, seq=report.seq, duplicate=True, log_seq=seq))
-                return
-            try:
-                seq = self.store.has_signal(rt.job.id, *key)
-            except SQLAlchemyError:
-                raise MixerError(grpc.StatusCode.UNAVAILABLE, "the database is unavailable; retry later") from None
-            if seq is not None:
-                rt.duplicate_count += 1
-                taken.acks.append(pb.Ack(step=report.step, seq=report.seq, duplicate=True, log_seq=seq))
-                return
-            self._reject("out_of_order")
-            raise MixerError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"report rejected: source {report.source!r} already reported step {mark[0]} seq {mark[1]}; "
-                f"step {report.step} seq {report.seq} is out of order and not in the log",
-            )
+            else:
+                try:
+                    seq = self.store.has_signal(rt.job.id, *key)
+                except SQLAlchemyError:
+                    raise MixerError(grpc.StatusCode.UNAVAILABLE, "the database is unavailable; retry later") from None
+                if seq is None:
+                    self._reject("out_of_order")
+                    raise MixerError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"report rejected: source {report.source!r} already reported step {mark[0]} seq {mark[1]}; "
+                        f"step {report.step} seq {report.seq} is out of order and not in the log",
+                    )
+            rt.duplicate_count += 1
+            taken.acks.append(pb.Ack(step=report.step, seq=report.seq, duplicate=True, log_seq=seq))
+            return
         seq = rt.next_seq
         t0 = time.perf_counter()
         version = eng.ingest(report, seq)
@@ -375,8 +374,12 @@ class Runtimes:
         fut = self._loop.create_future()
 
         def done(err: MixerError | None) -> None:
-            if not fut.done():
-                fut.set_exception(err) if err is not None else fut.set_result(None)
+            if fut.done():  # the caller went away
+                return
+            if err is not None:
+                fut.set_exception(err)
+            else:
+                fut.set_result(None)
 
         self.when_settled(rt, taken, done)
         await fut
