@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from mixer.spec import JobSpec
-
-
-def conformance_dir() -> Path:
-    """shared/conformance beside the repository, or $MIXER_CONFORMANCE_DIR."""
-    beside = Path(__file__).resolve().parents[2].parent / "shared" / "conformance"
-    if beside.is_dir():
-        return beside
-    env = os.environ.get("MIXER_CONFORMANCE_DIR")
-    if env and Path(env).is_dir():
-        return Path(env)
-    pytest.fail(
-        f"conformance vectors not found: looked for {beside} and $MIXER_CONFORMANCE_DIR={env!r}; "
-        "check out the shared/ folder beside the repository or point the variable at it"
-    )
+from tests.conformance_dir import conformance_dir
 
 
 @pytest.fixture(scope="session")

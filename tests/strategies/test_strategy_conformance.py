@@ -1,4 +1,4 @@
-"""Our strategies reproduce the authors' reference numbers (shared/conformance/*.json).
+"""Our strategies reproduce the authors' reference numbers (tests/conformance/*.json).
 
 Each scenario runs from a fresh state; values pass within the file's tolerance block. The pure
 update functions are fed directly, and where a strategy variant implements the same update the

@@ -1,10 +1,8 @@
-"""Loss-based reweighting against the Sow et al. reference vectors (shared/conformance)."""
+"""Loss-based reweighting against the Sow et al. reference vectors (tests/conformance)."""
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,25 +16,14 @@ from mixer.weighting.loss_based import (
     strategy_value_np,
     weights_for_step,
 )
+from tests.conformance_dir import conformance_dir
 
 FILE = "sow_loss_reweighting.json"
 
 
-def conformance_dir() -> Path:
-    here = Path(__file__).resolve().parents[2].parent / "shared" / "conformance"
-    if (here / FILE).is_file():
-        return here
-    env = os.environ.get("MIXER_CONFORMANCE_DIR")
-    if env and (Path(env) / FILE).is_file():
-        return Path(env)
-    pytest.fail(
-        f"conformance vectors not found: looked for {FILE} in {here} and in $MIXER_CONFORMANCE_DIR ({env!r})"
-    )
-
-
 @pytest.fixture(scope="module")
 def vectors() -> dict:
-    return json.loads((conformance_dir() / FILE).read_text())
+    return json.loads((conformance_dir(FILE) / FILE).read_text())
 
 
 def cases(vectors: dict):
