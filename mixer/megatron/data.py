@@ -1,8 +1,9 @@
 """Byte-level tokenizer, JSONL -> Megatron indexed datasets, and one GPTDataset per domain.
 
 Tokenizer: a token is one byte of the UTF-8 encoding (ids 0..255); id 256 (EOD) ends every
-document. The vocabulary therefore has 257 entries, which is what megatron-core's null tokenizer
-reports when built with vocab_size=256 (it puts EOD right after the last regular id).
+document, so the vocabulary has 257 entries. The tokenizer object handed to megatron-core is ours
+(`ByteTokenizer`): GPTDataset reads only `.vocab_size` and `.eod` from it, and megatron-core's own
+null tokenizer changed its library name ("null" -> "null-text") and its ids between 0.16 and 0.17.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -26,11 +27,11 @@ __all__ = [
     "EOD",
     "SPLITS",
     "VOCAB_SIZE",
+    "ByteTokenizer",
     "CorpusError",
     "build_domain_datasets",
     "decode",
     "encode",
-    "null_tokenizer",
     "prepare_corpus",
 ]
 
@@ -64,13 +65,23 @@ def decode(ids) -> str:
     return out.decode("utf-8", errors="replace")
 
 
-def null_tokenizer():
-    """Megatron's null tokenizer sized for our byte vocabulary (vocab 257, eod 256)."""
-    from megatron.core.tokenizers import MegatronTokenizer
+class ByteTokenizer:
+    """The byte-level tokenizer as megatron-core's GPTDataset uses one (`vocab_size`, `eod`)."""
 
-    tok = MegatronTokenizer.from_pretrained(metadata_path={"library": "null"}, vocab_size=VOCAB_SIZE - 1)
-    assert tok.vocab_size == VOCAB_SIZE and tok.eod == EOD, (tok.vocab_size, tok.eod)
-    return tok
+    vocab_size = VOCAB_SIZE
+    eod = EOD
+    # GPTDataset's cache key serialises unknown objects through their unique_identifiers.
+    unique_identifiers: ClassVar[dict[str, Any]] = {
+        "class": "mixer.ByteTokenizer",
+        "vocab_size": VOCAB_SIZE,
+        "eod": EOD,
+    }
+
+    def tokenize(self, text: str) -> list[int]:
+        return encode(text).tolist()
+
+    def detokenize(self, ids) -> str:
+        return decode(ids)
 
 
 def _find_split(domain_dir: Path, split: str) -> Path:
@@ -171,7 +182,7 @@ def build_domain_datasets(
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    tokenizer = null_tokenizer()
+    tokenizer = ByteTokenizer()
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     datasets: list[GPTDataset] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -13,11 +14,11 @@ from mixer.megatron.corpus import DOMAINS, write_synthetic_corpus
 from mixer.megatron.data import (
     EOD,
     VOCAB_SIZE,
+    ByteTokenizer,
     CorpusError,
     build_domain_datasets,
     decode,
     encode,
-    null_tokenizer,
     prepare_corpus,
 )
 
@@ -48,8 +49,9 @@ def test_tokenizer_roundtrip_and_vocab() -> None:
     ids = encode(text)
     assert ids.max() < 256 and decode(ids) == text
     assert decode(np.append(ids, EOD)) == text + "\n"
-    tok = null_tokenizer()
+    tok = ByteTokenizer()
     assert tok.vocab_size == VOCAB_SIZE == 257 and tok.eod == EOD == 256
+    assert tok.detokenize(tok.tokenize(text)) == text
 
 
 def test_prepare_roundtrip_decodes_to_the_text(tmp_path: Path) -> None:
@@ -121,3 +123,43 @@ def test_gpt_datasets_per_domain(domain_prefixes, cache_dir: Path) -> None:
     assert all(a[7]["tokens"].tolist() == b[7]["tokens"].tolist() for a, b in zip(datasets, again))
     with pytest.raises(CorpusError, match="prepare_corpus"):
         build_domain_datasets([train[0] + "-missing"], 32, 0, 10, cache_dir)
+
+
+def test_tokenizer_contract_with_the_installed_megatron_core(domain_prefixes, cache_dir: Path) -> None:
+    # GPTDataset reads .vocab_size and .eod from the tokenizer, and its cache key serialises it
+    # through .unique_identifiers; a plain object with those three raises AttributeError on
+    # anything more, so a megatron-core that reads another attribute fails here, not in a run.
+    class Minimal:
+        vocab_size = VOCAB_SIZE
+        eod = EOD
+        unique_identifiers: ClassVar[dict[str, str]] = {"class": "Minimal"}
+
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    _, train, _ = domain_prefixes
+    config = GPTDatasetConfig(
+        random_seed=0,
+        sequence_length=16,
+        blend=([train[0]], None),
+        split="100,0,0",
+        tokenizer=Minimal(),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=str(cache_dir / "minimal"),
+    )
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+    ds = BlendedMegatronDatasetBuilder(GPTDataset, [40, 0, 0], lambda: True, config).build()[0]
+    raw = IndexedDataset(train[0])
+    stream = np.concatenate([raw[i] for i in range(len(raw))])
+    # Every sample is a window of the shuffled document stream: its tokens are bytes or EOD, and
+    # each EOD in a sample stands where a document of the corpus ends.
+    seen_eod = False
+    for i in range(len(ds)):
+        tokens = ds[i]["tokens"].numpy()
+        assert tokens.max() <= EOD and tokens.min() >= 0
+        seen_eod |= bool((tokens == EOD).any())
+    assert seen_eod and (stream == EOD).sum() == len(raw)
