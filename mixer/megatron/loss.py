@@ -67,10 +67,16 @@ def compute_loss(
     *,
     instance_weights: Tensor | None = None,
     sample_id: Tensor | None = None,
+    normalizer: Tensor | None = None,
 ) -> tuple[Tensor, StepStats]:
-    """Scalar loss to optimise (instance-weighted token mean) and the step's unweighted StepStats."""
-    # loss = sum_b w_b S_b / sum_b w_b T_b (S_b: masked loss sum of sample b, T_b: its tokens):
-    # with w = 1 it is Megatron's token mean, and scaling all weights does not change it.
+    """Scalar loss to optimise and the step's unweighted StepStats.
+
+    loss = sum_b w_b S_b / N (S_b: masked loss sum of sample b, w_b its instance weight, 1 when
+    unweighted). N is the unweighted token count, as in the Sow et al. reference (the weighted
+    loss sum over the global token count): this batch's by default; under data parallelism pass
+    `normalizer` = the global batch's token count / the number of ranks, so that the ranks'
+    averaged gradients are the gradient of the global loss, whatever the data-parallel size.
+    """
     if per_token_loss.dim() != 2 or per_token_loss.shape != loss_mask.shape:
         raise ValueError(
             f"per-token loss {tuple(per_token_loss.shape)} and mask {tuple(loss_mask.shape)} must be [b, s]"
@@ -80,11 +86,12 @@ def compute_loss(
     mask = loss_mask.to(per_token_loss.dtype)
     sample_sum = (per_token_loss * mask).sum(dim=1)  # [b], carries the graph
     sample_tokens = mask.sum(dim=1)  # [b]
+    tokens = sample_tokens.sum() if normalizer is None else normalizer.to(device=device, dtype=mask.dtype)
     if instance_weights is None:
-        loss = sample_sum.sum() / sample_tokens.sum().clamp(min=1)
+        loss = sample_sum.sum() / tokens.clamp(min=1)
     else:
         w = instance_weights.detach().to(device=device, dtype=per_token_loss.dtype).reshape(batch)
-        loss = (w * sample_sum).sum() / (w * sample_tokens).sum().clamp(min=torch.finfo(w.dtype).tiny)
+        loss = (w * sample_sum).sum() / tokens.clamp(min=1)
 
     with torch.no_grad():
         domain = dataset_id.to(device=device, dtype=torch.int64).reshape(batch)
@@ -175,6 +182,7 @@ class LossHook:
         dataset_id: Tensor,
         sample_id: Tensor | None = None,
         instance_weights: Tensor | None = None,
+        normalizer: Tensor | None = None,
     ) -> tuple[Tensor, StepStats]:
         """Loss to backpropagate and the (reduced) statistics of the step."""
         loss, stats = compute_loss(
@@ -184,6 +192,7 @@ class LossHook:
             self.num_domains,
             instance_weights=instance_weights,
             sample_id=sample_id,
+            normalizer=normalizer,
         )
         if self.reduce:
             stats = reduce_step_stats(stats, self.group)

@@ -172,6 +172,15 @@ def _allreduce_grads(model: torch.nn.Module) -> None:
             p.grad.div_(_world())
 
 
+def _token_normalizer(loss_mask: torch.Tensor) -> torch.Tensor | None:
+    """The global batch's loss tokens / ranks (None on one rank): see compute_loss. No host sync."""
+    if _world() <= 1:
+        return None
+    tokens = loss_mask.float().sum()
+    torch.distributed.all_reduce(tokens)
+    return tokens / _world()
+
+
 def evaluate(model: torch.nn.Module, val_datasets: Sequence[Any], cfg: TrainConfig) -> np.ndarray:
     """Balanced validation: each domain's first eval_samples samples scored on their own."""
     return validation_loss(model, val_datasets, cfg.eval_samples, cfg.global_batch_size, cfg.device)
@@ -298,11 +307,19 @@ def train(
                 sample_loss = (per_token.detach() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
                 w = weighting.weights(step, sample_loss.float(), batch["dataset_id"])
                 extras["sample_weight"] = gather_samples(w.float())
+            norm = _token_normalizer(batch["loss_mask"])
             if attached:
-                loss, stats = hook(per_token, batch["loss_mask"], batch["dataset_id"], batch["sample_id"], w)
+                loss, stats = hook(
+                    per_token, batch["loss_mask"], batch["dataset_id"], batch["sample_id"], w, norm
+                )
             else:
                 loss, stats = compute_loss(
-                    per_token, batch["loss_mask"], batch["dataset_id"], num_domains, instance_weights=w
+                    per_token,
+                    batch["loss_mask"],
+                    batch["dataset_id"],
+                    num_domains,
+                    instance_weights=w,
+                    normalizer=norm,
                 )
             if excess is not None and attached:
                 extras["excess_loss_sum"] = excess.measure(batch, per_token)

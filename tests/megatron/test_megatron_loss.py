@@ -55,9 +55,10 @@ def test_instance_weights() -> None:
     w = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.0], requires_grad=True)
     loss, stats = compute_loss(per_token, mask, domain, 3, instance_weights=w)
     s, t = (per_token * mask).sum(1), mask.sum(1)
-    assert torch.allclose(loss, (w * s).sum() / (w * t).sum())
-    scaled, _ = compute_loss(per_token, mask, domain, 3, instance_weights=w * 7)
-    assert torch.allclose(loss, scaled)
+    # The weighted loss sum over the unweighted token count (Sow et al.'s reference).
+    assert torch.allclose(loss, (w * s).sum() / t.sum())
+    halves, _ = compute_loss(per_token, mask, domain, 3, instance_weights=w, normalizer=t.sum() / 2)
+    assert torch.allclose(halves, 2 * loss)
     ones, _ = compute_loss(per_token, mask, domain, 3, instance_weights=torch.ones(5))
     plain, plain_stats = compute_loss(per_token, mask, domain, 3)
     assert torch.allclose(ones, plain)
