@@ -33,6 +33,7 @@ resume with another data-parallel size continues the same global sample sequence
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 from collections import deque
@@ -536,6 +537,12 @@ class _Plugin:
     reporter: LossReporter
     attachment: Any = None
 
+    def close(self, timeout: float = 60.0) -> None:
+        """Report the last step and wait (up to timeout) until the service acknowledged everything."""
+        self.reporter.flush()
+        if self.attachment is not None and not self.attachment.close(timeout):
+            log.warning("mixer: %d reports not acknowledged at exit", self.attachment.pending)
+
 
 _PLUGIN: _Plugin | None = None
 
@@ -545,10 +552,16 @@ def datasets_provider(config: Any, train_val_test_num_samples: Sequence[int], vp
     from megatron.training import get_args
 
     global _PLUGIN
+    if vp_stage not in (None, 0):
+        raise ValueError(
+            "mixer: virtual pipeline stages (--num-layers-per-virtual-pipeline-stage) are not supported yet"
+        )
     args = get_args()
     settings = settings_from_args(args)
     train, valid, plugin = build(config, settings, vp_stage)
     _PLUGIN = plugin
+    # pretrain() offers no end-of-training hook: the last step's report goes out at exit.
+    atexit.register(plugin.close)
     if train is not None and getattr(args, "save", None) and not getattr(args, "dataloader_save", None):
         args.dataloader_save = args.save  # Megatron-LM then saves train.save_state() with each checkpoint
     return train, valid, None
@@ -561,6 +574,12 @@ def settings_from_args(args: Any) -> LMSettings:
         raise ValueError(
             "mixer: --rampup-batch-size is not supported (the mixture draws whole global batches)"
         )
+    if getattr(args, "sft", False) or getattr(args, "dataloader_inter_document_masking", False):
+        raise ValueError(
+            "mixer: packed sequences (--sft, --dataloader-inter-document-masking) are not supported yet"
+        )
+    if getattr(args, "dataloader_type", "external") != "external":
+        raise ValueError("mixer: run with --dataloader-type external (the mixture is the data iterator)")
     text = Path(args.mixer_spec).read_text()
     spec = JobSpec.from_yaml(text)
     return LMSettings(
