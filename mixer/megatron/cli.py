@@ -229,6 +229,30 @@ def _options(fn):
             help="benchmark: alternate blocks of N steps detached / attached",
         ),
         click.option(
+            "--decay-steps",
+            default=None,
+            type=click.IntRange(min=1),
+            help="the cosine reaches --min-lr at this step  [default: --steps]",
+        ),
+        click.option(
+            "--override-lr-schedule",
+            is_flag=True,
+            help="on --load, use this run's learning-rate schedule instead of the checkpoint's",
+        ),
+        click.option(
+            "--keep-steps",
+            default=1024,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="per-step records kept in memory (and in --result): the most recent ones",
+        ),
+        click.option(
+            "--record",
+            default=None,
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="append every reported step to this JSONL file (losses, sample ids, probe results)",
+        ),
+        click.option(
             "--result",
             "result_file",
             default=None,

@@ -75,6 +75,10 @@ class PretrainOptions:
     flush_timeout: float = 60.0
     cache_dir: Path | None = None
     compare_attached: int = 0
+    decay_steps: int | None = None
+    override_lr_schedule: bool = False
+    keep_steps: int = 1024
+    record: Path | None = None
     progress: bool = True
 
 
@@ -238,6 +242,10 @@ def run_pretrain(opts: PretrainOptions, *, on_step=None) -> dict[str, Any]:
         report_topics=plan["report_topics"],
         strict=opts.strict and attached,
         compare_every=opts.compare_attached,
+        decay_steps=opts.decay_steps,
+        override_lr_schedule=opts.override_lr_schedule,
+        keep_steps=opts.keep_steps,
+        record=opts.record,
     )
     weighting = InstanceWeighting(spec, opts.device)
     v0 = Engine(spec).current  # the service's version 0, derived by the same pure code
@@ -289,7 +297,9 @@ def run_pretrain(opts: PretrainOptions, *, on_step=None) -> dict[str, Any]:
                 on_step=on_step,
             )
         except FingerprintMismatchError as e:
-            raise click.ClickException(f"--load {opts.load}: {e}".replace("force=True", "--force-resume")) from None
+            raise click.ClickException(
+                f"--load {opts.load}: {e}".replace("force=True", "--force-resume")
+            ) from None
     finally:
         if attachment is not None:
             delivered = attachment.close(opts.flush_timeout)
@@ -308,7 +318,7 @@ def _finite(x: float) -> float | None:
 def _record(
     spec, opts: PretrainOptions, plan: dict[str, Any], result, rank: int, world: int, delivered: bool
 ) -> dict[str, Any]:
-    """The run as JSON-able data (per-step arrays included: sample ids, instance weights)."""
+    """The run as JSON-able data; per-step arrays (sample ids, instance weights) of the steps kept in memory."""
     attached_t, detached_t = result.median_step_time(True), result.median_step_time(False)
     return {
         "job": spec.name,
@@ -326,9 +336,9 @@ def _record(
         "instance_weights": [
             s.extras["sample_weight"].tolist() for s in result.stats if "sample_weight" in s.extras
         ],
+        "reported_steps": result.reported_steps,
         "signals": {
-            k: sum(k in s.extras for s in result.stats)
-            for k in ("excess_loss_sum", "alignment", "sample_align")
+            k: result.signal_counts.get(k, 0) for k in ("excess_loss_sum", "alignment", "sample_align")
         },
         "val_history": [[step, np.asarray(v).tolist()] for step, v in result.val_history],
         "checkpoints": [str(c) for c in result.checkpoints],

@@ -13,6 +13,7 @@ the device and copied to the host asynchronously; rank 0 reports them one step l
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -111,6 +112,10 @@ class TrainConfig:
     report_topics: bool = False  # send sample_topic (= the domain id) with every report
     strict: bool = False  # hand every step's report over before the next step (strict attachments)
     compare_every: int = 0  # benchmark: alternate blocks of this many steps detached / attached
+    decay_steps: int | None = None  # the cosine decays to min_lr over this many steps (None: steps)
+    override_lr_schedule: bool = False  # on resume, use this config's schedule, not the checkpoint's
+    keep_steps: int = 1024  # per-step records TrainResult keeps in memory (the most recent)
+    record: Path | None = None  # every reported step, one JSON line each (rank 0)
 
     def validate(self) -> None:
         """Raise ValueError on inconsistent settings, naming the setting."""
@@ -128,6 +133,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.align_samples <= 0 or self.sample_align_samples <= 0:
             raise ValueError("align_samples and sample_align_samples must be positive")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ValueError(f"decay_steps must be >= 1, got {self.decay_steps}")
+        if self.keep_steps < 1:
+            raise ValueError(f"keep_steps must be >= 1, got {self.keep_steps}")
 
     @property
     def warmup(self) -> int:
@@ -136,11 +145,11 @@ class TrainConfig:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr at the last step."""
+    """Linear warmup to lr, then cosine decay to min_lr at decay_steps (the last step by default), then min_lr."""
     warmup = cfg.warmup
     if step < warmup:
         return (step + 1) / warmup
-    span = max(1, cfg.steps - warmup)
+    span = max(1, (cfg.decay_steps or cfg.steps) - warmup)
     progress = min(1.0, (step - warmup) / span)
     floor = cfg.min_lr / cfg.lr
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -170,6 +179,33 @@ def _allreduce_grads(model: torch.nn.Module) -> None:
         if p.grad is not None:
             torch.distributed.all_reduce(p.grad)
             p.grad.div_(_world())
+
+
+def _resume_schedule(cfg: TrainConfig) -> None:
+    """Keep the checkpoint's learning-rate schedule on resume (as Megatron's scheduler does).
+
+    A resume that asks for more steps would otherwise stretch the cosine and jump the learning
+    rate back up; with the checkpoint's decay the run continues smoothly (at min_lr past the end).
+    """
+    if cfg.override_lr_schedule or cfg.resume_from is None:
+        return
+    from mixer.megatron.checkpoint import read_checkpoint
+
+    saved_json = read_checkpoint(cfg.resume_from).get("train_config")
+    if not saved_json:
+        return
+    saved = json.loads(saved_json)
+    decay = saved.get("decay_steps") or saved["steps"]
+    warmup = saved["warmup_steps"] if saved.get("warmup_steps") is not None else max(1, saved["steps"] // 10)
+    mine = (cfg.lr, cfg.min_lr, cfg.warmup, cfg.decay_steps or cfg.steps)
+    theirs = (saved["lr"], saved["min_lr"], warmup, decay)
+    if mine != theirs:
+        log.info(
+            "resume: keeping the checkpoint's learning-rate schedule (lr %g, min_lr %g, warmup %d, decay %d steps); "
+            "pass override_lr_schedule (--override-lr-schedule) to use this run's",
+            *theirs,
+        )
+    cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps = theirs
 
 
 def _token_normalizer(loss_mask: torch.Tensor) -> torch.Tensor | None:
@@ -263,6 +299,7 @@ def train(
             start = load_checkpoint(
                 cfg.resume_from, model, optimizer, scheduler, sampler, cfg.force_resume, weighting
             )
+            _resume_schedule(cfg)
         elif sampler.step != 0:
             raise ValueError(f"sampler is at step {sampler.step} but training starts at step 0")
         channel = VersionChannel(attachment if _is_rank0() else None, num_domains)
@@ -277,7 +314,7 @@ def train(
             disable=not (progress and _is_rank0()),
             dynamic_ncols=True,
         )
-        run = RunLog(cfg, attachment if _is_rank0() else None, bar)
+        run = RunLog(cfg, attachment if _is_rank0() else None, bar, record=_is_rank0())
         r = run.result
         model.train()
         for step in range(start, cfg.steps):
@@ -361,6 +398,7 @@ def train(
         if val_datasets and cfg.steps > start:
             run.validation(cfg.steps, evaluate(model, val_datasets, cfg))
         bar.close()
+        run.close()
         r.final_step = max(start, cfg.steps)
         r.applied = sampler.applied
         if len(r.step_times) > 2:

@@ -119,3 +119,49 @@ def test_resume_with_another_job_spec_is_refused(domain_prefixes, tmp_path: Path
     cfg.force_resume = True
     result = train(cfg, datasets, [], sampler, progress=False)
     assert result.steps == [2]
+
+
+def test_a_long_run_keeps_bounded_records_and_streams_every_step(domain_prefixes, tmp_path: Path) -> None:
+    import json
+
+    cfg, datasets, _, sampler = setup(domain_prefixes, tmp_path / "cache", steps=12)
+    cfg.keep_steps, cfg.record = 4, tmp_path / "steps.jsonl"
+    result = train(cfg, datasets, [], sampler, attachment=ScriptedAttachment({}), progress=False)
+    # In memory: the last keep_steps steps; on disk: every step, as reported.
+    assert result.steps == list(range(8, 12)) and len(result.sample_ids) == len(result.stats) == 4
+    assert result.reported_steps == 12
+    lines = [json.loads(x) for x in cfg.record.read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(12))
+    assert lines[-1]["sample_id"] == result.sample_ids[-1].tolist()
+    assert lines[-1]["loss"] == result.losses[-1]
+
+
+def test_resume_with_more_steps_keeps_the_learning_rate_schedule(domain_prefixes, tmp_path: Path) -> None:
+    from mixer.megatron.train import lr_factor
+
+    cfg, datasets, _, sampler = setup(domain_prefixes, tmp_path / "cache", steps=6)
+    cfg.checkpoint_dir = tmp_path / "ckpt"
+    train(cfg, datasets, [], sampler, progress=False)
+    planned = TrainConfig(steps=6, lr=cfg.lr, min_lr=cfg.min_lr)
+    # Extending the run to 10 steps continues the cosine that ended at step 6: min_lr from there,
+    # no jump back up (the extended run's own cosine would be at ~half the peak at step 6).
+    for override, expect in ((False, lambda s: lr_factor(s, planned)), (True, None)):
+        cfg, datasets, _, sampler = setup(domain_prefixes, tmp_path / f"cache-{override}", steps=10)
+        cfg.resume_from, cfg.override_lr_schedule = tmp_path / "ckpt", override
+        lrs: list[float] = []
+        train(
+            cfg,
+            datasets,
+            [],
+            sampler,
+            progress=False,
+            on_step=lambda s, c=cfg, out=lrs: out.append(lr_factor(s, c)),
+        )
+        if expect is not None:
+            assert lrs == [expect(s) for s in range(6, 10)]
+            assert cfg.decay_steps == 6
+        else:
+            assert lrs == [
+                lr_factor(s, TrainConfig(steps=10, lr=cfg.lr, min_lr=cfg.min_lr)) for s in range(6, 10)
+            ]
+            assert lrs[0] > 2 * lr_factor(6, planned)
