@@ -229,6 +229,22 @@ def _options(fn):
             help="benchmark: alternate blocks of N steps detached / attached",
         ),
         click.option(
+            "--trainer",
+            type=click.Choice(["megatron", "plain"]),
+            default="megatron",
+            show_default=True,
+            help="with --device cuda: megatron-core's schedules, DDP and distributed optimizer, or the plain loop",
+        ),
+        click.option("--tensor-parallel", default=1, show_default=True, type=click.IntRange(min=1)),
+        click.option("--pipeline-parallel", default=1, show_default=True, type=click.IntRange(min=1)),
+        click.option(
+            "--micro-batch-size",
+            default=1,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="megatron trainer: samples per micro-batch (global batch / (micro-batch x data-parallel) micro-batches)",
+        ),
+        click.option(
             "--decay-steps",
             default=None,
             type=click.IntRange(min=1),

@@ -537,11 +537,16 @@ class _Plugin:
     reporter: LossReporter
     attachment: Any = None
 
-    def close(self, timeout: float = 60.0) -> None:
+    def close(self, timeout: float = 60.0) -> bool:
         """Report the last step and wait (up to timeout) until the service acknowledged everything."""
         self.reporter.flush()
-        if self.attachment is not None and not self.attachment.close(timeout):
-            log.warning("mixer: %d reports not acknowledged at exit", self.attachment.pending)
+        if self.attachment is None:
+            return True
+        attachment, self.attachment = self.attachment, None  # once: at the end of training or at exit
+        delivered = attachment.close(timeout)
+        if not delivered:
+            log.warning("mixer: %d reports not acknowledged", attachment.pending)
+        return delivered
 
 
 _PLUGIN: _Plugin | None = None
@@ -596,10 +601,15 @@ def settings_from_args(args: Any) -> LMSettings:
     )
 
 
-def build(config: Any, settings: LMSettings, vp_stage: int | None = None, attachment: Any = None):
+def build(
+    config: Any,
+    settings: LMSettings,
+    vp_stage: int | None = None,
+    attachment: Any = None,
+    validation: bool = True,
+):
     """(train iterator, validation iterator, plug-in) for this rank; iterators are None where no data is read."""
     from mixer.megatron.instance import InstanceWeighting
-    from mixer.megatron.sampler import fingerprint
 
     spec = settings.spec
     topo = Topology.from_parallel_state(vp_stage)
@@ -615,7 +625,7 @@ def build(config: Any, settings: LMSettings, vp_stage: int | None = None, attach
     plugin = _Plugin(settings, topo, reporter, attachment)
     prefixes = [d.prefix for d in spec.domains]
     train_sets = domain_datasets(config, prefixes, "train", topo.reads_data)
-    valid_sets = domain_datasets(config, prefixes, "valid", topo.reads_data)
+    valid_sets = domain_datasets(config, prefixes, "valid", topo.reads_data) if validation else None
     if not topo.reads_data:
         return None, None, plugin
     from mixer.engine import Engine
@@ -625,7 +635,7 @@ def build(config: Any, settings: LMSettings, vp_stage: int | None = None, attach
         spec.num_domains,
         settings.global_batch_size,
         v0.weights,
-        fingerprint=fingerprint(spec.to_dict()),
+        fingerprint=spec.fingerprint(),
         dp_rank=topo.dp_rank,
         dp_size=topo.dp_size,
         dataset_lengths=[len(d) for d in train_sets],
@@ -649,6 +659,8 @@ def build(config: Any, settings: LMSettings, vp_stage: int | None = None, attach
     )
     if settings.iteration > 0:
         train.load_state(_saved_state(settings, topo))
+    if valid_sets is None:
+        return train, None, plugin
     balanced = MixtureSampler(
         spec.num_domains,
         settings.global_batch_size,

@@ -17,7 +17,15 @@ from torch import Tensor
 
 from mixer.megatron.data import VOCAB_SIZE
 
-__all__ = ["ModelConfig", "SDPAttention", "build_gpt", "build_model", "init_distributed", "teardown", "unwrap"]
+__all__ = [
+    "ModelConfig",
+    "SDPAttention",
+    "build_gpt",
+    "build_model",
+    "init_distributed",
+    "teardown",
+    "unwrap",
+]
 
 # True when init_distributed created the process group, so teardown only destroys what it made.
 _OWNS_PROCESS_GROUP = False
@@ -126,7 +134,8 @@ def init_distributed(device: str = "cpu") -> None:
     else:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(_free_port())
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1, init_method="env://")
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend, rank=0, world_size=1, init_method="env://")
     _OWNS_PROCESS_GROUP = True
 
 

@@ -75,6 +75,11 @@ class PretrainOptions:
     flush_timeout: float = 60.0
     cache_dir: Path | None = None
     compare_attached: int = 0
+    trainer: str = "megatron"
+    """On CUDA: "megatron" (megatron-core's schedules, DDP, distributed optimizer) or "plain"."""
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    micro_batch_size: int = 1
     decay_steps: int | None = None
     override_lr_schedule: bool = False
     keep_steps: int = 1024
@@ -183,6 +188,8 @@ def run_pretrain(opts: PretrainOptions, *, on_step=None) -> dict[str, Any]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # before NCCL comes up
     init_distributed(opts.device)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if opts.device.startswith("cuda") and opts.trainer == "megatron":
+        return _run_core(opts, spec, plan, rank, world)
     if opts.global_batch_size % world:
         raise click.ClickException(
             f"--global-batch-size {opts.global_batch_size} is not divisible by {world} ranks"
@@ -308,6 +315,79 @@ def run_pretrain(opts: PretrainOptions, *, on_step=None) -> dict[str, Any]:
         if not opts.cache_dir and rank == 0:
             shutil.rmtree(cache[0], ignore_errors=True)
     return _record(spec, opts, plan, result, rank, world, delivered)
+
+
+def _run_core(
+    opts: PretrainOptions, spec: Any, plan: dict[str, Any], rank: int, world: int
+) -> dict[str, Any]:
+    """--device cuda: megatron-core's schedules, DDP, distributed optimizer and dist_checkpointing."""
+    import torch
+
+    from mixer.megatron.core_train import CoreConfig, train_core
+
+    probes = [k for k in ("reference", "align_every", "sample_align_every") if plan.get(k)]
+    if probes or opts.strict or opts.compare_attached:
+        raise click.ClickException(
+            f"the megatron-core trainer does not run {', '.join(probes) or '--strict / --compare-attached'} yet "
+            "(job strategy or options); use --trainer plain"
+        )
+    dp = world // (opts.tensor_parallel * opts.pipeline_parallel)
+    if dp * opts.tensor_parallel * opts.pipeline_parallel != world or opts.global_batch_size % (
+        opts.micro_batch_size * dp
+    ):
+        raise click.ClickException(
+            f"{world} ranks = tensor {opts.tensor_parallel} x pipeline {opts.pipeline_parallel} x data-parallel, "
+            f"and --global-batch-size {opts.global_batch_size} must be a multiple of --micro-batch-size "
+            f"{opts.micro_batch_size} x the data-parallel size"
+        )
+    if opts.mixer is not None and rank == 0:
+        _connect(opts, spec)
+    torch.distributed.barrier()
+    cfg = CoreConfig(
+        steps=opts.steps,
+        global_batch_size=opts.global_batch_size,
+        micro_batch_size=opts.micro_batch_size,
+        tensor_parallel=opts.tensor_parallel,
+        pipeline_parallel=opts.pipeline_parallel,
+        seq_length=opts.seq_length,
+        layers=opts.layers,
+        hidden=opts.hidden,
+        heads=opts.heads,
+        vocab_size=opts.vocab_size,
+        lr=opts.lr,
+        min_lr=opts.min_lr,
+        warmup=opts.warmup,
+        decay_steps=opts.decay_steps,
+        override_lr_schedule=opts.override_lr_schedule,
+        seed=spec.seed if opts.seed is None else opts.seed,
+        save=opts.save,
+        save_interval=opts.save_interval,
+        load=opts.load,
+    )
+    cache = [
+        str(opts.cache_dir)
+        if opts.cache_dir
+        else (tempfile.mkdtemp(prefix="mixer-index-") if rank == 0 else None)
+    ]
+    if world > 1:
+        torch.distributed.broadcast_object_list(cache, src=0)
+    try:
+        # The session lives on the reporting rank (last pipeline stage); the plug-in opens it there.
+        summary = train_core(
+            cfg, spec, address=opts.mixer, token=opts.token, source=opts.source, cache_dir=Path(cache[0])
+        )
+    finally:
+        if not opts.cache_dir and rank == 0:
+            shutil.rmtree(cache[0], ignore_errors=True)
+    return {
+        "job": spec.name,
+        "rank": rank,
+        "world_size": world,
+        "mixer": opts.mixer,
+        "trainer": "megatron",
+        "attached_overhead": None,
+        **summary,
+    }
 
 
 def _finite(x: float) -> float | None:
