@@ -58,6 +58,8 @@ class CoreConfig:
     save_interval: int = 0
     load: Path | None = None
     log_every: int = 10
+    compare_every: int = 0
+    """Benchmark: alternate blocks of this many steps without (even blocks) and with the mixer's loss wrapper."""
 
     @property
     def warmup_steps(self) -> int:
@@ -269,16 +271,20 @@ def train_core(
         b = _tp_batch(batch, topo, cfg.micro_batch_size, cfg.seq_length)
         meta = lm.batch_meta(data_iterator, topo, cfg.micro_batch_size)
         output = gpt(b["tokens"], b["position_ids"], None, labels=b["labels"])
-        return output, lm.wrap_loss(
-            partial(_loss_func, b["loss_mask"]), b["loss_mask"], meta, plugin.reporter
-        )
+        loss_func = partial(_loss_func, b["loss_mask"])
+        if not attached[0]:
+            return output, loss_func
+        return output, lm.wrap_loss(loss_func, b["loss_mask"], meta, plugin.reporter)
 
     forward_backward = get_forward_backward_func()
     # Bounded per-step state: the most recent losses and step times only.
     losses: list[torch.Tensor] = Recent(1024)
     step_times: list[float] = Recent(4096)
+    attached = [True]
+    times: dict[bool, list[float]] = {True: Recent(4096), False: Recent(4096)}
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
+        attached[0] = not cfg.compare_every or (step // cfg.compare_every) % 2 == 1
         model.zero_grad_buffer()
         optimizer.zero_grad()
         reduced = forward_backward(
@@ -299,6 +305,8 @@ def train_core(
             losses.append(total)  # on the device: read once, at the end
         torch.cuda.synchronize()
         step_times.append(time.perf_counter() - t0)
+        if cfg.compare_every and step % cfg.compare_every:  # the first step of a block is left out
+            times[attached[0]].append(step_times[-1])
         done = step + 1
         if cfg.save and cfg.save_interval and done % cfg.save_interval == 0:
             _save(cfg, done, model, optimizer, scheduler, train_iter)
@@ -313,6 +321,8 @@ def train_core(
         "final_step": max(start, cfg.steps),
         "losses": curve,
         "step_time_s": float(np.median(step_times[2:])) if len(step_times) > 2 else None,
+        "step_time_attached_s": float(np.median(times[True])) if times[True] else None,
+        "step_time_detached_s": float(np.median(times[False])) if times[False] else None,
         "reported": list(plugin.reporter.reported),
         "all_reports_acknowledged": delivered,
         "config": json.loads(json.dumps(cfg.__dict__, default=str)),

@@ -326,9 +326,9 @@ def _run_core(
     from mixer.megatron.core_train import CoreConfig, train_core
 
     probes = [k for k in ("reference", "align_every", "sample_align_every") if plan.get(k)]
-    if probes or opts.strict or opts.compare_attached:
+    if probes or opts.strict:
         raise click.ClickException(
-            f"the megatron-core trainer does not run {', '.join(probes) or '--strict / --compare-attached'} yet "
+            f"the megatron-core trainer does not run {', '.join(probes) or '--strict'} yet "
             "(job strategy or options); use --trainer plain"
         )
     dp = world // (opts.tensor_parallel * opts.pipeline_parallel)
@@ -363,6 +363,7 @@ def _run_core(
         save=opts.save,
         save_interval=opts.save_interval,
         load=opts.load,
+        compare_every=opts.compare_attached,
     )
     cache = [
         str(opts.cache_dir)
@@ -379,15 +380,17 @@ def _run_core(
     finally:
         if not opts.cache_dir and rank == 0:
             shutil.rmtree(cache[0], ignore_errors=True)
-    return {
+    record = {
         "job": spec.name,
         "rank": rank,
         "world_size": world,
         "mixer": opts.mixer,
         "trainer": "megatron",
-        "attached_overhead": None,
         **summary,
     }
+    a, d = record["step_time_attached_s"], record["step_time_detached_s"]
+    record["attached_overhead"] = a / d - 1 if opts.compare_attached and a and d else None
+    return record
 
 
 def _finite(x: float) -> float | None:
