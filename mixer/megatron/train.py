@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mixer.megatron.announce import AnnouncedVersions
 from mixer.megatron.checkpoint import load_checkpoint, load_reference, save_checkpoint
 from mixer.megatron.loss import AsyncHostCopy, LossHook, compute_loss, gather_samples
 from mixer.megatron.model import ModelConfig, build_model, teardown
@@ -208,6 +209,10 @@ def _resume_schedule(cfg: TrainConfig) -> None:
     cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps = theirs
 
 
+def _world_group():
+    return torch.distributed.group.WORLD
+
+
 def _token_normalizer(loss_mask: torch.Tensor) -> torch.Tensor | None:
     """The global batch's loss tokens / ranks (None on one rank): see compute_loss. No host sync."""
     if _world() <= 1:
@@ -304,6 +309,17 @@ def train(
             raise ValueError(f"sampler is at step {sampler.step} but training starts at step 0")
         channel = VersionChannel(attachment if _is_rank0() else None, num_domains)
         channel = channel if channel.active else None
+        announced = None
+        if channel is not None and channel.world > 1 and not cfg.strict:
+            # Several ranks: versions announced ahead (an asynchronous broadcast, picked up a step
+            # later), not a blocking broadcast at every step; strict mode keeps the per-step answer.
+            announced = AnnouncedVersions(
+                channel.attachment,
+                num_domains,
+                group=channel.group or _world_group(),
+                src=0,
+                is_src=_is_rank0(),
+            )
         data = MixtureDataset(datasets)
         hook = LossHook(num_domains)
         host = AsyncHostCopy()
@@ -321,7 +337,12 @@ def train(
             t0 = time.perf_counter()
             # In a comparison run, even blocks are detached: no polls, reports, stats or probes.
             attached = not cfg.compare_every or (step // cfg.compare_every) % 2 == 1
-            if channel is not None and attached:
+            if announced is not None and attached:
+                for a in announced.tick(step):
+                    sampler.set_weights(a.update.weights, a.update.version, a.apply_step)
+                    if weighting is not None:
+                        weighting.offer(a.update)
+            elif channel is not None and attached:
                 update = channel.poll(step)
                 if update is not None:
                     sampler.set_weights(update.weights, update.version, update.effective_step)
@@ -391,6 +412,8 @@ def train(
                 run.validation(done, evaluate(model, val_datasets, cfg))
             if on_step is not None:
                 on_step(step)
+        if announced is not None:
+            announced.close()  # every rank, at the same point: the last broadcast in flight
         run.emit(host.flush())
         saved_final = bool(cfg.checkpoint_every) and cfg.steps % cfg.checkpoint_every == 0
         if cfg.checkpoint_dir is not None and cfg.steps > start and not saved_final:
