@@ -63,7 +63,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-META_KEYS = ("dataset_id", "sample_id")
 _STATE_FORMAT = 1
 
 
