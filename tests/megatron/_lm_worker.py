@@ -31,6 +31,14 @@ def first_stage(tokens: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     return emb[tokens]
 
 
+def cp_slice(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This context-parallel rank's part of each sequence: chunks r and 2cp-1-r of 2cp (Megatron's balance)."""
+    if size == 1:
+        return t
+    chunks = t.reshape(t.shape[0], 2 * size, -1)
+    return torch.cat([chunks[:, rank], chunks[:, 2 * size - 1 - rank]], dim=1)
+
+
 def model_params(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
     return torch.randn(vocab, generator=g), torch.randn(vocab, generator=g)
@@ -54,7 +62,7 @@ def main(config_path: str, rank: int) -> None:
     from mixer.megatron.data import ByteTokenizer
     from mixer.spec import JobSpec
 
-    ps.initialize_model_parallel(cfg["tp"], cfg["pp"])
+    ps.initialize_model_parallel(cfg["tp"], cfg["pp"], context_parallel_size=cfg.get("cp", 1))
     with open(cfg["spec"]) as fh:
         spec = JobSpec.from_yaml(fh.read())
     data_config = GPTDatasetConfig(
@@ -111,7 +119,7 @@ def main(config_path: str, rank: int) -> None:
                 tokens = batch["tokens"] if batch is not None else torch.zeros(mbs, seq, dtype=torch.int64)
                 if tp_world > 1:
                     dist.broadcast(tokens, src=topo.tp_src, group=topo.tp_group)
-                hidden = first_stage(tokens, emb)
+                hidden = first_stage(cp_slice(tokens, topo.cp_rank, topo.cp_size), emb)
                 if not topo.last_stage:
                     dist.send(hidden, ps.get_pipeline_model_parallel_next_rank())
             if topo.last_stage:
@@ -120,6 +128,8 @@ def main(config_path: str, rank: int) -> None:
                 if tp_world > 1:
                     dist.broadcast(labels, src=topo.tp_src, group=topo.tp_group)
                     dist.broadcast(mask, src=topo.tp_src, group=topo.tp_group)
+                labels = cp_slice(labels, topo.cp_rank, topo.cp_size)
+                mask = cp_slice(mask, topo.cp_rank, topo.cp_size)
                 meta = lm.batch_meta(train, topo, mbs)
                 if not topo.first_stage:
                     hidden = torch.empty(mbs, seq)
@@ -135,7 +145,7 @@ def main(config_path: str, rank: int) -> None:
                     False,
                     num_mb,
                     [],
-                    cp_group_size=1,
+                    cp_group_size=topo.cp_size,
                     is_last_stage=True,
                 )
                 output.backward()
@@ -168,6 +178,7 @@ def main(config_path: str, rank: int) -> None:
         "first": topo.first_stage,
         "last": topo.last_stage,
         "tp_rank": topo.tp_rank,
+        "cp_rank": topo.cp_rank,
         "dp_rank": topo.dp_rank,
         "reports": topo.reports,
         "reported": plugin.reporter.reported,

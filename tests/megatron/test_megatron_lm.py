@@ -86,13 +86,13 @@ def expected_sample_loss(sample_ids: list[int], datasets: list) -> np.ndarray:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize(("tp", "pp"), [(1, 2), (2, 1)])
-def test_four_ranks_report_once_and_apply_versions_together(tp, pp, write_spec, server, tmp_path) -> None:
-    spec_path = write_spec(f"lm-tp{tp}-pp{pp}", "odm", cadence={"update_every": 2, "min_weight": 0.02})
+@pytest.mark.parametrize(("tp", "pp", "cp"), [(1, 2, 1), (2, 1, 1), (1, 1, 2)])
+def test_four_ranks_report_once_and_apply_versions_together(tp, pp, cp, write_spec, server, tmp_path) -> None:
+    spec_path = write_spec(f"lm-tp{tp}-pp{pp}-cp{cp}", "odm", cadence={"update_every": 2, "min_weight": 0.02})
     spec = JobSpec.from_yaml(spec_path.read_text())
     with MixerClient(server.address) as client:
         client.create_job(spec)
-    results = run_ranks(tmp_path, "run", spec_path, world=4, tp=tp, pp=pp, address=server.address)
+    results = run_ranks(tmp_path, "run", spec_path, world=4, tp=tp, pp=pp, cp=cp, address=server.address)
     steps = 12
 
     data_ranks = [r for r in results if r["reads_data"]]
@@ -104,7 +104,11 @@ def test_four_ranks_report_once_and_apply_versions_together(tp, pp, write_spec, 
     assert all(step >= 1 for _, step in applied[0][1:])
 
     reporters = [r for r in results if r["reports"]]
-    assert len(reporters) == 1 and reporters[0]["last"] and reporters[0]["tp_rank"] == 0
+    assert (
+        len(reporters) == 1
+        and reporters[0]["last"]
+        and reporters[0]["tp_rank"] == reporters[0]["cp_rank"] == 0
+    )
     assert reporters[0]["reported"] == list(range(steps))
     assert all(not r["reported"] for r in results if not r["reports"])
     with MixerClient(server.address) as client:
@@ -112,7 +116,9 @@ def test_four_ranks_report_once_and_apply_versions_together(tp, pp, write_spec, 
 
     # What was reported is the global batch: every data-parallel rank's micro-batches, in rank order,
     # with the per-sample losses of those samples.
-    firsts = sorted((r for r in data_ranks if r["first"]), key=lambda r: r["dp_rank"])
+    # Context-parallel ranks of one data-parallel rank read the same samples (each keeps a slice
+    # of every sequence); the per-sample losses reported are over whole sequences.
+    firsts = sorted((r for r in data_ranks if r["first"] and r["cp_rank"] == 0), key=lambda r: r["dp_rank"])
     num_mb = 8 // (2 * len(firsts))
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
