@@ -79,10 +79,8 @@ PRESETS = {
 
 
 def default_corpus() -> Path:
-    """../shared/corpora/minipile beside the repository."""
-    import mixer
-
-    return Path(mixer.__file__).resolve().parents[1].parent / "shared" / "corpora" / "minipile"
+    """minipile, shipped with the package (mixer/bench/minipile: 8 domains, 7.7 MB; README.md there)."""
+    return Path(__file__).resolve().parent / "minipile"
 
 
 NOISE_ALPHABET = "".join(chr(c) for c in range(32, 127))  # printable ASCII: ln 95 = 4.55 nats/byte at best
@@ -391,7 +389,8 @@ PATH = click.Path(file_okay=False, path_type=Path)
 
 @click.command("quality")
 @click.option("--corpus", type=PATH, default=None,
-              help="folder of <domain>/{train,val}.jsonl[.gz]  [default: ../shared/corpora/minipile]")
+              help="folder of <domain>/{train,val}.jsonl[.gz]  [default: the bundled minipile, "
+                   "mixer/bench/minipile: 8 domains, see its README.md]")
 @click.option("--strategies", default=None,
               help=f"comma-separated, from {','.join(STRATEGIES)}  [default: all; --quick: "
                    f"{','.join(QUICK_STRATEGIES)}]; uniform always runs (the baseline, DoReMi's reference)")
@@ -431,12 +430,9 @@ def quality_command(corpus: Path | None, strategies: str | None, steps: int | No
     if corpus is None:
         corpus = default_corpus()
         if not corpus.is_dir():
-            if not quick:
-                raise click.UsageError(f"no corpus at {corpus}; pass --corpus DIR")
-            from mixer.megatron.corpus import write_synthetic_corpus
-
-            corpus = out / "synthetic-corpus"
-            write_synthetic_corpus(corpus, seed=0)
+            raise click.UsageError(
+                f"no corpus at {corpus} (installed without package data?); pass --corpus DIR"
+            )
     quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     with warnings.catch_warnings(), quiet:
         warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")

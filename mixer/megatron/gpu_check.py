@@ -26,6 +26,12 @@ import numpy as np
 import yaml
 
 
+def half_way(record: dict) -> str:
+    """The checkpoint folder written half-way (the megatron trainer and the plain loop name them differently)."""
+    step = record["final_step"] // 2
+    return f"iter_{step:07d}" if record.get("trainer") == "megatron" else f"step_{step:08d}"
+
+
 @click.command()
 @click.option("--steps", default=300, show_default=True, type=click.IntRange(min=20))
 @click.option(
@@ -117,7 +123,7 @@ def main(
                 min_lr=3e-5,
                 device=device,
                 micro_batch_size=max(1, micro_batch // 2),
-                load=root / "ckpt",
+                load=root / "ckpt" / half_way(record),
                 progress=False,
             )
         )
