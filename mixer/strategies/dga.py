@@ -20,7 +20,7 @@ gradient is the target (specialised DGA); empty means all domains (general, DoGE
 generalisation), and `target_prefix` names a target-only data prefix (DoGE's 'mix' set) instead.
 Workers read these from the job spec. `exclude_self` drops <g_i, g_i> from W_i when i is a target
 domain, as the DoGE paper does; its reference code never drops it (a set comparison of tensors is
-always False), which `doge_update(..., exclude_self=False)` reproduces for shared/conformance/doge.json.
+always False), which `doge_update(..., exclude_self=False)` reproduces for tests/conformance/doge.json.
 
 `doge_update` is the full DoGE step on per-domain gradient vectors (per-domain clipping, stale rows
 for absent domains, scores scaled by the learning rate lr_t, eta = lr_t / mu); the strategy runs the

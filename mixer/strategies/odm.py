@@ -14,7 +14,7 @@ the token-mean loss of domain i over the window (the paper's mixed-minibatch for
 domain in the batch its own loss as reward), and n counts update windows.
 
 Two variants reproduce the authors' released updaters (alon-albalak/online-data-mixing @ edbfdad,
-`megatron/data/data_sampling_utils.py`; checked against shared/conformance/odm.json):
+`megatron/data/data_sampling_utils.py`; checked against tests/conformance/odm.json):
 - variant="exp3": `Exp3WeightUpdater`: the reward is a running *sum* R_i += r_i / pi_i (no
   smoothing); the run scripts divide rewards by 10, i.e. reward_scale = 0.1.
 - variant="reference": `SmoothedMeanWeightUpdater.group_update`, which the repo README calls the

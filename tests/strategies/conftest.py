@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 import pytest
 
 from mixer.spec import JobSpec
-from tests.conformance_dir import conformance_dir
+from tests.conformance_dir import load_vectors
 
 
 @pytest.fixture(scope="session")
 def conformance():
-    """load('odm') -> the parsed odm.json."""
-    cache: dict[str, Any] = {}
-
-    def load(name: str) -> dict[str, Any]:
-        if name not in cache:
-            path = conformance_dir() / f"{name}.json"
-            if not path.is_file():
-                pytest.fail(f"conformance file {path} is missing")
-            cache[name] = json.loads(path.read_text())
-        return cache[name]
-
-    return load
+    """load('odm') -> the parsed odm.json of the conformance folder (tests/conformance_dir.py)."""
+    return load_vectors
 
 
 def _assert_close(got: Any, expected: Any, *, rtol: float, atol: float, what: str) -> None:
