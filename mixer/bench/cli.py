@@ -1,4 +1,4 @@
-"""Commands for `mixer bench strategies`, `mixer bench weighting` and `mixer topics build`.
+"""Commands for `mixer bench strategies`, `weighting` and `sampler`, and `mixer topics build`.
 
 `COMMANDS` lists (parent, command) pairs for `mixer.cli` to mount: parent "bench" is the existing
 `mixer bench` group, parent "topics" a `mixer topics` group:
@@ -119,6 +119,79 @@ def weighting(batch: int, threads: int | None, repeats: int, as_json: bool) -> N
         _emit(result)
 
 
+@click.command("sampler")
+@click.option(
+    "--global-batch",
+    "global_batches",
+    multiple=True,
+    type=click.IntRange(1),
+    default=(1024, 4096),
+    show_default=True,
+    help="global batch sizes to measure (repeat the option)",
+)
+@click.option(
+    "--domains",
+    "-K",
+    "Ks",
+    multiple=True,
+    type=click.IntRange(1),
+    default=(8, 64),
+    show_default=True,
+    help="domain counts to measure (repeat the option)",
+)
+@click.option(
+    "--steps", default=200, show_default=True, type=click.IntRange(1), help="timed steps per setting"
+)
+@click.option(
+    "--change-every",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1),
+    help="steps between weight versions",
+)
+@click.option(
+    "--dp-size",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1),
+    help="data-parallel ranks (for rank_slice)",
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=click.IntRange(0), help="seed of the weight schedule"
+)
+@json_option
+def sampler(
+    global_batches: tuple[int, ...],
+    Ks: tuple[int, ...],
+    steps: int,
+    change_every: int,
+    dp_size: int,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Per-step cost of MixtureSampler (next_global_batch + rank_slice) against the old per-sample loop."""
+    from mixer.bench.sampler import format_table, run_sampler_bench
+
+    try:
+        result = run_sampler_bench(
+            global_batches=tuple(global_batches),
+            Ks=tuple(Ks),
+            steps=steps,
+            change_every=change_every,
+            dp_size=dp_size,
+            seed=seed,
+        )
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(
+        f"{steps} steps per setting, weights changed every {change_every} steps, rank_slice for 1 of {dp_size} "
+        f"ranks; target: median <= {result['target_ms']:g} ms at global batch {result['target_batch']}"
+    )
+    click.echo(format_table(result))
+    if as_json:
+        _emit(result)
+
+
 @click.command("build")
 @click.argument("corpus_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
@@ -172,4 +245,9 @@ def build(
         _emit(summary)
 
 
-COMMANDS: list[tuple[str, click.Command]] = [("bench", strategies), ("bench", weighting), ("topics", build)]
+COMMANDS: list[tuple[str, click.Command]] = [
+    ("bench", strategies),
+    ("bench", weighting),
+    ("bench", sampler),
+    ("topics", build),
+]

@@ -1,17 +1,20 @@
-"""MixtureSampler: exact rates, zero weights, live changes, resumable state."""
+"""MixtureSampler: exact rates, zero weights, live changes, resumable state, the vectorised draw."""
 
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 
 import numpy as np
 import pytest
 
 from mixer.megatron.sampler import (
+    _SCALE,
     FingerprintMismatchError,
     MixtureSampler,
     fingerprint,
     make_sample_id,
+    mixture_tree,
     quantize_weights,
     split_sample_id,
 )
@@ -39,6 +42,26 @@ def random_weights(rng: np.random.Generator, k: int) -> np.ndarray:
     return rng.dirichlet(np.ones(k) * rng.choice([0.1, 1.0, 5.0]))
 
 
+def tree_bound(weights: np.ndarray) -> float:
+    """The proven window bound for fixed weights: max over domains of 1 + sum of w_i / w_a over
+    the domain's ancestors a in mixture_tree, the root excepted."""
+    units = [int(u) for u in quantize_weights(weights)]
+    k = len(units)
+    root, left, right = mixture_tree(units)
+    weight = units + [0] * len(left)
+    for j, (a, b) in enumerate(zip(left, right)):
+        weight[k + j] = weight[a] + weight[b]
+    worst, stack = 0.0, [(root, 0.0)]
+    while stack:
+        v, inverse_sum = stack.pop()
+        if v < k:
+            worst = max(worst, 1 + weight[v] * inverse_sum)
+            continue
+        for child in (left[v - k], right[v - k]):
+            stack.append((child, inverse_sum + (1 / weight[child] if child >= k else 0.0)))
+    return worst
+
+
 def test_two_domains_every_window_within_one() -> None:
     rng = np.random.default_rng(0)
     for _ in range(50):
@@ -47,20 +70,31 @@ def test_two_domains_every_window_within_one() -> None:
         assert window_error(draw(s, 40), s.weights) <= 1 + 1e-9
 
 
-@pytest.mark.parametrize("weights", [[0.5, 0.3, 0.2], [0.5, 0.25, 0.25], [0.25] * 4, [0.4, 0.4, 0.2]])
+@pytest.mark.parametrize("weights", [[0.5, 0.25, 0.25], [0.25] * 4, [0.4, 0.4, 0.2]])
 def test_simple_weights_every_window_within_one(weights: list[float]) -> None:
     s = MixtureSampler(len(weights), 16, weights, fingerprint="t")
     assert window_error(draw(s, 40), s.weights) <= 1 + 1e-9
 
 
-def test_many_domains_every_window_within_two() -> None:
-    # Within 1 for every window is impossible for K >= 3 with generic weights (Fraenkel), see module doc.
+def test_small_denominator_weights_stay_close() -> None:
+    # (0.5, 0.3, 0.2) was within 1 under smooth weighted round-robin; the rotation tree gives 1.1
+    # (bound 1.6), and no binary tree of rotations gets (0.6, 0.3, 0.1) within 1 (1.2 at best).
+    for weights, measured in (([0.5, 0.3, 0.2], 1.1), ([0.6, 0.3, 0.1], 1.2), ([0.7, 0.2, 0.1], 1.2)):
+        s = MixtureSampler(3, 10, weights, fingerprint="t")
+        error = window_error(draw(s, 40), s.weights)
+        assert error <= measured + 1e-9 and error < tree_bound(s.weights)
+
+
+def test_many_domains_every_window_within_the_tree_bound() -> None:
+    # Within 1 for every window is impossible for K >= 3 with generic weights (Fraenkel), see
+    # module doc. The bound is proven per tree; measured window errors stay below 2.5 (module doc).
     rng = np.random.default_rng(1)
     for _ in range(60):
         k = int(rng.integers(3, 9))
         w = random_weights(rng, k)
         s = MixtureSampler(k, 16, w, fingerprint="t")
-        assert window_error(draw(s, 40), s.weights) < 2
+        error = window_error(draw(s, 40), s.weights)
+        assert error < tree_bound(s.weights) + 1e-9 and error < 3
 
 
 def test_exact_batches_when_weights_are_multiples_of_one_over_batch() -> None:
@@ -107,7 +141,9 @@ def test_weight_change_mid_run_keeps_rates() -> None:
             assert s.version == 1 and s.applied[-1] == (1, 10)
             w = s.weights
             assert all((after == i).sum() == 0 for i in range(k) if w[i] == 0)
-            bound = 1 + 1e-9 if k == 2 else 2
+            # Right after a change the tree is rebuilt and owed draws are paid back first: measured
+            # up to 0.25 above the fixed-weights bound (two domains stay one rotation, within 1).
+            bound = 1 + 1e-9 if k == 2 else tree_bound(w) + 0.5
             assert window_error(after, w) <= bound
 
 
@@ -197,3 +233,132 @@ def test_sample_id_roundtrip() -> None:
     sid = make_sample_id(7, 123_456_789)
     assert split_sample_id(sid) == (7, 123_456_789)
     assert sid < 2**63
+
+
+class PlainRotationTree:
+    """The interleaver's rule, one draw at a time, in exact fractions: a slow reference.
+
+    Credits are in draws. A draw walks down mixture_tree from the root; at a node it goes to the
+    left child a when z + w_a / w_v >= 1/2, where z = C_a - (w_a / w_v) C_v and C sums the credits
+    below a node. Then every positive-weight domain gains its weight and the drawn one loses 1.
+    """
+
+    def __init__(self, k: int, weights: np.ndarray, lengths: list[int] | None = None) -> None:
+        self.k = k
+        self.lengths = lengths
+        self.credits = [Fraction(0)] * k
+        self.drawn = [0] * k
+        self.set_weights(weights)
+
+    def set_weights(self, weights: np.ndarray) -> None:
+        units = [int(u) for u in quantize_weights(np.asarray(weights) / np.sum(weights))]
+        self.w = [Fraction(u, _SCALE) for u in units]
+        self.root, self.left, self.right = mixture_tree(units)
+
+    def below(self, v: int) -> list[int]:
+        if v < self.k:
+            return [v]
+        return self.below(self.left[v - self.k]) + self.below(self.right[v - self.k])
+
+    def draw(self) -> tuple[int, int]:
+        v = self.root
+        while v >= self.k:
+            a = self.left[v - self.k]
+            share = sum(self.w[i] for i in self.below(a)) / sum(self.w[i] for i in self.below(v))
+            z = sum(self.credits[i] for i in self.below(a)) - share * sum(
+                self.credits[i] for i in self.below(v)
+            )
+            v = a if z + share >= Fraction(1, 2) else self.right[v - self.k]
+        self.credits = [c + w for c, w in zip(self.credits, self.w)]
+        self.credits[v] -= 1
+        index = self.drawn[v] if self.lengths is None else self.drawn[v] % self.lengths[v]
+        self.drawn[v] += 1
+        return v, index
+
+
+def reference_weights(rng: np.random.Generator, k: int) -> np.ndarray:
+    """Uneven, aligned (exact ties), geometric (deep trees) or with zeros."""
+    kind = rng.integers(4)
+    if kind == 0:
+        return random_weights(rng, k)
+    if kind == 1:
+        return rng.integers(0, 5, k) + np.eye(k)[0]
+    if kind == 2:
+        return rng.permutation(2.0 ** -np.arange(k))
+    w = random_weights(rng, k)
+    w[rng.choice(k, size=int(rng.integers(1, k)), replace=False)] = 0.0
+    return w
+
+
+def test_vectorised_draw_equals_the_plain_reference() -> None:
+    rng = np.random.default_rng(7)
+    for case in range(40):
+        k = int(rng.integers(2, 10))
+        batch = int(rng.choice([1, 3, 8, 16]))
+        lengths = [int(n) for n in rng.integers(1, 30, k)] if case % 2 else None
+        w = reference_weights(rng, k)
+        s = MixtureSampler(k, batch, w, fingerprint="t", dataset_lengths=lengths)
+        ref = PlainRotationTree(k, w, lengths)
+        pending: list[tuple[int, int, np.ndarray]] = []
+        for step in range(24):
+            if rng.random() < 0.3:
+                # Due now or a few steps ahead; a newer version due first supersedes older ones.
+                w, effective = reference_weights(rng, k), step + int(rng.integers(0, 3))
+                pending.append((effective, step + 1, w))
+                assert s.set_weights(w, version=step + 1, effective_step=effective)
+            due = [p for p in pending if p[0] <= step]
+            if due:
+                _, newest, weights = max(due, key=lambda p: p[1])
+                pending = [p for p in pending if p[1] > newest]
+                ref.set_weights(weights)
+            expected = [ref.draw() for _ in range(batch)]
+            assert s.next_global_batch(step) == expected, (case, step)
+        assert s.credits.tolist() == [int(c * _SCALE) for c in ref.credits]
+
+
+def test_global_arrays_are_the_batch_as_int64() -> None:
+    a = MixtureSampler(5, 64, [0.4, 0.3, 0.2, 0.1, 0.0], fingerprint="t", dataset_lengths=[7] * 5)
+    b = MixtureSampler(5, 64, [0.4, 0.3, 0.2, 0.1, 0.0], fingerprint="t", dataset_lengths=[7] * 5)
+    for step in range(5):
+        domains, indices = a.next_global_arrays(step)
+        assert domains.dtype == indices.dtype == np.int64
+        assert list(zip(domains.tolist(), indices.tolist())) == b.next_global_batch(step)
+
+
+def test_two_domains_draw_what_smooth_weighted_round_robin_drew() -> None:
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        s = MixtureSampler(2, 8, random_weights(rng, 2), fingerprint="t")
+        credits, version = [0, 0], 0
+        for step in range(30):
+            if step % 7 == 3:
+                version += 1
+                s.set_weights(rng.dirichlet([1.0, 1.0]), version=version, effective_step=step)
+            got = [d for d, _ in s.next_global_batch(step)]
+            units = quantize_weights(s.weights).tolist()
+            expected = []
+            for _ in range(8):
+                credits = [c + u for c, u in zip(credits, units)]
+                pick = 0 if credits[0] >= credits[1] else 1
+                credits[pick] -= _SCALE
+                expected.append(pick)
+            assert got == expected
+
+
+def test_credits_stay_bounded_over_many_weight_changes() -> None:
+    # Within a version the credits stay near the tree's bound; weight changes (zeros included) do
+    # not let them drift: measured below 2.1 draws for K up to 64 over 10,000 steps.
+    rng = np.random.default_rng(11)
+    for k in (3, 8, 24):
+        s = MixtureSampler(k, 16, random_weights(rng, k), fingerprint="t")
+        worst = 0
+        for step in range(10_000 if k == 8 else 2_000):
+            if rng.random() < 0.3:
+                w = random_weights(rng, k)
+                if rng.random() < 0.3:
+                    w[rng.integers(k)] = 0.0
+                s.set_weights(w, version=len(s.applied) + 1, effective_step=step)
+            s.next_global_arrays(step)
+            worst = max(worst, int(np.abs(s.credits).max()))
+        assert worst <= 3 * _SCALE
+        assert s.credits.sum() == 0  # every draw adds _SCALE in total and takes _SCALE back
