@@ -46,6 +46,37 @@ def run(loader: MixtureLoader, steps: int) -> list[list[int]]:
     return out
 
 
+def odm_versions(k: int, steps: int) -> dict[int, VersionUpdate]:
+    """The versions ODM derives (the service's own pure engine) from per-step losses, by the step
+    before which a session would deliver each: a new one every few steps, some for steps already drawn."""
+    from mixer.engine import Engine
+    from mixer.signals import Report
+    from mixer.spec import JobSpec
+
+    spec = JobSpec.from_dict(
+        {
+            "name": "resume",
+            "domains": [{"name": f"d{i}"} for i in range(k)],
+            "strategy": {"name": "odm"},
+            "cadence": {"update_every": 3, "min_weight": 0.02, "delay": 1},
+        }
+    )
+    engine, rng, at = Engine(spec), np.random.default_rng(5), {}
+    for step in range(steps):
+        loss = 1.0 + 0.2 * np.arange(k) + 0.05 * rng.random(k)
+        report = Report(
+            step=step,
+            source="w",
+            domain_loss_sum=16 * loss,
+            domain_token_count=np.full(k, 16.0),
+            domain_sample_count=np.ones(k, dtype=np.int64),
+        )
+        version = engine.ingest(report, step)
+        if version is not None:
+            at[step + 1] = VersionUpdate.of(version)
+    return at
+
+
 @pytest.fixture()
 def datasets(domain_prefixes, cache_dir: Path):
     _, train, _ = domain_prefixes
@@ -73,14 +104,11 @@ def test_a_version_is_in_force_from_its_announced_step_with_workers(datasets) ->
 
 @pytest.mark.slow
 def test_resume_reproduces_the_sample_ids_with_versions_in_flight(datasets) -> None:
-    k = len(datasets)
-    rng = np.random.default_rng(3)
-    # Versions as an adaptive strategy sends them: a new one every few steps, some announced late.
-    at = {
-        t: VersionUpdate(i + 1, t + int(rng.integers(0, 6)), tuple(rng.dirichlet(np.ones(k))))
-        for i, t in enumerate(range(1, 30, 3))
-    }
-    whole = run(make_loader(datasets, at), 30)
+    at = odm_versions(len(datasets), 30)
+    assert len(at) >= 5
+    uninterrupted = make_loader(datasets, at)
+    whole = run(uninterrupted, 30)
+    assert len(uninterrupted.sampler.applied) >= 5  # the weights really moved during the run
     first = make_loader(datasets, at)
     head = run(first, 13)
     state = first.save_state()
