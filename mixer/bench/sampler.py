@@ -4,9 +4,9 @@ For each (global batch, K) a MixtureSampler draws `steps` consecutive steps whil
 every `change_every` steps (random Dirichlet weights, a fifth of them with a zero; each version is
 due at the step about to be drawn, as live training receives them, so the step that applies it
 also pays for rebuilding the interleaver's tree). Each step is timed (wall clock, garbage
-collection paused) as the training loop pays it: `next_global_batch` plus `rank_slice` for one
-data-parallel rank. `next_global_arrays` (the numpy form, no Python tuples) is timed on a second
-sampler fed the same weights. The per-sample smooth weighted round-robin loop the sampler used
+collection paused) as the loaders pay it: `next_rank_keys`, the whole global batch drawn and one
+data-parallel rank's share turned into (domain, index) keys. `next_global_arrays` (the numpy form
+of the whole batch, no Python tuples) is timed on a second sampler fed the same weights. The per-sample smooth weighted round-robin loop the sampler used
 before (`OldSwrrLoop`, kept here only as the baseline) draws the first BASELINE_STEPS steps of the
 same schedule in the same run; the speedup is its median over the new median.
 
@@ -100,7 +100,7 @@ def _stats(times: list[float]) -> tuple[float, float]:
 def bench_one(
     global_batch: int, K: int, *, steps: int, baseline_steps: int, change_every: int, dp_size: int, seed: int
 ) -> dict[str, Any]:
-    """One table row: new list form, new array form and the old loop, same weights schedule."""
+    """One table row: this rank's keys, the array form and the old loop, same weights schedule."""
     schedule = _weight_schedule(K, steps, change_every, seed)
     first = np.asarray(schedule[0])
 
@@ -112,7 +112,7 @@ def bench_one(
     def new_list(step: int, due: np.ndarray | None) -> Any:
         if due is not None:
             listed.set_weights(due, version=step + 1, effective_step=step)
-        return listed.rank_slice(listed.next_global_batch(step))
+        return listed.next_rank_keys(step)
 
     def new_arrays(step: int, due: np.ndarray | None) -> Any:
         if due is not None:
@@ -194,7 +194,7 @@ def run_sampler_bench(
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """One line per (global batch, K): the new step (list form) and its array form against the old loop."""
+    """One line per (global batch, K): the new step (this rank's keys) and the array form against the old loop."""
     head = ("batch", "K", "median ms", "p90 ms", "arrays ms", "old ms", "old p90", "old steps", "speedup")
     lines = ["{:>6} {:>4} {:>10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8}  notes".format(*head)]
     for r in result["rows"]:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import atexit
 import logging
 import math
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,7 +47,7 @@ from torch.utils.data import DataLoader
 
 from mixer.megatron.announce import Announced, AnnouncedVersions
 from mixer.megatron.loss import AsyncHostCopy, HostStats, StepStats, reduce_step_stats
-from mixer.megatron.sampler import MixtureDataset, MixtureSampler
+from mixer.megatron.sampler import MixtureDataset, MixtureSampler, StepBatchSampler
 
 __all__ = [
     "LMSettings",
@@ -178,35 +177,6 @@ class MicroBatchMeta:
         )
 
 
-class _MicroBatches:
-    """DataLoader batch sampler: this rank's micro-batches of the global batch, step after step."""
-
-    # Iterated in the DataLoader's main process, never in its workers: workers only load keys.
-
-    def __init__(self, sampler: MixtureSampler, micro_batch_size: int, history: int = 256) -> None:
-        self.sampler = sampler
-        self.mbs = micro_batch_size
-        self.states: deque[tuple[int, dict[str, Any]]] = deque(maxlen=history)
-        self.versions: dict[int, int] = {}
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        while True:
-            step = self.sampler.step
-            self.states.append((step, self.sampler.state_dict()))
-            keys = self.sampler.rank_slice(self.sampler.next_global_batch(step))
-            self.versions[step] = self.sampler.version
-            for i in range(0, len(keys), self.mbs):
-                yield keys[i : i + self.mbs]
-
-    def state_before(self, step: int) -> dict[str, Any]:
-        if step == self.sampler.step:
-            return self.sampler.state_dict()
-        for s, state in self.states:
-            if s == step:
-                return state
-        raise KeyError(f"no sampler state for step {step}")
-
-
 class MixtureLoader:
     """This rank's micro-batches over the live mixture (a Megatron external data iterator)."""
 
@@ -233,7 +203,7 @@ class MixtureLoader:
         self.channel = channel
         self.weighting = weighting
         self.train = train
-        self.batches = _MicroBatches(sampler, micro_batch_size)
+        self.batches = StepBatchSampler(sampler, micro_batch_size=micro_batch_size)
         self.step = sampler.step
         self.index = 0
         self.last_meta: MicroBatchMeta | None = None

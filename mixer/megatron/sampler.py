@@ -396,6 +396,16 @@ class MixtureSampler:
         domains, indices = self.next_global_arrays(step)
         return list(zip(domains.tolist(), indices.tolist()))
 
+    def next_rank_keys(self, step: int) -> list[tuple[int, int]]:
+        """This data-parallel rank's share of step's global batch as (domain, index) keys.
+
+        The same keys as rank_slice(next_global_batch(step)), with only this rank's share turned
+        into Python tuples (what the loaders use)."""
+        domains, indices = self.next_global_arrays(step)
+        per_rank = self.global_batch_size // self.dp_size
+        part = slice(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
+        return list(zip(domains[part].tolist(), indices[part].tolist()))
+
     def rank_slice(self, batch: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         """This data-parallel rank's contiguous share of a global batch."""
         per_rank = len(batch) // self.dp_size
@@ -475,28 +485,45 @@ class MixtureDataset(Dataset):
 
 
 class StepBatchSampler:
-    """A DataLoader batch_sampler yielding this rank's keys, step after step."""
+    """A DataLoader batch_sampler yielding this rank's keys, step after step (optionally in micro-batches)."""
 
     # The sampler runs in the main process (DataLoader iterates batch samplers there) and hands
     # key lists to the workers, so workers never hold weights. With num_workers=W and
-    # prefetch_factor=P the loader draws about W*P steps ahead of training: a version is applied
-    # exactly at its effective_step only if it reaches the sampler that many steps early; later
-    # ones land at the first step not yet drawn (recorded in sampler.applied). For a checkpoint
-    # take state_before(next step to train), not the live state, which is ahead by the prefetch.
+    # prefetch_factor=P the loader draws about W*P batches ahead of training: a version is applied
+    # exactly at its effective_step only if it reaches the sampler that many steps early (the
+    # plug-in's announcements guarantee it; recorded in sampler.applied). For a checkpoint take
+    # state_before(next step to train), not the live state, which is ahead by the prefetch.
 
-    def __init__(self, sampler: MixtureSampler, num_steps: int, history: int = 64) -> None:
+    def __init__(
+        self,
+        sampler: MixtureSampler,
+        num_steps: int | None = None,
+        history: int = 256,
+        micro_batch_size: int | None = None,
+    ) -> None:
         self.sampler = sampler
-        self.end_step = sampler.step + num_steps
+        self.end_step = None if num_steps is None else sampler.step + num_steps
+        self.micro_batch_size = micro_batch_size
         self._states: deque[tuple[int, dict[str, Any]]] = deque(maxlen=history)
+        self.versions: dict[int, int] = {}
+        """The version each drawn step was drawn with, until the consumer pops it."""
 
     def __len__(self) -> int:
+        if self.end_step is None:
+            raise TypeError("an unbounded StepBatchSampler has no length")
         return max(0, self.end_step - self.sampler.step)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        while self.sampler.step < self.end_step:
+        while self.end_step is None or self.sampler.step < self.end_step:
             step = self.sampler.step
             self._states.append((step, self.sampler.state_dict()))
-            yield self.sampler.rank_slice(self.sampler.next_global_batch(step))
+            keys = self.sampler.next_rank_keys(step)
+            self.versions[step] = self.sampler.version
+            if self.micro_batch_size is None:
+                yield keys
+            else:
+                for i in range(0, len(keys), self.micro_batch_size):
+                    yield keys[i : i + self.micro_batch_size]
 
     def state_before(self, step: int) -> dict[str, Any]:
         """The sampler state just before drawing step (for a checkpoint taken after step - 1)."""

@@ -348,7 +348,7 @@ def train(
                     sampler.set_weights(update.weights, update.version, update.effective_step)
                     if weighting is not None:
                         weighting.offer(update)
-            keys = sampler.rank_slice(sampler.next_global_batch(step))
+            keys = sampler.next_rank_keys(step)
             run.versions[step] = sampler.version
             if attached:
                 r.local_sample_ids.append([make_sample_id(d, i) for d, i in keys])
