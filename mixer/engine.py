@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from mixer.signals import Report, Window
-from mixer.spec import CadenceSpec, JobSpec
+from mixer.signals import MAX_STEP, PER_DOMAIN_FIELDS, PER_SAMPLE_FIELDS, Report, SignalError, Window
+from mixer.spec import CadenceSpec, JobSpec, SpecError
 from mixer.strategies import Strategy, build_strategy
 from mixer.strategies.base import decode_state, encode_state
 
@@ -124,6 +124,8 @@ class Engine:
         w0 = initial(self.state) if initial else self.prior
         # Workers read their instance-weighting parameters from every version.
         self.weighting = {"weighting": dict(spec.weighting.params)} if spec.weighting.name != "none" else {}
+        if not np.isfinite(np.asarray(w0, dtype=np.float64)).all() or _nonfinite(self.state)[0]:
+            raise SpecError("strategy.params", f"the {spec.strategy.name!r} strategy's initial weights or state are not finite for this spec")
         self.current = Version(0, 0, shape_weights(w0, self.prior, spec.cadence), dict(self.weighting))
         self.pending: list[Report] = []
         c = spec.cadence
@@ -131,19 +133,37 @@ class Engine:
         self.max_step = -1
         self.last_log_seq = -1
 
-    def ingest(self, report: Report, log_seq: int) -> Version | None:
-        """Feed one validated report (at log position `log_seq`); return a new version if one is due."""
+    def ingest(self, report: Report, log_seq: int, *, guard: bool = True) -> Version | None:
+        """Feed one validated report (at log position `log_seq`); return a new version if one is due.
+
+        With `guard` (every live report), a report whose update would leave the strategy's state,
+        weights or parameters non-finite is refused with SignalError and changes nothing: it never
+        reaches the log, so a replay sees the same reports. Replaying a log needs no guard (what
+        was accepted passed it), and a log written before the guard existed replays as it ran."""
         if log_seq <= self.last_log_seq:
             raise ValueError(f"log order violated: seq {log_seq} after {self.last_log_seq}")
+        if guard and not 0 <= report.step < MAX_STEP:  # validate_report's bound; steps + delay must stay in int64
+            raise SignalError("step", f"must be an integer in [0, 2^53), got {report.step!r}")
+        if report.step < self.next_update_step:
+            self.last_log_seq = log_seq
+            self.max_step = max(self.max_step, report.step)
+            self.pending.append(report)
+            return None
+        window = Window([*self.pending, report], self.spec.num_domains)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # the guard below judges the outcome
+            state, decision = self.strategy.update(self.state, window)
+        if guard and _poisons(self.state, state, decision):
+            carried = [n for n in (*PER_DOMAIN_FIELDS, *PER_SAMPLE_FIELDS) if getattr(report, n) is not None]
+            raise SignalError(
+                "/".join(carried) or "report",
+                f"these values would make the {self.spec.strategy.name!r} strategy's state non-finite; "
+                "the report is refused (check the values, or the strategy's params)",
+            )
         self.last_log_seq = log_seq
         self.max_step = max(self.max_step, report.step)
-        self.pending.append(report)
-        if report.step < self.next_update_step:
-            return None
-        window = Window(self.pending, self.spec.num_domains)
         self.pending = []
         self.next_update_step = report.step + self.spec.cadence.update_every
-        self.state, decision = self.strategy.update(self.state, window)
+        self.state = state
         if decision is None:
             return None
         weights = shape_weights(decision.weights, self.prior, self.spec.cadence)
@@ -189,6 +209,38 @@ class Engine:
         eng.last_log_seq = snap["last_log_seq"]
         eng.pending = [Report(**r) for r in snap["pending"]]
         return eng
+
+
+def _nonfinite(value: Any) -> tuple[int, int]:
+    """(infinities, NaNs) among the floats of a state, array or JSON-able parameter tree."""
+    inf = nan = 0
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, np.ndarray):
+            if v.dtype.kind in "fc":
+                inf += int(np.isinf(v).sum())
+                nan += int(np.isnan(v).sum())
+        elif isinstance(v, (float, np.floating)):
+            inf += bool(np.isinf(v))
+            nan += bool(np.isnan(v))
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return inf, nan
+
+
+def _poisons(old: Any, new: Any, decision: Any) -> bool:
+    """Whether an update left the state non-finite: an infinity anywhere, or a NaN more than
+    before (some strategies mark "not seen yet" with NaN, and fill those in as they learn), or
+    weights that are not all finite, or an infinite parameter."""
+    inf, nan = _nonfinite(new)
+    if inf or nan > _nonfinite(old)[1]:
+        return True
+    if decision is None:
+        return False
+    return not np.isfinite(np.asarray(decision.weights, dtype=np.float64)).all() or _nonfinite(decision.params)[0] > 0
 
 
 def _report_state(r: Report) -> dict[str, Any]:

@@ -34,6 +34,22 @@ PER_SAMPLE_FIELDS = {
 }
 
 
+# Ranges (see DESIGN.md, "Every value has a range"). Bounds on what a report may carry, chosen
+# so that every value the service derives from accepted reports stays exact or finite:
+MAX_STEP = 1 << 53
+"""Steps, seqs and versions lie below 2^53: exact as doubles, and step + delay (both below
+2^53) cannot leave int64."""
+MAX_TOKENS = 1e15
+"""Loss-bearing tokens per domain in one report (a quadrillion: far above any real batch)."""
+MAX_LOSS = 1e6
+"""Per-token loss bound: mean loss (loss sum / tokens), mean excess loss, validation losses and
+alignments lie within +-1e6 (cross-entropy is below ~12 in practice)."""
+MAX_REPORT_SAMPLES = (1 << 31) - 1
+"""Samples one report may count over all its domains (the stored count is a 32-bit integer)."""
+MAX_EXTRA = 64
+"""Entries in a report's `extra` map."""
+
+
 class SignalError(ValueError):
     """A report is invalid; the message names the field."""
 
@@ -94,16 +110,29 @@ def _explain_non_negative(name: str, arr: np.ndarray) -> None:
     raise SignalError(name, f"must be >= 0; got {arr[bad]} at domain index {bad}")
 
 
-def validate_report(r: Report, num_domains: int, *, max_samples: int = 1 << 20) -> Report:
-    """Check a report against its job; return it with arrays in canonical dtypes."""
-    if isinstance(r.step, bool) or not isinstance(r.step, (int, np.integer)) or r.step < 0:
-        raise SignalError("step", f"must be an integer >= 0, got {r.step!r}")
+def validate_report(r: Report, num_domains: int, *, max_samples: int = 1 << 20, bounded: bool = True) -> Report:
+    """Check a report against its job; return it with arrays in canonical dtypes.
+
+    `bounded=False` skips the upper bounds (MAX_*): only for re-reading a log written before
+    they existed, so that it replays as it ran."""
+    return _validate(r, num_domains, max_samples, bounded)
+
+
+def _validate(r: Report, num_domains: int, max_samples: int, bounded: bool) -> Report:
+    top = MAX_STEP if bounded else 1 << 63
+    if isinstance(r.step, bool) or not isinstance(r.step, (int, np.integer)) or not 0 <= r.step < top:
+        raise SignalError("step", f"must be an integer in [0, 2^53), got {r.step!r}")
     if not isinstance(r.source, str) or not r.source or len(r.source) > 256:
         raise SignalError("source", "must be a non-empty string of at most 256 characters")
-    if isinstance(r.seq, bool) or not isinstance(r.seq, (int, np.integer)) or r.seq < 0:
-        raise SignalError("seq", f"must be an integer >= 0, got {r.seq!r}")
-    if r.applied_version < -1:
-        raise SignalError("applied_version", f"must be >= -1 (-1: unknown), got {r.applied_version}")
+    if isinstance(r.seq, bool) or not isinstance(r.seq, (int, np.integer)) or not 0 <= r.seq < top:
+        raise SignalError("seq", f"must be an integer in [0, 2^53), got {r.seq!r}")
+    if not -1 <= r.applied_version < top:
+        raise SignalError("applied_version", f"must lie in [-1, 2^53) (-1: unknown), got {r.applied_version}")
+    if bounded and len(r.extra) > MAX_EXTRA:
+        raise SignalError("extra", f"has {len(r.extra)} entries; at most {MAX_EXTRA}")
+    for k, v in r.extra.items():
+        if bounded and (not isinstance(v, (int, float)) or not np.isfinite(v)):
+            raise SignalError("extra", f"value of {k[:64]!r} must be a finite number, got {v!r}")
     for name in PER_DOMAIN_FIELDS:
         arr = getattr(r, name)
         if arr is None:
@@ -122,6 +151,8 @@ def validate_report(r: Report, num_domains: int, *, max_samples: int = 1 << 20) 
         elif not np.isfinite(arr).all():
             bad = int(np.flatnonzero(~np.isfinite(arr))[0])
             raise SignalError(name, f"contains a non-finite value at domain index {bad}")
+        if bounded:
+            _check_range(name, arr)
         setattr(r, name, arr)
     if r.domain_loss_sum is not None and r.domain_token_count is None:
         raise SignalError("domain_token_count", "is required with domain_loss_sum")
@@ -129,6 +160,18 @@ def validate_report(r: Report, num_domains: int, *, max_samples: int = 1 << 20) 
         orphan = (r.domain_token_count == 0) & (r.domain_loss_sum > 0)
         if orphan.any():
             raise SignalError("domain_loss_sum", f"is positive at domain index {int(np.flatnonzero(orphan)[0])} with zero tokens")
+    if bounded and r.domain_token_count is not None:
+        for name in ("domain_loss_sum", "excess_loss_sum"):
+            arr = getattr(r, name)
+            if arr is not None:
+                high = arr > MAX_LOSS * r.domain_token_count
+                if high.any():
+                    i = int(np.flatnonzero(high)[0])
+                    raise SignalError(
+                        name,
+                        f"is {arr[i]:.6g} over {r.domain_token_count[i]:.6g} tokens at domain index {i}: "
+                        f"a mean loss above {MAX_LOSS:g} per token",
+                    )
     n = None
     for name, dtype in PER_SAMPLE_FIELDS.items():
         arr = getattr(r, name)
@@ -143,6 +186,8 @@ def validate_report(r: Report, num_domains: int, *, max_samples: int = 1 << 20) 
                 raise SignalError(name, f"has {n} samples; at most {max_samples} per report")
         elif arr.shape[0] != n:
             raise SignalError(name, f"has {arr.shape[0]} entries; other per-sample arrays have {n}")
+        # Finite float32 (at most 3.4e38): sums over a report's at most 2^20 samples stay finite
+        # in float64; a strategy whose own arithmetic overflows is caught by the engine.
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             bad = int(np.flatnonzero(~np.isfinite(arr))[0])
             raise SignalError(name, f"contains a non-finite value at sample index {bad}")
@@ -158,6 +203,28 @@ def validate_report(r: Report, num_domains: int, *, max_samples: int = 1 << 20) 
     if r.sample_topic is not None and r.sample_topic.size and int(r.sample_topic.min()) < 0:
         raise SignalError("sample_topic", "topic ids must be >= 0")
     return r
+
+
+def _check_range(name: str, arr: np.ndarray) -> None:
+    """Upper bounds of the per-domain arrays (finiteness and signs are checked before)."""
+    if not arr.size:
+        return
+    if name == "domain_sample_count":
+        # Each entry first, so that the sum cannot wrap around in int64.
+        if int(arr.max()) > MAX_REPORT_SAMPLES or int(arr.sum()) > MAX_REPORT_SAMPLES:
+            raise SignalError(name, f"counts {int(arr.astype(object).sum())} samples in one report; at most {MAX_REPORT_SAMPLES}")
+        return
+    if name == "domain_token_count":
+        bound, what = MAX_TOKENS, f"at most {MAX_TOKENS:g} tokens per domain per report"
+    elif name in ("domain_loss_sum", "excess_loss_sum"):
+        bound, what = MAX_LOSS * MAX_TOKENS, f"at most {MAX_LOSS * MAX_TOKENS:g}"
+    else:  # val_loss (NaN: not evaluated), alignment
+        bound, what = MAX_LOSS, f"values lie within +-{MAX_LOSS:g}"
+    with np.errstate(invalid="ignore"):
+        high = np.abs(arr) > bound
+    if high.any():
+        i = int(np.flatnonzero(high)[0])
+        raise SignalError(name, f"is {arr[i]:.6g} at domain index {i}; {what}")
 
 
 @dataclass(slots=True)

@@ -16,8 +16,39 @@ from typing import Any
 
 import yaml
 
+from mixer.signals import MAX_STEP
+
+MAX_SPEC_BYTES = 1 << 20
+"""A spec's text, and its stored (JSON) form, are at most 1 MiB."""
+MAX_SPEC_DEPTH = 32
+"""Nesting of mappings and lists in a spec (the deepest real spec, strategy params, is 4)."""
+MAX_DOMAIN_WEIGHT = 1e15
+"""Prior weights and domain sizes lie in [0, 1e15] (token counts of the largest corpora fit):
+their sum over 100,000 domains stays finite, and so does the prior."""
+MAX_SEED = (1 << 63) - 1
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-5` as a string; specs mean a number (as YAML 1.2 and JSON do)."""
+    """YAML 1.1 reads `1e-5` as a string; specs mean a number (as YAML 1.2 and JSON do).
+
+    Anchors and aliases are refused as they are read, and so is nesting deeper than
+    MAX_SPEC_DEPTH: a few hundred bytes of nested aliases would otherwise expand to millions
+    of nodes before any validation could look at them."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, "YAML anchors and aliases (&name, *name) are not allowed in a job spec", event.start_mark
+            )
+        depth = getattr(self, "_depth", 0)
+        if depth >= MAX_SPEC_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_SPEC_DEPTH} levels", event.start_mark)
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
 
 
 _Loader.add_implicit_resolver(
@@ -26,7 +57,8 @@ _Loader.add_implicit_resolver(
     list("-+0123456789"),
 )
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""A job name (whole string: `fullmatch`, so a trailing newline is not a name)."""
 WEIGHT_UNITS = ("samples", "tokens")
 
 
@@ -88,6 +120,15 @@ class CadenceSpec:
     """Versions between snapshots of strategy state (restart = snapshot + log tail)."""
     max_step_lag: int = 100_000
     """Reports more than this many steps behind the newest step are rejected."""
+    max_step_ahead: int | None = None
+    """Reports more than this many steps ahead of the newest step (of 0 before the first report)
+    are rejected; None: the same as max_step_lag, so that one report far ahead cannot leave
+    honest reports too far behind. Left out of the stored spec while None (fingerprints of
+    specs written before it existed stay the same)."""
+
+    @property
+    def step_ahead(self) -> int:
+        return self.max_step_lag if self.max_step_ahead is None else self.max_step_ahead
 
 
 @dataclass(kw_only=True, slots=True)
@@ -116,7 +157,10 @@ class JobSpec:
         return [d.weight / total for d in self.domains]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["cadence"]["max_step_ahead"] is None:
+            del d["cadence"]["max_step_ahead"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -129,7 +173,7 @@ class JobSpec:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     def validate(self) -> JobSpec:
-        if not isinstance(self.name, str) or not NAME_RE.match(self.name):
+        if not isinstance(self.name, str) or not NAME_RE.fullmatch(self.name):
             raise SpecError("name", f"{self.name!r} must be 1-128 characters of letters, digits, '.', '_', '-'")
         if not self.domains:
             raise SpecError("domains", "at least one domain is required")
@@ -143,20 +187,23 @@ class JobSpec:
             if d.name in seen:
                 raise SpecError(f"{where}.name", f"duplicate domain name {d.name!r}; names must be unique")
             seen.add(d.name)
-            _finite_nonneg(f"{where}.weight", d.weight)
-            _finite_nonneg(f"{where}.size", d.size)
+            _finite_nonneg(f"{where}.weight", d.weight, MAX_DOMAIN_WEIGHT)
+            _finite_nonneg(f"{where}.size", d.size, MAX_DOMAIN_WEIGHT)
         if sum(d.weight for d in self.domains) <= 0:
             raise SpecError("domains", "prior weights sum to zero; give at least one domain a positive weight")
         if self.unit not in WEIGHT_UNITS:
             raise SpecError("unit", f"{self.unit!r} is not one of {', '.join(WEIGHT_UNITS)}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise SpecError("seed", f"must be a non-negative integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise SpecError("seed", f"must be an integer in [0, 2^63), got {self.seed!r}")
         c = self.cadence
+        # Step counts lie below 2^53, like steps: a step plus any of them stays exact and in int64.
         _positive_int("cadence.update_every", c.update_every)
         _nonneg_int("cadence.warmup_steps", c.warmup_steps)
         _nonneg_int("cadence.delay", c.delay)
         _positive_int("cadence.snapshot_every", c.snapshot_every)
         _positive_int("cadence.max_step_lag", c.max_step_lag)
+        if c.max_step_ahead is not None:
+            _positive_int("cadence.max_step_ahead", c.max_step_ahead)
         _finite_nonneg("cadence.min_weight", c.min_weight)
         _finite_nonneg("cadence.max_weight", c.max_weight)
         if c.min_weight * self.num_domains > 1.0:
@@ -170,7 +217,7 @@ class JobSpec:
             )
         if c.min_weight > c.max_weight:
             raise SpecError("cadence.min_weight", "must not exceed cadence.max_weight")
-        if not 0.0 <= c.prior_smoothing <= 1.0:
+        if isinstance(c.prior_smoothing, bool) or not isinstance(c.prior_smoothing, (int, float)) or not 0.0 <= c.prior_smoothing <= 1.0:
             raise SpecError("cadence.prior_smoothing", f"must lie in [0, 1], got {c.prior_smoothing}")
         # Imported here: strategies import this module for the spec type.
         from mixer.strategies import validate_strategy_spec
@@ -183,6 +230,21 @@ class JobSpec:
     @classmethod
     def from_dict(cls, data: Any) -> JobSpec:
         """Build and validate a spec from parsed YAML/JSON."""
+        _check_depth(data)
+        try:
+            spec = cls._from_dict(data)
+        except SpecError:
+            raise
+        except (TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
+            # A value of a type no check expected: still the caller's error, never the server's.
+            raise SpecError("spec", f"a value has the wrong type ({type(e).__name__}: {str(e)[:200]})") from None
+        size = len(spec.to_json().encode("utf-8", "surrogatepass"))
+        if size > MAX_SPEC_BYTES:
+            raise SpecError("spec", f"is {size} bytes as stored; at most {MAX_SPEC_BYTES}")
+        return spec
+
+    @classmethod
+    def _from_dict(cls, data: Any) -> JobSpec:
         if not isinstance(data, dict):
             raise SpecError("spec", f"must be a mapping, got {type(data).__name__}")
         _no_unknown("spec", data, {"name", "domains", "data_path", "strategy", "weighting", "cadence", "unit", "seed"})
@@ -230,15 +292,26 @@ class JobSpec:
 
     @classmethod
     def from_yaml(cls, text: str) -> JobSpec:
+        if not isinstance(text, str):
+            raise SpecError("spec", f"must be text, got {type(text).__name__}")
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > MAX_SPEC_BYTES:
+            raise SpecError("spec", f"is {size} bytes; at most {MAX_SPEC_BYTES}")
         try:
             if text.lstrip().startswith("{"):
                 try:
-                    return cls.from_dict(json.loads(text))  # JSON joins surrogate pairs; YAML 1.1 does not
+                    data = json.loads(text)  # JSON joins surrogate pairs; YAML 1.1 does not
                 except json.JSONDecodeError:
                     pass
-            data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+                except RecursionError:
+                    raise SpecError("spec", f"nested deeper than {MAX_SPEC_DEPTH} levels") from None
+                else:
+                    return cls.from_dict(data)
+            data = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
         except yaml.YAMLError as e:
-            raise SpecError("spec", f"not valid YAML: {e}") from None
+            raise SpecError("spec", f"not valid YAML: {str(e)[:500]}") from None
+        except RecursionError:
+            raise SpecError("spec", f"nested deeper than {MAX_SPEC_DEPTH} levels") from None
         return cls.from_dict(data)
 
     @classmethod
@@ -314,16 +387,29 @@ def _number(where: str, v: Any) -> float:
     return float(v)
 
 
-def _finite_nonneg(where: str, v: Any) -> None:
+def _finite_nonneg(where: str, v: Any, high: float = math.inf) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
         raise SpecError(where, f"must be a finite number >= 0, got {v!r}")
+    if v > high:
+        raise SpecError(where, f"must be at most {high:g}, got {v!r}")
 
 
 def _positive_int(where: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise SpecError(where, f"must be a positive integer, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < MAX_STEP:
+        raise SpecError(where, f"must be a positive integer below 2^53, got {v!r}")
 
 
 def _nonneg_int(where: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise SpecError(where, f"must be an integer >= 0, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < MAX_STEP:
+        raise SpecError(where, f"must be an integer in [0, 2^53), got {v!r}")
+
+
+def _check_depth(data: Any) -> None:
+    """Refuse parsed data nested deeper than MAX_SPEC_DEPTH (iteratively: no recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > MAX_SPEC_DEPTH:
+                raise SpecError("spec", f"nested deeper than {MAX_SPEC_DEPTH} levels")
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))

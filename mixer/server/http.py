@@ -222,8 +222,11 @@ def _int_arg(query: dict, name: str, default: int | None, lo: int | None = None,
     try:
         value = int(raw[-1])
     except ValueError:
-        raise HttpError(400, f"query parameter {name}: expected an integer, got {raw[-1]!r}") from None
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise HttpError(400, f"query parameter {name}: expected an integer, got {raw[-1][:64]!r}") from None
+    # Unbounded sides still end at int64 (the database's integers): beyond is a 400, not a 500.
+    lo = -(1 << 63) if lo is None else lo
+    hi = (1 << 63) - 1 if hi is None else hi
+    if not lo <= value <= hi:
         raise HttpError(400, f"query parameter {name}: must lie in [{lo}, {hi}], got {value}")
     return value
 
@@ -248,7 +251,7 @@ class HttpSide:
                 path = url.path
                 parts = [unquote(p) for p in path.strip("/").split("/")] if path != "/" else []
                 try:
-                    if parts[:1] == ["jobs"] and len(parts) == 2 and NAME_RE.match(parts[1]):
+                    if parts[:1] == ["jobs"] and len(parts) == 2 and NAME_RE.fullmatch(parts[1]):
                         return self._send(200, page.job_html(parts[1]), "text/html; charset=utf-8")
                     if path in ("/", "/index.html"):
                         return self._send(200, page.index_html(), "text/html; charset=utf-8")
@@ -284,7 +287,7 @@ class HttpSide:
                 if rest[1:] == ["versions"]:
                     return d.versions(name, _int_arg(query, "after", None, lo=-1), _int_arg(query, "tail", 500, lo=1, hi=MAX_TAIL))
                 if len(rest) == 3 and rest[1] == "versions":
-                    return d.version(name, _int_arg({"v": [rest[2]]}, "v", 0, lo=0))
+                    return d.version(name, _int_arg({"version": [rest[2]]}, "version", 0, lo=0))
                 if rest[1:] == ["loss"]:
                     return d.loss(name, _int_arg(query, "after_seq", None, lo=-1), _int_arg(query, "limit", 2000, lo=1, hi=MAX_TAIL))
                 raise HttpError(404, f"no such path {self.path!r}; try /api/jobs/{name}/versions or /api/jobs/{name}/loss")

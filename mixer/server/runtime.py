@@ -34,13 +34,22 @@ from mixer.wire import report_from_proto
 log = logging.getLogger("mixer.server")
 
 
+MAX_MESSAGE = 1024
+"""Characters of a status message (a limit on what the server echoes back)."""
+
+
 class MixerError(Exception):
     """An error with the gRPC status it maps to."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
         self.code = code
-        # A status message must be valid UTF-8 (a lone surrogate from bad input would stall the call).
-        self.message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        # A status message must be valid UTF-8 (a lone surrogate from bad input would stall the call),
+        # and short: it travels in trailing metadata, whose size is limited (8 KiB by default), so
+        # a long name echoed back would turn the answer into a transport error.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        if len(message) > MAX_MESSAGE:
+            message = f"{message[: MAX_MESSAGE - 40]}... ({len(message) - MAX_MESSAGE + 40} characters cut)"
+        self.message = message
         super().__init__(self.message)
 
 
@@ -199,7 +208,7 @@ class Runtimes:
         snap = self.store.latest_snapshot(job.id)
         engine = Engine.restore(spec, snap[2]) if snap else Engine(spec)
         for rec in self.store.signals(job.id, after_seq=engine.last_log_seq):
-            engine.ingest(decode_payload(rec.payload, spec.num_domains), rec.seq)
+            engine.ingest(decode_payload(rec.payload, spec.num_domains), rec.seq, guard=False)
         count, max_seq, _ = self.store.log_stats(job.id)
         rt = JobRuntime(job=job, spec=spec, engine=engine, next_seq=max_seq + 1, marks=self.store.source_marks(job.id), report_count=count)
         log.info("loaded job %s: %d reports, version %d", name, count, engine.current.version)
@@ -240,7 +249,7 @@ class Runtimes:
                 self._admit(rt, msg, append, fut, keys, taken)
             except MixerError as e:
                 taken.refused.append((msg, e))
-            except Exception:  # noqa: BLE001 - a bug must not hang the session; the report is not in the log
+            except Exception:  # a bug must not hang the session; the report is not in the log
                 log.exception("ingest failed for job %s", rt.job.name)
                 self.poison(rt)  # its engine may be half-updated: rebuild it from the log (later reports: UNAVAILABLE)
                 taken.refused.append((msg, MixerError(grpc.StatusCode.INTERNAL, "internal error; see the server log")))
@@ -274,6 +283,16 @@ class Runtimes:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"report rejected: step: {report.step} is more than cadence.max_step_lag={lag} steps behind the newest step {eng.max_step}",
             )
+        ahead = rt.spec.cadence.step_ahead
+        newest = max(eng.max_step, 0)
+        if report.step > newest + ahead:
+            # Far ahead would move the job's clock: honest reports would then be too far behind
+            # and new versions would take effect at a step no worker reaches.
+            self._reject("ahead")
+            raise MixerError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"report rejected: step: {report.step} is more than cadence.max_step_ahead={ahead} steps ahead of the newest step {newest}",
+            )
         mark = rt.marks.get(report.source)
         if mark is not None and (report.step, report.seq) <= mark:
             # A duplicate: acknowledged (once the original is durable) with the original's place.
@@ -298,7 +317,11 @@ class Runtimes:
             return
         seq = rt.next_seq
         t0 = time.perf_counter()
-        version = eng.ingest(report, seq)
+        try:
+            version = eng.ingest(report, seq)  # refuses (and changes nothing) if its state would turn non-finite
+        except SignalError as e:
+            self._reject("invalid")
+            raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"report rejected: {e}") from None
         if self.metrics is not None and version is not None:
             self.metrics.observe_update(rt.spec.strategy.name, time.perf_counter() - t0)
         rt.next_seq += 1
@@ -447,7 +470,8 @@ class Runtimes:
 def decode_payload(payload: bytes, num_domains: int) -> Report:
     """A stored report, as the engine saw it."""
     msg = pb.Signals.FromString(payload)
-    return validate_report(report_from_proto(msg), num_domains)
+    # Unbounded: a log written before the ranges existed replays as it ran.
+    return validate_report(report_from_proto(msg), num_domains, bounded=False)
 
 
 def job_to_proto(rt_or_rec, store_stats: tuple[int, int] | None = None) -> pb.Job:

@@ -34,7 +34,7 @@ def normalize_url(url: str) -> str:
     """Accept a SQLAlchemy URL, a PostgreSQL URL without a driver, or a plain SQLite path."""
     if "://" not in url:
         return f"sqlite:///{Path(url).expanduser().resolve()}"
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
+    if url.startswith(("postgresql://", "postgres://")):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
 
@@ -176,6 +176,8 @@ class Store:
             if a.snapshot is not None:
                 version, log_seq, state = a.snapshot
                 snaps.append({"job_id": a.job_id, "version": version, "log_seq": log_seq, "state": state, "created_at": now})
+        _check_ints("signals", signals)
+        _check_ints("versions", versions)
         with self.engine.begin() as conn:
             if fence is not None:
                 # Extending our own lease locks its row: a takeover cannot interleave, and a
@@ -353,6 +355,28 @@ class Store:
                 .where(VersionRow.job_id == job_id, VersionRow.version == version)
                 .values(weights=np.asarray(weights, dtype="<f8").tobytes())
             )
+
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_INT32 = (-(1 << 31), (1 << 31) - 1)
+_RANGES = {
+    "signals": {"seq": _INT64, "step": _INT64, "source_seq": _INT64, "applied_version": _INT64, "num_samples": _INT32},
+    "versions": {"version": _INT64, "effective_step": _INT64, "trigger_step": _INT64, "log_seq": _INT64},
+}
+
+
+class RowOutOfRange(ValueError):
+    """An integer of a row does not fit its column; nothing of the commit is written."""
+
+
+def _check_ints(table: str, rows: list[dict]) -> None:
+    """Refuse, before any SQL, an integer that would not fit its column (the ingest path bounds
+    them; this is the last line: a database error would come later and less clearly)."""
+    for column, (lo, hi) in _RANGES[table].items():
+        for r in rows:
+            v = r[column]
+            if not lo <= v <= hi:
+                raise RowOutOfRange(f"{table}.{column} = {v} of job id {r['job_id']} is outside [{lo}, {hi}]")
 
 
 def _job(row: JobRow) -> JobRecord:

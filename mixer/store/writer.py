@@ -12,7 +12,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from mixer.store.repository import Append, Fence, Store
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+
+from mixer.store.repository import Append, Fence, LeaseLost, Store
+
+_OUTAGE = (OperationalError, InterfaceError, DisconnectionError, LeaseLost)
+"""Failures of the database (or of our ownership) rather than of one job's rows: retrying each
+job on its own would fail the same way."""
 
 _STOP = object()
 
@@ -87,14 +93,43 @@ class GroupCommitWriter:
             if appends:
                 self.store.append(appends, self.fence)
         except Exception as e:  # noqa: BLE001 - every waiter must learn the commit failed
-            for item, fut in waiting:
-                if item is not None:
-                    self._failed[item.job_id] = e
-                    fut.set_exception(e)
-                else:
-                    fut.set_result(None)
+            if isinstance(e, _OUTAGE) or len({a.job_id for a in appends}) < 2:
+                self._fail(waiting, {a.job_id: e for a in appends})
+            else:
+                self._isolate(waiting)
             return
         if appends and self.on_commit:
             self.on_commit(time.perf_counter() - t0, len(appends))
         for _, fut in waiting:
             fut.set_result(None)
+
+    def _isolate(self, waiting: list) -> None:
+        """A shared commit failed on a row: commit each job's appends in a transaction of its
+        own, so that one job's bad row cannot fail another job's reports."""
+        by_job: dict[int, list[Append]] = {}
+        for item, _ in waiting:
+            if item is not None:
+                by_job.setdefault(item.job_id, []).append(item)
+        errors: dict[int, Exception] = {}
+        outage: Exception | None = None
+        for job_id, appends in by_job.items():
+            if outage is not None:
+                errors[job_id] = outage
+                continue
+            try:
+                self.store.append(appends, self.fence)
+            except Exception as e:  # noqa: BLE001 - this job's waiters learn it; the others commit
+                errors[job_id] = e
+                if isinstance(e, _OUTAGE):
+                    outage = e
+        self._fail(waiting, errors)
+
+    def _fail(self, waiting: list, errors: dict[int, Exception]) -> None:
+        """Settle the waiters: those of a job in `errors` fail (and so do its later appends,
+        until its runtime reloads), the others succeed."""
+        for item, fut in waiting:
+            if item is not None and item.job_id in errors:
+                self._failed[item.job_id] = errors[item.job_id]
+                fut.set_exception(errors[item.job_id])
+            else:
+                fut.set_result(None)
