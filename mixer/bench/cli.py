@@ -184,7 +184,7 @@ def sampler(
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(
-        f"{steps} steps per setting, weights changed every {change_every} steps, rank_slice for 1 of {dp_size} "
+        f"{steps} steps per setting, weights changed every {change_every} steps, keys of 1 of {dp_size} data-parallel "
         f"ranks; target: median <= {result['target_ms']:g} ms at global batch {result['target_batch']}"
     )
     click.echo(format_table(result))
