@@ -85,48 +85,34 @@ def main(
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     server = ServerProcess(str(root / "mixer.db"), root).start()
     click.echo(f"corpus, data and service ready in {time.perf_counter() - t0:.0f}s; training {steps} steps")
+    model = {
+        "spec": spec_path,
+        "steps": steps,
+        "global_batch_size": micro_batch,
+        "micro_batch_size": max(1, micro_batch // 2),
+        "seq_length": seq_length,
+        "layers": layers,
+        "hidden": hidden,
+        "heads": heads,
+        "vocab_size": 50304,
+        "lr": 3e-4,
+        "min_lr": 3e-5,
+        "device": device,
+        "progress": False,
+    }
     try:
         record = run_pretrain(
             PretrainOptions(
-                spec=spec_path,
+                **model,
                 mixer=server.address,
-                steps=steps,
-                global_batch_size=micro_batch,
-                seq_length=seq_length,
-                layers=layers,
-                hidden=hidden,
-                heads=heads,
-                vocab_size=50304,
-                lr=3e-4,
-                min_lr=3e-5,
-                device=device,
                 eval_samples=4,
                 compare_attached=block,
-                micro_batch_size=max(1, micro_batch // 2),
                 save=root / "ckpt",
                 save_interval=steps // 2,
-                progress=False,
             )
         )
         # Resume: the second half again from the checkpoint taken half-way, through the same schedule.
-        resumed = run_pretrain(
-            PretrainOptions(
-                spec=spec_path,
-                steps=steps,
-                global_batch_size=micro_batch,
-                seq_length=seq_length,
-                layers=layers,
-                hidden=hidden,
-                heads=heads,
-                vocab_size=50304,
-                lr=3e-4,
-                min_lr=3e-5,
-                device=device,
-                micro_batch_size=max(1, micro_batch // 2),
-                load=root / "ckpt" / half_way(record),
-                progress=False,
-            )
-        )
+        resumed = run_pretrain(PretrainOptions(**model, load=root / "ckpt" / half_way(record)))
     finally:
         server.terminate()
         if tmp is not None:

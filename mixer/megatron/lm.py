@@ -407,16 +407,7 @@ class LossReporter:
                 }
             )
         if self.attachment is not None:
-            self.attachment.report(
-                step=host.step,
-                applied_version=version,
-                domain_loss_sum=host.domain_loss_sum,
-                domain_token_count=host.domain_token_count,
-                domain_sample_count=host.domain_sample_count,
-                sample_loss=host.sample_loss,
-                sample_domain=host.sample_domain,
-                sample_id=host.sample_id,
-            )
+            host.report_to(self.attachment, version)
 
     def flush(self) -> None:
         """Report the last step still in the host copy (end of training)."""

@@ -7,6 +7,7 @@ AsyncHostCopy moves it to (pinned) host memory without blocking, to be read a st
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +51,20 @@ class HostStats:
     domain_sample_count: np.ndarray  # int64 [K]
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     """Probe results and instance weights that rode along with this step (see AsyncHostCopy.push)."""
+
+    def report_to(self, attachment: Any, version: int, **signals: Any) -> None:
+        """Hand this step's statistics to an attachment (train.Attachment.report), with further Report fields."""
+        attachment.report(
+            step=self.step,
+            applied_version=version,
+            domain_loss_sum=self.domain_loss_sum,
+            domain_token_count=self.domain_token_count,
+            domain_sample_count=self.domain_sample_count,
+            sample_loss=self.sample_loss,
+            sample_domain=self.sample_domain,
+            sample_id=self.sample_id,
+            **signals,
+        )
 
     def domain_mean_loss(self) -> np.ndarray:
         """Token-mean loss per domain (NaN where the domain had no tokens)."""

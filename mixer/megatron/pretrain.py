@@ -257,16 +257,7 @@ def run_pretrain(opts: PretrainOptions, *, on_step=None) -> dict[str, Any]:
     weighting = InstanceWeighting(spec, opts.device)
     v0 = Engine(spec).current  # the service's version 0, derived by the same pure code
     delivered = True
-    # megatron keys its index cache by path and settings, not contents: a fresh folder per run.
-    # Rank 0 builds the indices and the other ranks read them, so all need the same folder
-    # (on several nodes, pass --cache-dir on a shared file system).
-    cache = [
-        str(opts.cache_dir)
-        if opts.cache_dir
-        else (tempfile.mkdtemp(prefix="mixer-index-") if rank == 0 else None)
-    ]
-    if world > 1:
-        torch.distributed.broadcast_object_list(cache, src=0)
+    cache = _index_cache(opts, rank, world)
     try:
         datasets = build_domain_datasets(
             [d.prefix for d in spec.domains], opts.seq_length, seed, None, Path(cache[0])
@@ -317,6 +308,24 @@ def run_pretrain(opts: PretrainOptions, *, on_step=None) -> dict[str, Any]:
     return _record(spec, opts, plan, result, rank, world, delivered)
 
 
+def _index_cache(opts: PretrainOptions, rank: int, world: int) -> list[str]:
+    """[folder] for megatron's sample-index cache, the same on every rank.
+
+    megatron keys its index cache by path and settings, not contents: a fresh folder per run.
+    Rank 0 builds the indices and the other ranks read them, so all need the same folder
+    (on several nodes, pass --cache-dir on a shared file system)."""
+    import torch
+
+    cache = [
+        str(opts.cache_dir)
+        if opts.cache_dir
+        else (tempfile.mkdtemp(prefix="mixer-index-") if rank == 0 else None)
+    ]
+    if world > 1:
+        torch.distributed.broadcast_object_list(cache, src=0)
+    return cache
+
+
 def _run_core(
     opts: PretrainOptions, spec: Any, plan: dict[str, Any], rank: int, world: int
 ) -> dict[str, Any]:
@@ -365,13 +374,7 @@ def _run_core(
         load=opts.load,
         compare_every=opts.compare_attached,
     )
-    cache = [
-        str(opts.cache_dir)
-        if opts.cache_dir
-        else (tempfile.mkdtemp(prefix="mixer-index-") if rank == 0 else None)
-    ]
-    if world > 1:
-        torch.distributed.broadcast_object_list(cache, src=0)
+    cache = _index_cache(opts, rank, world)
     try:
         # The session lives on the reporting rank (last pipeline stage); the plug-in opens it there.
         summary = train_core(

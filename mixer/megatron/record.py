@@ -142,17 +142,7 @@ class RunLog:
             signals["extra"] = {"grad_norm_mean": float(x["grad_norm_mean"])}
         if self.cfg.report_topics:
             signals["sample_topic"] = stats.sample_domain.astype(np.int32)
-        self.attachment.report(
-            step=stats.step,
-            applied_version=version,
-            domain_loss_sum=stats.domain_loss_sum,
-            domain_token_count=stats.domain_token_count,
-            domain_sample_count=stats.domain_sample_count,
-            sample_loss=stats.sample_loss,
-            sample_domain=stats.sample_domain,
-            sample_id=stats.sample_id,
-            **signals,
-        )
+        stats.report_to(self.attachment, version, **signals)
 
     def validation(self, steps_done: int, losses: np.ndarray) -> None:
         """Record a balanced validation after steps_done steps and hand it to the attachment."""
