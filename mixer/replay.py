@@ -26,8 +26,7 @@ from mixer.engine import Engine, Version
 from mixer.signals import Report, validate_report
 from mixer.spec import JobSpec, SpecError
 from mixer.store import Append, JobRecord, Store, redact
-from mixer.v1 import mixer_pb2 as pb
-from mixer.wire import report_from_proto
+from mixer.wire import decode_stored
 
 OPEN_LOOP_NOTE = (
     "open loop: the signals were measured on batches drawn under the original job's mixture; "
@@ -95,9 +94,7 @@ def job_log(store: Store, name: str) -> tuple[JobSpec, int, Iterator[tuple[int, 
     return spec, rec.id, iter_log(store, owner.id, spec.num_domains)
 
 
-def decode(payload: bytes, num_domains: int) -> Report:
-    """A stored report, as the engine saw it."""
-    return validate_report(report_from_proto(pb.Signals.FromString(payload)), num_domains)
+decode = decode_stored  # a stored report, as the engine saw it (mixer.wire)
 
 
 def iter_log(store: Store, job_id: int, num_domains: int) -> Iterator[tuple[int, Report]]:
@@ -152,7 +149,7 @@ def verify(store: Store, name: str, *, progress: bool = False) -> VerifyResult:
     if bad is None:
         for seq, report in tqdm(log, total=total, desc=f"verifying {name}", unit="report", disable=not progress, leave=False, delay=1.0):
             n_reports += 1
-            v = engine.ingest(report, seq)
+            v = engine.ingest(report, seq, guard=False)  # the log holds what was accepted
             if v is not None and (bad := compare(v)) is not None:
                 break
     if bad is None:
@@ -234,7 +231,7 @@ def replay(spec: JobSpec, log: Iterable[tuple[int, Report]], *, progress: bool =
     n = 0
     for seq, report in tqdm(log, total=total, desc=f"replaying {spec.name}", unit="report", disable=not progress, leave=False, delay=1.0):
         n += 1
-        v = engine.ingest(report, seq)
+        v = engine.ingest(report, seq, guard=False)  # the log holds what was accepted
         if v is not None:
             versions.append(v)
     return Replay(spec, versions, engine, n, time.perf_counter() - t0)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from mixer.engine import Version
-from mixer.signals import PER_DOMAIN_FIELDS, PER_SAMPLE_FIELDS, Report, SignalError
+from mixer.signals import PER_DOMAIN_FIELDS, PER_SAMPLE_FIELDS, Report, SignalError, validate_report
 from mixer.v1 import mixer_pb2 as pb
 
 
@@ -70,3 +70,11 @@ def version_from_proto(msg: pb.WeightVersion) -> Version:
         blob=msg.params_blob,
         trigger_step=msg.trigger_step,
     )
+
+
+def decode_stored(payload: bytes, num_domains: int) -> Report:
+    """A report from the log, as the engine saw it when it was taken.
+
+    Without the upper bounds (validate_report(bounded=False)): a log written before they existed
+    replays, reloads and exports as it ran."""
+    return validate_report(report_from_proto(pb.Signals.FromString(payload)), num_domains, bounded=False)

@@ -29,7 +29,7 @@ from mixer.spec import JobSpec, SpecError
 from mixer.store import Append, JobRecord, Store
 from mixer.store.writer import GroupCommitWriter
 from mixer.v1 import mixer_pb2 as pb
-from mixer.wire import report_from_proto
+from mixer.wire import decode_stored, report_from_proto
 
 log = logging.getLogger("mixer.server")
 
@@ -208,7 +208,7 @@ class Runtimes:
         snap = self.store.latest_snapshot(job.id)
         engine = Engine.restore(spec, snap[2]) if snap else Engine(spec)
         for rec in self.store.signals(job.id, after_seq=engine.last_log_seq):
-            engine.ingest(decode_payload(rec.payload, spec.num_domains), rec.seq, guard=False)
+            engine.ingest(decode_stored(rec.payload, spec.num_domains), rec.seq, guard=False)
         count, max_seq, _ = self.store.log_stats(job.id)
         rt = JobRuntime(job=job, spec=spec, engine=engine, next_seq=max_seq + 1, marks=self.store.source_marks(job.id), report_count=count)
         log.info("loaded job %s: %d reports, version %d", name, count, engine.current.version)
@@ -467,11 +467,6 @@ class Runtimes:
         return found
 
 
-def decode_payload(payload: bytes, num_domains: int) -> Report:
-    """A stored report, as the engine saw it."""
-    msg = pb.Signals.FromString(payload)
-    # Unbounded: a log written before the ranges existed replays as it ran.
-    return validate_report(report_from_proto(msg), num_domains, bounded=False)
 
 
 def job_to_proto(rt_or_rec, store_stats: tuple[int, int] | None = None) -> pb.Job:
