@@ -268,6 +268,9 @@ def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: Quality
         raise click.UsageError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
     # uniform is the baseline of every comparison (and DoReMi's reference): always run, first.
     strategies = ["uniform"] + [s for s in dict.fromkeys(strategies) if s != "uniform"]
+    # Absolute: the service runs in another working directory and opens its database from there.
+    out = Path(out).resolve()
+    cache = Path(cache).resolve() if cache is not None else None
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("specs", "checkpoints", "logs"):
         shutil.rmtree(out / sub, ignore_errors=True)

@@ -66,13 +66,15 @@ def test_summarize_pairs_seeds_and_flags_noise() -> None:
 
 
 @pytest.mark.slow
-def test_quality_quick_writes_a_complete_report(tmp_path: Path) -> None:
+def test_quality_quick_writes_a_complete_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     corpus = tmp_path / "corpus"
     write_synthetic_corpus(corpus, seed=0, docs_per_domain=120)
-    out = tmp_path / "out"
+    # The default --out is relative to the working directory; the service it starts runs elsewhere.
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "mixer-bench-quality"
     result = CliRunner().invoke(
         quality_command,
-        ["--quick", "--corpus", str(corpus), "--out", str(out), "--noise-domains", "1", "--json"],
+        ["--quick", "--corpus", str(corpus), "--noise-domains", "1", "--json"],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
