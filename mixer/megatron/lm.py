@@ -35,34 +35,36 @@ from __future__ import annotations
 
 import atexit
 import logging
-import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader
 
-from mixer.megatron.announce import Announced, AnnouncedVersions
-from mixer.megatron.loss import AsyncHostCopy, HostStats, StepStats, reduce_step_stats
-from mixer.megatron.sampler import MixtureDataset, MixtureSampler, StepBatchSampler
+from mixer.megatron.announce import AnnouncedVersions
+from mixer.megatron.loader import MicroBatchMeta, MixtureLoader, domain_datasets
+from mixer.megatron.reporting import LossReporter
+from mixer.megatron.sampler import MixtureSampler
+from mixer.megatron.topology import Topology
 
+# The pieces the plug-in is made of live in topology.py, loader.py and reporting.py; they are
+# named here too, so that a script needs one import.
 __all__ = [
     "LMSettings",
+    "LossReporter",
     "MicroBatchMeta",
     "MixtureLoader",
     "Topology",
     "add_arguments",
     "batch_meta",
+    "build",
     "datasets_provider",
+    "domain_datasets",
     "wrap_loss",
 ]
 
 log = logging.getLogger(__name__)
-
-_STATE_FORMAT = 1
 
 
 @dataclass(kw_only=True)
@@ -81,337 +83,6 @@ class LMSettings:
     source: str = "megatron"
     load: str | None = None
     iteration: int = 0
-
-
-@dataclass(kw_only=True)
-class Topology:
-    """This rank's place in megatron-core's parallel state, and the groups the plug-in uses."""
-
-    rank: int = 0
-    dp_rank: int = 0
-    dp_size: int = 1
-    tp_rank: int = 0
-    tp_src: int = 0
-    cp_size: int = 1
-    first_stage: bool = True
-    last_stage: bool = True
-    dp_group: Any = None
-    dp_cp_group: Any = None
-    cp_group: Any = None
-    tp_group: Any = None
-    channel_group: Any = None
-    channel_src: int = 0
-    cp_rank: int = 0
-
-    @property
-    def reads_data(self) -> bool:
-        """Tensor rank 0 of the first and last stages read batches (Megatron broadcasts to the rest)."""
-        return self.tp_rank == 0 and (self.first_stage or self.last_stage)
-
-    @property
-    def reports(self) -> bool:
-        return self.last_stage and self.tp_rank == 0 and self.dp_rank == 0 and self.cp_rank == 0
-
-    @classmethod
-    def from_parallel_state(cls, vp_stage: int | None = None) -> Topology:
-        """Read megatron-core's parallel_state; builds the gloo channel group (collective: every rank calls it)."""
-        from megatron.core import parallel_state as ps
-
-        dist = torch.distributed
-        ignore_virtual = vp_stage is None
-        topo = cls(
-            rank=dist.get_rank(),
-            dp_rank=ps.get_data_parallel_rank(),
-            dp_size=ps.get_data_parallel_world_size(),
-            tp_rank=ps.get_tensor_model_parallel_rank(),
-            tp_src=ps.get_tensor_model_parallel_src_rank(),
-            cp_size=ps.get_context_parallel_world_size(),
-            cp_rank=ps.get_context_parallel_rank(),
-            first_stage=ps.is_pipeline_first_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage),
-            last_stage=ps.is_pipeline_last_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage),
-            dp_group=ps.get_data_parallel_group(),
-            dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
-            cp_group=ps.get_context_parallel_group(),
-            tp_group=ps.get_tensor_model_parallel_group(),
-        )
-        # Who reads data and who reports, agreed by every rank; new_group is itself collective.
-        roles: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(roles, (topo.rank, topo.reads_data, topo.reports))
-        members = sorted(r for r, reads, _ in roles if reads)
-        reporters = [r for r, _, rep in roles if rep]
-        if len(reporters) != 1:
-            raise RuntimeError(f"expected exactly one reporting rank, found {reporters}")
-        topo.channel_src = reporters[0]
-        topo.channel_group = dist.new_group(ranks=members, backend="gloo")
-        return topo
-
-
-@dataclass(kw_only=True)
-class MicroBatchMeta:
-    """What the loss needs beyond Megatron's batch: domains, sample ids, and where it stands."""
-
-    dataset_id: Tensor  # [mbs] int64
-    sample_id: Tensor  # [mbs] int64
-    step: int
-    index: int  # micro-batch index within the step
-    num_microbatches: int
-    version: int
-    train: bool = True
-
-    def pack(self) -> Tensor:
-        head = torch.tensor([self.step, self.index, self.num_microbatches, self.version, int(self.train)])
-        return torch.cat([head, self.dataset_id.reshape(-1).cpu(), self.sample_id.reshape(-1).cpu()])
-
-    @classmethod
-    def unpack(cls, packed: Tensor) -> MicroBatchMeta:
-        v = packed.cpu()
-        n = (v.numel() - 5) // 2
-        return cls(
-            step=int(v[0]),
-            index=int(v[1]),
-            num_microbatches=int(v[2]),
-            version=int(v[3]),
-            train=bool(v[4]),
-            dataset_id=v[5 : 5 + n].clone(),
-            sample_id=v[5 + n :].clone(),
-        )
-
-
-class MixtureLoader:
-    """This rank's micro-batches over the live mixture (a Megatron external data iterator)."""
-
-    def __init__(
-        self,
-        datasets: Sequence[Any],
-        sampler: MixtureSampler,
-        *,
-        micro_batch_size: int,
-        channel: AnnouncedVersions | None = None,
-        weighting: Any = None,
-        num_workers: int = 2,
-        prefetch_factor: int = 2,
-        train: bool = True,
-    ) -> None:
-        local = sampler.global_batch_size // sampler.dp_size
-        if local % micro_batch_size:
-            raise ValueError(
-                f"per-rank batch {local} (global {sampler.global_batch_size} / {sampler.dp_size} data-parallel "
-                f"ranks) is not a multiple of the micro-batch size {micro_batch_size}"
-            )
-        self.sampler = sampler
-        self.num_microbatches = local // micro_batch_size
-        self.channel = channel
-        self.weighting = weighting
-        self.train = train
-        self.batches = StepBatchSampler(sampler, micro_batch_size=micro_batch_size)
-        self.step = sampler.step
-        self.index = 0
-        self.last_meta: MicroBatchMeta | None = None
-        kwargs: dict[str, Any] = {}
-        if num_workers > 0:
-            kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": True}
-        self._loader = DataLoader(
-            MixtureDataset(datasets), batch_sampler=self.batches, num_workers=num_workers, **kwargs
-        )
-        self._it: Iterator[dict[str, Tensor]] | None = None
-        # How far a prefetching DataLoader can have drawn ahead of the step being trained.
-        ahead = num_workers * prefetch_factor if num_workers > 0 else 1
-        self.horizon = math.ceil(ahead / self.num_microbatches) + 1
-        if channel is not None:
-            channel.horizon = max(channel.horizon, self.horizon)
-
-    def __iter__(self) -> MixtureLoader:
-        return self
-
-    def __next__(self) -> dict[str, Tensor]:
-        if self.index == 0 and self.channel is not None:
-            for announced in self.channel.tick(self.step):
-                self._install(announced)
-        if self._it is None:
-            self._it = iter(self._loader)
-        item = next(self._it)
-        self.last_meta = MicroBatchMeta(
-            dataset_id=item.pop("dataset_id"),
-            sample_id=item.pop("sample_id"),
-            step=self.step,
-            index=self.index,
-            num_microbatches=self.num_microbatches,
-            version=self.batches.versions[self.step],
-            train=self.train,
-        )
-        self.index += 1
-        if self.index == self.num_microbatches:
-            self.batches.versions.pop(self.step, None)
-            self.step, self.index = self.step + 1, 0
-        return item
-
-    def _install(self, announced: Announced) -> None:
-        u = announced.update
-        if (
-            self.sampler.set_weights(u.weights, u.version, announced.apply_step)
-            and self.weighting is not None
-        ):
-            self.weighting.offer(u)
-
-    def version_at(self, step: int) -> int:
-        """The version in force for `step` (from the sampler's record of applied versions)."""
-        version = self.sampler.applied[0][0]
-        for v, s in self.sampler.applied:
-            if s <= step:
-                version = v
-        return version
-
-    def save_state(self) -> dict[str, Any]:
-        """The state before the next step to train (Megatron-LM's dataloader checkpoint hook)."""
-        if self.index:
-            raise RuntimeError(f"checkpoint in the middle of step {self.step} (micro-batch {self.index})")
-        return {"format": _STATE_FORMAT, "step": self.step, "sampler": self.batches.state_before(self.step)}
-
-    def load_state(self, state: dict[str, Any], force: bool = False) -> None:
-        if self._it is not None:
-            raise RuntimeError("load_state before the first batch is drawn")
-        if state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"unknown mixer loader state format {state.get('format')!r}")
-        self.sampler.load_state_dict(state["sampler"], force=force)
-        self.step, self.index = int(state["step"]), 0
-
-
-@dataclass
-class _Accumulator:
-    """One step's statistics on the device, summed over its micro-batches (no collective)."""
-
-    sums: list[Tensor] = field(default_factory=list)
-    tokens: list[Tensor] = field(default_factory=list)
-    domains: list[Tensor] = field(default_factory=list)
-    ids: list[Tensor] = field(default_factory=list)
-
-    def add(self, sample_sum: Tensor, sample_tokens: Tensor, domain: Tensor, ids: Tensor) -> None:
-        self.sums.append(sample_sum)
-        self.tokens.append(sample_tokens)
-        self.domains.append(domain)
-        self.ids.append(ids)
-
-    def finish(self, num_domains: int, topo: Topology) -> StepStats:
-        """The step's statistics reduced over context (sum) and data-parallel (gather) ranks."""
-        sums, tokens = torch.cat(self.sums), torch.cat(self.tokens)
-        domain, ids = torch.cat(self.domains), torch.cat(self.ids)
-        self.sums, self.tokens, self.domains, self.ids = [], [], [], []
-        if topo.cp_size > 1:
-            # Each context-parallel rank holds a slice of every sequence: sum the slices.
-            both = torch.stack([sums, tokens])
-            torch.distributed.all_reduce(both, group=topo.cp_group)
-            sums, tokens = both[0], both[1]
-        zeros = torch.zeros(num_domains, device=sums.device, dtype=torch.float32)
-        stats = StepStats(
-            loss=sums.sum() / tokens.sum().clamp(min=1),
-            sample_loss=sums / tokens.clamp(min=1),
-            sample_domain=domain.to(torch.int32),
-            sample_id=ids,
-            domain_loss_sum=zeros.clone().index_add_(0, domain, sums),
-            domain_token_count=zeros.clone().index_add_(0, domain, tokens),
-            domain_sample_count=torch.zeros(num_domains, device=sums.device, dtype=torch.int64).index_add_(
-                0, domain, torch.ones_like(domain)
-            ),
-        )
-        return reduce_step_stats(stats, topo.dp_group)
-
-
-class LossReporter:
-    """Per-step statistics on the last stage: accumulate, reduce once, report from one rank."""
-
-    def __init__(
-        self, num_domains: int, topo: Topology, attachment: Any = None, weighting: Any = None
-    ) -> None:
-        self.num_domains = num_domains
-        self.topo = topo
-        self.attachment = attachment if topo.reports else None
-        self.weighting = weighting
-        self.acc = _Accumulator()
-        self.host = AsyncHostCopy()
-        self.versions: dict[int, int] = {}
-        self.reported: list[int] = []  # steps this rank reported (bounded: the last 1024)
-        self.keep_records = False  # tests: keep every reported step's arrays in `recorded`
-        self.recorded: list[dict[str, Any]] = []
-        self.weights_seen: list[list[float]] = []
-
-    def __call__(self, loss_func: Callable[[Tensor], Any], loss_mask: Tensor, meta: MicroBatchMeta | None):
-        """The wrapped loss_func for one micro-batch (see the module docstring)."""
-
-        def wrapped(output_tensor: Tensor):
-            if meta is None or not meta.train:
-                return loss_func(output_tensor)
-            mbs = meta.dataset_id.numel()
-            per_token = output_tensor.reshape(mbs, -1)
-            mask = loss_mask.reshape(mbs, -1).to(per_token.dtype)
-            device = per_token.device
-            domain = meta.dataset_id.to(device)
-            with torch.no_grad():
-                sample_sum = (per_token.detach().float() * mask.float()).sum(dim=1)
-                sample_tokens = mask.float().sum(dim=1)
-            w = self._weights(meta, sample_sum, sample_tokens, domain)
-            if w is not None:
-                output_tensor = (per_token * w.to(per_token.dtype).reshape(mbs, 1)).reshape(
-                    output_tensor.shape
-                )
-            result = loss_func(output_tensor)
-            if self.topo.tp_rank == 0:
-                self.acc.add(sample_sum, sample_tokens, domain, meta.sample_id.to(device))
-                if meta.index == meta.num_microbatches - 1:
-                    self._finish_step(meta)
-            return result
-
-        return wrapped
-
-    def _weights(self, meta: MicroBatchMeta, sample_sum: Tensor, sample_tokens: Tensor, domain: Tensor):
-        """Detached instance weights of the micro-batch, the same on every tensor-parallel rank."""
-        if self.weighting is None or not self.weighting.enabled:
-            return None
-        topo = self.topo
-        w = torch.empty(sample_sum.shape, dtype=torch.float32, device=sample_sum.device)
-        if topo.tp_rank == 0:
-            sums, tokens = sample_sum, sample_tokens
-            if topo.cp_size > 1:
-                both = torch.stack([sums, tokens])
-                torch.distributed.all_reduce(both, group=topo.cp_group)
-                sums, tokens = both[0], both[1]
-            self.weighting.sync(meta.version)
-            w = self.weighting.weights(meta.step, sums / tokens.clamp(min=1), domain).float()
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size(topo.tp_group) > 1:
-            torch.distributed.broadcast(w, src=topo.tp_src, group=topo.tp_group)
-        if self.keep_records:
-            self.weights_seen.append(w.tolist())
-        return w
-
-    def _finish_step(self, meta: MicroBatchMeta) -> None:
-        stats = self.acc.finish(self.num_domains, self.topo)
-        self.versions[meta.step] = meta.version
-        self._emit(self.host.push(meta.step, stats))
-
-    def _emit(self, host: HostStats | None) -> None:
-        if host is None:
-            return
-        version = self.versions.pop(host.step)
-        if not self.topo.reports:
-            return
-        self.reported = [*self.reported[-1023:], host.step]
-        if self.keep_records:
-            self.recorded.append(
-                {
-                    "step": host.step,
-                    "version": version,
-                    "loss": host.loss,
-                    "sample_id": host.sample_id.tolist(),
-                    "sample_loss": host.sample_loss.tolist(),
-                    "domain_loss_sum": host.domain_loss_sum.tolist(),
-                    "domain_token_count": host.domain_token_count.tolist(),
-                }
-            )
-        if self.attachment is not None:
-            host.report_to(self.attachment, version)
-
-    def flush(self) -> None:
-        """Report the last step still in the host copy (end of training)."""
-        self._emit(self.host.flush())
 
 
 def batch_meta(
@@ -444,33 +115,6 @@ def load_loader_state(path: Path) -> dict[str, Any]:
     """A loader state saved through Megatron-LM's dataloader checkpoint hook."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     return state.get("dataloader_state_dict", state)
-
-
-def domain_datasets(
-    config: Any, prefixes: Sequence[str], split: str, built_on_rank: bool = True
-) -> list[Any]:
-    """One GPTDataset per prefix from the user's GPTDatasetConfig (tokenizer, --split, seed, cache).
-
-    Collective when torch.distributed is up (megatron-core's builder builds on rank 0 first, then
-    the others, with barriers): every rank calls it; ranks that read no data get None datasets.
-    """
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset
-
-    which = {"train": 0, "valid": 1, "test": 2}[split]
-    out = []
-    for prefix in prefixes:
-        cfg = replace(config, blend=([prefix], None), blend_per_split=None)
-        built = BlendedMegatronDatasetBuilder(
-            GPTDataset, [None, None, None], lambda: built_on_rank, cfg
-        ).build()
-        if not built_on_rank:
-            out.append(None)
-            continue
-        if built[which] is None or len(built[which]) == 0:
-            raise ValueError(f"{prefix}: the {split} split is empty under --split {cfg.split!r}")
-        out.append(built[which])
-    return out
 
 
 def add_arguments(parser):
