@@ -31,6 +31,25 @@ def first_stage(tokens: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     return emb[tokens]
 
 
+def gpt_config(seq: int, cache: str):
+    """The GPTDatasetConfig a Megatron-LM user would pass: our byte tokenizer, a 90/10 split."""
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    from mixer.megatron.data import ByteTokenizer
+
+    return GPTDatasetConfig(
+        random_seed=0,
+        sequence_length=seq,
+        split="90,10,0",
+        tokenizer=ByteTokenizer(),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=cache,
+    )
+
+
 def cp_slice(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     """This context-parallel rank's part of each sequence: chunks r and 2cp-1-r of 2cp (Megatron's balance)."""
     if size == 1:
@@ -54,28 +73,16 @@ def main(config_path: str, rank: int) -> None:
     dist = torch.distributed
     dist.init_process_group("gloo", rank=rank, world_size=cfg["world"])
     from megatron.core import parallel_state as ps
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
     from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
     from megatron.core.transformer import TransformerConfig
 
     from mixer.megatron import lm
-    from mixer.megatron.data import ByteTokenizer
     from mixer.spec import JobSpec
 
     ps.initialize_model_parallel(cfg["tp"], cfg["pp"], context_parallel_size=cfg.get("cp", 1))
     with open(cfg["spec"]) as fh:
         spec = JobSpec.from_yaml(fh.read())
-    data_config = GPTDatasetConfig(
-        random_seed=0,
-        sequence_length=cfg["seq"],
-        split="90,10,0",
-        tokenizer=ByteTokenizer(),
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-        path_to_cache=cfg["cache"],
-    )
+    data_config = gpt_config(cfg["seq"], cfg["cache"])
     settings = lm.LMSettings(
         spec=spec,
         micro_batch_size=cfg["mbs"],

@@ -120,22 +120,12 @@ def test_four_ranks_report_once_and_apply_versions_together(tp, pp, cp, write_sp
     # of every sequence); the per-sample losses reported are over whole sequences.
     firsts = sorted((r for r in data_ranks if r["first"] and r["cp_rank"] == 0), key=lambda r: r["dp_rank"])
     num_mb = 8 // (2 * len(firsts))
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
-    from mixer.megatron.data import ByteTokenizer
+    from _lm_worker import gpt_config
+
     from mixer.megatron.lm import domain_datasets
 
-    config = GPTDatasetConfig(
-        random_seed=0,
-        sequence_length=16,
-        split="90,10,0",
-        tokenizer=ByteTokenizer(),
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-        path_to_cache=str(tmp_path / "cache"),
-    )
+    config = gpt_config(16, str(tmp_path / "cache"))
     datasets = domain_datasets(config, [d.prefix for d in spec.domains], "train")
     versions = {s: v for v, s in applied[0]}
     for rec in reporters[0]["host"]:
