@@ -9,9 +9,12 @@ learn). With n the round and K domains (Algorithm 1 of the paper):
                                                                        only for domains seen in the round)
     pi_i      = (1 - K eps_n) * exp(eps_{n-1} R_hat_i) / sum_j exp(eps_{n-1} R_hat_j) + eps_n
 
-Defaults follow the paper: alpha = 0.9. In the service one round is one update window: R_i is
-the token-mean loss of domain i over the window (the paper's mixed-minibatch form gives each
-domain in the batch its own loss as reward), and n counts update windows.
+Defaults follow the paper: alpha = 0.9. In the service one bandit update happens per update
+window: R_i is the token-mean loss of domain i over the window (the paper's mixed-minibatch form
+gives each domain in the batch its own loss as reward). n counts training steps, as Algorithm 1
+runs one round per step: eps_n decays with the step, not with the number of windows (counting
+windows would keep exploring `update_every` times longer; ours: the reward of a window stands
+for its steps, one update at its last step).
 
 Two variants reproduce the authors' released updaters (alon-albalak/online-data-mixing @ edbfdad,
 `megatron/data/data_sampling_utils.py`; checked against tests/conformance/odm.json):
@@ -20,7 +23,7 @@ Two variants reproduce the authors' released updaters (alon-albalak/online-data-
 - variant="reference": `SmoothedMeanWeightUpdater.group_update`, which the repo README calls the
   paper's implementation but which differs from it: S_i <- alpha S_i + (1 - alpha) exp(r_i) with
   no 1/pi correction, and a *linear* policy pi = (1 - K eps_n) S / sum S + eps_n.
-Both reference variants count n as the global step (warm-up included), as the released code does.
+The reference variants count n as the global step too (warm-up included), as the released code does.
 `odm_step` is the one update all three share; `policy="exp"` with `importance=False,
 exp_reward=True` is the released single-domain `SmoothedMeanWeightUpdater.update`.
 """
@@ -127,7 +130,7 @@ class ODM(Strategy):
         variant = self.params["variant"]
         smoothed, importance, exp_reward, policy = _RULES[variant]
         t = state["t"] + 1
-        n = t if variant == "paper" else window.step + 1
+        n = window.step + 1  # rounds are training steps (Algorithm 1), for every variant
         present = np.flatnonzero(seen)
         R, pi, eps, _ = odm_step(
             state["reward"],
