@@ -17,9 +17,10 @@ after, and p = prior * exp(eta * sum_i E_ij) (recomputed each round, not accumul
 the round trains on p. Probe mixtures are ordinary weight versions marked params["probing"] = True,
 so workers need nothing beyond the periodic per-domain validation loss (VAL_LOSS). When the job's
 cadence floors, caps or smooths weights, M is built from the probe mixtures as shaped. A validation
-loss reported at step s is taken as measured after training step s. A segment ends at the first
-update whose newest validation loss (every domain) was measured at least `lp_steps` steps after the
-probe took effect. Probe orders come from the generator in the state.
+loss reported at step s is measured after s completed training steps (what workers send: the
+evaluation after steps 0..s-1). A segment that took effect at step t ends at the first update whose
+newest validation loss (every domain) has s >= t + lp_steps, i.e. after all `lp_steps` steps of
+the probe. Probe orders come from the generator in the state.
 
 Defaults: the reference's SlimPajama script (eta 1, lp_rounds 2, lp_steps 10, one_hot_factor 0.75,
 normalised A, update_steps 200) with the paper's multiplicative update (ema = None).
@@ -232,7 +233,7 @@ class Aioli(Strategy):
             state["prev_loss"] = state["val"].copy()
             state["G"] = np.zeros((K, K))
             return state, self._probe(state)
-        if not _fresh(state, state["segment_start"] + p["lp_steps"] - 1):
+        if not _fresh(state, state["segment_start"] + p["lp_steps"]):
             return state, None
         j = int(state["order"][state["segment"]])
         G = state["G"].copy()

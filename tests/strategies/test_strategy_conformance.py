@@ -288,7 +288,7 @@ def test_aioli_strategy_matches_reference(conformance, assert_close, make_spec, 
         state["order"] = np.asarray(rnd["lp_mixture_order"], dtype=np.int64)
         segments = rnd["lp_losses_after_each_segment"]
         for j, after in enumerate(segments):
-            step = state["segment_start"] + hp["lp_steps"] - 1
+            step = state["segment_start"] + hp["lp_steps"]  # evaluated after the segment's lp_steps steps
             state, decision = strategy.update(
                 state, Window([Report(step=step, source="w", val_loss=np.asarray(after))], K)
             )
