@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from mixer.spec import SpecError
 from mixer.weighting.loss_based import loss_weights, loss_weights_np, reweighted_loss, weights_for_step
 from mixer.weighting.params import LOSS_METHODS, LossParams
+from tests.conformance_dir import load_vectors
 
 losses_st = st.lists(st.floats(0.0, 20.0, allow_nan=False, width=32), min_size=1, max_size=300)
 
@@ -112,7 +113,12 @@ def test_half_precision_losses_get_float32_weights() -> None:
 
 
 def test_params_schema() -> None:
-    assert LossParams.parse({}) == LossParams(method="linupper", delta=1.0, r=1.0, burn_in=1000)
+    # Defaults: the authors' released LinUpper configuration (read from the reference vectors).
+    defaults = load_vectors("sow_loss_reweighting")["hyperparameters"]["defaults"]
+    (released_r,) = {c["kl_reg"] for c in defaults["released configs"].values() if c["strategy"] == "linupper"}
+    assert LossParams.parse({}) == LossParams(
+        method="linupper", delta=1.0, r=released_r, burn_in=defaults["burnout_steps"]
+    )
     assert LossParams.parse({"method": "mid"}).method == "quadratic"
     assert LossParams.parse({"method": "extremes", "r": 0.4}).to_dict() == {
         "method": "extremes",
