@@ -220,6 +220,7 @@ def build(
     if attachment is None and topo.reports and settings.address:
         from mixer.megatron.attach import ServiceAttachment
 
+        _create_job(settings)
         attachment = ServiceAttachment(settings.address, spec.name, settings.source, token=settings.token)
     weighting = None
     if topo.last_stage and topo.tp_rank == 0 and spec.weighting.name != "none":
@@ -278,6 +279,27 @@ def build(
         valid_sets, balanced, micro_batch_size=settings.micro_batch_size, num_workers=0, train=False
     )
     return train, valid, plugin
+
+
+def _create_job(settings: LMSettings, timeout: float = 60.0) -> None:
+    """Create the job on the service (idempotent: the same spec again is the same job); a clear error
+    when the service cannot be reached or holds another spec under that name."""
+    import grpc
+
+    from mixer.client import MixerClient
+
+    with MixerClient(settings.address, token=settings.token) as client:
+        try:
+            client.wait_ready(timeout)
+            _, created = client.create_job(settings.spec)
+        except grpc.FutureTimeoutError:
+            raise RuntimeError(
+                f"mixer: service at {settings.address} not reachable within {timeout:.0f}s "
+                "(start it with `mixer serve`, or leave out --mixer to train on the spec's weights)"
+            ) from None
+        except grpc.RpcError as e:
+            raise RuntimeError(f"mixer: creating job {settings.spec.name!r}: {e.details()}") from None
+    log.info("mixer: job %s %s on %s", settings.spec.name, "created" if created else "exists", settings.address)
 
 
 def _saved_state(settings: LMSettings, topo: Topology) -> dict[str, Any]:
