@@ -7,7 +7,7 @@ README ("Attaching Megatron-LM") shows the change to `pretrain_gpt.py`; it calls
   `--dataloader-type external`, this rank's train and validation iterators over one `GPTDataset`
   per domain of the job spec, built from the user's own `GPTDatasetConfig` (tokenizer, sequence
   length, `--split`, seed, cache); None on ranks that read no data;
-- `batch_meta(data_iterator, vp_stage)`: the micro-batch's domain ids, sample ids, step and
+- `batch_meta(data_iterator)`: the micro-batch's domain ids, sample ids, step and
   version on every tensor-parallel rank of the last pipeline stage (Megatron's own batch
   broadcast carries only its fixed keys);
 - `wrap_loss(loss_func, loss_mask, meta)`: the user's `loss_func` with instance weights applied to
@@ -24,7 +24,8 @@ when every micro-batch holds the same number of loss tokens (full sequences, no 
 Instance weights are normalised over the data-parallel micro-batch (the losses of later
 micro-batches do not exist yet when a micro-batch's weights are needed).
 
-Versions reach every loader rank through `announce.AnnouncedVersions` (no host barrier; applied
+The pieces live in topology.py (a rank's groups), loader.py (MixtureLoader) and reporting.py
+(LossReporter). Versions reach every loader rank through `announce.AnnouncedVersions` (no host barrier; applied
 at one announced step on every rank and DataLoader worker). Checkpoints: Megatron-LM saves the
 iterator's `save_state()` through its `--dataloader-save` hook (`maybe_save_dataloader_state`);
 `datasets_provider` loads it back for `args.iteration`. The sampler draws the global batch, so a
