@@ -6,24 +6,29 @@ import asyncio
 import gc
 import ipaddress
 import logging
+import os
 import signal
+import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mixer.server import http as http_side
+from mixer.server import service
 from mixer.server.auth import Authenticator
 from mixer.server.http import HttpSide
 from mixer.server.metrics import Metrics
 from mixer.server.runtime import HaConfig, Limits, Runtimes
 from mixer.server.service import MixerService
-from mixer.store import Store, redact
+from mixer.store import Store, normalize_url, redact
 from mixer.store.repository import Fence
 from mixer.store.writer import GroupCommitWriter
-from mixer.v1 import mixer_pb2, mixer_pb2_grpc
+from mixer.v1 import mixer_pb2
 
 log = logging.getLogger("mixer.server")
 
@@ -46,6 +51,14 @@ class ServeConfig:
     max_samples_per_report: int = 1 << 20
     max_domains: int = 100_000
     max_sessions_per_job: int = 1024
+    hello_timeout: float = service.HELLO_TIMEOUT_S
+    """Seconds a Session stream may stay open before sending hello."""
+    max_pending_sessions: int = service.MAX_PENDING_SESSIONS
+    """Session streams at once that have not sent hello or passed the token check; more are refused."""
+    http_timeout: float = http_side.REQUEST_TIMEOUT_S
+    """Seconds an HTTP connection has to deliver its request (and finish its TLS handshake)."""
+    http_max_connections: int = http_side.MAX_CONNECTIONS
+    """HTTP connections served at once; one more is answered 503."""
     auth: bool = False
     """Require bearer tokens (see `mixer token create`)."""
     insecure: bool = False
@@ -62,9 +75,16 @@ class ServeConfig:
     """The address other servers send clients to (default: host:port)."""
     lease_ttl: float = 5.0
 
-    def validate(self) -> None:
+    def validate(self) -> list[str]:
+        """Refuse a bad configuration (SystemExit naming the option); return warnings."""
         if not is_loopback(self.host) and not self.auth and not self.insecure:
             raise SystemExit(f"refusing to serve on {self.host} without --auth; pass --insecure to do it anyway")
+        for name, value in (("hello_timeout", self.hello_timeout), ("http_timeout", self.http_timeout)):
+            if not value > 0:
+                raise SystemExit(f"--{name.replace('_', '-')}: must be > 0 seconds, got {value}")
+        for name, value in (("max_pending_sessions", self.max_pending_sessions), ("http_max_connections", self.http_max_connections)):
+            if value < 1:
+                raise SystemExit(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise SystemExit("--tls-cert and --tls-key go together")
         if self.ha and not self.db.startswith("postgres"):
@@ -75,6 +95,13 @@ class ServeConfig:
             path = getattr(self, name)
             if path and not Path(path).is_file():
                 raise SystemExit(f"--{name.replace('_', '-')}: no such file {path}")
+        warnings = []
+        if not is_loopback(self.host) and self.auth and not self.tls_cert:
+            warnings.append(
+                f"serving on {self.host} with --auth but without TLS: bearer tokens cross the network in clear (gRPC and HTTP); "
+                "pass --tls-cert and --tls-key, or terminate TLS in front of the server"
+            )
+        return warnings
 
 
 def is_loopback(host: str) -> bool:
@@ -91,6 +118,54 @@ def _credentials(cfg: ServeConfig) -> grpc.ServerCredentials:
     if cfg.tls_client_ca:
         return grpc.ssl_server_credentials(pair, root_certificates=Path(cfg.tls_client_ca).read_bytes(), require_client_auth=True)
     return grpc.ssl_server_credentials(pair)
+
+
+def _http_ssl(cfg: ServeConfig) -> ssl.SSLContext | None:
+    """The HTTP side's TLS: the gRPC side's certificate, and its client CA when mutual TLS is on."""
+    if not cfg.tls_cert:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    if cfg.tls_client_ca:
+        ctx.load_verify_locations(cfg.tls_client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def lock_sqlite(db: str, owner: str) -> IO | None:
+    """One server per SQLite file: an exclusive lock on `<file>.lock`, held while this process lives.
+
+    The kernel drops the lock when the process ends, however it ends (kill -9 included), so a
+    stale lock file never blocks a restart. PostgreSQL is not locked: servers share it with --ha."""
+    import fcntl
+
+    from sqlalchemy.engine import make_url
+
+    url = make_url(normalize_url(db))
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    path = Path(url.database).resolve()
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        f = open(lock_path, "a+")  # noqa: SIM115 - held open for the life of the server
+    except OSError as e:
+        raise SystemExit(f"cannot open the lock file {lock_path}: {e.strerror}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise SystemExit(
+            f"database {path} is in use by another mixer server ({holder}; lock file {lock_path}); "
+            "a SQLite file serves one server at a time (share a PostgreSQL database with --ha instead)"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}, serving {owner}\n")
+    f.flush()
+    return f
 
 
 GC_GEN0_THRESHOLD = 20_000
@@ -119,7 +194,9 @@ def _tune_interpreter() -> None:
 
 
 async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
-    cfg.validate()
+    for warning in cfg.validate():
+        log.warning("%s", warning)
+    lock = lock_sqlite(cfg.db, f"{cfg.host}:{cfg.port}")
     store = Store(cfg.db)
     auth = Authenticator(store, cfg.auth)
     runtimes: Runtimes
@@ -137,23 +214,36 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(options=opts)
-    mixer_pb2_grpc.add_MixerServiceServicer_to_server(MixerService(runtimes, metrics, auth), server)
+    service.add_to_server(MixerService(runtimes, metrics, auth, hello_timeout=cfg.hello_timeout, max_pending_sessions=cfg.max_pending_sessions), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{cfg.host}:{cfg.port}"
-    bound = server.add_secure_port(address, _credentials(cfg)) if cfg.tls_cert else server.add_insecure_port(address)
+    try:  # grpcio returns 0 or (newer) raises RuntimeError
+        bound = server.add_secure_port(address, _credentials(cfg)) if cfg.tls_cert else server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
     if bound == 0:
-        raise SystemExit(f"cannot bind {address}: is another server running there?")
+        writer.close()
+        store.close()
+        raise SystemExit(f"cannot bind gRPC to {address} (--port): is another server running there?")
     serving = True
-    http = HttpSide(cfg.host, cfg.http_port, metrics, runtimes, lambda: serving, auth)
+    try:
+        http = HttpSide(
+            cfg.host, cfg.http_port, metrics, runtimes, lambda: serving, auth,
+            request_timeout=cfg.http_timeout, max_connections=cfg.http_max_connections, ssl_context=_http_ssl(cfg),
+        )
+    except OSError as e:
+        writer.close()
+        store.close()
+        raise SystemExit(f"cannot bind the HTTP side to {cfg.host}:{cfg.http_port} (--http-port): {e.strerror or e}; is another server running there?") from None
     await server.start()
     http.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     mode = ("mTLS" if cfg.tls_client_ca else "TLS") if cfg.tls_cert else "plaintext"
-    log.info("mixer serving on %s:%d (%s, auth %s, http %d), database %s", cfg.host, bound, mode, "on" if cfg.auth else "off", http.port, redact(store.url))
-    print(f"mixer serving on {cfg.host}:{bound} ({mode}, auth {'on' if cfg.auth else 'off'}) http={http.port} db={redact(store.url)}", flush=True)
+    log.info("mixer serving on %s:%d (%s, auth %s, %s %d), database %s", cfg.host, bound, mode, "on" if cfg.auth else "off", http.scheme, http.port, redact(store.url))
+    print(f"mixer serving on {cfg.host}:{bound} ({mode}, auth {'on' if cfg.auth else 'off'}) {http.scheme}={http.port} db={redact(store.url)}", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -176,4 +266,6 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
         store.release_leases(ha.server_id)  # hand our jobs over at once instead of after the TTL
     http.stop()
     store.close()
+    if lock is not None:
+        lock.close()
     log.info("mixer stopped")

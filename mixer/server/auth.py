@@ -23,6 +23,8 @@ ROLES = ("reader", "writer", "admin")
 RANK = {r: i for i, r in enumerate(ROLES)}
 ALL_JOBS = "*"
 CACHE_SECONDS = 5.0
+"""How long a verified token is trusted without reading its row again: a revoked token's new
+calls are refused, and its open sessions end, within this period."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,7 @@ class Authenticator:
         self.store = store
         self.enabled = enabled
         self._cache: dict[str, tuple[float, str, Principal]] = {}
+        """token id -> (when its row was last read and found valid, secret digest, principal)."""
 
     @staticmethod
     def _parse(header: str | None) -> tuple[str, str]:
@@ -69,9 +72,9 @@ class Authenticator:
         _, token_id, secret = token.split("_", 2)
         return token_id, hash_secret(secret)
 
-    def _cached(self, token_id: str, digest: str) -> Principal | None:
+    def _cached(self, token_id: str, digest: str, max_age: float = CACHE_SECONDS) -> Principal | None:
         hit = self._cache.get(token_id)
-        if hit and hit[0] > time.monotonic() and hmac.compare_digest(hit[1], digest):
+        if hit and time.monotonic() - hit[0] < max_age and hmac.compare_digest(hit[1], digest):
             return hit[2]
         return None
 
@@ -79,10 +82,12 @@ class Authenticator:
         token_id, digest = self._parse(header)
         return self._cached(token_id, digest) or self._verify(token_id, digest, self.store.get_token(token_id))
 
-    async def principal_async(self, header: str | None) -> Principal:
-        """principal() for the event loop: a cache miss reads the token row on a worker thread."""
+    async def principal_async(self, header: str | None, max_age: float = CACHE_SECONDS) -> Principal:
+        """principal() for the event loop: a cache miss reads the token row on a worker thread.
+
+        max_age: trust a verdict at most this old (an open session re-checks with less)."""
         token_id, digest = self._parse(header)
-        hit = self._cached(token_id, digest)
+        hit = self._cached(token_id, digest, max_age)
         if hit is not None:
             return hit
         return self._verify(token_id, digest, await asyncio.to_thread(self.store.get_token, token_id))
@@ -92,9 +97,11 @@ class Authenticator:
         # Compare even when the id is unknown, so timing does not tell ids apart.
         expected = row[2] if row else hash_secret(secrets.token_hex(8))
         if not hmac.compare_digest(expected, digest) or row is None or row[3]:
+            if row is not None and row[3]:
+                self._cache.pop(token_id, None)  # revoked: no call trusts the old verdict any longer
             raise MixerError(grpc.StatusCode.UNAUTHENTICATED, "invalid or revoked token")
         p = Principal(token_id, row[0], row[1])
-        self._cache[token_id] = (now + CACHE_SECONDS, digest, p)
+        self._cache[token_id] = (now, digest, p)
         return p
 
     @staticmethod
@@ -110,8 +117,8 @@ class Authenticator:
             return None
         return self._allow(self.principal(header), job, role)
 
-    async def check_grpc(self, context: grpc.aio.ServicerContext, job: str | None, role: str) -> Principal | None:
+    async def check_grpc(self, context: grpc.aio.ServicerContext, job: str | None, role: str, max_age: float = CACHE_SECONDS) -> Principal | None:
         if not self.enabled:
             return None
         header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
-        return self._allow(await self.principal_async(header), job, role)
+        return self._allow(await self.principal_async(header, max_age), job, role)

@@ -16,9 +16,15 @@ JSON above, so with auth on it carries the reader's bearer token like any other 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import socket
+import ssl
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import islice
 from urllib.parse import parse_qs, unquote, urlparse
@@ -35,6 +41,13 @@ from mixer.spec import NAME_RE, JobSpec
 from mixer.store.models import SignalRow
 from mixer.v1 import mixer_pb2 as pb
 
+log = logging.getLogger("mixer.server")
+
+REQUEST_TIMEOUT_S = 10.0
+"""A connection must deliver its whole request (and TLS handshake) within this (`--http-timeout`)."""
+MAX_CONNECTIONS = 64
+"""Connections served at once (`--http-max-connections`); one more is answered 503 and closed."""
+LINGER_S = 2.0
 TOPIC_TOP_K = 10
 """Topic weights are per topic (thousands): lists carry the top k, /versions/V carries them all."""
 MAX_TAIL = 5000
@@ -231,10 +244,132 @@ def _int_arg(query: dict, name: str, default: int | None, lo: int | None = None,
     return value
 
 
-class HttpSide:
-    """A small threaded HTTP server next to the gRPC port."""
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, but at most max_connections of them, each with a deadline.
 
-    def __init__(self, host: str, port: int, metrics, runtimes, health_state, auth=None):
+    A connection has request_timeout seconds from accept to deliver its request line and headers
+    (and finish its TLS handshake); past that, serve_forever's loop (service_actions, every
+    0.5 s) shuts its socket down and its thread ends. Each read or write also times out after
+    request_timeout. A connection beyond max_connections is answered 503 and closed at once, on the
+    accepting thread. So slow or silent clients hold at most max_connections threads, each for
+    at most about request_timeout, and the HTTP side answers again once they are dropped."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address, handler, *, request_timeout: float = REQUEST_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS, ssl_context: ssl.SSLContext | None = None):
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self._lock = threading.Lock()
+        self._open = 0
+        self._reading: dict[socket.socket, float] = {}
+        """Connections that have not delivered their request yet -> their deadline."""
+        self._lingering: dict[socket.socket, float] = {}
+        """Refused connections, answered 503, until their client closes (or LINGER_S)."""
+        super().__init__(address, handler)
+        if ssl_context is not None:
+            # The handshake runs on the connection's thread (Handler.setup), not on the accepting one.
+            self.socket = ssl_context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+
+    def process_request(self, request, client_address) -> None:
+        with self._lock:
+            full = self._open >= self.max_connections
+            if not full:
+                self._open += 1
+                self._reading[request] = time.monotonic() + self.request_timeout
+        if full:
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.shutdown_request(request)
+            self._release()
+            raise
+
+    def _refuse(self, request) -> None:
+        if isinstance(request, ssl.SSLSocket) or len(self._lingering) >= self.max_connections:
+            self.shutdown_request(request)  # a TLS client would need a handshake first: just close
+            return
+        body = f"too many connections (--http-max-connections {self.max_connections}); retry later\n".encode()
+        head = f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        try:
+            request.settimeout(0)  # never block the accepting thread on a client that does not read
+            request.send(head.encode() + body)
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.shutdown_request(request)
+            return
+        # Closed at once, a socket with the request unread would answer it with a reset, and the
+        # client could lose the 503: service_actions reads and drops the rest, then closes it.
+        self._lingering[request] = time.monotonic() + LINGER_S
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._open -= 1
+
+    def request_received(self, request) -> None:
+        """The handler has the whole request: its deadline no longer applies."""
+        with self._lock:
+            self._reading.pop(request, None)
+
+    def shutdown_request(self, request) -> None:
+        with self._lock:  # under the lock: service_actions never shuts down a socket closed meanwhile
+            self._reading.pop(request, None)
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        now = time.monotonic()
+        for s, deadline in list(self._lingering.items()):  # only the serving thread touches these
+            done = deadline <= now
+            try:
+                for _ in range(16):  # a bounded read: a client that keeps sending does not hold this thread
+                    if not s.recv(65536):
+                        done = True  # the client closed its side
+                        break
+            except BlockingIOError:
+                pass
+            except OSError:
+                done = True
+            if done:
+                del self._lingering[s]
+                super().shutdown_request(s)
+        with self._lock:
+            late = [s for s, deadline in self._reading.items() if deadline <= now]
+            for s in late:
+                del self._reading[s]
+                with contextlib.suppress(OSError):
+                    # The handler's read returns; its thread ends. (socket.socket's shutdown: a TLS
+                    # socket's own would drop its TLS state under the thread reading it.)
+                    socket.socket.shutdown(s, socket.SHUT_RDWR)
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that hung up, timed out or failed its TLS handshake: no traceback on stderr.
+        log.debug("http connection from %s failed: %r", client_address, sys.exc_info()[1])
+
+
+class HttpSide:
+    """A small threaded HTTP server next to the gRPC port (HTTPS when ssl_context is given)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        metrics,
+        runtimes,
+        health_state,
+        auth=None,
+        *,
+        request_timeout: float = REQUEST_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
+        ssl_context: ssl.SSLContext | None = None,
+    ):
         self.auth = auth
         self.metrics = metrics
         self.runtimes = runtimes
@@ -243,6 +378,19 @@ class HttpSide:
         side = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = request_timeout  # each read and write on the connection
+
+            def setup(self):
+                self.request.settimeout(self.timeout)
+                if isinstance(self.request, ssl.SSLSocket):
+                    self.request.do_handshake()
+                super().setup()
+
+            def parse_request(self):
+                ok = super().parse_request()
+                self.server.request_received(self.request)
+                return ok
+
             def log_message(self, *args):  # access logs would drown the server log
                 pass
 
@@ -304,8 +452,8 @@ class HttpSide:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = BoundedHTTPServer((host, port), Handler, request_timeout=request_timeout, max_connections=max_connections, ssl_context=ssl_context)
+        self.scheme = "https" if ssl_context is not None else "http"
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="mixer-http", daemon=True)
 

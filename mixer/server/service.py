@@ -11,7 +11,7 @@ import time
 import grpc
 from sqlalchemy.exc import SQLAlchemyError
 
-from mixer.server.auth import ALL_JOBS, Authenticator
+from mixer.server.auth import ALL_JOBS, CACHE_SECONDS, Authenticator
 from mixer.server.runtime import MixerError, Runtimes, job_to_proto
 from mixer.spec import JobSpec, SpecError
 from mixer.v1 import mixer_pb2 as pb
@@ -21,6 +21,82 @@ from mixer.wire import version_to_proto
 log = logging.getLogger("mixer.server")
 
 _STOPPING = object()  # a session's output queue: the server is shutting down
+
+HELLO_TIMEOUT_S = 10.0
+"""How long a Session stream may stay open without sending hello (`--hello-timeout`)."""
+MAX_PENDING_SESSIONS = 1024
+"""Session streams waiting for hello or for their token check (`--max-pending-sessions`)."""
+TOKEN_RECHECK_S = CACHE_SECONDS / 2
+"""An open Session re-checks its token this often, against a verdict at most this old: a revoked
+token's session ends within one token cache period (auth.CACHE_SECONDS), like its new calls."""
+
+
+class Undecodable:
+    """A request whose bytes are not a protobuf message of the method's type (see add_to_server)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _lenient(parse, type_name: str):
+    """A request deserializer that never raises: gRPC would answer its exception with UNKNOWN."""
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except Exception as e:  # noqa: BLE001 - DecodeError, or whatever a corrupt message raises
+            return Undecodable(f"request: {len(data)} bytes that are not a {type_name} protobuf message ({type(e).__name__})")
+
+    return deserialize
+
+
+def _checked(handler: grpc.RpcMethodHandler, type_name: str) -> grpc.RpcMethodHandler:
+    """The generated handler with bytes that do not parse answered INVALID_ARGUMENT.
+
+    A streaming request (Session) checks each message itself: there is no message to refuse
+    before the stream starts."""
+    deserialize = _lenient(handler.request_deserializer, type_name)
+    if handler.request_streaming:
+        return handler._replace(request_deserializer=deserialize)
+    if handler.response_streaming:
+        inner_stream = handler.unary_stream
+
+        async def unary_stream(request, context):
+            if isinstance(request, Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+            async for item in inner_stream(request, context):
+                yield item
+
+        return handler._replace(request_deserializer=deserialize, unary_stream=unary_stream)
+    inner = handler.unary_unary
+
+    async def unary_unary(request, context):
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+        return await inner(request, context)
+
+    return handler._replace(request_deserializer=deserialize, unary_unary=unary_unary)
+
+
+def add_to_server(servicer: MixerService, server: grpc.aio.Server) -> None:
+    """add_MixerServiceServicer_to_server, with every request deserializer made lenient (_checked)."""
+    captured: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    class Capture:
+        def add_generic_rpc_handlers(self, handlers) -> None:
+            pass
+
+        def add_registered_method_handlers(self, name, handlers) -> None:
+            captured[name] = handlers
+
+    pb_grpc.add_MixerServiceServicer_to_server(servicer, Capture())
+    methods = pb.DESCRIPTOR.services_by_name["MixerService"].methods_by_name
+    for service_name, handlers in captured.items():
+        checked = {m: _checked(h, methods[m].input_type.full_name) for m, h in handlers.items()}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, checked),))
+        server.add_registered_method_handlers(service_name, checked)
 
 
 def db_unavailable(e: SQLAlchemyError) -> MixerError:
@@ -49,10 +125,14 @@ def _unary(method):
 
 
 class MixerService(pb_grpc.MixerServiceServicer):
-    def __init__(self, runtimes: Runtimes, metrics, auth: Authenticator):
+    def __init__(self, runtimes: Runtimes, metrics, auth: Authenticator, *, hello_timeout: float = HELLO_TIMEOUT_S, max_pending_sessions: int = MAX_PENDING_SESSIONS):
         self.rts = runtimes
         self.metrics = metrics
         self.auth = auth
+        self.hello_timeout = hello_timeout
+        self.max_pending_sessions = max_pending_sessions
+        self.pending_sessions = 0
+        """Session streams not yet past hello and its token check."""
 
     def _version(self, rt, v, created_at: float | None = None) -> pb.WeightVersion:
         return version_to_proto(rt.job.name, v, rt.spec.domain_names, created_at if created_at is not None else rt.created_at.get(v.version, 0.0))
@@ -155,36 +235,55 @@ class MixerService(pb_grpc.MixerServiceServicer):
             rt.unsubscribe(q)
 
     async def Session(self, request_iterator, context):
+        # Until hello has come and its token is checked, a stream costs memory and proves nothing:
+        # such streams are capped in number (--max-pending-sessions) and in time (--hello-timeout).
+        if self.pending_sessions >= self.max_pending_sessions:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.pending_sessions} session streams are waiting for hello or authentication, the limit (--max-pending-sessions); retry later",
+            )
+        self.pending_sessions += 1
+        pending = True
         try:
             # One iterator for the whole stream: a second aiter() may drop a message the first read ahead.
             requests = aiter(request_iterator)
-            first = await anext(requests)
-        except StopAsyncIteration:
-            return
-        if first.WhichOneof("kind") != "hello":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session: the first message must be hello")
-        hello = first.hello
-        try:
-            self._need(hello.job, "hello.job")
-            if not hello.source:
-                raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, "hello.source: a source name is required")
-            await self.auth.check_grpc(context, hello.job, "writer")
-            rt = await self.rts.get(hello.job)
-        except SQLAlchemyError as e:
-            err = db_unavailable(e)
-            await context.abort(err.code, err.message)
-        except MixerError as e:
-            await context.abort(e.code, e.message)
+            try:
+                first = await asyncio.wait_for(anext(requests), self.hello_timeout)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"session: no hello within {self.hello_timeout:g} s (--hello-timeout); send hello first")
+            if isinstance(first, Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"session: {first.error}")
+            if first.WhichOneof("kind") != "hello":
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session: the first message must be hello")
+            hello = first.hello
+            try:
+                self._need(hello.job, "hello.job")
+                if not hello.source:
+                    raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, "hello.source: a source name is required")
+                principal = await self.auth.check_grpc(context, hello.job, "writer")
+                self.pending_sessions -= 1  # authenticated (loading the job may take a while)
+                pending = False
+                rt = await self.rts.get(hello.job)
+            except SQLAlchemyError as e:
+                err = db_unavailable(e)
+                await context.abort(err.code, err.message)
+            except MixerError as e:
+                await context.abort(e.code, e.message)
+        finally:
+            if pending:
+                self.pending_sessions -= 1
         if rt.sessions >= self.rts.limits.max_sessions_per_job:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"job {rt.job.name!r} has {rt.sessions} sessions, the limit (--max-sessions-per-job)")
         rt.sessions += 1
         try:
-            async for item in self._session(rt, hello, requests):
+            async for item in self._session(rt, hello, requests, context, principal):
                 yield item
         finally:
             rt.sessions -= 1
 
-    async def _session(self, rt, hello, request_iterator):
+    async def _session(self, rt, hello, request_iterator, context, principal):
         last = rt.marks.get(hello.source, (-1, -1))
         out: asyncio.Queue = asyncio.Queue()
         q = rt.subscribe()
@@ -230,10 +329,21 @@ class MixerService(pb_grpc.MixerServiceServicer):
             return done
 
         async def read():
+            try:
+                await take()
+            except MixerError as e:  # the stream broke the protocol: end it with e's status
+                out.put_nowait(e)
+                return
+            await all_settled.wait()
+            out.put_nowait(None)
+
+        async def take():
             nonlocal unsettled
             async for req in request_iterator:
                 if self.rts.stopping.is_set():  # shutting down: take nothing more
                     break
+                if isinstance(req, Undecodable):
+                    raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"session: {req.error}")
                 kind = req.WhichOneof("kind")
                 if kind == "report":
                     msgs, batched = [req.report], False
@@ -250,8 +360,6 @@ class MixerService(pb_grpc.MixerServiceServicer):
                 unsettled += 1
                 all_settled.clear()
                 self.rts.when_settled(rt, taken, settled(taken, batched, t0))
-            await all_settled.wait()
-            out.put_nowait(None)
 
         def newest(v=None):
             """The newest version published and not yet sent to this session (or `v`, or None):
@@ -273,29 +381,47 @@ class MixerService(pb_grpc.MixerServiceServicer):
             await self.rts.stopping.wait()
             out.put_nowait(_STOPPING)
 
+        async def token_watch():
+            """End the session once its token is revoked (checked every TOKEN_RECHECK_S)."""
+            while True:
+                await asyncio.sleep(TOKEN_RECHECK_S)
+                try:
+                    await self.auth.check_grpc(context, hello.job, "writer", max_age=TOKEN_RECHECK_S)
+                except MixerError as e:
+                    out.put_nowait(MixerError(e.code, f"session closed: token {principal.token_id}: {e.message}"))
+                    return
+                except SQLAlchemyError as e:  # the database is down: its reports are refused anyway
+                    log.warning("session token check: the database is unavailable (%s)", e.__class__.__name__)
+
         reader = asyncio.create_task(read())
         pusher = asyncio.create_task(push())
         stopper = asyncio.create_task(stop_watch())
+        tasks = [reader, pusher, stopper]
+        if principal is not None:
+            tasks.append(asyncio.create_task(token_watch()))
         try:
             while True:
                 item = await out.get()
-                if item is _STOPPING:
-                    # Shutting down: take no more reports, acknowledge what was taken, end the stream.
+                if item is _STOPPING or isinstance(item, MixerError):
+                    # Shutting down, or the session must end: take no more reports, acknowledge
+                    # what was taken, end the stream (with the error's status).
                     reader.cancel()
                     await all_settled.wait()
                     while not out.empty():
-                        item = out.get_nowait()
-                        if item is not None:
-                            yield item
+                        queued = out.get_nowait()
+                        if queued is not None and queued is not _STOPPING and not isinstance(queued, MixerError):
+                            yield queued
+                    if isinstance(item, MixerError):
+                        await context.abort(item.code, item.message)
                     return
                 if item is None:
                     break
                 yield item
             await reader
         finally:
-            for t in (reader, pusher, stopper):
+            for t in tasks:
                 t.cancel()
-            for t in (reader, pusher, stopper):
+            for t in tasks:
                 with contextlib.suppress(BaseException):
                     await t
             rt.unsubscribe(q)
