@@ -6,6 +6,13 @@ produces a `Version`: a monotonic number, the step it takes effect at, the shape
 the strategy's parameters. `snapshot()` / `Engine.restore()` carry the whole state exactly, so
 restart = newest snapshot + the log after it, and that reproduces the same versions as a
 replay from the start.
+
+Guardrails against collapse, per job in the spec's cadence, are applied here on every version,
+so the server, a restart and a replay all serve and store the same weights: the floor and cap
+(`min_weight`, `max_weight`, in `shape_weights`), a bound on how far one version may move from
+the last (`max_step_l1`, in `bound_step`), and a starvation detector (`starvation_versions`:
+the domains at their floor for that many consecutive versions are listed in the version's
+`params["starving"]`).
 """
 
 from __future__ import annotations
@@ -48,6 +55,11 @@ class Version:
         )
 
 
+SHAPE_TOLERANCE = 1e-12
+"""Shaped weights sum to 1 and respect floor and cap within this; a move within this of the
+`max_step_l1` bound reaches the proposal."""
+
+
 def shape_weights(w: np.ndarray, prior: np.ndarray, cadence: CadenceSpec) -> np.ndarray:
     """Normalise, mix in the prior, then project onto {min_weight <= w_i <= max_weight, sum 1}."""
     w = np.asarray(w, dtype=np.float64)
@@ -59,9 +71,43 @@ def shape_weights(w: np.ndarray, prior: np.ndarray, cadence: CadenceSpec) -> np.
     lo, hi = cadence.min_weight, cadence.max_weight
     if (lo <= 0.0 and hi >= 1.0) or (lo <= w.min() and w.max() <= hi):
         return w
+    if hi * w.size <= 1.0 or lo * w.size >= 1.0:
+        # A cap of 1/K or a floor of 1/K (the limits the spec allows) leaves one mixture: uniform.
+        return np.full(w.size, hi if hi * w.size <= 1.0 else lo)
     if hi >= 1.0:
         return _floored_simplex(w, lo)
     return _box_simplex(w, lo, hi)
+
+
+def bound_step(prev: np.ndarray, target: np.ndarray, max_l1: float | None) -> np.ndarray:
+    """The weights `max_l1` (L1 distance) from `prev` toward `target`, or `target` itself if it
+    is within that distance (plus SHAPE_TOLERANCE, for rounding) or no bound is set.
+
+    The result is prev + t (target - prev) with the one t in [0, 1] that makes the L1 distance
+    exactly `max_l1`: a point on the segment between two mixtures, so it lies on the simplex and
+    within any floor and cap both of them respect (the final clip only removes rounding). The
+    direction is the proposal's: the bound slows a move down, it never changes where it goes."""
+    target = np.asarray(target, dtype=np.float64)
+    if max_l1 is None:
+        return target
+    prev = np.asarray(prev, dtype=np.float64)
+    diff = target - prev
+    dist = float(np.abs(diff).sum())
+    if dist <= max_l1 + SHAPE_TOLERANCE:  # not one more version for what is left by rounding
+        return target
+    out = prev + (max_l1 / dist) * diff
+    lo = np.minimum(prev, target)
+    hi = np.maximum(prev, target)
+    return np.clip(out, lo, hi)
+
+
+STARVING_TOLERANCE = 1e-12
+"""A weight within this of `cadence.min_weight` is at the floor (with no floor: below 1e-12)."""
+
+
+def at_floor(weights: np.ndarray, min_weight: float) -> np.ndarray:
+    """Which domains sit at the floor (a bool per domain)."""
+    return np.asarray(weights, dtype=np.float64) <= min_weight + STARVING_TOLERANCE
 
 
 def _floored_simplex(w: np.ndarray, lo: float) -> np.ndarray:
@@ -72,16 +118,67 @@ def _floored_simplex(w: np.ndarray, lo: float) -> np.ndarray:
     rest = np.cumsum(ws[::-1])[::-1]  # rest[b] = sum of ws[b:]
     b = np.arange(w.size)
     t = (1.0 - b * lo) / np.where(rest > 0, rest, np.inf)
-    nb = int(np.argmax(t * ws >= lo))  # the first b whose smallest free domain clears the floor
+    clears = t * ws >= lo
+    nb = int(np.argmax(clears)) if clears.any() else w.size  # the first b whose smallest free domain clears the floor
     out = np.full(w.size, lo)
     free = order[nb:]
-    out[free] = w[free] * ((1.0 - lo * nb) / w[free].sum())
+    if free.size:
+        out[free] = w[free] * ((1.0 - lo * nb) / w[free].sum())
     return out
 
 
 def _box_simplex(w: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """The weights clip(t * w, lo, hi) whose sum is 1: the largest domains hit the cap, the
-    smallest the floor, and the rest keep their proportions. Exact, O(K log K)."""
+    smallest the floor, and the rest keep their proportions. Exact, O(K log K).
+
+    The fast path's prefix sums lose precision when weights span many orders of magnitude
+    and the cap is close to 1/K; where its result misses the sum or the box, the same
+    projection is found by a search that evaluates the sum directly (what it returned
+    elsewhere is unchanged, so stored versions still replay bit for bit)."""
+    out = _box_simplex_prefix(w, lo, hi)
+    tol = SHAPE_TOLERANCE
+    if abs(out.sum() - 1.0) <= tol and out.min() >= lo - tol and out.max() <= hi + tol:
+        return out
+    return _box_simplex_search(w, lo, hi)
+
+
+def _box_simplex_search(w: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """_box_simplex by bisection over the breakpoints, each sum evaluated directly: O(K log K)."""
+    pos = w > 0
+    n_zero = int((~pos).sum())
+    if hi * int(pos.sum()) + lo * n_zero < 1.0:
+        w = w + 1.0 / w.size  # too few positive weights to reach 1 under the cap: spread the rest
+        pos = w > 0
+    wp = w[pos]
+    cands = np.unique(np.concatenate([lo / wp, hi / wp]))
+
+    def total(t: float) -> float:
+        return float(np.clip(t * w, lo, hi).sum())
+
+    a, b = 0, cands.size - 1  # the first candidate whose sum reaches 1 (the last one does: all capped)
+    while a < b:
+        m = (a + b) // 2
+        if total(cands[m]) >= 1.0:
+            b = m
+        else:
+            a = m + 1
+    right = cands[a]
+    left = cands[a - 1] if a > 0 else 0.0
+    mid = left + (right - left) / 2.0
+    floor = mid * w <= lo
+    cap = mid * w >= hi
+    free = ~floor & ~cap
+    s = w[free].sum()
+    t = (1.0 - lo * floor.sum() - hi * cap.sum()) / s if s > 0 else right
+    out = np.clip(min(max(t, left), right) * w, lo, hi)  # rounding cannot take t out of its interval
+    free = (out > lo) & (out < hi)
+    if free.any():
+        out[free] = w[free] * ((1.0 - out[~free].sum()) / w[free].sum())
+    return out
+
+
+def _box_simplex_prefix(w: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """_box_simplex from prefix sums over the sorted weights (the fast path)."""
     pos = w > 0
     n_zero = int((~pos).sum())
     ws = np.sort(w[pos])[::-1]
@@ -126,9 +223,16 @@ class Engine:
         self.weighting = {"weighting": dict(spec.weighting.params)} if spec.weighting.name != "none" else {}
         if not np.isfinite(np.asarray(w0, dtype=np.float64)).all() or _nonfinite(self.state)[0]:
             raise SpecError("strategy.params", f"the {spec.strategy.name!r} strategy's initial weights or state are not finite for this spec")
-        self.current = Version(0, 0, shape_weights(w0, self.prior, spec.cadence), dict(self.weighting))
-        self.pending: list[Report] = []
         c = spec.cadence
+        self.target: np.ndarray | None = None
+        """With `cadence.max_step_l1`: the shaped proposal the served weights still move toward
+        (None once they reach it). Every update moves on toward it, even one whose strategy
+        made no new decision (a static schedule's step change is a single decision)."""
+        self.floor_run: np.ndarray | None = None if c.starvation_versions is None else np.zeros(spec.num_domains, dtype=np.int64)
+        """With `cadence.starvation_versions`: per domain, consecutive versions at the floor, the current one included."""
+        w = shape_weights(w0, self.prior, c)
+        self.current = Version(0, 0, w, {**self.weighting, **self._starvation(w)})
+        self.pending: list[Report] = []
         self.next_update_step = c.warmup_steps + c.update_every - 1
         self.max_step = -1
         self.last_log_seq = -1
@@ -164,25 +268,50 @@ class Engine:
         self.pending = []
         self.next_update_step = report.step + self.spec.cadence.update_every
         self.state = state
-        if decision is None:
+        cur = self.current
+        c = self.spec.cadence
+        if decision is not None:
+            target = shape_weights(decision.weights, self.prior, c)
+            params, blob = {**decision.params, **self.weighting}, decision.blob
+        elif self.target is not None:  # no new decision: keep moving toward the last one
+            target = self.target
+            params, blob = {k: v for k, v in cur.params.items() if k != "starving"}, cur.blob
+        else:
             return None
-        weights = shape_weights(decision.weights, self.prior, self.spec.cadence)
+        weights = bound_step(cur.weights, target, c.max_step_l1)
+        self.target = None if np.array_equal(weights, target) else target
         self.current = Version(
-            version=self.current.version + 1,
-            effective_step=max(report.step + self.spec.cadence.delay, self.current.effective_step),
+            version=cur.version + 1,
+            effective_step=max(report.step + c.delay, cur.effective_step),
             weights=weights,
-            params={**decision.params, **self.weighting},
-            blob=decision.blob,
+            params={**params, **self._starvation(weights)},
+            blob=blob,
             trigger_step=report.step,
             log_seq=log_seq,
         )
         return self.current
 
+    def _starvation(self, weights: np.ndarray) -> dict[str, Any]:
+        """Count one more version for the domains at the floor (and restart the others); the
+        `starving` entry of the version's params: indices at the floor for at least
+        `cadence.starvation_versions` consecutive versions. Nothing while the detector is off."""
+        if self.floor_run is None:
+            return {}
+        c = self.spec.cadence
+        self.floor_run = np.where(at_floor(weights, c.min_weight), self.floor_run + 1, 0)
+        return {"starving": [int(i) for i in np.flatnonzero(self.floor_run >= c.starvation_versions)]}
+
     def snapshot(self) -> bytes:
         """The whole engine state, exact; restore() continues as if never stopped."""
         cur = self.current
+        guardrails = {}
+        if self.target is not None:
+            guardrails["target"] = self.target
+        if self.floor_run is not None:
+            guardrails["floor_run"] = self.floor_run
         return encode_state(
             {
+                **guardrails,  # only where the spec sets them: other snapshots stay as they were
                 "strategy": self.strategy.name,
                 "fingerprint": self.spec.fingerprint(),
                 "state": self.state,
@@ -208,6 +337,9 @@ class Engine:
         eng.max_step = snap["max_step"]
         eng.last_log_seq = snap["last_log_seq"]
         eng.pending = [Report(**r) for r in snap["pending"]]
+        eng.target = snap.get("target")
+        if eng.floor_run is not None:
+            eng.floor_run = np.asarray(snap["floor_run"], dtype=np.int64)
         return eng
 
 

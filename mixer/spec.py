@@ -26,6 +26,11 @@ MAX_DOMAIN_WEIGHT = 1e15
 """Prior weights and domain sizes lie in [0, 1e15] (token counts of the largest corpora fit):
 their sum over 100,000 domains stays finite, and so does the prior."""
 MAX_SEED = (1 << 63) - 1
+MAX_STEP_L1 = 2.0
+"""The L1 distance between two mixtures is at most 2."""
+OPTIONAL_CADENCE = ("max_step_ahead", "max_step_l1", "starvation_versions")
+"""Cadence settings added after specs were first stored: left out of the stored form while
+unset (None), so the fingerprints of specs written before them stay the same."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -125,6 +130,18 @@ class CadenceSpec:
     are rejected; None: the same as max_step_lag, so that one report far ahead cannot leave
     honest reports too far behind. Left out of the stored spec while None (fingerprints of
     specs written before it existed stay the same)."""
+    max_step_l1: float | None = None
+    """Guardrail: the most one version may move from the last, as the L1 distance sum_i |w_i - w'_i|
+    in (0, 2] (2 = any move; twice the total variation: 0.1 moves at most 5% of the mixture).
+    Applied to the shaped weights (after floor, cap and prior smoothing): the version moves
+    toward the proposal only as far as allowed, on the straight line, so it stays on the simplex
+    within the floor and cap; later updates keep moving toward the last proposal until they
+    reach it. None (the default): no bound. Left out of the stored spec while None."""
+    starvation_versions: int | None = None
+    """Guardrail: a domain at the floor (`min_weight`; with no floor, a weight below 1e-12) for
+    this many consecutive versions is starving: listed (by index) in each such version's
+    `params["starving"]` and reported by the metric `mixer_starving_domains`. None (the
+    default): no detector and no `starving` entry. Left out of the stored spec while None."""
 
     @property
     def step_ahead(self) -> int:
@@ -158,8 +175,9 @@ class JobSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["cadence"]["max_step_ahead"] is None:
-            del d["cadence"]["max_step_ahead"]
+        for name in OPTIONAL_CADENCE:
+            if d["cadence"][name] is None:
+                del d["cadence"][name]
         return d
 
     def to_json(self) -> str:
@@ -217,6 +235,16 @@ class JobSpec:
             )
         if c.min_weight > c.max_weight:
             raise SpecError("cadence.min_weight", "must not exceed cadence.max_weight")
+        if c.max_step_l1 is not None and (
+            isinstance(c.max_step_l1, bool) or not isinstance(c.max_step_l1, (int, float))
+            or not 0.0 < c.max_step_l1 <= MAX_STEP_L1
+        ):
+            raise SpecError(
+                "cadence.max_step_l1",
+                f"must be a number in (0, 2] (the L1 distance one version may move; leave it out for no bound), got {c.max_step_l1!r}",
+            )
+        if c.starvation_versions is not None:
+            _positive_int("cadence.starvation_versions", c.starvation_versions)
         if isinstance(c.prior_smoothing, bool) or not isinstance(c.prior_smoothing, (int, float)) or not 0.0 <= c.prior_smoothing <= 1.0:
             raise SpecError("cadence.prior_smoothing", f"must lie in [0, 1], got {c.prior_smoothing}")
         # Imported here: strategies import this module for the spec type.

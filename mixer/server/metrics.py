@@ -10,6 +10,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+REJECT_REASONS = ("invalid", "stale", "ahead", "out_of_order", "finished", "derived")
+"""Every reason a report is refused for (`mixer_rejected_reports_total{reason}`): a value the
+checks refuse, a step more than `cadence.max_step_lag` behind or `cadence.max_step_ahead` ahead,
+a source's key below its last that is not in the log, a finished job, a derived (replayed) job.
+Each series exists at 0 from the start, so a healthy server shows 0 rather than no data."""
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -37,6 +43,8 @@ class Metrics:
             "mixer_version_push_lag_seconds", "From a version's commit to its push to a session", buckets=LATENCY_BUCKETS, registry=self.registry
         )
         self.rejected_total = Counter("mixer_rejected_reports_total", "Reports refused, by reason", ["reason"], registry=self.registry)
+        for reason in REJECT_REASONS:
+            self.rejected_total.labels(reason)
         self.registry.register(JobCollector(runtimes_getter))
 
     def observe_update(self, strategy: str, seconds: float) -> None:
@@ -67,6 +75,13 @@ class JobCollector(Collector):
         samples = CounterMetricFamily("mixer_samples", "Samples covered by accepted reports", labels=["job"])
         dups = CounterMetricFamily("mixer_duplicate_reports", "Re-sent reports dropped as duplicates", labels=["job"])
         versions = CounterMetricFamily("mixer_versions", "Weight versions created (the initial one included)", labels=["job"])
+        info = GaugeMetricFamily("mixer_job_info", "1 for every live job, labelled with its strategy", labels=["job", "strategy"])
+        starving = GaugeMetricFamily(
+            "mixer_starving_domains",
+            "1 while a domain has sat at its floor for cadence.starvation_versions consecutive versions, else 0 "
+            "(only jobs whose spec sets cadence.starvation_versions)",
+            labels=["job", "domain"],
+        )
         for rt in list(self.runtimes_getter()):
             if rt.job.status == "finished":
                 continue  # a finished job leaves no live series
@@ -85,4 +100,9 @@ class JobCollector(Collector):
             samples.add_metric([name], rt.sample_count)
             dups.add_metric([name], rt.duplicate_count)
             versions.add_metric([name], cur.version + 1)
-        yield from (weight, loss, version, eff, step, lag, reports, samples, dups, versions)
+            info.add_metric([name, rt.spec.strategy.name], 1.0)
+            if rt.spec.cadence.starvation_versions is not None:
+                flagged = set(cur.params.get("starving", ()))
+                for i, d in enumerate(rt.spec.domain_names):
+                    starving.add_metric([name, d], 1.0 if i in flagged else 0.0)
+        yield from (weight, loss, version, eff, step, lag, reports, samples, dups, versions, info, starving)
