@@ -62,13 +62,19 @@ def _simulate_ado(steps: int = 240) -> np.ndarray:
     return engine.current
 
 
-def test_ado_moves_weight_away_from_a_domain_whose_loss_cannot_fall():
+def test_ado_moves_weight_to_the_domain_whose_loss_still_falls():
+    """Domain b's loss is still falling fast; domain a is close to its floor. The noise domain is
+    not starved by the reference's rule (tests/conformance/ado.json): its fit holds eps at the
+    penalty bound exp(0.5), far below its loss 6.5, and the floored exponent 0.05 leaves it a
+    learning speed of about 0.05 (6.5 - 1.65) / n, comparable to the others' (in the reference's
+    numbers the noise domain d4 even gets the largest rho, e.g. at step 100 of the skewed-prior
+    scenario)."""
     version = _simulate_ado()
     w = version.weights
     assert version.version > 0
-    assert w[2] < 1 / 3 and w[2] < w[0] and w[2] < w[1], w
+    assert w[1] > max(w[0], w[2]), w
     rho = version.params["rho"]
-    assert rho[2] < 0.5 * min(rho[0], rho[1]), rho
+    assert rho[1] > max(rho[0], rho[2]), rho
 
 
 def test_odm_favours_high_loss_domains(make_spec):
