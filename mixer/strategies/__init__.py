@@ -31,7 +31,8 @@ def validate_strategy_spec(spec: JobSpec) -> None:
     build_strategy(spec)
 
 
-# Registration happens on import; keep this list in sync with the modules in this folder.
+# Registration happens on import; keep this list in sync with the strategy modules in this folder
+# (ado_fit.py is a helper of ado.py and registers nothing).
 from mixer.strategies import ado, aioli, dga, doremi, dwm, odm, static, toremi  # noqa: E402,F401
 
 __all__ = ["Decision", "REGISTRY", "State", "Strategy", "build_strategy", "decode_state", "encode_state", "register"]
