@@ -105,6 +105,12 @@ def db_unavailable(e: SQLAlchemyError) -> MixerError:
     return MixerError(grpc.StatusCode.UNAVAILABLE, f"the database is unavailable ({e.__class__.__name__}); retry later")
 
 
+async def abort(context, e: SQLAlchemyError | MixerError) -> None:
+    """End the call with the status for e (a database failure is UNAVAILABLE: keep the data, retry)."""
+    err = db_unavailable(e) if isinstance(e, SQLAlchemyError) else e
+    await context.abort(err.code, err.message)
+
+
 def _unary(method):
     """Map MixerError (and database failures) to a status, and time the call."""
 
@@ -113,11 +119,8 @@ def _unary(method):
         t0 = time.perf_counter()
         try:
             return await method(self, request, context)
-        except SQLAlchemyError as e:
-            err = db_unavailable(e)
-            await context.abort(err.code, err.message)
-        except MixerError as e:
-            await context.abort(e.code, e.message)
+        except (SQLAlchemyError, MixerError) as e:
+            await abort(context, e)
         finally:
             self.metrics.rpc_seconds.labels(method.__name__).observe(time.perf_counter() - t0)
 
@@ -215,11 +218,8 @@ class MixerService(pb_grpc.MixerServiceServicer):
             self._need(request.job)
             await self.auth.check_grpc(context, request.job, "reader")
             rt = await self.rts.get(request.job)
-        except SQLAlchemyError as e:
-            err = db_unavailable(e)
-            await context.abort(err.code, err.message)
-        except MixerError as e:
-            await context.abort(e.code, e.message)
+        except (SQLAlchemyError, MixerError) as e:
+            await abort(context, e)
         q = rt.subscribe()
         try:
             last = request.after_version
@@ -266,11 +266,8 @@ class MixerService(pb_grpc.MixerServiceServicer):
                 self.pending_sessions -= 1  # authenticated (loading the job may take a while)
                 pending = False
                 rt = await self.rts.get(hello.job)
-            except SQLAlchemyError as e:
-                err = db_unavailable(e)
-                await context.abort(err.code, err.message)
-            except MixerError as e:
-                await context.abort(e.code, e.message)
+            except (SQLAlchemyError, MixerError) as e:
+                await abort(context, e)
         finally:
             if pending:
                 self.pending_sessions -= 1
