@@ -225,12 +225,11 @@ def train_core(
     """Train on this rank's GPU; returns a JSON-able summary (the reporting rank's loss curve)."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from mixer.megatron import lm
-    from mixer.megatron.data import ByteTokenizer
+    from mixer.megatron.data import gpt_config
     from mixer.megatron.record import Recent
 
     if not ps.model_parallel_is_initialized():
@@ -241,17 +240,7 @@ def train_core(
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
 
-    data_config = GPTDatasetConfig(
-        random_seed=cfg.seed,
-        sequence_length=cfg.seq_length,
-        split="100,0,0",
-        tokenizer=ByteTokenizer(),
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-        path_to_cache=str(cache_dir) if cache_dir else None,
-    )
+    data_config = gpt_config(cfg.seq_length, cfg.seed, cache_dir)
     settings = lm.LMSettings(
         spec=spec,
         micro_batch_size=cfg.micro_batch_size,

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, ClassVar
 
@@ -32,6 +33,7 @@ __all__ = [
     "build_domain_datasets",
     "decode",
     "encode",
+    "gpt_config",
     "prepare_corpus",
 ]
 
@@ -169,6 +171,24 @@ def prepare_corpus(corpus_dir: Path, out_dir: Path, progress: bool = True) -> di
     return prefixes
 
 
+def gpt_config(seq_length: int, seed: int, cache_dir: Path | str | None, split: str = "100,0,0"):
+    """megatron-core's GPTDatasetConfig for our byte-level data (no blend yet: one per domain follows)."""
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        split=split,
+        tokenizer=ByteTokenizer(),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        # The causal attention builds its own mask; a dense [1, s, s] mask per sample is waste.
+        create_attention_mask=False,
+        path_to_cache=None if cache_dir is None else str(cache_dir),
+    )
+
+
 def build_domain_datasets(
     prefixes: list[str],
     seq_length: int,
@@ -180,28 +200,15 @@ def build_domain_datasets(
     # megatron caches its shuffle indices keyed by path and settings, not file contents: pass a
     # cache_dir that is fresh whenever the data under a prefix is rewritten.
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.gpt_dataset import GPTDataset
 
-    tokenizer = ByteTokenizer()
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     datasets: list[GPTDataset] = []
     for prefix in prefixes:
         if not Path(prefix + ".idx").is_file() or not Path(prefix + ".bin").is_file():
             raise CorpusError(f"{prefix}: missing .bin/.idx (run prepare_corpus first)")
-        config = GPTDatasetConfig(
-            random_seed=seed,
-            sequence_length=seq_length,
-            blend=([prefix], None),
-            split="100,0,0",
-            tokenizer=tokenizer,
-            reset_position_ids=False,
-            reset_attention_mask=False,
-            eod_mask_loss=False,
-            # The causal attention builds its own mask; a dense [1, s, s] mask per sample is waste.
-            create_attention_mask=False,
-            path_to_cache=str(cache_dir),
-        )
+        config = replace(gpt_config(seq_length, seed, cache_dir), blend=([prefix], None))
         # A single-prefix blend yields the GPTDataset itself (no BlendedDataset around it).
         built = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config).build()
         datasets.append(built[0])

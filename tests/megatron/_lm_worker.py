@@ -33,21 +33,9 @@ def first_stage(tokens: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
 
 def gpt_config(seq: int, cache: str):
     """The GPTDatasetConfig a Megatron-LM user would pass: our byte tokenizer, a 90/10 split."""
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+    from mixer.megatron.data import gpt_config as byte_config
 
-    from mixer.megatron.data import ByteTokenizer
-
-    return GPTDatasetConfig(
-        random_seed=0,
-        sequence_length=seq,
-        split="90,10,0",
-        tokenizer=ByteTokenizer(),
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-        path_to_cache=cache,
-    )
+    return byte_config(seq, 0, cache, split="90,10,0")
 
 
 def cp_slice(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
