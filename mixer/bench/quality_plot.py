@@ -99,7 +99,7 @@ def summarize(
             "paired_diff_worst": _paired(worsts, uni_worst),
             "step_time_s": float(np.median(list(times.values()))),
             "overhead_vs_detached": float(np.mean(overhead)) if overhead else None,
-            "verdict": _verdict(name, d_mean, spread),
+            "verdict": _verdict(name, d_mean),
             "versions": int(np.mean([r["versions"] for r in rs.values()])),
             "wall_s": float(sum(r["wall_s"] for r in rs.values())),
         }
@@ -124,20 +124,54 @@ def summarize(
     return summary, attach
 
 
-def _verdict(name: str, d: dict[str, Any], spread: float | None) -> str:
-    """The calibration note's rule: a paired difference counts when it exceeds twice the seed spread."""
+# Two-sided significance level of the paired test.
+ALPHA = 0.05
+
+
+def paired_test(diffs: list[float]) -> dict[str, Any]:
+    """Paired t-test of per-seed differences (strategy - uniform on the same seed) against 0.
+
+    Returns the two-sided p-value and `seeds_needed`: the smallest number of seeds at which a
+    difference of this mean and per-seed spread would be significant at ALPHA (the observed t
+    grows as sqrt(n), the critical value of Student's t with n - 1 degrees of freedom falls),
+    None when the mean is 0. Identical non-zero differences on every seed have p = 0.
+    """
+    from scipy import stats
+
+    n = len(diffs)
+    if n < 2:
+        return {"p": None, "seeds_needed": None}
+    mean, sd = float(np.mean(diffs)), float(np.std(diffs, ddof=1))
+    if mean == 0.0:
+        return {"p": 1.0, "seeds_needed": None}
+    if sd == 0.0:
+        return {"p": 0.0, "seeds_needed": 2}
+    t = mean / (sd / math.sqrt(n))
+    p = float(2 * stats.t.sf(abs(t), df=n - 1))
+    needed = next(
+        (m for m in range(2, 1001) if abs(mean) / (sd / math.sqrt(m)) > stats.t.ppf(1 - ALPHA / 2, df=m - 1)),
+        None,
+    )
+    return {"p": p, "seeds_needed": needed}
+
+
+def _verdict(name: str, d: dict[str, Any]) -> str:
+    """A paired t-test over seeds: the same seed's uniform run is the comparison, so the seed-to-seed
+    spread of the loss itself (large with noise domains) cancels out of the test."""
     if name == "uniform":
         return "baseline"
     if d["mean"] is None:
         return "no uniform run to compare"
-    if spread is None:
-        return "1 seed: no verdict"
-    if abs(d["mean"]) <= 2 * spread:
-        verdict = "within noise"
-    else:
+    wins = f"better on {sum(x < 0 for x in d['per_seed'])}/{len(d['per_seed'])} seeds"
+    if d["n"] < 2:
+        return f"1 seed: no verdict ({wins})"
+    test = paired_test(d["per_seed"])
+    if test["p"] < ALPHA:
         verdict = "better than uniform" if d["mean"] < 0 else "worse than uniform"
-    # The paired view: on how many seeds it beat the same seed's uniform run.
-    return verdict + f" (better on {sum(x < 0 for x in d['per_seed'])}/{len(d['per_seed'])} seeds)"
+        return f"{verdict} (paired t-test p = {test['p']:.2g}; {wins})"
+    needed = test["seeds_needed"]
+    more = f", ~{needed} seeds would resolve this difference" if needed else ""
+    return f"no significant difference (paired t-test p = {test['p']:.2g}{more}; {wins})"
 
 
 def _pm(x: float | None, sd: float | None, fmt: str = "{:.4f}", signed: bool = False) -> str:
@@ -212,8 +246,9 @@ def format_table(result: dict[str, Any]) -> str:
          f"{cfg['baseline_steps']}-step detached static run of the same size just before it, in the same "
          "process; on a shared machine the load can change between the two."),
         "",
-        (f"Seed spread of uniform's final mean: {spread_text}. Verdict: a paired Δ counts only beyond twice "
-         "that spread. Steps-to-target under one cosine schedule mostly says whether a run ended below "
+        (f"Seed spread of uniform's final mean: {spread_text}. Verdict: a paired t-test of the per-seed "
+         f"differences against 0 (two-sided, {ALPHA:g}); where it finds no difference it estimates how many seeds "
+         "a difference of the observed mean and spread would need. Steps-to-target under one cosine schedule mostly says whether a run ended below "
          "uniform's final loss: the schedule shapes the end of every curve."),
         "",
         (f"Model: {cfg['layers']} layers x {cfg['hidden']} hidden, {cfg['heads']} heads, "

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from mixer.bench.quality import NOISE_ALPHABET, QUICK_STRATEGIES, _mean_weight, noise_corpus, quality_command
-from mixer.bench.quality_plot import steps_to_reach, summarize
+from mixer.bench.quality_plot import ALPHA, paired_test, steps_to_reach, summarize
 from mixer.megatron.corpus import write_synthetic_corpus
 
 
@@ -58,11 +58,26 @@ def test_summarize_pairs_seeds_and_flags_noise() -> None:
     )
     assert odm["worst_domain"] == "b"
     assert odm["overhead_vs_detached"] == pytest.approx(1.0)
-    assert odm["verdict"] == "better than uniform (better on 2/2 seeds)"  # -0.3 beyond twice the spread (0.0707)
+    # Identical per-seed differences: the paired test is decisive however much the seeds themselves differ.
+    assert odm["verdict"].startswith("better than uniform (paired t-test p = ")
+    assert float(odm["verdict"].split("p = ")[1].split(";")[0]) < 1e-6
     assert summary["uniform"]["steps_to_uniform"] == {"0": 1.0, "1": 1.0}
     assert summary["dga"]["status"] == "not run: no probe"
     assert attach["per_seed"]["0"]["overhead"] == pytest.approx(0.1)
     assert math.isclose(attach["uniform_seed_spread"], 0.0707, rel_tol=1e-2)
+
+
+def test_paired_test_matches_a_float64_t_statistic() -> None:
+    # -0.0204 +/- 0.0030 over 3 seeds: t = mean / (sd / sqrt(3)); two-sided p from Student's t, 2 dof.
+    diffs = [-0.0204 + 0.0030, -0.0204, -0.0204 - 0.0030]
+    out = paired_test(diffs)
+    t = -0.0204 / (0.0030 / math.sqrt(3))
+    # Student's t with 2 degrees of freedom has the closed-form tail P(|T| > t) = 1 - t / sqrt(2 + t^2).
+    assert out["p"] == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-9)
+    # t grows as sqrt(n): 9.6 at n = 2 is below t(0.975, 1 dof) = 12.7, 11.8 at n = 3 above 4.30.
+    assert out["seeds_needed"] == 3
+    small = paired_test([-0.001, 0.002, -0.003])
+    assert small["p"] > ALPHA and small["seeds_needed"] > 3
 
 
 @pytest.mark.slow
