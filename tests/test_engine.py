@@ -87,7 +87,7 @@ def test_odm_favours_the_high_loss_domain():
 
 
 def test_floor_only_path_matches_the_general_projection():
-    from mixer.engine import _box_simplex, _floored_simplex
+    from mixer.shaping import _box_simplex, _floored_simplex
 
     rng = np.random.default_rng(3)
     for k in (2, 5, 22, 200):

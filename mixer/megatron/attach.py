@@ -27,8 +27,7 @@ class ServiceAttachment:
     If the service is unreachable, poll() returns nothing new (training continues on the last
     weights) and reports wait in the reporter's buffer (then its spill file) until it returns.
 
-    strict=True (DESIGN.md: "a strict mode waits at the boundary so that two runs of the same job
-    are identical"): before step t, poll_version(t) waits until every report handed over so far is
+    strict=True makes two runs of the same job identical: before step t, poll_version(t) waits until every report handed over so far is
     acknowledged (so every version they trigger is committed), then asks the service for the version
     in force at step t. A resumed run therefore gets the recorded versions, step for step. It costs
     a round trip and a database commit per step, and the loop must hand over each step's report

@@ -1,7 +1,7 @@
 """Weight versions on the worker: one record type, and rank 0's broadcast to the other ranks.
 
-All data-parallel ranks must draw step t's batch from the same weights (DESIGN.md, "Consistency
-across data-parallel ranks"). Only rank 0 holds a session with the service; at every step
+All data-parallel ranks must draw step t's batch from the same weights, or the ranks of one step
+would train on different mixtures. Only rank 0 holds a session with the service; at every step
 boundary it polls it and broadcasts what it got, so every rank hands the same version to its
 sampler before the same step. The samplers are deterministic, so they then apply it at the same
 step (the version's effective_step, or the first step boundary after it arrived when late).

@@ -1,17 +1,21 @@
-"""Pure domain-level mixing strategies, one module each, found by name."""
+"""Pure domain-level mixing strategies, one module each, found by name.
+
+Every module in this folder is imported once, here; a module that defines a strategy class
+decorated with `@register` makes it selectable by its `name` in job specs (README.md beside
+this file says how to add one). Helper modules (base.py, ado_fit.py) register nothing.
+"""
 
 from __future__ import annotations
 
-from mixer.spec import JobSpec, SpecError
-from mixer.strategies.base import Decision, State, Strategy, decode_state, encode_state
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING
 
-REGISTRY: dict[str, type[Strategy]] = {}
+from mixer.errors import SpecError
+from mixer.strategies.base import REGISTRY, Decision, State, Strategy, decode_state, encode_state, register
 
-
-def register(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: make a strategy selectable by its `name` in job specs."""
-    REGISTRY[cls.name] = cls
-    return cls
+if TYPE_CHECKING:
+    from mixer.spec import JobSpec
 
 
 def strategy_class(name: str) -> type[Strategy]:
@@ -31,8 +35,7 @@ def validate_strategy_spec(spec: JobSpec) -> None:
     build_strategy(spec)
 
 
-# Registration happens on import; keep this list in sync with the strategy modules in this folder
-# (ado_fit.py is a helper of ado.py and registers nothing).
-from mixer.strategies import ado, aioli, dga, doremi, dwm, odm, static, toremi  # noqa: E402,F401
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Decision", "REGISTRY", "State", "Strategy", "build_strategy", "decode_state", "encode_state", "register"]
+__all__ = ["REGISTRY", "Decision", "State", "Strategy", "build_strategy", "decode_state", "encode_state", "register"]

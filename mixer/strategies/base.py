@@ -12,14 +12,28 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from mixer.errors import SpecError
 from mixer.signals import Window
-from mixer.spec import JobSpec, SpecError
+
+if TYPE_CHECKING:
+    from mixer.spec import JobSpec
 
 State = dict[str, Any]
+
+REGISTRY: dict[str, type[Strategy]] = {}
+"""Strategy classes by name (filled by `register` as mixer.strategies imports each module)."""
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a strategy selectable by its `name` in job specs."""
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two strategies named {cls.name!r}: {REGISTRY[cls.name].__module__} and {cls.__module__}")
+    REGISTRY[cls.name] = cls
+    return cls
 
 
 @dataclass(slots=True)

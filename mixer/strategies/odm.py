@@ -35,7 +35,7 @@ import math
 import numpy as np
 
 from mixer.signals import DOMAIN_LOSS, Window
-from mixer.spec import SpecError
+from mixer.errors import SpecError
 from mixer.strategies import register
 from mixer.strategies.base import Decision, State, Strategy
 

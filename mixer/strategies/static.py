@@ -17,7 +17,7 @@ import numpy as np
 from mixer.signals import Window
 from mixer.strategies import register
 from mixer.strategies.base import Decision, State, Strategy
-from mixer.spec import SpecError
+from mixer.errors import SpecError
 
 MODES = ("fixed", "temperature", "schedule")
 

@@ -9,10 +9,13 @@ import the method modules themselves for the torch functions.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mixer.spec import JobSpec, SpecError
+from mixer.errors import SpecError
 from mixer.weighting.params import DwmParams, LossParams, TopicParams
+
+if TYPE_CHECKING:
+    from mixer.spec import JobSpec
 
 # name -> allowed parameter names.
 METHODS: dict[str, frozenset[str]] = {

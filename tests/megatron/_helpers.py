@@ -13,7 +13,7 @@ def pretrain_args(spec: Path, *args: str, steps: int = 20) -> list[str]:
 
 def run_pretrain_cli(spec: Path, *args: str, steps: int = 20) -> dict:
     """Run the pretrain command in this process (as `python -m mixer.megatron.pretrain` would) and return its record."""
-    from mixer.megatron.cli import pretrain
+    from mixer.cli.data import pretrain
 
     return pretrain.main(pretrain_args(spec, *args, steps=steps), standalone_mode=False)
 

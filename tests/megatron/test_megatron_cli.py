@@ -9,13 +9,10 @@ import click
 import yaml
 from click.testing import CliRunner
 
-from mixer.megatron.cli import COMMANDS
+from mixer.cli import main
 
 
 def group() -> click.Group:
-    main = click.Group("mixer")
-    for command in COMMANDS:
-        main.add_command(command)
     return main
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mixer.offline_cli import COMMANDS
+from mixer.cli.bench import bench_replay
+from mixer.cli.offline import COMMANDS
 from mixer.server.launch import ServerProcess
 from tests.offline.recording import SPEC, record
 
@@ -31,7 +32,7 @@ def recorded(tmp_path_factory):
 @pytest.fixture
 def cli():
     """cli("replay", "JOB", "--json", ...) -> (exit code, output, last-line JSON or None)."""
-    commands = {c.name: c for c in COMMANDS}
+    commands = {**{c.name: c for c in COMMANDS}, "replay-bench": bench_replay}  # mixer bench replay
     runner = CliRunner()
 
     def run(name: str, *args: str | Path):

@@ -7,19 +7,14 @@ import json
 import click
 from click.testing import CliRunner
 
-from mixer.bench.cli import COMMANDS
 from mixer.bench.strategies import run_strategy_bench
+from mixer.cli import main
 from mixer.strategies import REGISTRY
 
 
 def cli_group() -> click.Group:
-    """The groups `mixer.cli` mounts COMMANDS under."""
-    root, bench, topics = click.Group("mixer"), click.Group("bench"), click.Group("topics")
-    root.add_command(bench)
-    root.add_command(topics)
-    for parent, command in COMMANDS:
-        {"bench": bench, "topics": topics}[parent].add_command(command)
-    return root
+    """The `mixer` command line."""
+    return main
 
 
 def test_bench_times_every_strategy_and_refits_apart() -> None:

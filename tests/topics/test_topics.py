@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mixer.bench.cli import COMMANDS
+from mixer.cli import main
 from mixer.megatron.corpus import write_synthetic_corpus
 from mixer.megatron.data import prepare_corpus
 from mixer.topics import (
@@ -89,12 +88,7 @@ def test_tfidf_topics_label_every_document_and_separate_domains(corpus) -> None:
 
 
 def test_cli_build_json_and_errors(corpus, tmp_path) -> None:
-    root = click.Group("mixer")
-    topics = click.Group("topics")
-    root.add_command(topics)
-    for parent, command in COMMANDS:
-        if parent == "topics":
-            topics.add_command(command)
+    root = main
     corpus_dir, data = corpus
     out = CliRunner().invoke(
         root,

@@ -7,15 +7,11 @@ import json
 import click
 from click.testing import CliRunner
 
-from mixer.bench.cli import COMMANDS
 from mixer.bench.weighting import format_table, run_weighting_bench
+from mixer.cli.bench import bench
 
 
 def bench_group() -> click.Group:
-    bench = click.Group("bench")
-    for parent, command in COMMANDS:
-        if parent == "bench":
-            bench.add_command(command)
     return bench
 
 

@@ -1,28 +1,19 @@
 """`mixer data ...` and `mixer pretrain`: the worker side on the command line.
 
-`COMMANDS` is what the main `mixer` group mounts (mixer/cli.py: `for c in COMMANDS:
-main.add_command(c)`). Megatron-core is imported only when a command runs, so `mixer --help`
-stays fast.
+Megatron-core is imported only when a command runs, so `mixer --help` stays fast.
+`python -m mixer.megatron.pretrain ARGS` runs `mixer pretrain ARGS`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
 import click
 import yaml
 
-__all__ = ["COMMANDS", "data", "pretrain"]
-
-
-def _quiet() -> None:
-    # megatron-core warns at import about optional GPU libraries; a CLI user cannot act on it.
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex|scope is deprecated).*")
-    logging.getLogger("megatron").setLevel(logging.ERROR)
+from mixer.cli.common import emit_json, json_option, quiet_megatron
 
 
 @click.group()
@@ -34,7 +25,7 @@ def data() -> None:
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--docs-per-domain", default=400, show_default=True, type=click.IntRange(min=1))
-@click.option("--json", "as_json", is_flag=True, help="print one JSON document as the last line")
+@json_option
 def synth(out_dir: Path, seed: int, docs_per_domain: int, as_json: bool) -> None:
     """Write the synthetic corpus (arith, prose, noise, dupes) as OUT_DIR/<domain>/{train,val}.jsonl."""
     from mixer.megatron.corpus import write_synthetic_corpus
@@ -42,7 +33,117 @@ def synth(out_dir: Path, seed: int, docs_per_domain: int, as_json: bool) -> None
     domains = write_synthetic_corpus(out_dir, seed=seed, docs_per_domain=docs_per_domain)
     click.echo(f"wrote {len(domains)} domains ({', '.join(domains)}) to {out_dir}")
     if as_json:
-        click.echo(json.dumps({"out_dir": str(out_dir), "domains": domains}))
+        emit_json({"out_dir": str(out_dir), "domains": domains})
+
+
+@data.command("select")
+@click.argument(
+    "raw_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@click.option(
+    "--method",
+    type=click.Choice(["dsir", "random"]),
+    default="dsir",
+    show_default=True,
+    help="dsir: importance resampling toward the target; random: a uniform draw of the same size",
+)
+@click.option(
+    "--target",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSONL[.gz] of documents like the ones wanted",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="new folder, in `mixer data prepare`'s layout, with the report and a prior spec",
+)
+@click.option("--num-samples", default=None, type=click.IntRange(min=1), help="documents to select")
+@click.option(
+    "--fraction",
+    default=None,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="or this fraction of the eligible documents",
+)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option(
+    "--min-words",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="shorter raw documents are never selected",
+)
+@click.option(
+    "--num-buckets",
+    default=10000,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="hash buckets of the n-gram features",
+)
+@click.option(
+    "--shard-bytes",
+    default=64 << 20,
+    show_default=True,
+    type=click.IntRange(min=4096),
+    help="plain JSONL files are processed in shards of about this size",
+)
+@click.option(
+    "--ray-address",
+    default="local",
+    show_default=True,
+    help='"local" (a local Ray), "auto" or host:port (a cluster), "none" (this process)',
+)
+@click.option("--num-cpus", default=None, type=click.IntRange(min=1), help="CPUs of the local Ray")
+@click.option("--job-name", default=None, help="name of the prior's job spec (default: dsir-<target stem>)")
+@click.option("--prefix-root", default=None, help="data prefixes of the prior spec under this folder")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+@json_option
+def select(
+    raw_dirs: tuple[Path, ...],
+    method: str,
+    target: Path,
+    out: Path,
+    num_samples: int | None,
+    fraction: float | None,
+    seed: int,
+    min_words: int,
+    num_buckets: int,
+    shard_bytes: int,
+    ray_address: str,
+    num_cpus: int | None,
+    job_name: str | None,
+    prefix_root: str | None,
+    no_progress: bool,
+    as_json: bool,
+) -> None:
+    """Select raw documents that match a target (DSIR, Xie et al. 2023), in `data prepare`'s layout."""
+    from mixer.select import SelectError, select_dsir, summary
+
+    try:
+        report = select_dsir(
+            target,
+            list(raw_dirs),
+            out,
+            method=method,
+            num_samples=num_samples,
+            fraction=fraction,
+            seed=seed,
+            min_words=min_words,
+            num_buckets=num_buckets,
+            shard_bytes=shard_bytes,
+            ray_address=None if ray_address == "none" else ray_address,
+            num_cpus=num_cpus,
+            job_name=job_name,
+            prefix_root=prefix_root,
+            progress=not (no_progress or as_json),
+        )
+    except SelectError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(summary(report))
 
 
 @data.command("prepare")
@@ -61,7 +162,7 @@ def synth(out_dir: Path, seed: int, docs_per_domain: int, as_json: bool) -> None
     "--update-every", default=10, show_default=True, type=click.IntRange(min=1), help="cadence for --spec"
 )
 @click.option("--no-progress", is_flag=True)
-@click.option("--json", "as_json", is_flag=True, help="print one JSON document as the last line")
+@json_option
 def prepare(
     corpus_dir: Path,
     out_dir: Path,
@@ -73,7 +174,7 @@ def prepare(
     as_json: bool,
 ) -> None:
     """Turn CORPUS_DIR/<domain>/{train,val}.jsonl[.gz] into indexed datasets under OUT_DIR/<domain>/{train,val}."""
-    _quiet()
+    quiet_megatron()
     from mixer.megatron.data import CorpusError, prepare_corpus
     from mixer.spec import JobSpec, SpecError
 
@@ -100,7 +201,7 @@ def prepare(
         click.echo(f"job spec {spec.name!r} written to {spec_out}")
         out["spec"] = str(spec_out)
     if as_json:
-        click.echo(json.dumps(out))
+        emit_json(out)
 
 
 def _options(fn):
@@ -276,7 +377,6 @@ def _options(fn):
             help="write the run's record (per-step arrays included) as JSON",
         ),
         click.option("--no-progress", is_flag=True, help="no progress bar"),
-        click.option("--json", "as_json", is_flag=True, help="print a JSON summary as the last line"),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -285,11 +385,12 @@ def _options(fn):
 
 @click.command("pretrain")
 @_options
+@json_option
 def pretrain(result_file: Path | None, no_progress: bool, as_json: bool, **kw: Any) -> dict[str, Any]:
     """Pretrain a Megatron-core GPT on a job spec's domains, attached to a mixer service."""
     from mixer.megatron.pretrain import PretrainOptions, run_pretrain
 
-    _quiet()
+    quiet_megatron()
     record = run_pretrain(PretrainOptions(progress=not no_progress, **kw))
     if result_file is not None:
         result_file.parent.mkdir(parents=True, exist_ok=True)
@@ -312,8 +413,5 @@ def pretrain(result_file: Path | None, no_progress: bool, as_json: bool, **kw: A
                 f"{1000 * record['step_time_detached_s']:.2f} ms: overhead {100 * record['attached_overhead']:+.1f}%"
             )
         if as_json:
-            click.echo(json.dumps(summary, default=str, allow_nan=False))
+            emit_json(summary)
     return record
-
-
-COMMANDS: list[click.Command] = [data, pretrain]

@@ -1,0 +1,7 @@
+"""`python -m mixer.cli ...` is `mixer ...`."""
+
+import sys
+
+from mixer.cli import main
+
+sys.exit(main())

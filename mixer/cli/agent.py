@@ -1,0 +1,288 @@
+"""`mixer agent collect|train|spec`: the Data Mixing Agent, learned from recorded proxy runs."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from mixer.cli.common import emit_json, json_option
+
+
+def _errors(fn):
+    """The agent's errors (bad settings, trajectory files, agent files, specs) as one line, exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from mixer.spec import SpecError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, SpecError) as e:  # TrajectoryError and AgentFileError are ValueErrors
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+@click.group()
+def agent() -> None:
+    """Learn a domain re-weighting policy from many short proxy runs (Data Mixing Agent)."""
+
+
+@agent.command("collect")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="folder for the trajectories (a re-run adds only the missing ones)",
+)
+@click.option(
+    "--corpus",
+    default=None,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="<domain>/{train,val}.jsonl[.gz] (default: the packaged minipile)",
+)
+@click.option(
+    "--trajectories", default=16, show_default=True, type=click.IntRange(1), help="proxy runs in all"
+)
+@click.option(
+    "--segments",
+    default=8,
+    show_default=True,
+    type=click.IntRange(2),
+    help="re-weighting steps per trajectory",
+)
+@click.option(
+    "--segment-steps",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1),
+    help="proxy training steps per re-weighting step",
+)
+@click.option(
+    "--alpha0",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="Dirichlet concentration of the first distribution (1: uniform on the simplex)",
+)
+@click.option(
+    "--kappa",
+    default=10.0,
+    show_default=True,
+    type=float,
+    help="concentration of the random walk between steps (larger: smaller moves)",
+)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option(
+    "--preset",
+    default="quick",
+    show_default=True,
+    type=click.Choice(["quick", "cpu", "gpu"]),
+    help="the proxy model (`mixer bench quality`'s presets)",
+)
+@click.option(
+    "--mixer",
+    "mixer_address",
+    default=None,
+    metavar="HOST:PORT",
+    help="a running mixer serve (default: one started on OUT/mixer.db)",
+)
+@click.option("--address", default=None, help="Ray cluster: auto or ray://HOST:PORT (default: a local Ray)")
+@click.option("--num-cpus", default=None, type=click.IntRange(1), help="CPUs of the local Ray")
+@click.option(
+    "--cache",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="prepared datasets (default: OUT/cache)",
+)
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+@json_option
+@_errors
+def collect(
+    out: Path,
+    corpus: Path | None,
+    trajectories: int,
+    segments: int,
+    segment_steps: int,
+    alpha0: float,
+    kappa: float,
+    seed: int,
+    preset: str,
+    mixer_address: str | None,
+    address: str | None,
+    num_cpus: int | None,
+    cache: Path | None,
+    no_progress: bool,
+    as_json: bool,
+) -> None:
+    """Run short proxy runs along random weight trajectories, each recorded as a mixer job."""
+    from mixer.agent.collect import CollectConfig
+    from mixer.agent.collect import collect as run_collect
+    from mixer.bench.quality import PRESETS
+
+    cfg = CollectConfig(
+        trajectories=trajectories,
+        segments=segments,
+        segment_steps=segment_steps,
+        alpha0=alpha0,
+        kappa=kappa,
+        seed=seed,
+        proxy=PRESETS[preset],
+    )
+    summary = run_collect(
+        out=out,
+        config=cfg,
+        corpus=corpus,
+        cache=cache,
+        mixer=mixer_address,
+        address=address,
+        num_cpus=num_cpus,
+        progress=not (no_progress or as_json),
+    )
+    if as_json:
+        emit_json(summary)
+    else:
+        click.echo(" ".join(f"{k}: {v}" for k, v in summary.items() if not isinstance(v, (list, dict))))
+    if summary.get("failed"):
+        raise SystemExit(1)
+
+
+@agent.command("train")
+@click.option(
+    "--trajectories",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="the folder `mixer agent collect` wrote",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="folder for agent.safetensors and agent.json",
+)
+@click.option("--steps", default=3000, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--bc-steps",
+    default=500,
+    show_default=True,
+    type=click.IntRange(0),
+    help="behaviour-cloning warm start steps",
+)
+@click.option("--batch", default=256, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--history",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1),
+    help="re-weighting steps of weights and losses in the state",
+)
+@click.option("--hidden", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--gamma", default=0.99, show_default=True, type=float)
+@click.option("--alpha", default=5.0, show_default=True, type=float, help="CQL's conservative weight")
+@click.option("--reward-scale", default=100.0, show_default=True, type=float)
+@click.option(
+    "--horizon",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="re-weighting steps of a whole run, for the progress input (0: the trajectories')",
+)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+@json_option
+@_errors
+def train(
+    trajectories: Path,
+    out: Path,
+    steps: int,
+    bc_steps: int,
+    batch: int,
+    history: int,
+    hidden: int,
+    gamma: float,
+    alpha: float,
+    reward_scale: float,
+    horizon: int,
+    seed: int,
+    no_progress: bool,
+    as_json: bool,
+) -> None:
+    """Train the agent offline (conservative Q-learning) on the collected trajectories."""
+    from mixer.agent.train import TrainConfig
+    from mixer.agent.train import train as run_train
+
+    cfg = TrainConfig(
+        steps=steps,
+        bc_steps=bc_steps,
+        batch=batch,
+        history=history,
+        hidden=hidden,
+        gamma=gamma,
+        alpha=alpha,
+        reward_scale=reward_scale,
+        horizon=horizon,
+        seed=seed,
+    )
+    card = run_train(trajectories=trajectories, out=out, config=cfg, progress=not (no_progress or as_json))
+    if as_json:
+        emit_json(card)
+    else:
+        click.echo(
+            f"agent for {len(card.get('domains', []))} domains -> {out}/agent.safetensors "
+            f"({card.get('wall_s', 0):.0f} s; training data {card['data']['hash'][:12]})"
+        )
+
+
+@agent.command("spec")
+@click.argument("spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--agent",
+    "agent_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="the folder `mixer agent train` wrote",
+)
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="write the spec here (default: print it)",
+)
+@click.option(
+    "--match",
+    default="name",
+    show_default=True,
+    type=click.Choice(["name", "position"]),
+    help="match the job's domains to the agent's by name, or by position (same count, other names)",
+)
+@click.option(
+    "--horizon",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="re-weighting steps of the whole run (0: the agent's)",
+)
+@_errors
+def spec(spec_file: Path, agent_dir: Path, out: Path | None, match: str, horizon: int) -> None:
+    """Make a job spec's strategy the trained agent (the model travels inside the spec)."""
+    import yaml
+
+    from mixer.agent.policy import strategy_spec
+    from mixer.spec import JobSpec
+
+    data = JobSpec.from_yaml(spec_file.read_text()).to_dict()
+    data["strategy"] = strategy_spec(agent_dir, match=match, horizon=horizon)
+    JobSpec.from_dict(data)
+    text = yaml.safe_dump(data, sort_keys=False)
+    if out is None:
+        click.echo(text.rstrip())
+    else:
+        out.write_text(text)
+        click.echo(f"{spec_file.name} with the agent of {agent_dir} -> {out}")
+
+
+COMMANDS = [agent]
