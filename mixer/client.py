@@ -16,7 +16,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,7 +224,6 @@ class Reporter:
         *,
         max_buffer: int = 4096,
         spill_dir: str | None = None,
-        timeout: float = 10.0,
         max_backoff: float = 2.0,
         token: str | None = None,
         tls: TlsConfig | None = None,
@@ -237,14 +236,15 @@ class Reporter:
         self._md = auth_metadata(token)
         self._tls = tls
         self._ack_hook = on_ack
-        self.timeout = timeout
         self.max_backoff = max_backoff
         self.max_buffer = max_buffer
         self._spill_dir = spill_dir
         self._spill: _Spill | None = None
         self._cv = threading.Condition()
         self._buffer: deque[tuple[tuple[int, int], bytes]] = deque()  # unacknowledged, oldest first
-        self._acked: set[tuple[int, int]] = set()
+        # Acks not yet matched to the buffer's front, counted: an Ack names (step, seq) only, and
+        # reports of two sources (a worker's and its "/val" one) may share a key on one session.
+        self._acked: Counter[tuple[int, int]] = Counter()
         self._sent = 0  # how many of _buffer the current stream has sent
         self._closing = False
         self._stop = False
@@ -354,9 +354,11 @@ class Reporter:
     def _on_ack(self, *keys: tuple[int, int]) -> None:
         with self._cv:
             self._acked.update(keys)
-            while self._buffer and self._buffer[0][0] in self._acked:
+            while self._buffer and self._acked[self._buffer[0][0]] > 0:
                 k, _ = self._buffer.popleft()
-                self._acked.discard(k)
+                self._acked[k] -= 1
+                if not self._acked[k]:
+                    del self._acked[k]
                 self._sent = max(0, self._sent - 1)
             self._refill()
             self._cv.notify_all()

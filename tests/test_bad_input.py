@@ -32,9 +32,10 @@ def good(step: int, source: str = "w", **override) -> Report:
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory):
+def srv(tmp_path_factory, module_db_url):
+    """One server for the module, on SQLite and then on PostgreSQL."""
     d = tmp_path_factory.mktemp("bad")
-    s = ServerProcess(str(d / "mixer.db"), d, ["--max-samples-per-report", "1000", "--max-message-bytes", str(1 << 20)]).start()
+    s = ServerProcess(module_db_url, d, ["--max-samples-per-report", "1000", "--max-message-bytes", str(1 << 20)]).start()
     with MixerClient(s.address) as c:
         c.create_job({"name": "bad", "domains": ["a", "b", "c"], "strategy": "odm", "cadence": {"max_step_lag": 100}})
         for step in range(0, 300, 50):

@@ -8,6 +8,7 @@ import urllib.request
 
 import grpc
 import numpy as np
+import pytest
 
 from mixer.client import MixerClient, Reporter, _session_request, channel
 from mixer.store import Store
@@ -15,6 +16,12 @@ from mixer.v1 import mixer_pb2 as pb
 from mixer.v1 import mixer_pb2_grpc as pb_grpc
 
 K = 2
+
+
+@pytest.fixture
+def server(server_on_each_db):
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return server_on_each_db
 
 
 def signals(step: int, seq: int = 0, loss: float = 3.0) -> pb.Signals:

@@ -74,7 +74,8 @@ def test_watch_gets_history_then_new_versions(server):
         assert got == [0, 1, 2, 3, 4]
 
 
-def test_metrics_expose_per_domain_series(server):
+def test_metrics_expose_per_domain_series(server_on_each_db):
+    server = server_on_each_db
     with MixerClient(server.address) as c:
         c.create_job(SPEC)
         for s in range(12):

@@ -17,6 +17,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Gauge
 
 from mixer.server import http as http_side
 from mixer.server import service
@@ -26,7 +27,7 @@ from mixer.server.metrics import Metrics
 from mixer.server.runtime import HaConfig, Limits, Runtimes
 from mixer.server.service import MixerService
 from mixer.store import Store, normalize_url, redact
-from mixer.store.repository import Fence
+from mixer.store.repository import SQLITE_SYNCHRONOUS, Fence
 from mixer.store.writer import GroupCommitWriter
 from mixer.v1 import mixer_pb2
 
@@ -36,12 +37,24 @@ SERVICE_NAME = mixer_pb2.DESCRIPTOR.services_by_name["MixerService"].full_name
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
+GRPC_HANDSHAKE_TIMEOUT_S = 10.0
+GRPC_IDLE_TIMEOUT_S = 300.0
+GRPC_MAX_CONNECTIONS = 4096
+MAX_TIMEOUT_S = 86_400.0
+"""The longest timeout any option takes (a day): beyond it, the millisecond values gRPC takes overflow."""
+MAX_CONNECTIONS = 1_000_000
+
+
 @dataclass(kw_only=True, slots=True)
 class ServeConfig:
     """How `mixer serve` runs."""
 
     db: str = "mixer.db"
     """Database URL (postgresql://...) or a SQLite file path."""
+    sqlite_synchronous: str = "normal"
+    """SQLite only (WAL mode): "normal" (an acknowledged report survives the server crashing, not
+    always the OS crashing or power loss) or "full" (a sync per commit: it survives those too).
+    PostgreSQL's own `synchronous_commit` decides there."""
     host: str = "127.0.0.1"
     port: int = 50051
     http_port: int = 9400
@@ -55,6 +68,14 @@ class ServeConfig:
     """Seconds a Session stream may stay open before sending hello."""
     max_pending_sessions: int = service.MAX_PENDING_SESSIONS
     """Session streams at once that have not sent hello or passed the token check; more are refused."""
+    grpc_handshake_timeout: float = GRPC_HANDSHAKE_TIMEOUT_S
+    """Seconds a new gRPC connection has to finish its handshake (TLS, and the HTTP/2 preface and
+    settings); then it is closed. gRPC's own default is 120 s."""
+    grpc_idle_timeout: float = GRPC_IDLE_TIMEOUT_S
+    """Seconds a gRPC connection may stay open without a call; then the server sends GOAWAY and
+    closes it (a client reconnects by itself at its next call). gRPC's own default: never."""
+    grpc_max_connections: int = GRPC_MAX_CONNECTIONS
+    """gRPC connections open at once; one more is closed as it is accepted."""
     http_timeout: float = http_side.REQUEST_TIMEOUT_S
     """Seconds an HTTP connection has to deliver its request (and finish its TLS handshake)."""
     http_max_connections: int = http_side.MAX_CONNECTIONS
@@ -79,14 +100,29 @@ class ServeConfig:
         """Refuse a bad configuration (SystemExit naming the option); return warnings."""
         if not is_loopback(self.host) and not self.auth and not self.insecure:
             raise SystemExit(f"refusing to serve on {self.host} without --auth; pass --insecure to do it anyway")
-        for name, value in (("hello_timeout", self.hello_timeout), ("http_timeout", self.http_timeout)):
-            if not value > 0:
-                raise SystemExit(f"--{name.replace('_', '-')}: must be > 0 seconds, got {value}")
-        for name, value in (("max_pending_sessions", self.max_pending_sessions), ("http_max_connections", self.http_max_connections)):
-            if value < 1:
-                raise SystemExit(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+        for name, value in (
+            ("hello_timeout", self.hello_timeout),
+            ("http_timeout", self.http_timeout),
+            ("grpc_handshake_timeout", self.grpc_handshake_timeout),
+            ("grpc_idle_timeout", self.grpc_idle_timeout),
+        ):
+            if not 0 < value <= MAX_TIMEOUT_S:
+                raise SystemExit(f"--{name.replace('_', '-')}: must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {value}")
+        for name, value in (
+            ("max_pending_sessions", self.max_pending_sessions),
+            ("http_max_connections", self.http_max_connections),
+            ("grpc_max_connections", self.grpc_max_connections),
+        ):
+            if not 1 <= value <= MAX_CONNECTIONS:
+                raise SystemExit(f"--{name.replace('_', '-')}: must be in [1, {MAX_CONNECTIONS}], got {value}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise SystemExit("--tls-cert and --tls-key go together")
+        if self.sqlite_synchronous not in SQLITE_SYNCHRONOUS:
+            raise SystemExit(f"--sqlite-synchronous: must be one of {', '.join(SQLITE_SYNCHRONOUS)}, got {self.sqlite_synchronous!r}")
+        if self.sqlite_synchronous != "normal" and self.db.startswith("postgres"):
+            raise SystemExit(
+                "--sqlite-synchronous applies to SQLite only; on PostgreSQL an acknowledgement follows the server's synchronous_commit setting"
+            )
         if self.ha and not self.db.startswith("postgres"):
             raise SystemExit("--ha needs a shared PostgreSQL database (--db postgresql://...)")
         if self.tls_client_ca and not self.tls_cert:
@@ -197,7 +233,9 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     for warning in cfg.validate():
         log.warning("%s", warning)
     lock = lock_sqlite(cfg.db, f"{cfg.host}:{cfg.port}")
-    store = Store(cfg.db)
+    # A lease holder paused inside a commit must not keep the lease row locked past its TTL.
+    store = Store(cfg.db, sqlite_synchronous=cfg.sqlite_synchronous, max_transaction_idle=cfg.lease_ttl if cfg.ha else None)
+    durability = store.durability()
     auth = Authenticator(store, cfg.auth)
     runtimes: Runtimes
     metrics = Metrics(lambda: list(runtimes.jobs.values()))
@@ -208,10 +246,18 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     writer = GroupCommitWriter(store, on_commit=metrics.observe_commit, fence=Fence(ha.server_id, ha.ttl) if ha else None)
     limits = Limits(max_samples_per_report=cfg.max_samples_per_report, max_domains=cfg.max_domains, max_sessions_per_job=cfg.max_sessions_per_job)
     runtimes = Runtimes(store, writer, limits, metrics, ha)
+    store_info = Gauge("mixer_store_info", "1, labelled with the database and what its commits promise (read back from it)", list(durability), registry=metrics.registry)
+    store_info.labels(**durability).set(1)
     opts = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        # Connections that never open a call: a peer that connects and stays silent (or never
+        # finishes TLS) is closed after the handshake timeout, one that finishes the handshake
+        # but opens no call after the idle timeout, and past the cap new ones are refused.
+        ("grpc.server_handshake_timeout_ms", int(cfg.grpc_handshake_timeout * 1000)),
+        ("grpc.max_connection_idle_ms", int(cfg.grpc_idle_timeout * 1000)),
+        ("grpc.max_allowed_incoming_connections", cfg.grpc_max_connections),
     ]
     server = grpc.aio.server(options=opts)
     service.add_to_server(MixerService(runtimes, metrics, auth, hello_timeout=cfg.hello_timeout, max_pending_sessions=cfg.max_pending_sessions), server)
@@ -242,8 +288,9 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     mode = ("mTLS" if cfg.tls_client_ca else "TLS") if cfg.tls_cert else "plaintext"
-    log.info("mixer serving on %s:%d (%s, auth %s, %s %d), database %s", cfg.host, bound, mode, "on" if cfg.auth else "off", http.scheme, http.port, redact(store.url))
-    print(f"mixer serving on {cfg.host}:{bound} ({mode}, auth {'on' if cfg.auth else 'off'}) {http.scheme}={http.port} db={redact(store.url)}", flush=True)
+    stored = " ".join(f"{k}={v}" for k, v in durability.items())
+    log.info("mixer serving on %s:%d (%s, auth %s, %s %d), database %s (%s)", cfg.host, bound, mode, "on" if cfg.auth else "off", http.scheme, http.port, redact(store.url), stored)
+    print(f"mixer serving on {cfg.host}:{bound} ({mode}, auth {'on' if cfg.auth else 'off'}) {http.scheme}={http.port} db={redact(store.url)} {stored}", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -260,6 +307,7 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     runtimes.stopping.set()
     await server.stop(cfg.grace_seconds)
+    runtimes.close()  # lanes finish what they admit before the last commits
     writer.close()
     if leases is not None:
         leases.cancel()

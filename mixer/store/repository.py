@@ -94,28 +94,51 @@ class Append:
     snapshot: tuple[int, int, bytes] | None = None
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
+SQLITE_SYNCHRONOUS = ("normal", "full")
+"""SQLite's durability settings we offer (PRAGMA synchronous, in WAL mode). "normal": a commit
+survives the process crashing, but the last commits may roll back if the OS crashes or power
+fails (the WAL is synced at checkpoints only); "full": the WAL is synced at every commit, so a
+commit also survives an OS crash or power loss, for a sync per commit."""
+_SQLITE_SYNCHRONOUS_NAMES = {0: "off", 1: "normal", 2: "full", 3: "extra"}
+
+
+def _sqlite_pragmas(synchronous: str):
+    def on_connect(dbapi_conn, _record) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        cur.execute("PRAGMA busy_timeout=10000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return on_connect
 
 
 class Store:
     """Repository over one database URL."""
 
-    def __init__(self, url: str, *, migrate: bool = True):
+    def __init__(
+        self, url: str, *, migrate: bool = True, sqlite_synchronous: str = "normal", max_transaction_idle: float | None = None
+    ):
+        """`max_transaction_idle` (PostgreSQL; seconds): the database ends a transaction of ours that
+        waits on us longer than this (idle_in_transaction_session_timeout). A lease holder sets it to
+        its lease's TTL: paused inside a commit (SIGSTOP, a VM frozen), it would otherwise keep the
+        lease row locked, and so the job, from every other server for as long as it is paused."""
+        if sqlite_synchronous not in SQLITE_SYNCHRONOUS:
+            raise ValueError(f"sqlite_synchronous: must be one of {', '.join(SQLITE_SYNCHRONOUS)}, got {sqlite_synchronous!r}")
+        if max_transaction_idle is not None and not 0.001 <= max_transaction_idle <= 86_400:
+            raise ValueError(f"max_transaction_idle: must be in [0.001, 86400] seconds, got {max_transaction_idle}")
         self.url = normalize_url(url)
         kwargs: dict[str, Any] = {}
         if self.url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
         else:
             kwargs.update(pool_pre_ping=True, pool_size=8, max_overflow=8)
+            if max_transaction_idle is not None:
+                kwargs["connect_args"] = {"options": f"-c idle_in_transaction_session_timeout={round(max_transaction_idle * 1000)}"}
         self.engine: Engine = create_engine(self.url, **kwargs)
         if self.url.startswith("sqlite"):
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", _sqlite_pragmas(sqlite_synchronous))
         self._mark = "?" if self.url.startswith("sqlite") else "%s"
         self._inserts: dict[tuple[str, int], str] = {}
         if migrate:
@@ -134,6 +157,20 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def durability(self) -> dict[str, str]:
+        """What a commit promises, read back from a live connection: SQLite's journal mode and
+        `synchronous`, or PostgreSQL's `synchronous_commit` (and `fsync`)."""
+        with self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+                level = conn.exec_driver_sql("PRAGMA synchronous").scalar()
+                return {"backend": "sqlite", "journal_mode": str(mode).lower(), "synchronous": _SQLITE_SYNCHRONOUS_NAMES.get(level, str(level))}
+            return {
+                "backend": self.dialect,
+                "synchronous_commit": str(conn.exec_driver_sql("SHOW synchronous_commit").scalar()),
+                "fsync": str(conn.exec_driver_sql("SHOW fsync").scalar()),
+            }
 
     # -- jobs ---------------------------------------------------------------------------
 
@@ -234,6 +271,23 @@ class Store:
                 )
             )
 
+    def find_signals(self, job_id: int, source: str, keys: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
+        """The log positions of a source's reports with these (step, seq) keys; keys not in the log
+        are left out. One query per 500 distinct steps."""
+        out: dict[tuple[int, int], int] = {}
+        steps = sorted({step for step, _ in keys})
+        with self.engine.connect() as conn:
+            for i in range(0, len(steps), 500):
+                rows = conn.execute(
+                    select(SignalRow.step, SignalRow.source_seq, SignalRow.seq).where(
+                        SignalRow.job_id == job_id, SignalRow.source == source, SignalRow.step.in_(steps[i : i + 500])
+                    )
+                ).all()
+                for step, source_seq, seq in rows:
+                    out[step, source_seq] = seq
+        wanted = set(keys)
+        return {k: v for k, v in out.items() if k in wanted}
+
     def log_stats(self, job_id: int) -> tuple[int, int, int]:
         """(report count, max seq, max step) of a job's log; -1 where empty."""
         with self.engine.connect() as conn:
@@ -298,8 +352,10 @@ class Store:
     def acquire_lease(self, job_id: int, owner: str, address: str, ttl: float) -> tuple[bool, str]:
         """Take or extend the lease of a job; returns (ours, the owner's address)."""
         with self.engine.begin() as conn:
-            now = self._now(conn)
             row = conn.execute(select(LeaseRow).where(LeaseRow.job_id == job_id).with_for_update()).first()
+            # The clock is read once the row is ours: waiting for the lock can take as long as the
+            # holder's transaction, and the expiry is judged against the time we got it.
+            now = self._now(conn)
             if row is None:
                 try:
                     with conn.begin_nested():

@@ -18,6 +18,12 @@ from tests.monitoring.conftest import store_derived
 SPEC = {"name": "api", "domains": ["a", "b", "c"], "strategy": "odm", "cadence": {"update_every": 5}}
 
 
+@pytest.fixture
+def server(server_on_each_db):
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return server_on_each_db
+
+
 def get(server, path: str, token: str | None = None) -> tuple[int, dict | bytes]:
     req = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
@@ -33,7 +39,7 @@ def report(step: int, source: str = "w", applied: int = -1) -> Report:
                   domain_token_count=np.array([10.0, 10.0, 10.0]), domain_sample_count=np.array([2, 2, 2]))
 
 
-def test_versions_loss_and_derived_jobs(server, sqlite_url):
+def test_versions_loss_and_derived_jobs(server):
     with MixerClient(server.address) as c:
         c.create_job(SPEC)
         applied = -1
@@ -66,7 +72,7 @@ def test_versions_loss_and_derived_jobs(server, sqlite_url):
     tail = get(server, "/api/jobs/api/loss?limit=4")[1]
     assert [p["step"] for p in tail["points"]] == [17, 18, 19] and tail["reset"]
 
-    derived = store_derived(sqlite_url, "api-static", source="api", domains=SPEC["domains"])
+    derived = store_derived(server.db, "api-static", source="api", domains=SPEC["domains"])
     listed = {j["name"]: j for j in get(server, "/api/jobs")[1]["jobs"]}
     d = listed["api-static"]
     assert d["source_job"] == "api" and not d["loaded"] and d["version"] == 3 and d["weights"] == derived[-1].weights.tolist()
@@ -87,9 +93,9 @@ def test_versions_loss_and_derived_jobs(server, sqlite_url):
 
 
 @pytest.fixture
-def auth_server(server_factory, sqlite_url):
-    srv = server_factory(sqlite_url, "--auth")
-    store = Store(sqlite_url)
+def auth_server(server_factory, db_url):
+    srv = server_factory(db_url, "--auth")
+    store = Store(db_url)
     admin = create_token(store, "*", "admin")
     with MixerClient(srv.address, token=admin) as c:
         for name in ("api", "other"):

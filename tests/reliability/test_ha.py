@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import queue
+import signal
 import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 
 from mixer.client import MixerClient, Reporter
 from mixer.replay import verify
 from mixer.store import Store
 from mixer.store.models import LeaseRow
+from mixer.v1 import mixer_pb2 as pb
+from mixer.v1 import mixer_pb2_grpc as pb_grpc
+from mixer.wire import report_to_proto
 from tests.reliability.test_faults import SPEC, report
 
 
@@ -81,9 +88,236 @@ def test_killing_the_owner_hands_the_job_over(server_factory, pg_url):
     print(f"handover after {handover:.2f}s")
 
 
+def lease_epoch(db: str, job: str) -> int:
+    from sqlalchemy import select
+
+    store = Store(db, migrate=False)
+    try:
+        job_id = store.get_job(job).id
+        with store.engine.connect() as conn:
+            return conn.scalar(select(LeaseRow.epoch).where(LeaseRow.job_id == job_id))
+    finally:
+        store.close()
+
+
+class RawSession:
+    """One Session stream to one server, no failover: what it sends and what comes back, as sent."""
+
+    def __init__(self, address: str, job: str, source: str):
+        self.channel = grpc.insecure_channel(address)
+        self.q: queue.Queue = queue.Queue()
+        self.acked: list[tuple[int, int]] = []
+        self.nacks: list[pb.Nack] = []
+        self.error: grpc.RpcError | None = None
+        self.q.put(pb.SessionRequest(hello=pb.Hello(job=job, source=source)))
+
+        def requests():
+            while (msg := self.q.get()) is not None:
+                yield msg
+
+        self.call = pb_grpc.MixerServiceStub(self.channel).Session(requests())
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        try:
+            for resp in self.call:
+                kind = resp.WhichOneof("kind")
+                if kind == "ack":
+                    self.acked.append((resp.ack.step, resp.ack.seq))
+                elif kind == "acks":
+                    self.acked.extend((a.step, a.seq) for a in resp.acks.acks)
+                elif kind == "nack":
+                    self.nacks.append(resp.nack)
+        except grpc.RpcError as e:
+            self.error = e
+
+    def send(self, steps: range, source: str) -> None:
+        self.q.put(
+            pb.SessionRequest(
+                reports=pb.ReportBatch(reports=[report_to_proto(report(s, source)) for s in steps])
+            )
+        )
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.call.cancel()
+        self.channel.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_paused_owner_is_fenced_off_after_the_takeover(server_factory, pg_url):
+    """SIGSTOP the owner past its lease, let the other server take the job, SIGCONT the owner: what it
+    then tries to commit is refused, nothing is stored twice, and every acknowledged report is in the
+    log exactly once."""
+    ttl = 2.0
+    a = server_factory(pg_url, "--ha", "--lease-ttl", str(ttl))
+    b = server_factory(pg_url, "--ha", "--lease-ttl", str(ttl))
+    with MixerClient(a.address) as c:
+        c.create_job(SPEC)
+    first, paused, total = range(40), range(40, 80), 80
+    sess = RawSession(a.address, "faults", "rank0")
+    try:
+        sess.send(first, "rank0")
+        deadline = time.monotonic() + 30
+        while len(sess.acked) < len(first) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sorted(s for s, _ in sess.acked) == list(first), (sess.acked, sess.nacks, sess.error)
+        epoch = lease_epoch(pg_url, "faults")
+
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        try:
+            # Reports reach the paused owner's socket; it cannot read them until it runs again.
+            sess.send(paused, "rank0")
+            time.sleep(ttl * 1.5)
+            with MixerClient(b.address, timeout=5) as c:  # the lease has run out: b takes the job
+                taken_at = time.monotonic()
+                while True:
+                    try:
+                        c.get_weights("faults")
+                        break
+                    except grpc.RpcError as e:
+                        assert time.monotonic() - taken_at < 20, f"b never took the job: {e.details()}"
+                        time.sleep(0.1)
+            assert owner_of(pg_url, "faults") == b.address
+            assert lease_epoch(pg_url, "faults") == epoch + 1
+        finally:
+            os.kill(a.proc.pid, signal.SIGCONT)
+
+        # The old owner reads the paused reports now; it must not acknowledge (commit) any of them.
+        deadline = time.monotonic() + 20
+        while len(sess.nacks) < len(paused) and sess.error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        late = [k for k in sess.acked if k[0] in paused]
+        assert not late, f"the fenced-off owner acknowledged {late}"
+        refused = {n.step for n in sess.nacks} | (set(paused) if sess.error is not None else set())
+        assert refused == set(paused), (sess.nacks, sess.error)
+        assert all(n.code == grpc.StatusCode.UNAVAILABLE.value[0] for n in sess.nacks), sess.nacks
+        if sess.error is not None:
+            assert sess.error.code() == grpc.StatusCode.UNAVAILABLE, sess.error
+    finally:
+        sess.close()
+    store = Store(pg_url)
+    assert store.log_stats(store.get_job("faults").id)[0] == len(first), (
+        "the fenced-off owner wrote to the log"
+    )
+    store.close()
+    assert a.proc.poll() is None, a.log()
+
+    # The worker resends everything it holds (the acknowledged ones too) through either server.
+    acked: list[tuple[int, int]] = []
+    rep = Reporter(
+        f"{a.address},{b.address}",
+        "faults",
+        "rank0",
+        max_backoff=0.3,
+        on_ack=lambda step, seq: acked.append((step, seq)),
+    ).start()
+    for s in range(total):
+        rep.submit(report(s, "rank0"))
+    assert rep.close(timeout=60), (rep.pending, rep.last_error)
+    assert owner_of(pg_url, "faults") == b.address
+    assert rep.duplicates == len(first)
+
+    store = Store(pg_url)
+    rec = store.get_job("faults")
+    logged = [(s.step, s.source_seq) for s in store.signals(rec.id)]
+    assert sorted(logged) == sorted(set(logged)) == sorted({*sess.acked, *acked}), (
+        "an acknowledged report is missing or stored twice"
+    )
+    assert [s.seq for s in store.signals(rec.id)] == list(range(total))
+    versions = [v.version for v, _ in store.versions(rec.id)]
+    assert versions == list(range(len(versions))), "a version was lost or duplicated"
+    assert verify(store, "faults").ok
+    store.close()
+
+
 def test_ha_needs_postgres(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "mixer.cli", "serve", "--db", str(tmp_path / "x.db"), "--ha"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "mixer.cli", "serve", "--db", str(tmp_path / "x.db"), "--ha"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode != 0 and "PostgreSQL" in out.stderr
+
+
+def open_transactions(db: str) -> int:
+    """Sessions of the test database that hold a transaction open while their client is quiet."""
+    import psycopg
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        return conn.execute(
+            "select count(*) from pg_stat_activity where datname = current_database() and state = 'idle in transaction'"
+        ).fetchone()[0]
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_an_owner_paused_inside_a_commit_does_not_block_the_takeover(server_factory, pg_url):
+    """SIGSTOP the owner while its group commit holds the lease row locked: the database ends that
+    transaction, the other server takes the job, and the old owner's commit is lost, not doubled."""
+    ttl = 2.0
+    a = server_factory(pg_url, "--ha", "--lease-ttl", str(ttl))
+    b = server_factory(pg_url, "--ha", "--lease-ttl", str(ttl))
+    with MixerClient(a.address) as c:
+        c.create_job(SPEC)
+    acked: list[tuple[int, int]] = []
+    rep = Reporter(
+        f"{a.address},{b.address}",
+        "faults",
+        "rank0",
+        max_backoff=0.3,
+        on_ack=lambda s, q: acked.append((s, q)),
+    ).start()
+    steps = 3000
+    producer = threading.Thread(
+        target=lambda: [rep.submit(report(s, "rank0")) or time.sleep(0.002) for s in range(steps)],
+        daemon=True,
+    )
+    producer.start()
+    while len(acked) < 50:
+        time.sleep(0.01)
+    rng = np.random.default_rng(0)
+    for _attempt in range(400):  # stop the owner until it is caught inside a transaction
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        time.sleep(0.05)
+        if open_transactions(pg_url):
+            break
+        os.kill(a.proc.pid, signal.SIGCONT)
+        time.sleep(rng.uniform(0.005, 0.03))
+    else:
+        pytest.fail("never caught the owner inside a transaction")
+    try:
+        t0 = time.monotonic()
+        with MixerClient(b.address, timeout=3) as c:
+            while True:
+                try:
+                    c.get_weights("faults")
+                    break
+                except grpc.RpcError as e:
+                    assert time.monotonic() - t0 < 20, (
+                        f"the paused owner's open transaction blocks the takeover: {e.code()} {e.details()}"
+                    )
+                    time.sleep(0.2)
+        took = time.monotonic() - t0
+        assert owner_of(pg_url, "faults") == b.address
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    producer.join(60)
+    assert rep.close(timeout=90), (rep.pending, rep.last_error)
+
+    store = Store(pg_url)
+    rec = store.get_job("faults")
+    logged = [(s.step, s.source_seq) for s in store.signals(rec.id)]
+    assert len(logged) == len(set(logged)) == steps, "a report is missing or stored twice"
+    assert set(acked) <= set(logged)
+    assert [s.seq for s in store.signals(rec.id)] == list(range(steps))
+    assert verify(store, "faults").ok
+    store.close()
+    print(f"takeover {took:.2f}s after pausing the owner mid-commit")

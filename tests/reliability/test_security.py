@@ -25,15 +25,16 @@ def report(step: int) -> Report:
 
 
 @pytest.fixture
-def secured(server_factory, sqlite_url):
-    store = Store(sqlite_url)
+def secured(server_factory, db_url):
+    """An --auth server with a job and tokens of each role, on SQLite and on PostgreSQL."""
+    store = Store(db_url)
     admin = create_token(store, "*", "admin")
     store.close()
-    srv = server_factory(sqlite_url, "--auth")
+    srv = server_factory(db_url, "--auth")
     with MixerClient(srv.address, token=admin) as c:
         c.create_job(SPEC)
         c.create_job({**SPEC, "name": "other"})
-    store = Store(sqlite_url)
+    store = Store(db_url)
     toks = {
         "admin": admin,
         "writer": create_token(store, "sec", "writer"),
@@ -110,11 +111,12 @@ def test_http_side_honours_reader_tokens(secured):
     assert get("/api/jobs/other", toks["reader"]) == 403
 
 
-def test_tokens_are_stored_hashed(secured, sqlite_url):
-    _, toks = secured
-    import sqlite3
-
-    rows = sqlite3.connect(sqlite_url).execute("select id, secret_hash from tokens").fetchall()
+def test_tokens_are_stored_hashed(secured):
+    srv, toks = secured
+    store = Store(srv.db, migrate=False)
+    with store.engine.connect() as conn:
+        rows = conn.exec_driver_sql("select id, secret_hash from tokens").fetchall()
+    store.close()
     secrets = {t.split("_", 2)[2] for t in toks.values()}
     assert rows and not any(h in secrets for _, h in rows)
 
