@@ -32,15 +32,18 @@ def test_ingested_batches_leave_no_cyclic_garbage(sqlite_url):
             for _ in range(n):
                 msgs = [pb.Signals(step=step + i, source="w", domain_loss_sum=[1.0, 2.0], domain_token_count=[1.0, 1.0]) for i in range(3)]
                 step += 3
-                taken = rts.begin_ingest(rt, msgs)
-                assert not taken.refused
                 fut = asyncio.get_running_loop().create_future()
-                rts.when_settled(rt, taken, fut.set_result)
+
+                def on_taken(taken: Taken, fut=fut) -> None:
+                    assert not taken.refused
+                    rts.when_settled(rt, taken, fut.set_result)
+
+                rts.begin_ingest(rt, msgs, on_taken)
                 done.append(fut)
             assert await asyncio.gather(*done) == [None] * n  # every batch durable, no error
 
         await batches(20)  # warm-up: lazily built state is not the hot path's
-        await rts.settle(rt, rts.begin_ingest(rt, [pb.Signals(step=step, source="w", domain_loss_sum=[1.0, 2.0], domain_token_count=[1.0, 1.0])]))
+        await rts.ingest(rt, pb.Signals(step=step, source="w", domain_loss_sum=[1.0, 2.0], domain_token_count=[1.0, 1.0]))
         step += 1
         gc.collect()
         gc.set_debug(gc.DEBUG_SAVEALL)

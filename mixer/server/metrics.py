@@ -42,6 +42,15 @@ class Metrics:
         self.push_seconds = Histogram(
             "mixer_version_push_lag_seconds", "From a version's commit to its push to a session", buckets=LATENCY_BUCKETS, registry=self.registry
         )
+        self.duplicate_lookups_total = Counter(
+            "mixer_duplicate_lookups_total",
+            "Re-sent reports below their source's mark, by where their log position was found: "
+            "memory (the source's recent keys) or database (an older one, read off the event loop)",
+            ["where"],
+            registry=self.registry,
+        )
+        for where in ("memory", "database"):
+            self.duplicate_lookups_total.labels(where)
         self.rejected_total = Counter("mixer_rejected_reports_total", "Reports refused, by reason", ["reason"], registry=self.registry)
         for reason in REJECT_REASONS:
             self.rejected_total.labels(reason)
@@ -53,6 +62,9 @@ class Metrics:
     def observe_commit(self, seconds: float, batch: int) -> None:
         self.commit_seconds.observe(seconds)
         self.commit_batch.observe(batch)
+
+    def duplicate_lookup(self, where: str) -> None:
+        self.duplicate_lookups_total.labels(where).inc()
 
     def rejected(self, reason: str) -> None:
         self.rejected_total.labels(reason).inc()

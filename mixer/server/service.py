@@ -138,7 +138,7 @@ class MixerService(pb_grpc.MixerServiceServicer):
         """Session streams not yet past hello and its token check."""
 
     def _version(self, rt, v, created_at: float | None = None) -> pb.WeightVersion:
-        return version_to_proto(rt.job.name, v, rt.spec.domain_names, created_at if created_at is not None else rt.created_at.get(v.version, 0.0))
+        return version_to_proto(rt.job.name, v, rt.spec.domain_names, created_at if created_at is not None else rt.created_at(v.version))
 
     @staticmethod
     def _need(name: str, what: str = "job") -> None:
@@ -348,15 +348,23 @@ class MixerService(pb_grpc.MixerServiceServicer):
                     msgs, batched = req.reports.reports, True
                 else:
                     continue
-                t0 = time.perf_counter()
-                taken = self.rts.begin_ingest(rt, msgs)
-                for msg, e in taken.refused:
-                    out.put_nowait(nack(msg.step, msg.seq, e))
-                if not taken.acks:
-                    continue
                 unsettled += 1
                 all_settled.clear()
-                self.rts.when_settled(rt, taken, settled(taken, batched, t0))
+                self.rts.begin_ingest(rt, msgs, admitted(batched, time.perf_counter()))
+
+        def admitted(batched: bool, t0: float):
+            def on_taken(taken) -> None:  # on the loop, once the batch went through admission
+                nonlocal unsettled
+                for msg, e in taken.refused:
+                    out.put_nowait(nack(msg.step, msg.seq, e))
+                if taken.acks:
+                    self.rts.when_settled(rt, taken, settled(taken, batched, t0))
+                    return
+                unsettled -= 1
+                if not unsettled:
+                    all_settled.set()
+
+            return on_taken
 
         def newest(v=None):
             """The newest version published and not yet sent to this session (or `v`, or None):
@@ -364,7 +372,7 @@ class MixerService(pb_grpc.MixerServiceServicer):
             while not q.empty():
                 v = q.get_nowait()
             if v is not None:
-                created = rt.created_at.get(v.version)
+                created = rt.created_at(v.version)
                 if created:
                     self.metrics.push_seconds.observe(max(0.0, time.time() - created))
             return v
