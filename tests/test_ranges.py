@@ -1,4 +1,4 @@
-"""Every value has a range (DESIGN.md): what a worker or a spec sends, and what the service
+"""Every value has a range (README.md, "Security and reliability"): what a worker or a spec sends, and what the service
 derives from it, is bounded; a value outside its range is refused with INVALID_ARGUMENT naming
 the field and changes nothing, and no accepted value can fail another job's commit or make a
 strategy's state non-finite."""
@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mixer.agent.policy import fresh_model
 from mixer.client import MixerClient
 from mixer.engine import Engine, Version
 from mixer.signals import (
@@ -443,6 +444,7 @@ FAST: dict[str, dict] = {
     "toremi": {"switch_step": 2, "num_topics": 4},
     "dwm": {"stage_steps": 2, "learn_steps": 1},
     "odm": {"variant": "reference"},
+    "agent": {"model": fresh_model(["a", "b", "c"])},
 }
 STRATEGY_PARAMS = [pytest.param(name, FAST.get(name, {}), id=name) for name in sorted(REGISTRY)] + [
     pytest.param("odm", {"variant": "exp3"}, id="odm-exp3"),

@@ -7,13 +7,19 @@ this order of precedence, at:
 - loss, topic: `version.params["weighting"]` (a mapping of the method's parameters), then the
   version's top-level params that are parameter names of the method (ToReMi ships
   `topic_weights` there), then the spec's `weighting.params`;
-- dwm: `version.blob` (mixer.weighting.dwm.to_bytes: the MLP and the feature state); before
-  the first blob, a fresh model from the spec, which gives exactly uniform weights.
+- dwm: `version.blob` (mixer.weighting.dwm.to_bytes: the model and the feature state); before
+  the first blob, the spec's model (`weighting.params.init_from`, a transferred model) or a fresh
+  one, which gives exactly uniform weights.
+
+When the job's strategy ships per-domain loss weights (DoReMi's paper mode), every version's
+`params["domain_loss_weights"]` multiplies each sample's weight by its domain's (with method
+`none`, they are the whole weighting); weight 1 until the first version that carries them.
 
 New parameters take effect together with the version's domain weights: `sync(version)` is called
 once the sampler has applied a version, so a step's weights and its instance weighting always
-come from the same version, on every rank. Topic ids are the domain ids (our byte-level datasets
-carry no finer topic labels). DWM features treat every sample as a full sequence (lengths None):
+come from the same version, on every rank. Topic ids are each sample's topics from `mixer topics
+build` (a row per sample, -1 padded; mixer.megatron.data.TopicLabels), or the domain ids when the
+loop has none. DWM features treat every sample as a full sequence (lengths None):
 reports carry no per-sample lengths, so that is what the service can rebuild too.
 """
 
@@ -26,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mixer.megatron.loss import parse_domain_loss_weights, sample_loss_weights
 from mixer.megatron.versions import VersionUpdate
 from mixer.spec import JobSpec
 from mixer.weighting import METHODS, parse_weighting_params
@@ -51,12 +58,18 @@ class InstanceWeighting:
         self.version = -1
         self._pending: dict[int, tuple[dict[str, Any], bytes]] = {}
         self._raw: tuple[dict[str, Any], bytes] = ({}, b"")
+        # A strategy whose versions carry per-domain loss weights (DoReMi's paper mode) needs them
+        # in the loss, with or without an instance weighting method; 1 until the first such version.
+        from mixer.strategies import build_strategy
+
+        self.loss_weighted = bool(getattr(build_strategy(spec), "ships_loss_weights", False))
+        self.domain_loss_weights: Tensor | None = None
         if self.enabled:
             self._configure({}, b"")
 
     @property
     def enabled(self) -> bool:
-        return self.method in METHOD_NAMES
+        return self.method in METHOD_NAMES or self.loss_weighted
 
     def offer(self, update: VersionUpdate) -> None:
         """Remember a received version's parameters until the sampler applies that version."""
@@ -77,6 +90,13 @@ class InstanceWeighting:
     def _configure(self, params: dict[str, Any], blob: bytes) -> None:
         """Parse the parameters in force (precedence in the module docstring)."""
         self._raw = (params, blob)
+        if self.loss_weighted:
+            c = parse_domain_loss_weights(params, self.num_domains)
+            self.domain_loss_weights = (
+                None if c is None else torch.tensor(c, dtype=torch.float32, device=self.device)
+            )
+        if self.method not in METHOD_NAMES:
+            return
         if self.method == "dwm":
             from mixer.weighting import dwm
 
@@ -86,18 +106,29 @@ class InstanceWeighting:
                 mlp, builder = dwm.from_bytes(blob)
                 self.builder = builder or dwm.FeatureBuilder.from_params(self.num_domains, p)
             else:
-                self.builder = dwm.FeatureBuilder.from_params(self.num_domains, p)
-                mlp = dwm.init_params(self.builder.num_features, p.hidden, seed=self.seed)
+                # The spec's model: transferred (init_from) or fresh from the seed (uniform weights).
+                mlp, self.builder = dwm.initial_model(p, self.num_domains, self.seed)
             self.mlp = dwm.to_torch(mlp, self.device)
         else:
             self.params = parse_weighting_params(
                 self.method, {**self.spec_params, **_method_params(params, self.method)}
             )
 
-    def weights(self, step: int, sample_loss: Tensor, domain: Tensor) -> Tensor | None:
-        """This rank's detached weights for the batch (None when weighting is off)."""
+    def weights(self, step: int, sample_loss: Tensor, domain: Tensor, topics: Tensor | None = None) -> Tensor | None:
+        """This rank's detached weights for the batch (None when weighting is off): the method's
+        instance weights times the version's per-domain loss weights (mixer.megatron.loss); topics:
+        the samples' topic ids (topic method; the domains when None)."""
         if not self.enabled:
             return None
+        w = self._method_weights(step, sample_loss, domain, topics) if self.method in METHOD_NAMES else None
+        if self.domain_loss_weights is not None:
+            return sample_loss_weights(domain, self.domain_loss_weights, w)
+        return w if w is not None else torch.ones(sample_loss.shape[0], device=sample_loss.device)
+
+    def _method_weights(
+        self, step: int, sample_loss: Tensor, domain: Tensor, topics: Tensor | None
+    ) -> Tensor:
+        """The instance weighting method's weights."""
         if self.method == "loss":
             from mixer.weighting.loss_based import weights_for_step
 
@@ -105,11 +136,12 @@ class InstanceWeighting:
         if self.method == "topic":
             from mixer.weighting.topic import weights_from_params
 
-            return weights_from_params(domain, self.params, group=self.group)
+            return weights_from_params(domain if topics is None else topics, self.params, group=self.group)
         from mixer.weighting import dwm
 
+        # Topic features only with the samples' topic rows (the service builds them from sample_topic).
         return dwm.weights_for_step(
-            step, sample_loss, domain, self.mlp, self.builder, lengths=None, group=self.group
+            step, sample_loss, domain, self.mlp, self.builder, topics=topics, lengths=None, group=self.group
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -2,6 +2,13 @@
 
 Nothing here calls .item() or .cpu() on the critical path: StepStats stays on the device, and
 AsyncHostCopy moves it to (pinned) host memory without blocking, to be read a step later.
+
+Per-domain loss weights: a version may carry params["domain_loss_weights"] (c_1..c_K; DoReMi's
+paper mode ships alpha_i / q_i, mixer.strategies.doremi). Sample b of domain d_b then enters the
+loss with weight c_{d_b} (times its instance weight), over the same unweighted token count:
+loss = sum_b c_{d_b} w_b S_b / N. Both trainers apply them through `sample_loss_weights` (the plain
+loop through compute_loss, the Megatron-LM plug-in through instance.InstanceWeighting and
+reporting.LossReporter); the statistics stay unweighted.
 """
 
 from __future__ import annotations
@@ -14,14 +21,54 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DOMAIN_LOSS_WEIGHTS",
+    "MAX_DOMAIN_LOSS_WEIGHT",
     "AsyncHostCopy",
     "HostStats",
     "LossHook",
     "StepStats",
     "compute_loss",
     "gather_samples",
+    "parse_domain_loss_weights",
     "reduce_step_stats",
+    "sample_loss_weights",
 ]
+
+DOMAIN_LOSS_WEIGHTS = "domain_loss_weights"
+"""The version parameter holding per-domain loss weights."""
+MAX_DOMAIN_LOSS_WEIGHT = 1e6
+"""Per-domain loss weights lie in [0, 1e6] (DoReMi's paper mode: alpha_i / q_i with q_i >= 1e-6)."""
+
+
+def parse_domain_loss_weights(params: Any, num_domains: int) -> np.ndarray | None:
+    """The version's per-domain loss weights (float64 [K]), None when it carries none; ValueError
+    naming the entry when they are not K numbers in [0, MAX_DOMAIN_LOSS_WEIGHT]."""
+    raw = params.get(DOMAIN_LOSS_WEIGHTS) if isinstance(params, dict) else None
+    if raw is None:
+        return None
+    if not isinstance(raw, (list, tuple)) or len(raw) != num_domains:
+        got = f"{len(raw)} entries" if isinstance(raw, (list, tuple)) else repr(raw)[:80]
+        raise ValueError(
+            f"version params {DOMAIN_LOSS_WEIGHTS}: need a list of {num_domains} numbers, got {got}"
+        )
+    for i, v in enumerate(raw):
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and 0.0 <= v <= MAX_DOMAIN_LOSS_WEIGHT
+        if not ok:  # NaN fails the comparison too
+            raise ValueError(
+                f"version params {DOMAIN_LOSS_WEIGHTS}[{i}] = {v!r}; must lie in [0, {MAX_DOMAIN_LOSS_WEIGHT:g}]"
+            )
+    return np.asarray(raw, dtype=np.float64)
+
+
+def sample_loss_weights(
+    domain: Tensor, domain_loss_weights: Tensor, instance_weights: Tensor | None = None
+) -> Tensor:
+    """Detached per-sample weights c_{d_b} (times the instance weights w_b when given)."""
+    c = domain_loss_weights.detach().to(device=domain.device)
+    per_sample = c[domain.to(torch.int64).reshape(-1)]
+    if instance_weights is None:
+        return per_sample
+    return per_sample * instance_weights.detach().to(device=domain.device, dtype=per_sample.dtype).reshape(-1)
 
 
 @dataclass
@@ -83,14 +130,16 @@ def compute_loss(
     instance_weights: Tensor | None = None,
     sample_id: Tensor | None = None,
     normalizer: Tensor | None = None,
+    domain_loss_weights: Tensor | None = None,
 ) -> tuple[Tensor, StepStats]:
     """Scalar loss to optimise and the step's unweighted StepStats.
 
-    loss = sum_b w_b S_b / N (S_b: masked loss sum of sample b, w_b its instance weight, 1 when
-    unweighted). N is the unweighted token count, as in the Sow et al. reference (the weighted
-    loss sum over the global token count): this batch's by default; under data parallelism pass
-    `normalizer` = the global batch's token count / the number of ranks, so that the ranks'
-    averaged gradients are the gradient of the global loss, whatever the data-parallel size.
+    loss = sum_b c_{d_b} w_b S_b / N (S_b: masked loss sum of sample b, w_b its instance weight,
+    c_{d_b} its domain's loss weight, each 1 when not given). N is the unweighted token count, as
+    in the Sow et al. reference (the weighted loss sum over the global token count): this batch's
+    by default; under data parallelism pass `normalizer` = the global batch's token count / the
+    number of ranks, so that the ranks' averaged gradients are the gradient of the global loss,
+    whatever the data-parallel size.
     """
     if per_token_loss.dim() != 2 or per_token_loss.shape != loss_mask.shape:
         raise ValueError(
@@ -98,6 +147,10 @@ def compute_loss(
         )
     batch = per_token_loss.shape[0]
     device = per_token_loss.device
+    if domain_loss_weights is not None:
+        if domain_loss_weights.numel() != num_domains:
+            raise ValueError(f"{domain_loss_weights.numel()} domain loss weights for {num_domains} domains")
+        instance_weights = sample_loss_weights(dataset_id.to(device), domain_loss_weights, instance_weights)
     mask = loss_mask.to(per_token_loss.dtype)
     sample_sum = (per_token_loss * mask).sum(dim=1)  # [b], carries the graph
     sample_tokens = mask.sum(dim=1)  # [b]

@@ -1,4 +1,4 @@
-"""Probes: the signals beyond per-domain losses that some strategies need (DESIGN.md, "What workers measure").
+"""Probes: the signals beyond per-domain losses that some strategies need (mixer.signals names them).
 
 Each reduces on the device to a few numbers per domain or per sample and never syncs the host;
 the results ride the step's asynchronous host copy. Costs, with F and B one forward and one
@@ -7,9 +7,10 @@ backward of a training micro-batch of b samples:
 - ExcessLossProbe (DoReMi, EXCESS_LOSS): a forward of the frozen reference model on the step's
   batch, every step: about +F per step (~ +1/3 of a step). Plus one all-reduce of K floats.
 - AlignmentProbe (DGA, ALIGNMENT): every T steps, K forward+backward passes on per-domain probe
-  batches of `samples` each (plus one more for a target data prefix), K flattened gradients kept
-  in float32 (K x parameters x 4 bytes) and all-reduced over data-parallel ranks: about
-  K (F + B) (samples / b) / T per step on average.
+  batches, each the domain's share w_i b of the training batch (at least `samples`), plus one of b
+  samples for a target data prefix; K flattened gradients kept in float32 (K x parameters x 4
+  bytes) and all-reduced over data-parallel ranks: about (F + B) (1 + K samples / b) / T per step
+  on average (twice that with a target prefix).
 - SampleAlignProbe (DWM, SAMPLE_ALIGNMENT): every T steps, one forward of a balanced validation
   batch and, per training sample, two [s, h] x [h, V] products with the output layer: output-layer
   only, so about (F_val + 2 x output-layer forward) / T per step.
@@ -91,18 +92,27 @@ class AlignmentProbe:
         *,
         every: int,
         samples: int,
+        batch: int = 0,
+        max_grad_norm: float = 0.0,
         target: Sequence[int] = (),
         target_dataset: Any = None,
         exclude_self: bool = True,
         device: torch.device | str = "cpu",
         group: Any = None,
     ) -> None:
-        if every <= 0 or samples <= 0:
-            raise ValueError(f"alignment probe needs every > 0 and samples > 0, got {every} and {samples}")
+        """samples: the least per domain and rank; batch: this rank's training batch (0: every
+        domain gets `samples`); max_grad_norm: each gradient is clipped to this norm before the
+        products, as DoGE clips each domain's gradient (0: no clipping)."""
+        if every <= 0 or samples <= 0 or batch < 0 or not max_grad_norm >= 0:
+            raise ValueError(
+                f"alignment probe needs every > 0, samples > 0, batch >= 0 and max_grad_norm >= 0, "
+                f"got {every}, {samples}, {batch} and {max_grad_norm}"
+            )
         self.model = model
         self.data = MixtureDataset(list(datasets) + ([target_dataset] if target_dataset is not None else []))
         self.num_domains = len(datasets)
-        self.every, self.samples = every, samples
+        self.every, self.samples, self.batch = every, samples, batch
+        self.max_grad_norm = float(max_grad_norm)
         # The target is the sum of the target domains' gradients (DoGE eq. 3), all domains when
         # none are named; a target data prefix replaces it with that data's own gradient.
         self.target = list(target) or list(range(self.num_domains))
@@ -127,21 +137,39 @@ class AlignmentProbe:
             [(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)]
         )
         world = _world(self.group)[1]
-        return _all_reduce(flat, self.group).div_(world) if world > 1 else flat
+        flat = _all_reduce(flat, self.group).div_(world) if world > 1 else flat
+        if self.max_grad_norm > 0:
+            # DoGE: g <- g min(1, max_norm / (||g|| + 1e-6)), on the data-parallel average.
+            flat = flat * (self.max_grad_norm / (flat.double().norm() + 1e-6)).clamp(max=1.0).float()
+        return flat
 
-    def measure(self, step: int) -> dict[str, Tensor]:
-        """{"alignment": [K] float64, "grad_norm_mean": [] float64}, on the device."""
+    def sizes(self, weights: Sequence[float] | None) -> list[int]:
+        """Per-domain probe samples on this rank: round(w_i x batch), at least `samples`."""
+        if weights is None or self.batch == 0:
+            return [self.samples] * self.num_domains
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (self.num_domains,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(
+                f"alignment probe: weights must be {self.num_domains} finite numbers >= 0, got {weights!r}"
+            )
+        return [max(self.samples, round(float(x) * self.batch)) for x in w / w.sum()]
+
+    def measure(
+        self, step: int, weights: Sequence[float] | None = None, lr: float | None = None
+    ) -> dict[str, Tensor]:
+        """{"alignment": [K] float64, "grad_norm_mean": [] float64, and "lr": [] float64 when given},
+        on the device. weights: the mixture in force, which sizes each domain's probe batch."""
         round_ = step // self.every
+        sizes = self.sizes(weights)
         rows = [
-            self._gradient(_round_batch(self.data.datasets[d], d, self.samples, round_, self.group))
+            self._gradient(_round_batch(self.data.datasets[d], d, sizes[d], round_, self.group))
             for d in range(self.num_domains)
         ]
         G = torch.stack(rows).double()
         if self.has_target_dataset:
             k = self.num_domains
-            target = self._gradient(
-                _round_batch(self.data.datasets[k], k, self.samples, round_, self.group)
-            ).double()
+            n = self.batch or self.samples
+            target = self._gradient(_round_batch(self.data.datasets[k], k, n, round_, self.group)).double()
         else:
             target = G[self.target].sum(dim=0)
         W = G @ target
@@ -150,7 +178,10 @@ class AlignmentProbe:
             in_target = torch.zeros(self.num_domains, dtype=torch.float64, device=G.device)
             in_target[self.target] = 1.0
             W = W - in_target * (G * G).sum(dim=1)
-        return {"alignment": W, "grad_norm_mean": G.norm(dim=1).mean()}
+        out = {"alignment": W, "grad_norm_mean": G.norm(dim=1).mean()}
+        if lr is not None:
+            out["lr"] = torch.tensor(float(lr), dtype=torch.float64, device=W.device)
+        return out
 
 
 class SampleAlignProbe:
@@ -161,6 +192,9 @@ class SampleAlignProbe:
     # mean over domains of each domain's token-mean validation loss), s_i = (1/T_i) sum_t
     # <p_t - e_{y_t}, G h_t>. The hidden states come from a forward hook on the output layer; the
     # logits are recomputed from them (megatron's cross entropy may modify its input in place).
+    # DWM's one-step unroll takes G at the parameters after the step (theta') and grad l_i at those
+    # the batch saw (theta): `capture` keeps a copy of W as the batch saw it, and `measure` may run
+    # after optimizer.step() (one extra copy of the output layer's weight per probe step).
 
     def __init__(
         self,
@@ -184,6 +218,7 @@ class SampleAlignProbe:
         self.output_layer = unwrap(model).output_layer
         self._armed = False
         self._hidden: Tensor | None = None
+        self._weight: Tensor | None = None  # W as the captured batch saw it
         self._handle = self.output_layer.register_forward_hook(self._hook)
 
     def close(self) -> None:
@@ -197,17 +232,19 @@ class SampleAlignProbe:
             self._hidden = args[0].detach()
 
     @contextmanager
-    def capture(self, active: bool):
+    def capture(self, active: bool, *, keep_weight: bool = True):
         """Record the output layer's input during the forward inside this block (when active)."""
+        if active and keep_weight:
+            self._weight = self.output_layer.weight.detach().clone()
         self._armed = active
         try:
             yield
         finally:
             self._armed = False
 
-    def _deltas(self, h: Tensor, labels: Tensor) -> Tensor:
-        """p - onehot(labels) for hidden states h [n, H] (float32)."""
-        W = self.output_layer.weight.detach().float()
+    def _deltas(self, h: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
+        """p - onehot(labels) for hidden states h [n, H] (float32), with W now or `weight`."""
+        W = (self.output_layer.weight if weight is None else weight).detach().float()
         delta = torch.softmax(h @ W.t(), dim=-1)
         delta[torch.arange(h.shape[0], device=h.device), labels] -= 1.0
         return delta
@@ -228,7 +265,7 @@ class SampleAlignProbe:
                 tokens = torch.zeros((), device=Gd.device, dtype=torch.float32)
                 if keys:
                     batch = _to(self.data.batch(keys), self.device)
-                    with self.capture(True):
+                    with self.capture(True, keep_weight=False):
                         self.model(batch["tokens"], batch["position_ids"], None)
                     h = self._hidden.transpose(0, 1).reshape(-1, self._hidden.shape[-1]).float()
                     self._hidden = None
@@ -246,17 +283,19 @@ class SampleAlignProbe:
 
     @torch.no_grad()
     def measure(self, batch: dict[str, Tensor]) -> Tensor:
-        """[global batch] float32 (gathered in rank order), from the hidden states captured this step."""
+        """[global batch] float32 (gathered in rank order), from the hidden states captured this step;
+        called after optimizer.step(), G is the validation gradient at the updated parameters."""
         if self._hidden is None:
             raise RuntimeError("SampleAlignProbe.measure needs a forward inside capture(True) first")
         hidden, self._hidden = self._hidden, None
+        weight, self._weight = self._weight, None
         G = self._val_gradient()
         mask = batch["loss_mask"].float()
         out = torch.empty(hidden.shape[1], device=hidden.device, dtype=torch.float32)
         for i in range(hidden.shape[1]):  # one sample at a time bounds the [s, V] temporaries
             h = hidden[:, i].float()
             u = h @ G.t()
-            delta = self._deltas(h, batch["labels"][i])
+            delta = self._deltas(h, batch["labels"][i], weight)
             out[i] = ((delta * u).sum(dim=-1) * mask[i]).sum() / mask[i].sum().clamp(min=1)
         return gather_samples(out, self.group)
 

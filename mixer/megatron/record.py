@@ -140,8 +140,11 @@ class RunLog:
             signals["sample_align"] = x["sample_align"].astype(np.float32)
         if "grad_norm_mean" in x:
             signals["extra"] = {"grad_norm_mean": float(x["grad_norm_mean"])}
-        if self.cfg.report_topics:
-            signals["sample_topic"] = stats.sample_domain.astype(np.int32)
+            if "lr" in x:  # the learning rate of the probed step: DGA/DoGE scale their step by it
+                signals["extra"]["lr"] = float(x["lr"])
+        if "sample_topic" in x:  # rows of topic ids, -1 padded (gathered flat over ranks)
+            rows = x["sample_topic"].reshape(stats.sample_loss.shape[0], -1).astype(np.int32)
+            signals["sample_topic"] = rows[:, : max(1, int((rows >= 0).sum(axis=1).max(initial=0)))]
         stats.report_to(self.attachment, version, **signals)
 
     def validation(self, steps_done: int, losses: np.ndarray) -> None:

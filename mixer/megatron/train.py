@@ -105,12 +105,12 @@ class TrainConfig:
     force_resume: bool = False  # load a sampler state saved for another job spec
     reference: Path | None = None  # checkpoint of a frozen reference model: DoReMi's excess loss
     align_every: int = 0  # DGA: per-domain gradient alignment every this many steps (0: off)
-    align_samples: int = 2  # per domain and rank, per alignment probe
+    align_samples: int = 2  # the least per domain and rank; else its share of the rank's batch
     align_target: list[int] = field(default_factory=list)  # target domains (empty: all)
     align_exclude_self: bool = True
     sample_align_every: int = 0  # DWM: per-sample alignment with the validation gradient (0: off)
     sample_align_samples: int = 8  # validation samples per domain for the validation gradient
-    report_topics: bool = False  # send sample_topic (= the domain id) with every report
+    report_topics: bool = False  # send sample_topic (the samples' topic_ids rows) with every report
     strict: bool = False  # hand every step's report over before the next step (strict attachments)
     compare_every: int = 0  # benchmark: alternate blocks of this many steps detached / attached
     decay_steps: int | None = None  # the cosine decays to min_lr over this many steps (None: steps)
@@ -286,6 +286,8 @@ def train(
                 datasets,
                 every=cfg.align_every,
                 samples=cfg.align_samples,
+                batch=cfg.global_batch_size // _world(),
+                max_grad_norm=cfg.grad_clip,  # DoGE clips each domain's gradient as the step's
                 target=cfg.align_target,
                 target_dataset=target_dataset,
                 exclude_self=cfg.align_exclude_self,
@@ -363,8 +365,12 @@ def train(
             if weighting is not None and weighting.enabled:
                 mask = batch["loss_mask"].to(per_token.dtype)
                 sample_loss = (per_token.detach() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-                w = weighting.weights(step, sample_loss.float(), batch["dataset_id"])
+                w = weighting.weights(step, sample_loss.float(), batch["dataset_id"], topics=batch.get("topic_ids"))
                 extras["sample_weight"] = gather_samples(w.float())
+            if cfg.report_topics and attached:
+                if "topic_ids" not in batch:
+                    raise ValueError("report_topics needs datasets whose samples carry topic_ids (loader.with_topics)")
+                extras["sample_topic"] = gather_samples(batch["topic_ids"].to(torch.int32))
             norm = _token_normalizer(batch["loss_mask"])
             if attached:
                 loss, stats = hook(
@@ -381,17 +387,19 @@ def train(
                 )
             if excess is not None and attached:
                 extras["excess_loss_sum"] = excess.measure(batch, per_token)
-            if probe_sample:
-                extras["sample_align"] = sample_align.measure(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             _allreduce_grads(model)
             if align is not None and attached and align.due(step):
-                extras.update(align.measure(step))  # before the update: same parameters as the step
+                # Before the update: the step's parameters, mixture and learning rate (DoGE's lr_t).
+                extras.update(align.measure(step, sampler.weights, scheduler.get_last_lr()[0]))
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
+            if probe_sample:
+                # After the step: DWM's one-step unroll, <grad l_i(theta), grad L_val(theta')>.
+                extras["sample_align"] = sample_align.measure(batch)
             if attached:
                 run.emit(host.push(step, stats, extras))
                 if cfg.strict:

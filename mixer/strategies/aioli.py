@@ -22,8 +22,12 @@ evaluation after steps 0..s-1). A segment that took effect at step t ends at the
 newest validation loss (every domain) has s >= t + lp_steps, i.e. after all `lp_steps` steps of
 the probe. Probe orders come from the generator in the state.
 
-Defaults: the reference's SlimPajama script (eta 1, lp_rounds 2, lp_steps 10, one_hot_factor 0.75,
-normalised A, update_steps 200) with the paper's multiplicative update (ema = None).
+Defaults: the reference's seven-domain SlimPajama script (lp_rounds 2, lp_steps 10, one_hot_factor
+0.75, normalised A, update_steps 200) with the paper's multiplicative update (ema = None). That
+script's eta = 1 was run with ema = 0.1, where p is recomputed from the prior each round; without
+the EMA the update accumulates over rounds, and the authors' README says to leave the EMA off at
+first and try eta in {0.1, 0.2, 0.5} (its example: 0.2). So `eta` left unset (null) resolves to 1
+when `ema` is set and to 0.2 when it is not (our reading of the two sources); an explicit eta wins.
 Reference quirk not copied: the reference resets the weights to ones at the first round (dropping
 its prior); here the spec's prior is p^0 (identical for a uniform prior).
 """
@@ -32,8 +36,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from mixer.shaping import shape_weights
 from mixer.signals import VAL_LOSS, Window
-from mixer.spec import SpecError
+from mixer.errors import SpecError
 from mixer.strategies import register
 from mixer.strategies.base import Decision, State, Strategy, new_rng, rng_from_state, rng_state
 
@@ -115,6 +120,14 @@ def aioli_weights(
     return w / w.sum(), E
 
 
+ETA_WITH_EMA = 1.0
+"""eta of the reference's seven-domain script, which sets ema = 0.1."""
+ETA_WITHOUT_EMA = 0.2
+"""eta of the authors' README example, whose advice is to leave the EMA off at first."""
+MAX_ETA = 1e3
+"""Upper end of eta's range: exp(eta * column sum) must stay finite (normalised A has sum 1)."""
+
+
 def _fresh(state: State, since: int) -> bool:
     """Every domain has a validation loss measured at step `since` or later."""
     return bool((state["val_step"] >= since).all())
@@ -125,7 +138,7 @@ class Aioli(Strategy):
     name = "aioli"
     signals = frozenset({VAL_LOSS})
     defaults = {
-        "eta": 1.0,
+        "eta": None,
         "ema": None,
         "lp_rounds": 2,
         "lp_steps": 10,
@@ -137,7 +150,14 @@ class Aioli(Strategy):
 
     def validate(self) -> None:
         p = self.params
-        self.check("eta", p["eta"] > 0, "must be > 0")
+        eta = p["eta"]
+        if eta is not None and (
+            isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 < eta <= MAX_ETA
+        ):
+            raise SpecError(
+                "strategy.params.eta",
+                f"must be null (1 with ema, 0.2 without) or a number in (0, {MAX_ETA:g}], got {eta!r}",
+            )
         ema = p["ema"]
         if ema is not None and (
             isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0.0 <= ema < 1.0
@@ -183,6 +203,13 @@ class Aioli(Strategy):
             "rng": rng_state(new_rng(seed)),
         }
 
+    @property
+    def eta(self) -> float:
+        """The step size in force: the given eta, else the default for the EMA setting."""
+        if self.params["eta"] is not None:
+            return float(self.params["eta"])
+        return ETA_WITH_EMA if self.params["ema"] is not None else ETA_WITHOUT_EMA
+
     def _merge_val(self, state: State, window: Window) -> None:
         val, val_step = state["val"].copy(), state["val_step"].copy()
         for r in window.reports:
@@ -196,8 +223,6 @@ class Aioli(Strategy):
     def _applied_probes(self) -> np.ndarray | None:
         """The probe mixtures as the engine shapes them (floor, cap, prior smoothing), or None
         when shaping leaves them as they are."""
-        from mixer.engine import shape_weights  # the engine imports this package at load time
-
         nominal = np.stack([probe_mixture(self.K, j, self.params["one_hot_factor"]) for j in range(self.K)])
         applied = np.stack([shape_weights(m, self.prior, self.spec.cadence) for m in nominal])
         if np.allclose(applied, nominal, rtol=0.0, atol=1e-12):
@@ -249,7 +274,7 @@ class Aioli(Strategy):
         if p["normalize"]:
             A = normalize_interactions(A)
         E_prev = state["E"] if state["round"] > 0 else None
-        weights, E = aioli_weights(A, state["p"], E_prev, self.prior, eta=p["eta"], ema=p["ema"])
+        weights, E = aioli_weights(A, state["p"], E_prev, self.prior, eta=self.eta, ema=p["ema"])
         exploit = p["update_steps"] - K * p["lp_rounds"] * p["lp_steps"]
         state.update(
             phase="exploit",

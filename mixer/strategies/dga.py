@@ -13,11 +13,20 @@ and the service takes one mirror-descent step on the simplex, then smooths:
     alpha' =  softmax(log alpha + eta * W)
     alpha  <- ema * alpha + (1 - ema) * ((1 - eps) alpha' + eps / K)
 
+Worker side (mixer.megatron.probes.AlignmentProbe), as DoGE computes its scores: each domain's
+gradient (and the target data's) is clipped on its own to the training's max_grad_norm before the
+products, g <- g min(1, max_norm / (||g|| + 1e-6)); each domain's probe batch is its share of the
+training batch under the mixture in force (at least `align_samples` per rank; ours: DoGE reads the
+domains' gradients off the training batch itself, and a domain absent from it keeps a stale row,
+where we measure every domain on its own data).
+
 The normalisation by the mean domain-gradient norm (DoGE) applies when the worker sends it as
 `extra["grad_norm_mean"]`; otherwise W is the raw alignment. When the worker sends its current
-learning rate as `extra["lr"]`, the step is eta * lr * W, DoGE's lr_t-scaled step (eta = 1/mu). `target` names the domains whose
-gradient is the target (specialised DGA); empty means all domains (general, DoGE's universal
-generalisation), and `target_prefix` names a target-only data prefix (DoGE's 'mix' set) instead.
+learning rate lr_t as `extra["lr"]` (our trainers do), the step size is lr_t / mu, DoGE's scaling
+(Algorithm 1; `mu` = 0.01 as its config/doge.json); without it the step size is `eta` (ours, 0.1).
+`target` names the domains whose gradient is the target (specialised DGA); empty means all domains
+(general, DoGE's universal generalisation), and `target_prefix` names a target-only data prefix
+(DoGE's 'mix' set) instead.
 Workers read these from the job spec. `exclude_self` drops <g_i, g_i> from W_i when i is a target
 domain, as the DoGE paper does; its reference code never drops it (a set comparison of tensors is
 always False), which `doge_update(..., exclude_self=False)` reproduces for tests/conformance/doge.json.
@@ -25,18 +34,19 @@ always False), which `doge_update(..., exclude_self=False)` reproduces for tests
 `doge_update` is the full DoGE step on per-domain gradient vectors (per-domain clipping, stale rows
 for absent domains, scores scaled by the learning rate lr_t, eta = lr_t / mu); the strategy runs the
 same `alignment_step` on the scalars workers send. DGA has no public code; eta, the clip range and
-ema are our defaults (the clip range and eps = 0 follow DoGE's dw_min/dw_max and reweight_eps).
+ema are our defaults (the clip range, eps = 0 and mu follow DoGE's dw_min/dw_max, reweight_eps and
+config/doge.json's mu).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from mixer.errors import SpecError
 from mixer.signals import ALIGNMENT, Window
-from mixer.spec import SpecError
 from mixer.strategies import register
 from mixer.strategies.base import Decision, State, Strategy
 
@@ -106,8 +116,9 @@ def doge_update(
 class DGA(Strategy):
     name = "dga"
     signals = frozenset({ALIGNMENT})
-    defaults: dict[str, Any] = {
+    defaults: ClassVar[dict[str, Any]] = {
         "eta": 0.1,
+        "mu": 0.01,
         "clip_min": 0.0,
         "clip_max": 5.0,
         "ema": 0.5,
@@ -120,6 +131,7 @@ class DGA(Strategy):
     def validate(self) -> None:
         p = self.params
         self.check("eta", p["eta"] > 0, "must be > 0")
+        self.check("mu", 0 < p["mu"] <= 1e6, "must lie in (0, 1e6]")
         self.check("clip_max", p["clip_max"] > p["clip_min"], "must exceed clip_min")
         self.check("ema", 0.0 <= p["ema"] < 1.0, "must lie in [0, 1)")
         self.check("eps", 0.0 <= p["eps"] <= 1.0, "must lie in [0, 1]")
@@ -157,7 +169,7 @@ class DGA(Strategy):
             stepped = alignment_step(
                 alpha,
                 r.alignment,
-                eta=p["eta"] * (lr if lr is not None else 1.0),
+                eta=p["eta"] if lr is None else lr / p["mu"],
                 clip_min=p["clip_min"],
                 clip_max=p["clip_max"],
                 norm=norm,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from mixer.client import MixerClient
 from mixer.megatron.data import build_domain_datasets
 from mixer.megatron.model import ModelConfig, build_model, teardown
 from mixer.megatron.probes import AlignmentProbe, SampleAlignProbe
-from mixer.megatron.sampler import MixtureDataset
+from mixer.megatron.sampler import MixtureDataset, split_sample_id
 from mixer.replay import job_log
 from mixer.store import Store
 
@@ -93,7 +94,19 @@ def test_doremi_gets_excess_loss_from_a_reference(write_spec, server, tmp_path: 
     assert sum(r.excess_loss_sum.sum() for r in got) > 0
     with MixerClient(server.address) as client:
         versions = client.list_versions("doremi")
-    assert len(versions) > 1 and max(versions[-1].weights) != min(versions[-1].weights)
+    assert len(versions) > 1
+    # Mode paper (the default): workers keep sampling from the prior, and each version's alpha / q
+    # weights the loss of every sample by its domain, as applied at that step.
+    assert all(list(v.weights) == list(versions[0].weights) for v in versions)
+    loss_weights = {v.version: json.loads(v.params_json)["domain_loss_weights"] for v in versions[1:]}
+    assert max(loss_weights[versions[-1].version]) != min(loss_weights[versions[-1].version])
+    checked = 0
+    for version, ids, w in zip(record["versions"], record["sample_ids"], record["instance_weights"], strict=True):
+        if version in loss_weights:
+            c = [loss_weights[version][split_sample_id(i)[0]] for i in ids]
+            np.testing.assert_allclose(w, c, rtol=1e-6)
+            checked += 1
+    assert checked > 0, "no step ran under a version that carries loss weights"
 
 
 def test_doremi_without_a_reference_is_refused(write_spec) -> None:
@@ -115,6 +128,9 @@ def test_dga_gets_alignment_reports(write_spec, server) -> None:
     got = [r for r in reports(server.db, "dga") if r.alignment is not None]
     assert [r.step for r in got] == [4, 9, 14]
     assert all(r.extra["grad_norm_mean"] > 0 for r in got)
+    # The probed step's learning rate goes along: DGA's step size is lr_t / mu (DoGE's scaling).
+    lr = [r.extra["lr"] for r in got]
+    assert all(x > 0 for x in lr) and len(set(lr)) == len(lr), lr
     with MixerClient(server.address) as client:
         assert len(client.list_versions("dga")) == 1 + len(got)  # one DGA update per alignment report
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mixer import signals as sig
+from mixer.agent.policy import fresh_model
 from mixer.client import MixerClient
 from mixer.engine import Version
 from mixer.replay import verify
@@ -43,8 +44,13 @@ def _doremi(vs: list[Version]) -> None:
         avg = np.asarray(v.params["avg_weights"])
         assert avg.shape == (K,) and abs(avg.sum() - 1.0) < 1e-9 and (avg >= 0).all()
         assert len(v.params["excess_loss"]) == K
-    # The domain with the largest excess loss gains weight.
-    assert vs[-1].weights[2] > vs[0].weights[2]
+    # The domain with the largest excess loss gains weight (alpha); in mode paper, the default, the
+    # served mixture stays the prior and alpha reaches the loss as alpha / prior.
+    assert vs[-1].params["alpha"][2] > vs[0].weights[2]
+    assert all(np.array_equal(v.weights, vs[0].weights) for v in vs)
+    np.testing.assert_allclose(
+        vs[-1].params["domain_loss_weights"], np.asarray(vs[-1].params["alpha"]) / vs[0].weights, rtol=1e-12
+    )
 
 
 def _ado(vs: list[Version]) -> None:
@@ -90,6 +96,11 @@ def _dwm(vs: list[Version]) -> None:
     assert np.abs(dwm.from_bytes(vs[-1].blob)[0]["w2"]).max() > 0
 
 
+def _agent(vs: list[Version]) -> None:
+    # One re-weighting step of the agent per validation report, numbered from 1.
+    assert [v.params["agent_step"] for v in vs[1:]] == list(range(1, len(vs)))
+
+
 # name -> (strategy params, extra spec fields, check of the versions' params)
 CASES: dict[str, tuple[dict[str, Any], dict[str, Any], Callable[[list[Version]], None]]] = {
     "static": (
@@ -115,6 +126,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any], Callable[[list[Version]],
         {"weighting": {"name": "dwm", "params": {"hidden": 8, "num_topics": TOPICS, "total_steps": STEPS}}},
         _dwm,
     ),
+    "agent": ({"model": fresh_model([f"d{i}" for i in range(K)])}, {}, _agent),
 }
 
 

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mixer.agent.policy import fresh_model
 from mixer.engine import Engine, Version
 from mixer.signals import Report, validate_report
 from mixer.spec import JobSpec
@@ -21,7 +22,7 @@ from mixer.strategies.base import decode_state, encode_state
 # Parameter sets that make each strategy act within a short stream (defaults wait hundreds of steps).
 FAST_PARAMS: dict[str, list[dict[str, Any]]] = {
     "odm": [{}, {"variant": "exp3", "reward_scale": 0.1}, {"variant": "reference", "alpha": 0.5}],
-    "doremi": [{}, {"output": "average", "initial_score": 10.8, "average_includes_initial": True, "c": 0.0}],
+    "doremi": [{}, {"mode": "online", "output": "average", "initial_score": 10.8, "average_includes_initial": True, "c": 0.0}],
     "ado": [{"warmup_steps": 2, "refit_every": 16, "max_points": 8}],
     "aioli": [
         {"lp_rounds": 1, "lp_steps": 1, "update_steps": 8},
@@ -151,6 +152,8 @@ def _assert_same(a: Any, b: Any, where: str) -> None:
 @given(job=jobs(), cut_frac=st.floats(0.0, 1.0))
 def test_engine_trajectory_properties(name, case, params, job, cut_frac):
     job_dict, n_steps, data_seed = job
+    if name == "agent":  # the agent's network is sized to the job's domains, which vary here
+        params = {"model": fresh_model([d["name"] for d in job_dict["domains"]])}
     job_dict = dict(job_dict, strategy={"name": name, "params": params})
     spec = JobSpec.from_dict(job_dict)
     K, c = spec.num_domains, spec.cadence
