@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Signal kinds a strategy may declare it needs (see DESIGN.md, "What workers measure").
+# Signal kinds a strategy may declare it needs; the worker switches on the probes that measure them.
 DOMAIN_LOSS = "domain_loss"
 EXCESS_LOSS = "excess_loss"
 SAMPLE_LOSS = "sample_loss"
@@ -34,7 +34,7 @@ PER_SAMPLE_FIELDS = {
 }
 
 
-# Ranges (see DESIGN.md, "Every value has a range"). Bounds on what a report may carry, chosen
+# Ranges (README.md, "Security and reliability"). Bounds on what a report may carry, chosen
 # so that every value the service derives from accepted reports stays exact or finite:
 MAX_STEP = 1 << 53
 """Steps, seqs and versions lie below 2^53: exact as doubles, and step + delay (both below
@@ -48,6 +48,10 @@ MAX_REPORT_SAMPLES = (1 << 31) - 1
 """Samples one report may count over all its domains (the stored count is a 32-bit integer)."""
 MAX_EXTRA = 64
 """Entries in a report's `extra` map."""
+MAX_TOPIC_ID = 1 << 16
+"""Topic ids lie in [0, 2^16)."""
+MAX_TOPICS_PER_SAMPLE = 64
+"""A sample's `sample_topic` row holds at most this many ids (-1 pads)."""
 
 
 class SignalError(ValueError):
@@ -82,6 +86,7 @@ class Report:
     sample_domain: np.ndarray | None = None
     sample_id: np.ndarray | None = None
     sample_topic: np.ndarray | None = None
+    """Topic ids (int32): one per sample, or a row per sample (samples x labels) padded with -1."""
     sample_align: np.ndarray | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
@@ -178,8 +183,11 @@ def _validate(r: Report, num_domains: int, max_samples: int, bounded: bool) -> R
         if arr is None:
             continue
         arr = np.asarray(arr, dtype=dtype)
-        if arr.ndim != 1:
-            raise SignalError(name, "must be one-dimensional")
+        if name == "sample_topic" and arr.ndim == 2:
+            if not 1 <= arr.shape[1] <= MAX_TOPICS_PER_SAMPLE:
+                raise SignalError(name, f"has {arr.shape[1]} topics per sample; 1 to {MAX_TOPICS_PER_SAMPLE}")
+        elif arr.ndim != 1:
+            raise SignalError(name, "must be one-dimensional" + (" or (samples, topics)" if name == "sample_topic" else ""))
         if n is None:
             n = arr.shape[0]
             if n > max_samples:
@@ -200,8 +208,13 @@ def _validate(r: Report, num_domains: int, max_samples: int, bounded: bool) -> R
             raise SignalError("sample_domain", f"index {hi if hi >= num_domains else lo} is out of range [0, {num_domains})")
     if n is not None and r.sample_loss is None:
         raise SignalError("sample_loss", "is required when any per-sample array is sent")
-    if r.sample_topic is not None and r.sample_topic.size and int(r.sample_topic.min()) < 0:
-        raise SignalError("sample_topic", "topic ids must be >= 0")
+    if r.sample_topic is not None and r.sample_topic.size:
+        lo, hi = int(r.sample_topic.min()), int(r.sample_topic.max())
+        if lo < (-1 if r.sample_topic.ndim == 2 else 0) or hi >= MAX_TOPIC_ID:
+            raise SignalError(
+                "sample_topic",
+                f"id {lo if lo < 0 else hi} is out of range: ids lie in [0, {MAX_TOPIC_ID}), -1 pads a row of several",
+            )
     return r
 
 

@@ -27,6 +27,11 @@ Files, per dataset prefix P = DIR/<domain>/<split>:
   "counts": documents per topic (k), "top_terms": per topic, the terms whose mean TF-IDF in the
   topic's documents most exceeds the corpus mean (10 each; both methods)}.
 - `DIR/topics.json`: the same header for the whole build, with "datasets": {prefix: counts}.
+
+Training reads them back per sample (`SampleTopics`): a Megatron GPTDataset sample is a window of
+`seq_length` tokens over concatenated documents, so its topics are those of the documents its
+tokens come from, each once, in document order (multi-label, as the ToReMi reference's samples
+are), as a row of `k` ids padded with -1.
 """
 
 from __future__ import annotations
@@ -415,3 +420,57 @@ def load_topics(prefix: str | Path) -> np.ndarray:
             f"{path}: {labels.shape[0]} labels for {indexed_document_count(Path(prefix))} documents"
         )
     return labels
+
+
+def load_topic_count(prefix: str | Path) -> int:
+    """k, the number of topics of the build that labelled the dataset at `prefix` (its .topics.json)."""
+    path = Path(str(prefix) + ".topics.json")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TopicsError(
+            f"{path}: cannot read the topic header ({e}); run `mixer topics build` first"
+        ) from None
+    k = meta.get("k") if isinstance(meta, dict) else None
+    if meta.get("format") != FORMAT or isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 1 << 16:
+        raise TopicsError(f"{path}: not a {FORMAT} header with k in [2, 65536]")
+    return k
+
+
+class SampleTopics:
+    """The topics of each sample of a Megatron GPTDataset: those of the documents it spans."""
+
+    def __init__(self, dataset: Any, labels: np.ndarray, k: int) -> None:
+        if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= k):
+            raise TopicsError(
+                f"topic labels must lie in [0, {k}), got [{int(labels.min())}, {int(labels.max())}]"
+            )
+        self.dataset, self.labels, self.width = dataset, labels, k
+
+    @classmethod
+    def load(cls, dataset: Any, prefix: str | Path) -> SampleTopics:
+        return cls(dataset, load_topics(prefix), load_topic_count(prefix))
+
+    def documents(self, index: int) -> np.ndarray:
+        """Ids (in the indexed dataset) of the documents sample `index` reads, as GPTDataset finds them."""
+        ds = self.dataset
+        if getattr(ds, "shuffle_index", None) is None or getattr(ds, "sample_index", None) is None:
+            # megatron-core maps its index files on the first query; the query also names the documents.
+            return np.asarray(ds._query_document_sample_shuffle_indices(index)[1])
+        i = int(ds.shuffle_index[index])
+        beg, end = int(ds.sample_index[i][0]), int(ds.sample_index[i + 1][0])
+        return np.asarray(ds.document_index[beg : end + 1])
+
+    def row(self, index: int) -> np.ndarray:
+        """The sample's distinct topics in document order, padded with -1 to k (int32)."""
+        docs = self.documents(index)
+        if docs.size and int(docs.max()) >= self.labels.shape[0]:
+            raise TopicsError(
+                f"sample {index} reads document {int(docs.max())} but the labels cover {self.labels.shape[0]}"
+            )
+        topics = self.labels[docs]
+        _, first = np.unique(topics, return_index=True)
+        out = np.full(self.width, -1, dtype=np.int32)
+        distinct = topics[np.sort(first)]
+        out[: distinct.size] = distinct
+        return out

@@ -21,6 +21,8 @@ def report_to_proto(r: Report) -> pb.Signals:
         arr = getattr(r, name)
         if arr is not None:
             setattr(msg, name, np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
+    if r.sample_topic is not None and np.ndim(r.sample_topic) == 2 and np.shape(r.sample_topic)[1] > 1:
+        msg.sample_topic_width = int(np.shape(r.sample_topic)[1])
     for k, v in r.extra.items():
         msg.extra[k] = float(v)
     return msg
@@ -44,6 +46,13 @@ def report_from_proto(msg: pb.Signals) -> Report:
             setattr(r, name, np.frombuffer(value, dtype=dt).astype(dtype))
         elif name == "extra":
             r.extra = dict(value)
+    width = msg.sample_topic_width
+    if width < 0 or (width > 1 and r.sample_topic is None):
+        raise SignalError("sample_topic_width", f"is {width}; it must be >= 0, and > 1 only with sample_topic")
+    if width > 1:
+        if r.sample_topic.size % width:
+            raise SignalError("sample_topic", f"has {r.sample_topic.size} ids, not a whole number of rows of {width}")
+        r.sample_topic = r.sample_topic.reshape(-1, width)
     return r
 
 

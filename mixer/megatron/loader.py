@@ -5,6 +5,10 @@ the global batch from the live weights (mixer.megatron.sampler) and yields this 
 rank's share in micro-batches. Versions come from announce.AnnouncedVersions at the iteration's
 first micro-batch; each micro-batch's domain ids, sample ids, step and version travel beside it
 (MicroBatchMeta), not in Megatron's batch dict.
+
+`with_topics` wraps the per-domain datasets so that every sample also carries `topic_ids`: the
+topics `mixer topics build` gave the documents it spans (mixer.topics.SampleTopics), a row of k
+ids padded with -1, which topic weighting (ToReMi) and the topic reports read.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from torch.utils.data import DataLoader
 
 from mixer.megatron.announce import Announced, AnnouncedVersions
 from mixer.megatron.sampler import MixtureDataset, MixtureSampler, StepBatchSampler
+from mixer.topics import SampleTopics, TopicsError
 
-__all__ = ["MicroBatchMeta", "MixtureLoader", "domain_datasets"]
+__all__ = ["MicroBatchMeta", "MixtureLoader", "TopicDataset", "domain_datasets", "with_topics"]
 
 _STATE_FORMAT = 1
 
@@ -180,4 +185,35 @@ def domain_datasets(
         if built[which] is None or len(built[which]) == 0:
             raise ValueError(f"{prefix}: the {split} split is empty under --split {cfg.split!r}")
         out.append(built[which])
+    return out
+
+
+class TopicDataset(torch.utils.data.Dataset):
+    """A Megatron dataset whose samples also carry `topic_ids` ([k] int32, -1 padded)."""
+
+    def __init__(self, dataset: Any, topics: SampleTopics) -> None:
+        self.dataset, self.topics = dataset, topics
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.dataset[index])
+        item["topic_ids"] = torch.from_numpy(self.topics.row(int(index)))
+        return item
+
+
+def with_topics(datasets: Sequence[Any], prefixes: Sequence[str]) -> list[TopicDataset]:
+    """Each domain's dataset with its samples' topics, read from `<prefix>.topics.npy/.json`.
+
+    All domains must come from one `mixer topics build` (the same k): topic ids are shared."""
+    if len(datasets) != len(prefixes):
+        raise ValueError(f"{len(datasets)} datasets for {len(prefixes)} prefixes")
+    out = [TopicDataset(d, SampleTopics.load(d, p)) for d, p in zip(datasets, prefixes, strict=True)]
+    widths = {t.topics.width for t in out}
+    if len(widths) > 1:
+        raise TopicsError(
+            f"the domains' topic files come from builds with different k ({sorted(widths)}); "
+            "label all domains with one `mixer topics build`"
+        )
     return out

@@ -126,12 +126,14 @@ def _probe_plan(spec: Any, opts: PretrainOptions, attached: bool) -> dict[str, A
         plan["align_target"] = [spec.domain_names.index(n) for n in params.get("target", [])]
         plan["align_target_prefix"] = params.get("target_prefix", "")
         plan["align_exclude_self"] = bool(params.get("exclude_self", True))
-    if attached and (S.SAMPLE_ALIGNMENT in needs or spec.weighting.name == "dwm"):
+    frozen = spec.weighting.name == "dwm" and bool(spec.weighting.params.get("frozen", False))
+    if attached and (S.SAMPLE_ALIGNMENT in needs or spec.weighting.name == "dwm") and not frozen:
         plan["sample_align_every"] = opts.sample_align_every or every
     if S.VAL_LOSS in needs and not opts.eval_interval:
         plan["eval_every"] = every
-    # Topic statistics (ToReMi) and topic weighting use the domain as the sample's topic.
-    plan["report_topics"] = attached and (spec.strategy.name == "toremi" or spec.weighting.name == "topic")
+    # Topic statistics (ToReMi) and topic weighting read each sample's topics from `mixer topics build`.
+    plan["topics"] = spec.strategy.name == "toremi" or spec.weighting.name == "topic"
+    plan["report_topics"] = attached and plan["topics"]
     return plan
 
 
@@ -167,10 +169,11 @@ def run_pretrain(opts: PretrainOptions, *, on_step=None) -> dict[str, Any]:
     from mixer.megatron.sampler import FingerprintMismatchError, MixtureSampler
     from mixer.megatron.train import TrainConfig, train
     from mixer.spec import JobSpec, SpecError
+    from mixer.transfer import TransferError, resolve_spec_text
 
     try:
-        spec = JobSpec.from_yaml(Path(opts.spec).read_text())
-    except (OSError, SpecError) as e:
+        spec = JobSpec.from_yaml(resolve_spec_text(Path(opts.spec).read_text(), Path(opts.spec).parent))
+    except (OSError, SpecError, TransferError) as e:
         raise click.ClickException(f"{opts.spec}: {e}") from None
     for i, d in enumerate(spec.domains):
         if not d.prefix:
@@ -262,6 +265,14 @@ def run_pretrain(opts: PretrainOptions, *, on_step=None) -> dict[str, Any]:
         datasets = build_domain_datasets(
             [d.prefix for d in spec.domains], opts.seq_length, seed, None, Path(cache[0])
         )
+        if plan["topics"]:
+            from mixer.megatron.loader import with_topics
+            from mixer.topics import TopicsError
+
+            try:
+                datasets = with_topics(datasets, [d.prefix for d in spec.domains])
+            except TopicsError as e:
+                raise click.ClickException(f"{opts.spec}: topic weighting needs topic labels: {e}") from None
         vals = (
             build_domain_datasets(val_prefixes, opts.seq_length, seed, None, Path(cache[0]))
             if has_val
@@ -436,9 +447,10 @@ def _record(
     }
 
 
-if __name__ == "__main__":
-    # The command and its options live in mixer/megatron/cli.py (also mounted as `mixer pretrain`).
-    from mixer.megatron.cli import pretrain
+if __name__ == "__main__":  # `python -m mixer.megatron.pretrain ARGS` is `mixer pretrain ARGS` (mixer/cli/data.py)
+    import runpy
+    import sys
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    pretrain()
+    sys.argv[1:1] = ["pretrain"]
+    runpy.run_module("mixer.cli", run_name="__main__", alter_sys=True)

@@ -105,7 +105,7 @@ class WeightVersion(_message.Message):
     def __init__(self, job: _Optional[str] = ..., version: _Optional[int] = ..., effective_step: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ..., domains: _Optional[_Iterable[str]] = ..., params_json: _Optional[str] = ..., params_blob: _Optional[bytes] = ..., trigger_step: _Optional[int] = ..., created_at: _Optional[float] = ...) -> None: ...
 
 class Signals(_message.Message):
-    __slots__ = ("step", "source", "seq", "applied_version", "domain_loss_sum", "domain_token_count", "domain_sample_count", "excess_loss_sum", "val_loss", "alignment", "sample_loss", "sample_domain", "sample_id", "sample_topic", "sample_align", "extra")
+    __slots__ = ("step", "source", "seq", "applied_version", "domain_loss_sum", "domain_token_count", "domain_sample_count", "excess_loss_sum", "val_loss", "alignment", "sample_loss", "sample_domain", "sample_id", "sample_topic", "sample_align", "extra", "sample_topic_width")
     class ExtraEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class Signals(_message.Message):
     SAMPLE_TOPIC_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_ALIGN_FIELD_NUMBER: _ClassVar[int]
     EXTRA_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_TOPIC_WIDTH_FIELD_NUMBER: _ClassVar[int]
     step: int
     source: str
     seq: int
@@ -145,7 +146,8 @@ class Signals(_message.Message):
     sample_topic: bytes
     sample_align: bytes
     extra: _containers.ScalarMap[str, float]
-    def __init__(self, step: _Optional[int] = ..., source: _Optional[str] = ..., seq: _Optional[int] = ..., applied_version: _Optional[int] = ..., domain_loss_sum: _Optional[_Iterable[float]] = ..., domain_token_count: _Optional[_Iterable[float]] = ..., domain_sample_count: _Optional[_Iterable[int]] = ..., excess_loss_sum: _Optional[_Iterable[float]] = ..., val_loss: _Optional[_Iterable[float]] = ..., alignment: _Optional[_Iterable[float]] = ..., sample_loss: _Optional[bytes] = ..., sample_domain: _Optional[bytes] = ..., sample_id: _Optional[bytes] = ..., sample_topic: _Optional[bytes] = ..., sample_align: _Optional[bytes] = ..., extra: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    sample_topic_width: int
+    def __init__(self, step: _Optional[int] = ..., source: _Optional[str] = ..., seq: _Optional[int] = ..., applied_version: _Optional[int] = ..., domain_loss_sum: _Optional[_Iterable[float]] = ..., domain_token_count: _Optional[_Iterable[float]] = ..., domain_sample_count: _Optional[_Iterable[int]] = ..., excess_loss_sum: _Optional[_Iterable[float]] = ..., val_loss: _Optional[_Iterable[float]] = ..., alignment: _Optional[_Iterable[float]] = ..., sample_loss: _Optional[bytes] = ..., sample_domain: _Optional[bytes] = ..., sample_id: _Optional[bytes] = ..., sample_topic: _Optional[bytes] = ..., sample_align: _Optional[bytes] = ..., extra: _Optional[_Mapping[str, float]] = ..., sample_topic_width: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("job", "source")
@@ -155,12 +157,6 @@ class Hello(_message.Message):
     source: str
     def __init__(self, job: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
-class Heartbeat(_message.Message):
-    __slots__ = ("step",)
-    STEP_FIELD_NUMBER: _ClassVar[int]
-    step: int
-    def __init__(self, step: _Optional[int] = ...) -> None: ...
-
 class ReportBatch(_message.Message):
     __slots__ = ("reports",)
     REPORTS_FIELD_NUMBER: _ClassVar[int]
@@ -168,16 +164,14 @@ class ReportBatch(_message.Message):
     def __init__(self, reports: _Optional[_Iterable[_Union[Signals, _Mapping]]] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
-    __slots__ = ("hello", "report", "heartbeat", "reports")
+    __slots__ = ("hello", "report", "reports")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
-    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     REPORTS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     report: Signals
-    heartbeat: Heartbeat
     reports: ReportBatch
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., report: _Optional[_Union[Signals, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., reports: _Optional[_Union[ReportBatch, _Mapping]] = ...) -> None: ...
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., report: _Optional[_Union[Signals, _Mapping]] = ..., reports: _Optional[_Union[ReportBatch, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("job", "source", "last_step", "last_seq", "current", "domains", "spec_json")

@@ -113,7 +113,7 @@ class MixerServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def Session(self, request_iterator, context):
-        """A worker's session: hello first, then reports and heartbeats; the service acknowledges
+        """A worker's session: hello first, then reports; the service acknowledges
         each report once it is durable and pushes each new weight version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -7,16 +7,26 @@ raises one `SpecError` naming `weighting.params.<field>`.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mixer.spec import SpecError
+from mixer.errors import SpecError
+from mixer.signals import MAX_STEP, MAX_TOPIC_ID
 
 # Sow et al.'s strategies by their paper names; "mid" is the reference repo's name for Quadratic.
 LOSS_METHODS = ("linupper", "quadratic", "extremes", "upper", "uniform")
 LOSS_ALIASES = {"mid": "quadratic"}
 DWM_OPTIMIZERS = ("adam", "sgd")
+DWM_MODELS = ("batch-context", "mlp-features")
+DWM_MAX_HIDDEN = 256
+DWM_FIXED_FEATURES = 4  # loss, relative loss, length, progress; then domain one-hot, topic multi-hot
+# Below the spec's own 1 MiB bound; a batch-context model of 64 features and 128 hidden units
+# is ~170 KB as safetensors, ~230 K characters as base64.
+DWM_MAX_INIT_CHARS = 768 << 10
 
 
 def _where(name: str) -> str:
@@ -38,6 +48,18 @@ def _nonneg_float(name: str, v: Any) -> float:
 def _int(name: str, v: Any, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise SpecError(_where(name), f"must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _at_most(name: str, v: Any, hi: float) -> Any:
+    if v > hi:
+        raise SpecError(_where(name), f"must be at most {int(hi) if float(hi).is_integer() else hi}, got {v!r}")
+    return v
+
+
+def _hidden(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= DWM_MAX_HIDDEN:
+        raise SpecError(_where("hidden"), f"must be an integer in [1, {DWM_MAX_HIDDEN}], got {v!r}")
     return v
 
 
@@ -91,8 +113,10 @@ class TopicParams:
 
     topic_weights: tuple[float, ...] = ()
     """Weight of each topic id (>= 0); empty means uniform until the service ships a version."""
+    normalize: bool = True
+    """Rescale the weights to sum to the global batch size (ours); false: the reference's raw weights."""
 
-    NAMES = frozenset({"topic_weights"})
+    NAMES = frozenset({"topic_weights", "normalize"})
 
     @classmethod
     def parse(cls, given: dict[str, Any]) -> TopicParams:
@@ -107,18 +131,24 @@ class TopicParams:
             raise SpecError(
                 _where("topic_weights"), "all topic weights are zero; give at least one a positive weight"
             )
-        return cls(topic_weights=weights)
+        normalize = given.get("normalize", True)
+        if not isinstance(normalize, bool):
+            raise SpecError(_where("normalize"), f"must be true or false, got {normalize!r}")
+        return cls(topic_weights=weights, normalize=normalize)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"topic_weights": list(self.topic_weights)}
+        return {"topic_weights": list(self.topic_weights), "normalize": self.normalize}
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class DwmParams:
-    """DWM weighting model: MLP shape, its optimiser, and the feature layout both sides must share."""
+    """DWM weighting model: its architecture, its optimiser, the feature layout both sides must
+    share, and where a transferred model comes from."""
 
+    model: str = "batch-context"
+    """batch-context (the in-batch weighting model, default) | mlp-features (the per-sample MLP)."""
     hidden: int = 32
-    """Hidden units of the one-hidden-layer MLP."""
+    """Hidden units of the weighting model's layers."""
     lr: float = 1e-3
     """Learning rate of the weighting model's optimiser."""
     eta: float = 1.0
@@ -133,14 +163,55 @@ class DwmParams:
     """Lengths enter the features as tokens / seq_len."""
     total_steps: int = 100_000
     """Training progress enters the features as min(step / total_steps, 1)."""
+    init_from: str = ""
+    """A trained weighting model to start from (base64 of its safetensors blob; a client resolves a
+    file path to this form when it loads the spec); empty: a fresh model from the job seed."""
+    frozen: bool = False
+    """Apply the `init_from` model unchanged: the service never trains it and workers skip the probe."""
 
     NAMES = frozenset(
-        {"hidden", "lr", "eta", "optimizer", "momentum", "num_topics", "seq_len", "total_steps"}
+        {
+            "model",
+            "hidden",
+            "lr",
+            "eta",
+            "optimizer",
+            "momentum",
+            "num_topics",
+            "seq_len",
+            "total_steps",
+            "init_from",
+            "frozen",
+        }
     )
 
     @classmethod
     def parse(cls, given: dict[str, Any]) -> DwmParams:
         _no_unknown("dwm", given, cls.NAMES)
+        model = given.get("model", "batch-context")
+        if model not in DWM_MODELS:
+            raise SpecError(_where("model"), f"must be one of {', '.join(DWM_MODELS)}, got {model!r}")
+        init_from = given.get("init_from", "")
+        if not isinstance(init_from, str) or len(init_from) > DWM_MAX_INIT_CHARS:
+            raise SpecError(
+                _where("init_from"),
+                f"must be a base64 string of at most {DWM_MAX_INIT_CHARS} characters "
+                f"(a DWM blob from `export_weighting_model`), got {type(init_from).__name__}",
+            )
+        if init_from:
+            try:
+                base64.b64decode(init_from, validate=True)
+            except (binascii.Error, ValueError):
+                raise SpecError(
+                    _where("init_from"),
+                    "is not base64; give the exported model's base64 text, or a file path the client "
+                    "resolves when it loads the spec",
+                ) from None
+        frozen = given.get("frozen", False)
+        if not isinstance(frozen, bool):
+            raise SpecError(_where("frozen"), f"must be true or false, got {frozen!r}")
+        if frozen and not init_from:
+            raise SpecError(_where("frozen"), "needs weighting.params.init_from: a frozen model must come from somewhere")
         opt = given.get("optimizer", "adam")
         if opt not in DWM_OPTIMIZERS:
             raise SpecError(_where("optimizer"), f"must be one of {', '.join(DWM_OPTIMIZERS)}, got {opt!r}")
@@ -148,15 +219,44 @@ class DwmParams:
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise SpecError(_where("momentum"), f"must lie in [0, 1), got {momentum!r}")
         return cls(
-            hidden=_int("hidden", given.get("hidden", 32), 1),
-            lr=_positive("lr", given.get("lr", 1e-3)),
-            eta=_positive("eta", given.get("eta", 1.0)),
+            hidden=_hidden(given.get("hidden", 32)),
+            lr=_at_most("lr", _positive("lr", given.get("lr", 1e-3)), 1.0),
+            eta=_at_most("eta", _positive("eta", given.get("eta", 1.0)), 1e6),
             optimizer=opt,
             momentum=float(momentum),
-            num_topics=_int("num_topics", given.get("num_topics", 0), 0),
-            seq_len=_int("seq_len", given.get("seq_len", 4096), 1),
-            total_steps=_int("total_steps", given.get("total_steps", 100_000), 1),
+            num_topics=_at_most("num_topics", _int("num_topics", given.get("num_topics", 0), 0), MAX_TOPIC_ID),
+            seq_len=_at_most("seq_len", _int("seq_len", given.get("seq_len", 4096), 1), 1 << 24),
+            total_steps=_at_most(
+                "total_steps", _int("total_steps", given.get("total_steps", 100_000), 1), MAX_STEP - 1
+            ),
+            model=model,
+            init_from=init_from,
+            frozen=frozen,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_init_from(params: DwmParams, num_domains: int) -> None:
+    """Refuse an `init_from` model whose feature count cannot fit this job (read from the blob's
+    safetensors header, without torch); the full check happens where the model is loaded."""
+    where = _where("init_from")
+    blob = base64.b64decode(params.init_from)
+    try:
+        size = int.from_bytes(blob[:8], "little")
+        if not 0 < size <= len(blob) - 8:
+            raise ValueError("header size out of range")
+        meta = json.loads(blob[8 : 8 + size]).get("__metadata__") or {}
+        features = int(meta["num_features"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SpecError(where, f"is not an exported DWM model (safetensors header unreadable: {e})") from None
+    if meta.get("format") != "mixer.dwm/1":
+        raise SpecError(where, f"holds format {meta.get('format')!r}, not a DWM model ('mixer.dwm/1')")
+    want = DWM_FIXED_FEATURES + num_domains + params.num_topics
+    if features != want:
+        raise SpecError(
+            where,
+            f"holds a model of {features} features; this job needs {want} "
+            f"({DWM_FIXED_FEATURES} + {num_domains} domains + {params.num_topics} topics)",
+        )

@@ -1,4 +1,5 @@
-"""ToReMi topic weights: per-sample means of topic weights, normalised to the batch size."""
+"""ToReMi topic weights: per-sample means of topic weights (0 without a topic, as the reference),
+normalised to the batch size by default, raw with normalize=False."""
 
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ def test_single_topic_ids() -> None:
 
 def test_several_topics_with_padding_and_a_sample_without_topic() -> None:
     ids = torch.tensor([[0, 1, -1], [2, -1, -1], [-1, -1, -1], [0, 1, 2]])
-    raw = np.array([(0.5 + 0.2) / 2, 0.3, np.mean(TW), (0.5 + 0.2 + 0.3) / 3])
+    raw = np.array([(0.5 + 0.2) / 2, 0.3, 0.0, (0.5 + 0.2 + 0.3) / 3])
     want = raw * 4 / raw.sum()
     np.testing.assert_allclose(sample_weights(ids, TW).numpy(), want, rtol=1e-6)
     np.testing.assert_allclose(sample_weights_np(ids.numpy(), TW), want, rtol=1e-12)
+    np.testing.assert_allclose(sample_weights(ids, TW, normalize=False).numpy(), raw, rtol=1e-6)
+    np.testing.assert_allclose(sample_weights_np(ids.numpy(), TW, normalize=False), raw, rtol=1e-12)
 
 
 def test_torch_equals_numpy_reference_and_is_detached() -> None:
@@ -40,10 +43,10 @@ def test_torch_equals_numpy_reference_and_is_detached() -> None:
     assert w32.dtype == torch.float32 and w32.sum().item() == pytest.approx(257, rel=1e-5)
 
 
-def test_topics_the_version_does_not_cover_count_as_no_topic() -> None:
-    # The service may not have weighted topic 7 yet; training must go on, neutrally.
+def test_topics_the_version_does_not_cover_keep_the_initial_weight() -> None:
+    # The service may not have weighted topic 7 yet: it has the weight every topic starts with.
     ids = torch.tensor([[7, -1], [0, 7], [1, -1]])
-    raw = np.array([np.mean(TW), 0.5, 0.2])
+    raw = np.array([1.0, (0.5 + 1.0) / 2, 0.2])
     np.testing.assert_allclose(sample_weights(ids, TW).numpy(), raw * 3 / raw.sum(), rtol=1e-6)
     np.testing.assert_allclose(sample_weights_np(ids.numpy(), TW), raw * 3 / raw.sum(), rtol=1e-12)
 
@@ -71,7 +74,19 @@ def test_params_from_a_version() -> None:
     ids = torch.tensor([0, 1])
     assert torch.equal(weights_from_params(ids, {}), torch.ones(2))
     np.testing.assert_allclose(weights_from_params(ids, {"topic_weights": [3, 1]}).numpy(), [1.5, 0.5])
-    assert TopicParams.parse({"topic_weights": [1, 2]}).to_dict() == {"topic_weights": [1.0, 2.0]}
-    for bad in ({"topic_weights": [0, 0]}, {"topic_weights": [1, -1]}, {"topic_weights": "x"}, {"other": 1}):
+    raw = weights_from_params(ids, {"topic_weights": [3, 1], "normalize": False})
+    np.testing.assert_allclose(raw.numpy(), [3.0, 1.0])
+    assert TopicParams.parse({"topic_weights": [1, 2]}).to_dict() == {
+        "topic_weights": [1.0, 2.0],
+        "normalize": True,
+    }
+    bad_params = (
+        {"topic_weights": [0, 0]},
+        {"topic_weights": [1, -1]},
+        {"topic_weights": "x"},
+        {"other": 1},
+        {"normalize": 1},
+    )
+    for bad in bad_params:
         with pytest.raises(SpecError):
             TopicParams.parse(bad)

@@ -18,8 +18,11 @@ def spec(weighting: dict) -> JobSpec:
 
 def test_methods_are_registered_with_their_params() -> None:
     assert METHODS["loss"] == {"method", "delta", "r", "burn_in"}
-    assert METHODS["topic"] == {"topic_weights"}
+    assert METHODS["topic"] == {"topic_weights", "normalize"}
     assert METHODS["dwm"] == {
+        "model",
+        "init_from",
+        "frozen",
         "hidden",
         "lr",
         "eta",
