@@ -1,6 +1,7 @@
 """DWM, service side: train the data weighting model from reported per-sample alignments, stage by
 stage, and ship it as a version (Yu, Han, Zhou, Tang, Huang, Wang, Tao, ICML 2025, "LLM Data
-Selection and Utilization via Dynamic Bi-level Optimization", arXiv:2507.16178).
+Selection and Utilization via Dynamic Bi-level Optimization", arXiv:2507.16178). The weighting
+models, their inputs and the upper-level gradient are in `mixer.weighting.dwm`.
 
 The paper's bi-level problem (the LLM theta trains on the weighted loss, the weighting model phi on
 the validation loss of the model that weighting produced):
@@ -11,8 +12,14 @@ One-step unrolling, theta' = theta - eta (1/N) sum_i w_i grad l_i, and the chain
 upper-level gradient from one scalar per sample, which workers measure and report as
 `sample_align`:
 
-    s_i           = <grad l_i(theta), grad L_val(theta)>
-    dL_val/dphi  ~= -eta sum_i s_i dw_i/dphi          (1/N folded into eta)
+    s_i           = <grad l_i(theta), grad L_val(theta')>
+    dL_val/dphi   = -eta sum_i s_i dw_i/dphi          (1/N folded into eta)
+
+Choices that are ours in measuring s_i (mixer.megatron.probes.SampleAlignProbe): both gradients are
+restricted to the output layer's weight (a per-sample gradient of the whole model costs a backward
+per sample), and theta' is the parameters after the job's own optimiser step (measured after
+optimizer.step()), where the derivation has a plain gradient step of size eta; eta is then a scale,
+which the service's Adam barely sees.
 
 `mixer.weighting.dwm.service_update` takes one optimiser step on phi per reported batch (the
 surrogate J(phi) = -eta sum_i s_i w_i(phi), s held constant) and then folds the batch's losses into
@@ -27,8 +34,8 @@ of a stage (0: the whole stage) are its learning phase: the service trains phi o
 at those steps, ignores alignments from the frozen rest, and publishes the model (with the feature
 means) once the phase has been reported through its last step; workers then apply that model,
 unchanged, until the next publication. phi and its Adam state carry over from stage to stage. A
-service cannot train before workers report, so until the first publication workers weight uniformly
-(the untrained model's output). A window that spans a publication point trains on all of its batches,
+service cannot train before workers report, so until the first publication workers weight with the
+spec's model: uniformly (the untrained model's output), or with a transferred one (`init_from`). A window that spans a publication point trains on all of its batches,
 then publishes once.
 
 Domain weights are not this method's business: every version keeps the prior. Version params:
@@ -37,9 +44,12 @@ far), `samples` (samples trained on), `stage_steps` and `learn_steps` (so worker
 alignment probes on only while the service learns: see `DWM.learning_at`); the model and the
 feature state travel in the blob (`mixer.weighting.dwm.to_bytes`, safetensors, no optimiser state).
 
-The model's hyperparameters (hidden, lr, eta, optimizer, momentum, num_topics, seq_len, total_steps)
-are the job's `weighting.params` when `weighting.name` is `dwm`, else DwmParams' defaults; phi is
-initialised from the job seed. torch is imported at the first update that trains, never at import,
+The model's hyperparameters (model, hidden, lr, eta, optimizer, momentum, num_topics, seq_len,
+total_steps) are the job's `weighting.params` when `weighting.name` is `dwm`, else DwmParams'
+defaults; phi is initialised from the job seed, or (transfer) from `weighting.params.init_from`, a
+model exported from another job (`mixer.transfer.export_weighting_model`), possibly trained with an
+LLM of another size. With `frozen: true` the service never trains that model: no stage learns, no
+version is published, and workers apply the spec's model throughout (the paper's transfer setting). torch is imported at the first update that trains, never at import,
 so that a server without DWM jobs does not pay for it. Training runs on one torch thread, which
 keeps it bit-identical between the server and a replay in another process.
 """
@@ -88,6 +98,10 @@ class DWM(Strategy):
             p["learn_steps"] <= self.stage_length,
             f"must not exceed the stage length {self.stage_length} (0: learn through the whole stage)",
         )
+        if self.config.init_from:
+            from mixer.weighting.params import check_init_from
+
+            check_init_from(self.config, self.K)
 
     @property
     def stage_length(self) -> int:
@@ -103,7 +117,7 @@ class DWM(Strategy):
 
     def learning_at(self, step: int) -> bool:
         """Whether alignments measured at `step` train the model (workers may skip the probe otherwise)."""
-        return step % self.stage_length < self.learn_length
+        return not self.config.frozen and step % self.stage_length < self.learn_length
 
     def _publish_step(self, step: int) -> int:
         """The last learning step of the stage that holds `step`."""
@@ -190,14 +204,14 @@ class DWM(Strategy):
                 )
             )
         builder = self._builder(state)
-        phi = state["phi"] or dwm.init_params(builder.num_features, self.config.hidden, state["seed"])
+        phi = state["phi"] or dwm.initial_model(self.config, self.K, state["seed"])[0]
         try:
             with _one_torch_thread():
                 phi = dwm.service_update(phi, builder, self.config, batches)
         except _SKIP_ERRORS:
             state["skipped"] += len(batches)
             return
-        if not all(np.isfinite(phi[k]).all() for k in dwm.MLP_KEYS):
+        if not all(np.isfinite(phi[k]).all() for k in dwm.model_keys(phi)):
             # An alignment large enough to overflow the step would ship a model workers must refuse.
             state["skipped"] += len(batches)
             return

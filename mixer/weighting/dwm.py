@@ -1,37 +1,70 @@
-"""DWM, a learned data weighting model (Yu, Han, Zhou, Tang, Huang, Wang, Tao, ICML 2025,
-"LLM Data Selection and Utilization via Dynamic Bi-level Optimization", arXiv:2507.16178).
+"""DWM, the Data Weighting Model (Yu, Han, Zhou, Tang, Huang, Wang, Tao, ICML 2025, "LLM Data
+Selection and Utilization via Dynamic Bi-level Optimization", arXiv:2507.16178), worker and service
+functions.
 
-A weighting model with parameters phi gives each sample of a batch a relative weight; the LLM
-(parameters theta) trains on the weighted loss, and phi is trained so that the LLM's validation
-loss falls. The paper's bi-level problem:
+The paper's method, as this module implements it:
 
-    min_phi  L_val(theta*(phi))     theta*(phi) = argmin_theta (1/N) sum_i w_i(phi) l_i(theta)
+- A weighting model with parameters phi gives each selected sample of a batch a weight relative
+  to the other samples of that batch; the LLM (parameters theta) trains on the weighted sum of
+  the samples' losses with the weighting model frozen.
+- phi is trained so that the validation loss of the LLM trained with those weights falls: the
+  bi-level problem
 
-With one-step unrolling, theta' = theta - eta (1/N) sum_i w_i grad l_i, and the chain rule gives
-the upper-level gradient from per-sample scalars alone:
+      min_phi  L_val(theta*(phi))     theta*(phi) = argmin_theta (1/N) sum_i w_i(phi) l_i(theta)
 
-    s_i = <grad l_i(theta), grad L_val(theta)>            (the worker measures these)
-    L_val(theta') ~= L_val(theta) - eta/N sum_i w_i(phi) s_i
-    dL_val/dphi   ~= -eta sum_i s_i dw_i/dphi              (1/N folded into eta)
+  solved by alternating the two levels, with the upper-level gradient from the chain rule
+  through one unrolled lower-level step theta'(phi) = theta - eta (1/N) sum_i w_i(phi) grad l_i(theta):
 
-so the service trains phi by autograd on the surrogate J(phi) = -eta sum_i s_i w_i(phi), with s
-held constant. Here the weighting model is a one-hidden-layer MLP over per-sample features (a
-compact stand-in for the paper's model over the samples themselves):
+      dL_val(theta')/dphi = sum_i (dL_val(theta')/dw_i) dw_i/dphi
+                          = -(eta/N) sum_i <grad l_i(theta), grad L_val(theta')> dw_i/dphi
 
-    z_i = softsign(x_i W1 + b1) . w2    w_i = N softmax(z)_i        (sum_i w_i = N)
+  so per-sample scalars s_i = <grad l_i(theta), grad L_val(theta')> are all the service needs
+  (workers measure them: `sample_align`); `upper_gradient` is this sum, taken by autograd on the
+  surrogate J(phi) = -eta sum_i s_i w_i(phi) with s held constant (1/N folded into eta).
+- The weighting model is learned in stages and transfers: a model learned with one LLM can
+  weight the batches of another (a larger one, or another data selection); `initial_model`
+  starts a job from an exported model (`weighting.params.init_from`).
 
-softsign(a) = a / (1 + |a|): bounded like tanh, so one huge loss cannot blow a score up and
-collapse the softmax (ReLU did, in the corrupted-label test), yet a third of tanh's CPU cost.
+Weighting models (`weighting.params.model`):
 
-Features x_i (see `FeatureBuilder`): loss, loss minus its domain's running mean, tokens/seq_len,
-training progress, domain one-hot, topic multi-hot. The output layer starts at zero so a fresh
-model gives exactly uniform weights. Parameters are a flat dict of numpy arrays (float32): the
-MLP ("W1", "b1", "w2") and, once trained, the optimiser state ("opt.t", "opt.m.W1", ...). They
-travel as safetensors bytes with the feature layout in the header, never as pickle.
+- batch-context (default): a sample is weighted in the company of its batch. With x_i the
+  features of sample i of a global batch of N (see `FeatureBuilder`),
+
+      e_i = softsign(x_i W1 + b1)                  per-sample embedding          (H)
+      c   = (1/N) sum_j e_j                        the batch, pooled             (H)
+      h_i = softsign(e_i W2 + c U + b2)            the sample within its batch   (H)
+      z_i = h_i . w2
+      w_i = N exp(z_i) / sum_j exp(z_j)            in-batch normalisation: sum_i w_i = N
+
+  so a sample's weight depends on the other samples of the same batch (their joint effect on
+  the update), not on the sample alone, and weights are relative within the batch.
+- mlp-features: the earlier per-sample model, z_i = softsign(x_i W1 + b1) . w2, same
+  normalisation; kept so that specs naming it and recorded jobs replay unchanged.
+
+Choices that are ours:
+- Inputs: per-sample statistics both sides can rebuild from what workers report (loss, loss
+  minus its domain's running mean, tokens/seq_len, training progress, domain one-hot, topic
+  multi-hot), not token content: the service that trains phi sees reports, never text. These
+  inputs do not depend on the LLM's width or depth, which is what lets a model move between
+  LLM sizes.
+- The batch-context layer (mean-pooled set context, Zaheer et al. 2017, "Deep Sets") over
+  attention between samples: O(N H) at any batch size, one all-reduce of H+1 numbers per step
+  under data parallelism instead of gathering every sample's embedding.
+- softsign (a / (1 + |a|)) as the nonlinearity: bounded like tanh, so one huge loss cannot
+  blow a score up and collapse the softmax, at a third of tanh's CPU cost.
+- Output layer w2 starts at zero, so a fresh model gives exactly uniform weights.
+- The service trains phi with Adam (or SGD) on the surrogate, one step per reported batch.
+- A transferred model brings its tensors only: the feature running means restart with the new
+  job (another LLM has other loss levels), and so does the optimiser state.
+
+Parameters are a flat dict of float32 numpy arrays (the model's tensors and, once trained, the
+optimiser state "opt.t", "opt.m.<key>", "opt.v.<key>"). They travel as safetensors bytes with the
+feature layout in the header, never as pickle.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -42,27 +75,48 @@ import numpy as np
 import safetensors.numpy
 import torch
 
-from mixer.weighting.distributed import gather_batch
-from mixer.weighting.params import DwmParams
+from mixer.weighting.distributed import gather_batch, sum_over_ranks
+from mixer.weighting.params import DWM_FIXED_FEATURES, DWM_MODELS, DwmParams
 
 MLP_KEYS = ("W1", "b1", "w2")
+BATCH_KEYS = ("W1", "b1", "W2", "U", "b2", "w2")
+MODEL_KEYS = {"batch-context": BATCH_KEYS, "mlp-features": MLP_KEYS}
+DEFAULT_MODEL = DWM_MODELS[0]
 FORMAT = "mixer.dwm/1"
-FIXED_FEATURES = 4  # loss, relative loss, length, progress
+FIXED_FEATURES = DWM_FIXED_FEATURES  # loss, relative loss, length, progress
 
 Params = dict[str, np.ndarray]
 
 
-def init_params(num_features: int, hidden: int = 32, seed: int = 0) -> Params:
+def model_of(params: Mapping[str, Any]) -> str:
+    """Which weighting model a parameter dict holds (the batch-context model has a context matrix U)."""
+    return "batch-context" if "U" in params else "mlp-features"
+
+
+def model_keys(params: Mapping[str, Any]) -> tuple[str, ...]:
+    return MODEL_KEYS[model_of(params)]
+
+
+def init_params(num_features: int, hidden: int = 32, seed: int = 0, model: str = DEFAULT_MODEL) -> Params:
     """A fresh weighting model; its zero output layer gives uniform weights until trained."""
     if num_features < 1 or hidden < 1:
         raise ValueError(f"num_features and hidden must be >= 1, got {num_features} and {hidden}")
+    if model not in MODEL_KEYS:
+        raise ValueError(f"model must be one of {', '.join(MODEL_KEYS)}, got {model!r}")
     rng = np.random.Generator(np.random.PCG64(seed))
     bound = 1.0 / math.sqrt(num_features)
-    return {
+    # W1 is drawn first for both models, so the mlp-features model is what it always was.
+    out = {
         "W1": rng.uniform(-bound, bound, (num_features, hidden)).astype(np.float32),
         "b1": np.zeros(hidden, dtype=np.float32),
-        "w2": np.zeros(hidden, dtype=np.float32),
     }
+    if model == "batch-context":
+        inner = 1.0 / math.sqrt(hidden)
+        out["W2"] = rng.uniform(-inner, inner, (hidden, hidden)).astype(np.float32)
+        out["U"] = rng.uniform(-inner, inner, (hidden, hidden)).astype(np.float32)
+        out["b2"] = np.zeros(hidden, dtype=np.float32)
+    out["w2"] = np.zeros(hidden, dtype=np.float32)
+    return out
 
 
 def _check_shape(features: torch.Tensor, num_features: int) -> None:
@@ -88,12 +142,26 @@ def _check_features(features: torch.Tensor, num_features: int) -> None:
 def to_torch(
     params: Mapping[str, Any], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> dict:
-    """The MLP tensors on `device` (do this once per version on the worker, not every step)."""
-    return {k: torch.as_tensor(params[k]).to(device=device, dtype=dtype) for k in MLP_KEYS}
+    """The model's tensors on `device` (do this once per version on the worker, not every step)."""
+    return {k: torch.as_tensor(params[k]).to(device=device, dtype=dtype) for k in model_keys(params)}
 
 
-def _scores(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.softsign(torch.addmm(p["b1"], x, p["W1"])) @ p["w2"]
+def _scores(p: Mapping[str, torch.Tensor], x: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """z_i for this rank's rows; the batch context c pools the global batch (all ranks)."""
+    e = torch.nn.functional.softsign(torch.addmm(p["b1"], x, p["W1"]))
+    if "U" not in p:
+        return e @ p["w2"]
+    # Sum and count in one all-reduce: c is the mean embedding over the global batch.
+    pooled = torch.cat([e.sum(dim=0), e.new_full((1,), float(e.shape[0]))])
+    pooled = sum_over_ranks(pooled, group)
+    c = pooled[:-1] / pooled[-1]
+    h = torch.nn.functional.softsign(torch.addmm(p["b2"] + c @ p["U"], e, p["W2"]))
+    return h @ p["w2"]
+
+
+def in_batch_weights(scores: torch.Tensor) -> torch.Tensor:
+    """w_i = N softmax(z)_i over the (global) batch: relative weights with mean 1."""
+    return torch.softmax(scores, dim=0) * scores.numel()
 
 
 def evaluate(params: Mapping[str, Any], features: torch.Tensor, *, group: Any = None) -> torch.Tensor:
@@ -104,20 +172,52 @@ def evaluate(params: Mapping[str, Any], features: torch.Tensor, *, group: Any = 
             isinstance(params[k], torch.Tensor)
             and params[k].device == x.device
             and params[k].dtype == x.dtype
-            for k in MLP_KEYS
+            for k in model_keys(params)
         )
         p = params if ready else to_torch(params, x.device, x.dtype)
         _check_shape(x, p["W1"].shape[0])
-        full, start = gather_batch(_scores(p, x), group)
-        # NaN/Inf in any feature reaches the score (softsign(inf) is NaN). Checked after the
-        # gather, so every rank raises together instead of one leaving the others in a collective.
+        full, start = gather_batch(_scores(p, x, group), group)
+        # NaN/Inf in any feature reaches the score (softsign(inf) is NaN; through the batch context
+        # it reaches every score). Checked after the gather, so every rank raises together instead
+        # of one leaving the others in a collective.
         if not bool(torch.isfinite(full).all()):
             bad = torch.nonzero(~torch.isfinite(full))[0].item()
-            raise ValueError(
-                f"features of global sample {bad} contain NaN or Inf; per-sample losses must be finite"
-            )
-        w = torch.softmax(full, dim=0) * full.numel()
-        return w[start : start + x.shape[0]]
+            if "U" in p:
+                # The batch context spreads one bad row to every score: name the row itself.
+                rows = torch.nonzero(~torch.isfinite(x).all(dim=1))
+                where = (
+                    f"global sample {start + rows[0].item()}" if rows.numel() else "a sample on another rank"
+                )
+            else:
+                where = f"global sample {bad}"
+            raise ValueError(f"features of {where} contain NaN or Inf; per-sample losses must be finite")
+        return in_batch_weights(full)[start : start + x.shape[0]]
+
+
+def upper_gradient(
+    params: Mapping[str, Any], features: torch.Tensor, s: torch.Tensor, eta: float
+) -> dict[str, torch.Tensor]:
+    """dL_val(theta'(phi))/dphi from the batch's s_i = <grad l_i(theta), grad L_val(theta')>:
+    the gradient of J(phi) = -eta sum_i s_i w_i(phi), s held constant (module docstring).
+
+    `features` (float32 or float64) are the rows the batch was weighted with, one per s_i; the
+    gradient comes back in the features' dtype, keyed like the model's tensors.
+    """
+    x = torch.as_tensor(features).detach()
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    s = torch.as_tensor(s).detach().to(x.dtype).reshape(-1)
+    _check_features(x, params["W1"].shape[0])
+    if s.shape[0] != x.shape[0] or not bool(torch.isfinite(s).all()):
+        raise ValueError(
+            f"s must hold {x.shape[0]} finite alignment scores, one per feature row; "
+            f"got shape {tuple(s.shape)}"
+        )
+    keys = model_keys(params)
+    phi = {k: torch.tensor(np.asarray(params[k]), dtype=x.dtype, requires_grad=True) for k in keys}
+    w = in_batch_weights(_scores(phi, x))
+    # The one-step-unrolled validation loss, up to a constant in phi.
+    surrogate = -eta * (s * w).sum()
+    return dict(zip(keys, torch.autograd.grad(surrogate, [phi[k] for k in keys])))
 
 
 def train_step(
@@ -136,34 +236,24 @@ def train_step(
     `features` are the ones the batch was weighted with, `s` the worker's per-sample
     <grad l_i, grad L_val>. The optimiser state rides along in the returned dict.
     """
-    x = torch.as_tensor(features).detach().to(torch.float32)
-    s = torch.as_tensor(s).detach().to(torch.float32).reshape(-1)
-    _check_features(x, params["W1"].shape[0])
-    if s.shape[0] != x.shape[0] or not bool(torch.isfinite(s).all()):
-        raise ValueError(
-            f"s must hold {x.shape[0]} finite alignment scores, one per feature row; "
-            f"got shape {tuple(s.shape)}"
-        )
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-    phi = {k: torch.tensor(np.asarray(params[k], dtype=np.float32), requires_grad=True) for k in MLP_KEYS}
-    w = torch.softmax(_scores(phi, x), dim=0) * x.shape[0]
-    # The one-step-unrolled validation loss, up to a constant in phi.
-    surrogate = -eta * (s * w).sum()
-    grads = torch.autograd.grad(surrogate, [phi[k] for k in MLP_KEYS])
+    x = torch.as_tensor(features).detach().to(torch.float32)
+    grads = upper_gradient(params, x, s, eta)
     out: Params = {k: np.array(v, copy=True) for k, v in params.items()}
+    current = {k: torch.as_tensor(np.asarray(params[k], dtype=np.float32)) for k in grads}
     if optimizer == "sgd":
-        for k, g in zip(MLP_KEYS, grads):
-            out[k] = (phi[k].detach() - lr * g).numpy().astype(np.float32)
+        for k, g in grads.items():
+            out[k] = (current[k] - lr * g).numpy().astype(np.float32)
         return out
     b1, b2 = betas
     t = int(np.asarray(params.get("opt.t", 0))) + 1
     out["opt.t"] = np.array(t, dtype=np.int64)
-    for k, g in zip(MLP_KEYS, grads):
+    for k, g in grads.items():
         m = b1 * torch.as_tensor(params.get(f"opt.m.{k}", np.zeros_like(params[k]))) + (1 - b1) * g
         v = b2 * torch.as_tensor(params.get(f"opt.v.{k}", np.zeros_like(params[k]))) + (1 - b2) * g * g
         step = lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
-        out[k] = (phi[k].detach() - step).numpy().astype(np.float32)
+        out[k] = (current[k] - step).numpy().astype(np.float32)
         out[f"opt.m.{k}"] = m.numpy().astype(np.float32)
         out[f"opt.v.{k}"] = v.numpy().astype(np.float32)
     return out
@@ -332,7 +422,8 @@ def to_bytes(
     include_optimizer: bool = False,
 ) -> bytes:
     """safetensors bytes of the model (and optimiser state if asked); the feature layout is in the header."""
-    tensors = {k: np.ascontiguousarray(params[k], dtype=np.float32) for k in MLP_KEYS}
+    model = model_of(params)
+    tensors = {k: np.ascontiguousarray(params[k], dtype=np.float32) for k in MODEL_KEYS[model]}
     if include_optimizer:
         # np.array, not ascontiguousarray: the latter turns the 0-d step counter into shape (1,).
         tensors |= {k: np.array(v, order="C") for k, v in params.items() if k.startswith("opt.")}
@@ -341,6 +432,9 @@ def to_bytes(
         "num_features": str(params["W1"].shape[0]),
         "hidden": str(params["W1"].shape[1]),
     }
+    if model != "mlp-features":
+        # mlp-features blobs carry no "model" entry: their bytes stay those of recorded jobs.
+        meta["model"] = model
     if builder is not None:
         tensors["features.domain_mean"] = builder.domain_mean.astype(np.float64)
         tensors["features.domain_seen"] = builder.domain_seen.astype(np.uint8)
@@ -358,19 +452,27 @@ def from_bytes(data: bytes) -> tuple[Params, FeatureBuilder | None]:
         raise ValueError(f"not a DWM blob (safetensors could not be read): {e}") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"blob format is {meta.get('format')!r}; expected {FORMAT!r}")
-    missing = [k for k in MLP_KEYS if k not in tensors]
+    model = meta.get("model", "mlp-features")
+    if model not in MODEL_KEYS:
+        raise ValueError(f"DWM blob holds model {model!r}; known models: {', '.join(MODEL_KEYS)}")
+    keys = MODEL_KEYS[model]
+    missing = [k for k in keys if k not in tensors]
     if missing:
-        raise ValueError(f"DWM blob lacks tensor(s) {', '.join(missing)}")
+        raise ValueError(f"DWM blob ({model}) lacks tensor(s) {', '.join(missing)}")
     f, h = tensors["W1"].shape if tensors["W1"].ndim == 2 else (-1, -1)
-    if (
-        tensors["b1"].shape != (h,)
-        or tensors["w2"].shape != (h,)
-        or not all(np.isfinite(tensors[k]).all() for k in MLP_KEYS)
+    shapes = {"W1": (f, h), "b1": (h,), "W2": (h, h), "U": (h, h), "b2": (h,), "w2": (h,)}
+    if any(tensors[k].shape != shapes[k] for k in keys) or not all(
+        np.isfinite(tensors[k]).all() for k in keys
     ):
-        raise ValueError(
-            "DWM blob has inconsistent shapes or non-finite values: need W1 (F, H), b1 (H,), w2 (H,)"
+        want = ", ".join(
+            f"{k} {('F', 'H') if k == 'W1' else ('H', 'H') if len(shapes[k]) == 2 else ('H',)}" for k in keys
         )
-    params = {k: v for k, v in tensors.items() if not k.startswith("features.")}
+        raise ValueError(f"DWM blob ({model}) has inconsistent shapes or non-finite values: need {want}")
+    params = {
+        k: v
+        for k, v in tensors.items()
+        if k in keys or k == "opt.t" or (k.startswith("opt.") and k.split(".")[-1] in keys)
+    }
     builder = None
     if "features" in meta:
         try:
@@ -386,3 +488,37 @@ def from_bytes(data: bytes) -> tuple[Params, FeatureBuilder | None]:
         if builder.num_features != f:
             raise ValueError(f"feature layout gives {builder.num_features} features but W1 takes {f}")
     return params, builder
+
+
+def to_base64(blob: bytes) -> str:
+    """The text form `weighting.params.init_from` takes."""
+    return base64.b64encode(blob).decode("ascii")
+
+
+def initial_model(config: DwmParams, num_domains: int, seed: int) -> tuple[Params, FeatureBuilder]:
+    """The model a job starts from, and its feature builder: the `init_from` model if the spec gives
+    one (its tensors only: features and optimiser start fresh), else a fresh model from the seed.
+
+    The transferred model's architecture and width are the blob's; its feature count must equal
+    this job's (4 + domains + num_topics), or a ValueError names both.
+    """
+    builder = FeatureBuilder.from_params(num_domains, config)
+    if not config.init_from:
+        return init_params(builder.num_features, config.hidden, seed, model=config.model), builder
+    try:
+        blob = base64.b64decode(config.init_from, validate=True)
+    except ValueError:
+        raise ValueError("weighting.params.init_from is not base64") from None
+    params, source = from_bytes(blob)
+    f = params["W1"].shape[0]
+    if f != builder.num_features:
+        raise ValueError(
+            f"weighting.params.init_from holds a model of {f} features; this job's features are "
+            f"{builder.num_features} (4 + {num_domains} domains + {config.num_topics} topics)"
+        )
+    if source is not None and (source.num_domains, source.num_topics) != (num_domains, config.num_topics):
+        raise ValueError(
+            f"weighting.params.init_from was trained on {source.num_domains} domains and "
+            f"{source.num_topics} topics; this job has {num_domains} and {config.num_topics}"
+        )
+    return {k: np.array(params[k], dtype=np.float32) for k in model_keys(params)}, builder

@@ -11,14 +11,14 @@ from mixer.weighting.params import DwmParams
 
 
 def trained_like(num_features: int = 7, hidden: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
-    p = dwm.init_params(num_features, hidden, seed)
+    p = dwm.init_params(num_features, hidden, seed, model="mlp-features")
     p["w2"] = np.random.default_rng(seed).normal(size=hidden).astype(np.float32)
     p["b1"] = np.random.default_rng(seed + 1).normal(size=hidden).astype(np.float32)
     return p
 
 
 def test_fresh_model_is_uniform_and_weights_are_detached() -> None:
-    p = dwm.init_params(7, 16, seed=1)
+    p = dwm.init_params(7, 16, seed=1, model="mlp-features")
     x = torch.randn(33, 7, requires_grad=True)
     assert torch.allclose(dwm.evaluate(p, x), torch.ones(33))
     w = dwm.evaluate(trained_like(), x)
@@ -140,7 +140,7 @@ def test_blob_round_trip_and_format() -> None:
 def test_service_update_then_worker_weights() -> None:
     cfg = DwmParams.parse({"hidden": 8, "lr": 1e-2})
     fb = dwm.FeatureBuilder.from_params(2, cfg)
-    p = dwm.init_params(fb.num_features, cfg.hidden, seed=0)
+    p = dwm.init_params(fb.num_features, cfg.hidden, seed=0, model="mlp-features")
     losses, domains = torch.tensor([1.0, 5.0, 2.0, 6.0]), torch.tensor([0, 1, 0, 1])
     batch = dwm.SampleBatch(step=10, losses=losses, domains=domains, s=torch.tensor([1.0, -1.0, 1.0, -1.0]))
     p = dwm.service_update(p, fb, cfg, [batch, batch])
@@ -156,7 +156,7 @@ def test_service_update_then_worker_weights() -> None:
 D, B, STEPS, FRACTION, LR = 10, 64, 300, 0.3, 0.05
 
 
-def regression_run(seed: int, use_dwm: bool) -> tuple[float, float, float]:
+def regression_run(seed: int, use_dwm: bool, model: str = "mlp-features") -> tuple[float, float, float]:
     """Train a linear model; return (clean validation loss, mean weight corrupted, mean weight clean)."""
     g = torch.Generator().manual_seed(seed)
     theta_star = torch.randn(D, generator=g, dtype=torch.float64)
@@ -172,7 +172,7 @@ def regression_run(seed: int, use_dwm: bool) -> tuple[float, float, float]:
         return x, torch.where(bad, noise, y), bad, torch.randint(0, 2, (B,), generator=data)
 
     fb = dwm.FeatureBuilder(num_domains=2, total_steps=STEPS)
-    phi = dwm.init_params(fb.num_features, 16, seed)
+    phi = dwm.init_params(fb.num_features, 16, seed, model=model)
     theta = torch.zeros(D, dtype=torch.float64)
     for step in range(STEPS):
         x, y, _, dom = draw()
@@ -201,10 +201,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_dwm_learns_to_down_weight_corrupted_labels(seed: int, one_thread) -> None:
+@pytest.mark.parametrize(
+    ("seed", "model"),
+    [
+        (0, "mlp-features"),
+        (1, "mlp-features"),
+        (2, "mlp-features"),
+        (0, "batch-context"),
+        (1, "batch-context"),
+    ],
+)
+def test_dwm_learns_to_down_weight_corrupted_labels(seed: int, model: str, one_thread) -> None:
     uniform_val, _, _ = regression_run(seed, use_dwm=False)
-    val, w_bad, w_clean = regression_run(seed, use_dwm=True)
+    val, w_bad, w_clean = regression_run(seed, use_dwm=True, model=model)
     # Observed ratios 0.14-0.53 over seeds 0-5: a corrupted label that lands near the truth looks clean.
     assert w_bad < 0.75 * w_clean, f"seed {seed}: corrupted mean weight {w_bad:.3f} vs clean {w_clean:.3f}"
     assert val < 0.2 * uniform_val, f"seed {seed}: DWM val loss {val:.4f} vs uniform {uniform_val:.4f}"
