@@ -49,6 +49,10 @@ def bench_params(name: str, K: int, update_every: int) -> tuple[dict[str, Any], 
         return {"lp_rounds": 1, "lp_steps": 1, "update_steps": (K + 20) * update_every}, {}
     if name == "toremi":
         return {"switch_step": 1000}, {}
+    if name == "agent":  # an untrained network of the trained layout: the update's cost is the same
+        from mixer.agent.policy import fresh_model
+
+        return {"model": fresh_model([f"d{i}" for i in range(K)])}, {}
     if name == "dwm":
         weighting = {"name": "dwm", "params": {"num_topics": TOPICS, "total_steps": 100_000}}
         return {"stage_steps": 100}, {"weighting": weighting}
