@@ -1,0 +1,442 @@
+"""DSIR data selection over a corpus in `mixer data prepare`'s layout (Xie et al. 2023, "Data
+Selection for Language Models via Importance Resampling"; the method is in mixer.select.features
+and mixer.select.importance, which name the paper's sections).
+
+`select_dsir(target, raw_domain_dirs, out, num_samples=... | fraction=..., seed=...)`:
+1. fit (pass 1 over the raw data): every shard of the target file and of each raw domain's
+   `train.jsonl[.gz]` sums its hashed n-gram counts; the driver fits the two bag-of-ngrams models
+   and the log ratio per bucket.
+2. score and resample (pass 2): every raw shard computes the log importance weight of each of its
+   eligible documents and keeps its top-k Gumbel keys; the driver merges them into the global
+   top-k (the same k documents as one Gumbel top-k over the whole corpus would choose with that
+   noise). A random selection of the same size is drawn alongside (Gumbel keys alone), as the
+   paper's baseline.
+3. write: every raw shard copies its chosen lines as they were and sums the chosen (and the
+   random baseline's) n-gram counts, for the KL reduction.
+With `method="random"` every importance weight is 1: the same passes draw k eligible documents
+uniformly without replacement, the baseline a DSIR selection is compared with.
+Only bucket counts and k candidates per shard ever reach the driver. Shards run as Ray tasks
+(a local Ray by default, a cluster by address: the files must then be on a shared filesystem)
+or, with `ray_address=None`, one after another in this process.
+
+Output, written under a temporary sibling folder and renamed to `out` at the end (nothing is
+left behind on an error):
+- `out/<domain>/train.jsonl[.gz]`: the chosen documents of each raw domain that has any, and
+  `out/<domain>/val.*` copied from the raw domain: the layout `mixer data prepare` reads.
+- `out/dsir_report.json`: settings, per-domain counts, the KL reduction, the prior.
+- `out/dsir_selected.json`: {domain: the chosen documents' numbers (0-based, non-blank lines of
+  the domain's train file)}.
+- `out/dsir_prior.yaml`: a job spec (static strategy) whose domain weights are the importance mass
+  of each raw domain; prefixes are `<prefix_root>/<domain>/train` when prefix_root is given.
+
+Choices that are ours: eligible documents have at least `min_words` words (the authors' package
+filters at 100 by default; so do we); the raw model is fitted on every raw document (the package
+stops after 10^9 n-grams); per-shard random streams are seeded by (seed, shard number, stream),
+so the choice depends on the seed and on `shard_bytes`, never on scheduling.
+
+Our own code, not the authors' `data-selection` package (which tests/selection checks it against:
+equal log importance weights, and equal choices given the package's Gumbel noise): the package
+reads only plain JSONL, draws its noise from numpy's global generator, keeps every weight in one
+array, runs on joblib, writes numbered shards rather than per-domain folders, and hashes every
+n-gram with sha256 afresh (we memoise; `mixer bench select` measures both).
+
+Length: a log importance weight is a sum over a document's n-grams, so it grows with the
+document. The paper selects among equal 128-word chunks; over documents of very different
+lengths the longest ones dominate both the choice and the importance mass (the prior of a target
+drawn from one domain is then close to one-hot). The report's `selected_share` per domain gives
+the composition of the choice itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from mixer.select.features import MAX_BUCKETS, NUM_BUCKETS
+from mixer.select.importance import domain_prior, kl_reduction, log_ratio
+from mixer.select.runner import Runner
+from mixer.select.shards import SelectError, Shard, fit_shard, make_shards, score_shard, write_shard
+from mixer.spec import NAME_RE, JobSpec, SpecError
+
+__all__ = ["DsirConfig", "SelectError", "find_domains", "select_dsir", "summary"]
+
+METHODS = ("dsir", "random")
+MAX_SAMPLES = 1 << 40
+MAX_SEED = (1 << 63) - 1
+MAX_MIN_WORDS = 1 << 20
+MIN_SHARD_BYTES = 4096
+REPORT = "dsir_report.json"
+SELECTED = "dsir_selected.json"
+PRIOR = "dsir_prior.yaml"
+PAPER = "Xie et al. 2023, Data Selection for Language Models via Importance Resampling"
+
+
+@dataclass(kw_only=True, slots=True)
+class DsirConfig:
+    """Settings of one DSIR selection."""
+
+    method: str = "dsir"
+    """"dsir", or "random": every importance weight 1, i.e. a uniform draw without replacement of
+    the same eligible documents through the same passes (the baseline DSIR is compared with)."""
+    num_samples: int | None = None
+    """Documents to select (give this or fraction)."""
+    fraction: float | None = None
+    """Fraction of the eligible raw documents to select, in (0, 1]."""
+    seed: int = 0
+    num_buckets: int = NUM_BUCKETS
+    """Hash buckets of the n-gram features (the paper: 10,000)."""
+    min_words: int = 100
+    """Raw documents with fewer words are never selected (the authors' package: 100)."""
+    shard_bytes: int = 64 << 20
+    """Plain JSONL files are split into shards of about this many bytes (gzipped files: one shard)."""
+    ray_address: str | None = "local"
+    """"local": a local Ray with num_cpus; "auto" or host:port: a cluster; None: this process."""
+    num_cpus: int | None = None
+    """CPUs of the local Ray (default: all)."""
+    job_name: str | None = None
+    """Name of the prior's job spec (default: dsir-<target file stem>)."""
+    prefix_root: str | None = None
+    """Where `mixer data prepare` will write the raw domains (the prior spec's prefixes)."""
+    progress: bool = True
+
+    def validate(self) -> DsirConfig:
+        if (self.num_samples is None) == (self.fraction is None):
+            raise SelectError("give exactly one of num_samples and fraction")
+        if self.num_samples is not None:
+            _int_in("num_samples", self.num_samples, 1, MAX_SAMPLES)
+        if self.fraction is not None:
+            f = self.fraction
+            if (
+                isinstance(f, bool)
+                or not isinstance(f, (int, float))
+                or not math.isfinite(f)
+                or not 0 < f <= 1
+            ):
+                raise SelectError(f"fraction must lie in (0, 1], got {f!r}")
+        if self.method not in METHODS:
+            raise SelectError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        _int_in("seed", self.seed, 0, MAX_SEED)
+        _int_in("num_buckets", self.num_buckets, 2, MAX_BUCKETS)
+        _int_in("min_words", self.min_words, 0, MAX_MIN_WORDS)
+        _int_in("shard_bytes", self.shard_bytes, MIN_SHARD_BYTES, 1 << 40)
+        if self.num_cpus is not None:
+            _int_in("num_cpus", self.num_cpus, 1, 4096)
+        if self.job_name is not None and (
+            not isinstance(self.job_name, str) or not NAME_RE.fullmatch(self.job_name)
+        ):
+            raise SelectError(f"job_name {self.job_name!r} must be 1-128 letters, digits, '.', '_' or '-'")
+        if self.ray_address is not None and (
+            not isinstance(self.ray_address, str) or not self.ray_address.strip()
+        ):
+            raise SelectError(
+                f'ray_address must be "local", "auto", host:port or None, got {self.ray_address!r}'
+            )
+        return self
+
+
+def _int_in(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise SelectError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+def _split_file(folder: Path, split: str) -> Path | None:
+    for name in (f"{split}.jsonl", f"{split}.jsonl.gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def find_domains(raw_domain_dirs: list[Path | str]) -> dict[str, dict[str, Path]]:
+    """{domain: {"train": path, "val": path}} from domain folders or corpus folders holding them."""
+    if not raw_domain_dirs:
+        raise SelectError("no raw domain folders given")
+    found: dict[str, dict[str, Path]] = {}
+    for given in map(Path, raw_domain_dirs):
+        if not given.is_dir():
+            raise SelectError(f"{given}: raw domain folder not found")
+        if _split_file(given, "train") is not None:
+            folders = [given]
+        else:
+            # A corpus folder: every non-hidden sub-folder must be a domain.
+            folders = sorted(p for p in given.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if not folders or any(_split_file(p, "train") is None for p in folders):
+                raise SelectError(
+                    f"{given}: not a domain folder (no train.jsonl or train.jsonl.gz) nor a folder of domain folders"
+                )
+        for folder in folders:
+            val = _split_file(folder, "val")
+            if val is None:
+                raise SelectError(f"{folder}: missing val.jsonl (or val.jsonl.gz) beside train")
+            if folder.name in found:
+                raise SelectError(
+                    f"{folder}: domain {folder.name!r} given twice (domain names are folder names)"
+                )
+            found[folder.name] = {"train": _split_file(folder, "train"), "val": val}  # type: ignore[dict-item]
+    return found
+
+
+def _check_target(target: Path) -> None:
+    if not target.is_file():
+        raise SelectError(f"{target}: target file not found")
+    if not (target.name.endswith(".jsonl") or target.name.endswith(".jsonl.gz")):
+        raise SelectError(f"{target}: target must be a .jsonl or .jsonl.gz file")
+
+
+def _job_name(cfg: DsirConfig, target: Path) -> str:
+    if cfg.job_name is not None:
+        return cfg.job_name
+    stem = target.name.removesuffix(".gz").removesuffix(".jsonl")
+    return ("dsir-" + re.sub(r"[^A-Za-z0-9._-]+", "-", stem))[:128]
+
+
+def select_dsir(
+    target: Path | str,
+    raw_domain_dirs: list[Path | str],
+    out: Path | str,
+    *,
+    num_samples: int | None = None,
+    fraction: float | None = None,
+    seed: int = 0,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Select documents of the raw domains that match the target by DSIR; returns the report."""
+    try:
+        cfg = DsirConfig(num_samples=num_samples, fraction=fraction, seed=seed, **settings)
+    except TypeError as e:
+        raise SelectError(str(e)) from None
+    cfg.validate()
+    target, out = Path(target), Path(out)
+    _check_target(target)
+    domains = find_domains(raw_domain_dirs)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SelectError(f"{out}: output folder exists and is not empty; choose a new one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        report = _run(cfg, target, domains, out, tmp)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _run(
+    cfg: DsirConfig, target: Path, domains: dict[str, dict[str, Path]], out: Path, tmp: Path
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    raw: list[Shard] = []
+    for name, files in domains.items():
+        raw += make_shards(name, files["train"], cfg.shard_bytes, len(raw))
+    tshards = make_shards("", target, cfg.shard_bytes, 0)
+    timings: dict[str, float] = {}
+    with Runner(cfg.ray_address, cfg.num_cpus) as runner:
+        # -- pass 1: fit ----------------------------------------------------------------------
+        t = time.perf_counter()
+        fits = runner.map(
+            fit_shard,
+            [(s, cfg.num_buckets, cfg.min_words) for s in tshards + raw],
+            _sizes(tshards + raw),
+            "dsir fit",
+            cfg.progress,
+        )
+        timings["fit_s"] = time.perf_counter() - t
+        tfit, rfit = fits[: len(tshards)], fits[len(tshards) :]
+        target_counts = sum(f["counts"] for f in tfit)
+        target_docs = sum(f["docs"] for f in tfit)
+        if target_docs == 0:
+            raise SelectError(f"{target}: target has no documents")
+        if target_counts.sum() == 0:
+            raise SelectError(f"{target}: target documents have no words")
+        per_domain = {d: {"docs": 0, "eligible": 0, "bytes": 0} for d in domains}
+        for s, f in zip(raw, rfit):
+            for key in ("docs", "eligible", "bytes"):
+                per_domain[s.domain][key] += f[key]
+        for d, row in per_domain.items():
+            if row["docs"] == 0:
+                raise SelectError(f"{domains[d]['train']}: raw domain {d!r} has no documents")
+        raw_counts = sum(f["counts"] for f in rfit)
+        eligible = sum(r["eligible"] for r in per_domain.values())
+        total_docs = sum(r["docs"] for r in per_domain.values())
+        k = cfg.num_samples if cfg.num_samples is not None else max(1, round(cfg.fraction * eligible))
+        if k > eligible:
+            raise SelectError(
+                f"too few samples: asked for {k} documents but only {eligible} of the {total_docs} raw documents "
+                f"have at least min_words={cfg.min_words} words; ask for fewer or lower min_words"
+            )
+        ratio = log_ratio(target_counts, raw_counts)
+        if cfg.method == "random":
+            ratio = np.zeros_like(ratio)
+
+        # -- pass 2: score and resample -------------------------------------------------------
+        t = time.perf_counter()
+        scores = runner.map(
+            score_shard,
+            [(s, ratio, cfg.min_words, k, cfg.seed) for s in raw],
+            _sizes(raw),
+            "dsir score",
+            cfg.progress,
+        )
+        timings["score_s"] = time.perf_counter() - t
+        chosen = _merge(scores, "dsir", k)
+        baseline = _merge(scores, "random", k)
+
+        # -- pass 3: write the chosen lines ----------------------------------------------------
+        parts = tmp / ".parts"
+        parts.mkdir()
+        t = time.perf_counter()
+        calls = [
+            (
+                s,
+                chosen[i],
+                baseline[i],
+                str(parts / f"{i}{'.jsonl.gz' if s.gzipped else '.jsonl'}"),
+                cfg.num_buckets,
+            )
+            for i, s in enumerate(raw)
+        ]
+        written = runner.map(write_shard, calls, _sizes(raw), "dsir write", cfg.progress)
+        timings["write_s"] = time.perf_counter() - t
+
+    # Shard-local document numbers -> per-domain numbers, and the per-domain files.
+    selected_ids: dict[str, list[int]] = {d: [] for d in domains}
+    offset = dict.fromkeys(domains, 0)
+    log_mass: dict[str, float] = {}
+    for i, s in enumerate(raw):
+        selected_ids[s.domain] += (np.sort(chosen[i]) + offset[s.domain]).tolist()
+        offset[s.domain] += rfit[i]["docs"]
+        lm = scores[i]["log_mass"]
+        log_mass[s.domain] = float(np.logaddexp(log_mass.get(s.domain, -np.inf), lm))
+    for d in domains:
+        per_domain[d]["selected"] = len(selected_ids[d])
+        per_domain[d]["selected_bytes"] = 0
+        per_domain[d]["random_selected"] = 0
+    for i, s in enumerate(raw):
+        per_domain[s.domain]["selected_bytes"] += written[i]["bytes"]
+        per_domain[s.domain]["random_selected"] += int(baseline[i].size)
+    for d, files in domains.items():
+        if not selected_ids[d]:
+            continue
+        folder = tmp / d
+        folder.mkdir()
+        train = folder / files["train"].name
+        with train.open("wb") as fh:
+            for i, s in enumerate(raw):
+                if s.domain == d:
+                    with open(calls[i][3], "rb") as part:
+                        shutil.copyfileobj(part, fh)
+        shutil.copyfile(files["val"], folder / files["val"].name)
+    shutil.rmtree(parts)
+
+    prior = domain_prior(log_mass)
+    selected_counts = sum(w["selected_counts"] for w in written)
+    random_counts = sum(w["random_counts"] for w in written)
+    kl = kl_reduction(target_counts, raw_counts, selected_counts)
+    kl_random = kl_reduction(target_counts, raw_counts, random_counts)
+    for d in domains:
+        per_domain[d]["importance_mass"] = prior[d]
+        per_domain[d]["selected_share"] = per_domain[d]["selected"] / k
+    raw_bytes = sum(r["bytes"] for r in per_domain.values())
+    report: dict[str, Any] = {
+        "method": cfg.method,
+        "paper": PAPER,
+        "target": str(target),
+        "target_docs": target_docs,
+        "out": str(out),
+        "settings": {**asdict(cfg), "num_samples": k},
+        "raw_docs": total_docs,
+        "eligible_docs": eligible,
+        "selected_docs": k,
+        "shards": len(raw),
+        "raw_bytes": raw_bytes,
+        "domains": per_domain,
+        **kl,
+        "kl_target_random": kl_random["kl_target_selected"],
+        "kl_reduction_vs_random_sample": kl_random["kl_target_selected"] - kl["kl_target_selected"],
+        "prior": prior,
+        "timings": {**timings, "total_s": time.perf_counter() - t0},
+        "files": {"report": REPORT, "selected": SELECTED, "prior_spec": PRIOR},
+    }
+    (tmp / SELECTED).write_text(_json(selected_ids))
+    _write_prior(cfg, target, domains, prior, tmp / PRIOR, report)
+    (tmp / REPORT).write_text(_json(report, indent=2))
+    return report
+
+
+def _sizes(shards: list[Shard]) -> list[int]:
+    out = []
+    for s in shards:
+        end = Path(s.path).stat().st_size if s.end < 0 else s.end
+        out.append(max(end - s.start, 1))
+    return out
+
+
+def _merge(scores: list[dict], name: str, k: int) -> list[np.ndarray]:
+    """The global top-k of every shard's candidates, as shard-local document numbers per shard."""
+    keys = np.concatenate([sc[name][0] for sc in scores])
+    local = np.concatenate([sc[name][1] for sc in scores])
+    shard = np.concatenate([np.full(sc[name][0].size, i, np.int64) for i, sc in enumerate(scores)])
+    top = np.argsort(-keys, kind="stable")[:k]
+    return [np.sort(local[top][shard[top] == i]) for i in range(len(scores))]
+
+
+def _write_prior(
+    cfg: DsirConfig, target: Path, domains: dict[str, Any], prior: dict[str, float], path: Path, report: dict
+) -> None:
+    root = None if cfg.prefix_root is None else Path(cfg.prefix_root)
+    raw = {
+        "name": _job_name(cfg, target),
+        "domains": [
+            {"name": d, "prefix": "" if root is None else str(root / d / "train"), "weight": prior[d]}
+            for d in domains
+        ],
+        "strategy": {"name": "static"},
+        "seed": cfg.seed,
+    }
+    try:
+        JobSpec.from_dict(raw)
+    except SpecError as e:
+        raise SelectError(f"prior job spec: {e}") from None
+    head = (
+        f"# {cfg.method} prior: each raw domain's importance mass toward {target}\n"
+        f"# KL reduction of the selection: {report['kl_reduction']:.6g}\n"
+    )
+    path.write_text(head + yaml.safe_dump(raw, sort_keys=False))
+
+
+def _json(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(obj, indent=indent, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n"
+
+
+def summary(report: dict[str, Any]) -> str:
+    """A few lines for the terminal."""
+    lines = [
+        (
+            f"selected {report['selected_docs']} of {report['eligible_docs']} eligible documents "
+            f"({report['raw_docs']} raw) into {report['out']}"
+        ),
+        (
+            f"KL reduction {report['kl_reduction']:.4f} over the raw data, "
+            f"{report['kl_reduction_vs_random_sample']:.4f} over a random sample of the same size "
+            f"(KL target||raw {report['kl_target_raw']:.4f}, target||random sample {report['kl_target_random']:.4f}, "
+            f"target||selected {report['kl_target_selected']:.4f})"
+        ),
+        f"  {'domain':<20} {'selected':>9} {'share':>7} {'prior':>7}",
+    ]
+    for d, row in report["domains"].items():
+        lines.append(
+            f"  {d:<20} {row['selected']:>9} {row['selected_share']:>7.4f} {row['importance_mass']:>7.4f}"
+        )
+    return "\n".join(lines)

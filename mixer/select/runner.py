@@ -1,0 +1,89 @@
+"""Run per-shard tasks as Ray tasks (a local Ray, or a cluster by address) or in this process.
+
+As `mixer sweep` does: `ray.init(num_cpus=N)` locally, `ray.init(address=...)` for a cluster
+(shipping this checkout of mixer with the job so workers run the same code); a Ray started here
+is shut down here. Results come back in the order of the calls, whatever order tasks finish in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Self
+
+from tqdm import tqdm
+
+from mixer.select.shards import SelectError
+
+__all__ = ["Runner"]
+
+
+class Runner:
+    """`with Runner(address, num_cpus) as r: r.map(fn, calls, sizes, desc, progress)`."""
+
+    def __init__(self, address: str | None, num_cpus: int | None = None):
+        self.address = address
+        self.num_cpus = num_cpus
+        self._started = False
+
+    def __enter__(self) -> Self:
+        if self.address is None:
+            return self
+        import ray
+
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {
+                "include_dashboard": False,
+                "logging_level": "ERROR",
+                "log_to_driver": False,
+            }
+            if self.address == "local":
+                ray.init(num_cpus=self.num_cpus, **kwargs)
+            else:
+                kwargs["runtime_env"] = {"py_modules": [str(Path(__file__).parents[1])]}
+                ray.init(address=self.address, **kwargs)
+            self._started = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._started:
+            import ray
+
+            ray.shutdown()
+            self._started = False
+
+    def map(
+        self, fn: Callable[..., Any], calls: list[tuple], sizes: list[int], desc: str, progress: bool
+    ) -> list[Any]:
+        """fn(*call) for every call; the bar advances by each call's size (bytes) as it finishes."""
+        results: list[Any] = [None] * len(calls)
+        with tqdm(
+            total=sum(sizes), unit="B", unit_scale=True, desc=desc, disable=not progress, delay=1.0
+        ) as bar:
+            if self.address is None:
+                for i, call in enumerate(calls):
+                    results[i] = fn(*call)
+                    bar.update(sizes[i])
+                return results
+            import ray
+            from ray.exceptions import RayTaskError
+
+            task = ray.remote(num_cpus=1)(fn)
+            pending = {task.remote(*call): i for i, call in enumerate(calls)}
+            try:
+                while pending:
+                    ready, _ = ray.wait(list(pending), num_returns=1)
+                    i = pending.pop(ready[0])
+                    try:
+                        results[i] = ray.get(ready[0])
+                    except RayTaskError as e:
+                        # The task's own error (a bad line, a missing file) says what was wrong.
+                        cause = getattr(e, "cause", None)
+                        if isinstance(cause, (SelectError, OSError)):
+                            raise SelectError(str(cause)) from None
+                        raise
+                    bar.update(sizes[i])
+            finally:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+        return results
