@@ -72,7 +72,12 @@ def versions_table(store: Store, name: str, what: str = "versions") -> pa.Table:
     if what == "versions":
         cols["params_json"] = pa.array([json.dumps(v.params, sort_keys=True) for v, _ in rows], pa.string())
         cols["blob"] = pa.array([v.blob for v, _ in rows], pa.binary())
-    return pa.table(cols).replace_schema_metadata(_meta(rec, what))
+    more = {}
+    try:  # how far the job trained (what `mixer job create --init-from FILE` averages over)
+        more["max_step"] = store.log_stats(log_owner(store, rec).id)[2]
+    except ReplayError:
+        pass  # an imported trajectory has no log here
+    return pa.table(cols).replace_schema_metadata(_meta(rec, what, **more))
 
 
 def signals_table(store: Store, name: str, *, progress: bool = False) -> pa.Table:
@@ -113,6 +118,11 @@ def signals_table(store: Store, name: str, *, progress: bool = False) -> pa.Tabl
         cols[f"extra/{k}"] = pa.array([vals.get(i, np.nan) for i in range(n)], pa.float64(), mask=np.array([i not in vals for i in range(n)]))
     for f, dtype in PER_SAMPLE_FIELDS.items():
         parts = samples[f]
+        if f == "sample_topic" and any(p is not None and p.ndim == 2 for p in parts):
+            # Several topics per sample: a list of each sample's topic ids (the -1 padding dropped).
+            rows = [None if p is None else [[int(t) for t in np.atleast_1d(row) if t >= 0] for row in p] for p in parts]
+            cols[f] = pa.array(rows, pa.list_(pa.list_(pa.int32())))
+            continue
         if any(p is not None for p in parts):
             lengths = np.array([0 if p is None else p.shape[0] for p in parts], np.int64)
             offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32 if lengths.sum() < 2**31 else np.int64))
@@ -138,7 +148,10 @@ def flat_samples(table: pa.Table) -> pa.Table:
         col = table.column(f).combine_chunks()
         if not np.array_equal(col.value_lengths().fill_null(0).to_numpy(zero_copy_only=False), lengths):
             raise ExportError(f"signals: {f} has other per-report lengths than {lists[0]}")
-        cols[f] = col.flatten()
+        flat = col.flatten()
+        if pa.types.is_list(flat.type):  # several topics per sample: "3 7" in one CSV cell
+            flat = pa.array([" ".join(map(str, ids)) for ids in flat.to_pylist()], pa.string())
+        cols[f] = flat
     return pa.table(cols)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from mixer.errors import SpecError
 from mixer.signals import MAX_STEP
 
 MAX_SPEC_BYTES = 1 << 20
@@ -65,14 +66,6 @@ _Loader.add_implicit_resolver(
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """A job name (whole string: `fullmatch`, so a trailing newline is not a name)."""
 WEIGHT_UNITS = ("samples", "tokens")
-
-
-class SpecError(ValueError):
-    """A job spec is invalid; the message names the field."""
-
-    def __init__(self, field_name: str, message: str):
-        self.field = field_name
-        super().__init__(f"{field_name}: {message}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -160,6 +153,10 @@ class JobSpec:
     unit: str = "samples"
     """What weights are fractions of: samples or tokens."""
     seed: int = 0
+    lineage: dict[str, Any] | None = None
+    """Where the prior came from when the job was initialised from a proxy run (mixer.handoff):
+    source_job, source ("server" or the exported file), average (the rule), final_version and
+    max_step of the proxy. Informational: no strategy reads it."""
 
     @property
     def num_domains(self) -> int:
@@ -178,6 +175,8 @@ class JobSpec:
         for name in OPTIONAL_CADENCE:
             if d["cadence"][name] is None:
                 del d["cadence"][name]
+        if d["lineage"] is None:  # absent, so specs without one keep their fingerprints
+            del d["lineage"]
         return d
 
     def to_json(self) -> str:
@@ -275,7 +274,7 @@ class JobSpec:
     def _from_dict(cls, data: Any) -> JobSpec:
         if not isinstance(data, dict):
             raise SpecError("spec", f"must be a mapping, got {type(data).__name__}")
-        _no_unknown("spec", data, {"name", "domains", "data_path", "strategy", "weighting", "cadence", "unit", "seed"})
+        _no_unknown("spec", data, {"name", "domains", "data_path", "strategy", "weighting", "cadence", "unit", "seed", "lineage"})
         if "domains" in data and "data_path" in data:
             raise SpecError("data_path", "give either domains or data_path, not both")
         if "data_path" in data:
@@ -315,6 +314,7 @@ class JobSpec:
             cadence=cadence,
             unit=data.get("unit", "samples"),
             seed=data.get("seed", 0),
+            lineage=_lineage(data.get("lineage")),
         )
         return spec.validate()
 
@@ -401,6 +401,26 @@ def _utf8(text: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
+LINEAGE_FIELDS = {"source_job": str, "source": str, "average": str, "final_version": int, "max_step": int}
+
+
+def _lineage(data: Any) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise SpecError("lineage", "must be a mapping")
+    _no_unknown("lineage", data, set(LINEAGE_FIELDS))
+    for key, kind in LINEAGE_FIELDS.items():
+        v = data.get(key)
+        if v is None or isinstance(v, bool) or not isinstance(v, kind):
+            raise SpecError(f"lineage.{key}", f"must be {'text' if kind is str else 'an integer'}, got {v!r}")
+        if kind is str and not 0 < len(v) <= 4096:
+            raise SpecError(f"lineage.{key}", "must be 1 to 4096 characters")
+        if kind is int and not -1 <= v < 2**53:
+            raise SpecError(f"lineage.{key}", f"must lie in [-1, 2^53), got {v}")
+    return dict(data)
 
 
 def _no_unknown(where: str, data: dict, allowed: set[str]) -> None:

@@ -190,7 +190,9 @@ def settings_from_args(args: Any) -> LMSettings:
         )
     if getattr(args, "dataloader_type", "external") != "external":
         raise ValueError("mixer: run with --dataloader-type external (the mixture is the data iterator)")
-    text = Path(args.mixer_spec).read_text()
+    from mixer.transfer import resolve_spec_text
+
+    text = resolve_spec_text(Path(args.mixer_spec).read_text(), Path(args.mixer_spec).parent)
     spec = JobSpec.from_yaml(text)
     return LMSettings(
         spec=spec,
@@ -224,9 +226,13 @@ def build(
         _create_job(settings)
         attachment = ServiceAttachment(settings.address, spec.name, settings.source, token=settings.token)
     weighting = None
-    if topo.last_stage and topo.tp_rank == 0 and spec.weighting.name != "none":
+    if topo.last_stage:
+        # Tensor-parallel rank 0 computes the weights and broadcasts them to the others
+        # (LossReporter._weights), so every rank of the last stage takes part. Enabled by an
+        # instance weighting method or by a strategy's per-domain loss weights (DoReMi, mode paper).
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         weighting = InstanceWeighting(spec, device=device, group=topo.dp_group)
+        weighting = weighting if weighting.enabled else None
     reporter = LossReporter(spec.num_domains, topo, attachment, weighting)
     plugin = _Plugin(settings, topo, reporter, attachment)
     prefixes = [d.prefix for d in spec.domains]

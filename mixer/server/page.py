@@ -199,7 +199,9 @@ poll(async () => {
   document.getElementById("facts").replaceChildren(fact("strategy", job.strategy), fact("status", job.status),
     fact("version", job.version), fact("effective step", fmt(job.effective_step)), fact("newest step", fmt(job.max_step)),
     fact("reports", fmt(job.reports)), fact("applied-version lag (steps)", fmt(job.applied_lag_steps)),
-    ...(job.source_job ? [h("div", {}, [h("b", {}, [h("a", {href: encodeURIComponent(job.source_job)}, [job.source_job])]), h("span", {}, ["derived from"])])] : []));
+    ...(job.source_job ? [h("div", {}, [h("b", {}, [h("a", {href: encodeURIComponent(job.source_job)}, [job.source_job])]), h("span", {}, ["derived from"])])] : []),
+    ...(job.lineage ? [h("div", {id: "lineage"}, [h("b", {}, [job.lineage.source === "server" ? h("a", {href: encodeURIComponent(job.lineage.source_job)}, [job.lineage.source_job]) : job.lineage.source_job]),
+      h("span", {}, [`prior from proxy (${job.lineage.average}, up to version ${job.lineage.final_version}, step ${fmt(job.lineage.max_step)}${job.lineage.source === "server" ? "" : ", " + job.lineage.source})`])])] : []));
   document.getElementById("legend").replaceChildren(...legend(job.domains, job));
   document.getElementById("loss-note").textContent = lr.log_job !== job.name ? `(from the log of ${lr.log_job})` : "";
   if (vs.length) drawWeights(document.getElementById("weights"), job.domains, vs, Math.max(job.max_step ?? 0, steps[steps.length - 1] ?? 0));

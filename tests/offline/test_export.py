@@ -31,7 +31,9 @@ def test_versions_and_weights_read_back_exactly(recorded, cli, tmp_path, fmt):
         w = np.column_stack([table.column(f"weight/{d}").to_numpy() for d in DOMAINS])
         assert np.array_equal(w, np.array([v.weights for v, _ in stored]))  # bit for bit, CSV included
         if what == "versions":
-            assert [json.loads(p) for p in table.column("params_json").to_pylist()] == [v.params for v, _ in stored]
+            assert [json.loads(p) for p in table.column("params_json").to_pylist()] == [
+                v.params for v, _ in stored
+            ]
             assert table.column("log_seq").to_pylist() == [v.log_seq for v, _ in stored]
     store.close()
 
@@ -56,7 +58,9 @@ def test_signals_read_back_exactly(recorded, cli, tmp_path, fmt):
     want_loss = np.concatenate([r.sample_loss for _, r in log])
     want_dom = np.concatenate([r.sample_domain for _, r in log])
     if fmt == "parquet":
-        assert [len(x) for x in table.column("sample_loss").to_pylist()] == [r.sample_loss.size for _, r in log]
+        assert [len(x) for x in table.column("sample_loss").to_pylist()] == [
+            r.sample_loss.size for _, r in log
+        ]
         assert np.array_equal(table.column("sample_loss").combine_chunks().flatten().to_numpy(), want_loss)
         assert np.array_equal(table.column("sample_domain").combine_chunks().flatten().to_numpy(), want_dom)
     else:
@@ -98,3 +102,49 @@ def test_import_refuses_a_weights_export(recorded, cli, tmp_path):
     assert cli("export", "rec", "--what", "weights", "-o", out, "--db", db)[0] == 0
     code, text, _ = cli("import", out, "--db", str(tmp_path / "x.db"))
     assert code == 1 and "only a `--what versions` export" in text
+
+
+def test_several_topics_per_sample_export(recorded, cli, tmp_path):
+    """Samples labelled with several topics (a (samples, labels) row padded with -1) export as lists."""
+    from mixer.client import MixerClient
+    from mixer.signals import Report
+
+    srv, db = recorded
+    rng = np.random.default_rng(0)
+    spec = {"name": "multi-topic", "domains": [{"name": d} for d in DOMAINS], "strategy": {"name": "static"}}
+    sent = []
+    with MixerClient(srv.address) as c:
+        c.create_job(spec)
+        for step in range(3):
+            n, width = 5, int(rng.integers(1, 4))
+            topics = rng.integers(0, 9, size=(n, width)).astype(np.int32)
+            topics[rng.random((n, width)) < 0.3] = -1
+            topics[:, 0] = np.abs(topics[:, 0])  # every sample has at least one topic
+            c.report(
+                "multi-topic",
+                Report(
+                    step=step,
+                    source="rank0",
+                    sample_loss=rng.random(n).astype(np.float32),
+                    sample_domain=np.zeros(n, np.int32),
+                    sample_topic=topics,
+                ),
+            )
+            sent.append([[int(t) for t in row if t >= 0] for row in topics])
+    out = tmp_path / "mt.parquet"
+    code, output, _ = cli(
+        "export", "multi-topic", "--what", "signals", "--format", "parquet", "-o", out, "--db", db
+    )
+    assert code == 0, output
+    table, _ = read(out)
+    assert table.column("sample_topic").to_pylist() == sent
+    csv = tmp_path / "mt.csv"
+    code, output, _ = cli(
+        "export", "multi-topic", "--what", "signals", "--format", "csv", "-o", csv, "--db", db
+    )
+    assert code == 0, output
+    flat = pacsv.read_csv(
+        tmp_path / "mt.samples.csv", convert_options=pacsv.ConvertOptions(strings_can_be_null=False)
+    )
+    cells = [str(x) for x in flat.column("sample_topic").to_pylist()]
+    assert cells == [" ".join(map(str, ids)) for rows in sent for ids in rows]
