@@ -14,7 +14,6 @@ Writes result.json, quality.png and table.md (mixer.bench.quality_plot).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -22,8 +21,7 @@ import platform
 import shutil
 import time
 import traceback
-import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +31,12 @@ import yaml
 
 from mixer.bench.quality_plot import format_table, plot_quality, summarize
 
-__all__ = ["STRATEGIES", "QualityConfig", "default_corpus", "quality_command", "run_quality"]
+__all__ = ["PRESETS", "QUICK_STRATEGIES", "STRATEGIES", "QualityConfig", "default_corpus", "run_quality"]
 
-STRATEGIES = ("uniform", "natural", "doremi", "odm", "ado", "aioli", "dga", "toremi", "loss-linupper", "dwm")
+STRATEGIES = ("uniform", "natural", "doremi", "doremi-online", "odm", "ado", "aioli", "dga", "toremi", "loss-linupper",
+              "dwm")
+# ToReMi's topics: TF-IDF + k-means over every domain of the run (ours: fast, offline, deterministic).
+TOPICS_K = 16
 QUICK_STRATEGIES = ("uniform", "odm", "doremi")
 
 
@@ -115,7 +116,8 @@ def _settings(name: str, cfg: QualityConfig, K: int) -> tuple[dict[str, Any], di
         "uniform": ("static", {}, none),
         "natural": ("static", {}, none),  # prior weights = training tokens (bytes) per domain
         # eta 0.1: eta 1 swung hard and hurt this small model (mixing-calibration.md)
-        "doremi": ("doremi", {"eta": 0.1}, none),
+        "doremi": ("doremi", {"eta": 0.1}, none),  # paper mode: sample the prior, loss weights alpha/q
+        "doremi-online": ("doremi", {"eta": 0.1, "mode": "online"}, none),  # sample from alpha
         "odm": ("odm", {"alpha": 0.9}, none),
         # the paper's warm-up / refit cadence (500 / 1000 steps) scaled to the run
         "ado": ("ado", {"warmup_steps": max(every, steps // 10), "refit_every": max(every, steps // 10)},
@@ -124,8 +126,8 @@ def _settings(name: str, cfg: QualityConfig, K: int) -> tuple[dict[str, Any], di
         "aioli": ("aioli", {"lp_rounds": 1, "lp_steps": every,
                             "update_steps": max(4 * K * every, steps // 3)}, none),
         "dga": ("dga", {}, none),
-        # topics are the domains; stage 2 (lower what stays hard) for the second half
-        "toremi": ("toremi", {"switch_step": steps // 2}, {"name": "topic"}),
+        # topics from `mixer topics build` over every domain; stage 2 at the reference's 7/8 of the run
+        "toremi": ("toremi", {"total_steps": steps, "num_topics": TOPICS_K}, {"name": "topic"}),
         # Sow et al. LinUpper on a static uniform mixture, 10% burn-in
         "loss-linupper": ("static", {},
                           {"name": "loss", "params": {"method": "linupper", "burn_in": steps // 10}}),
@@ -162,6 +164,25 @@ def _prepare(corpus: Path, cache: Path, progress: bool) -> tuple[Path, dict[str,
     shutil.rmtree(root, ignore_errors=True)  # a half-written folder from an interrupted run
     prefixes = prepare_corpus(corpus, root / "data", progress=progress)
     done.write_text(json.dumps(prefixes))
+    return root, prefixes
+
+
+def _with_topics(corpora: list[Path], out: Path, cache: Path, progress: bool) -> tuple[Path, dict[str, dict[str, str]]]:
+    """Every domain of the run (the corpus and the noise domains) in one folder of file links,
+    prepared and labelled with topics together, so a topic id means the same in every domain."""
+    from mixer.topics import TopicsConfig, build_topics
+
+    combined = out / "topics-corpus"
+    shutil.rmtree(combined, ignore_errors=True)
+    for corpus in corpora:
+        for d in sorted(p for p in corpus.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            (combined / d.name).mkdir(parents=True)
+            for f in d.iterdir():
+                if f.is_file():
+                    (combined / d.name / f.name).symlink_to(f.resolve())
+    root, prefixes = _prepare(combined, cache, progress)
+    if not (root / "data" / "topics.json").is_file():
+        build_topics(combined, root / "data", TopicsConfig(k=TOPICS_K, method="tfidf"))
     return root, prefixes
 
 
@@ -265,7 +286,7 @@ def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: Quality
 
     unknown = sorted(set(strategies) - set(STRATEGIES))
     if unknown:
-        raise click.UsageError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+        raise ValueError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
     # uniform is the baseline of every comparison (and DoReMi's reference): always run, first.
     strategies = ["uniform"] + [s for s in dict.fromkeys(strategies) if s != "uniform"]
     # Absolute: the service runs in another working directory and opens its database from there.
@@ -287,6 +308,9 @@ def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: Quality
         control = sorted(noise)
         prefixes = {**prefixes, **noise}
         tokens.update(_train_tokens(noise))
+    if "toremi" in strategies:
+        noise_dir = [out / "noise-corpus"] if noise_domains else []
+        root, prefixes = _with_topics([Path(corpus), *noise_dir], out, cache, progress)
     domains = list(prefixes)
     scored = [d for d in domains if d not in control]
     runid = time.strftime("%Y%m%d-%H%M%S")
@@ -313,7 +337,7 @@ def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: Quality
             job = f"quality-{runid}-{name}-s{seed}"
             base = {"strategy": name, "seed": seed, "job": job}
             ref = None
-            if name == "doremi":  # its reference model is the same seed's uniform run
+            if name.startswith("doremi"):  # its reference model is the same seed's uniform run
                 uni = next((r for r in runs if r["strategy"] == "uniform" and r["seed"] == seed), {})
                 if not uni.get("checkpoint"):
                     runs.append({**base, "status": "not run", "reason": "its reference model is the uniform run of the same seed, which did not finish"})
@@ -365,91 +389,9 @@ def _machine(device: str) -> dict[str, Any]:
     return info
 
 
-def _parse_sets(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        strategy, dot, param = key.partition(".")
-        if not sep or not dot or strategy not in STRATEGIES:
-            raise click.BadParameter(f"{item!r}: expected STRATEGY.PARAM=VALUE", param_hint="--set")
-        out.setdefault(strategy, {})[param] = yaml.safe_load(value)
-    return out
-
-
-def _command_line(corpus: Path, names: list[str], cfg: QualityConfig, seeds: int, device: str, quick: bool,
-                  size: str, noise_domains: int, sets: tuple[str, ...], out: Path) -> str:
-    """The command that reproduces this run, every choice spelled out."""
-    parts = ["mixer bench quality", *(["--quick"] if quick else []), f"--corpus {corpus}",
-             f"--strategies {','.join(names)}", f"--steps {cfg.steps}", f"--seeds {seeds}",
-             f"--eval-samples {cfg.eval_samples}", f"--device {device}", f"--size {size}",
-             *([f"--noise-domains {noise_domains}"] if noise_domains else []),
-             *(f"--set {s}" for s in sets), f"--out {out}"]
-    return " ".join(parts)
-
-
-PATH = click.Path(file_okay=False, path_type=Path)
-
-
-@click.command("quality")
-@click.option("--corpus", type=PATH, default=None,
-              help="folder of <domain>/{train,val}.jsonl[.gz]  [default: the bundled minipile, "
-                   "mixer/bench/minipile: 8 domains, see its README.md]")
-@click.option("--strategies", default=None,
-              help=f"comma-separated, from {','.join(STRATEGIES)}  [default: all; --quick: "
-                   f"{','.join(QUICK_STRATEGIES)}]; uniform always runs (the baseline, DoReMi's reference)")
-@click.option("--steps", type=click.IntRange(2), default=None, help="steps per run  [default: the preset's]")
-@click.option("--seeds", type=click.IntRange(1), default=1, show_default=True,
-              help="seeds 0..S-1 per strategy")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
-@click.option("--quick", is_flag=True, help="smoke test: tiny model, few steps, three strategies")
-@click.option("--size", type=click.Choice(sorted(PRESETS)), default=None,
-              help="model preset  [default: quick with --quick, gpu with --device cuda, else cpu]")
-@click.option("--eval-samples", type=click.IntRange(1), default=None, help="validation windows per domain")
-@click.option("--noise-domains", type=click.IntRange(0), default=0, show_default=True,
-              help="add N unlearnable control domains (random printable ASCII, as large as the median "
-                   "domain): trained on, left out of the score; a good strategy starves them")
-@click.option("--set", "sets", multiple=True, metavar="STRATEGY.PARAM=VALUE",
-              help="override a strategy parameter, e.g. --set doremi.eta=1 (repeat)")
-@click.option("--out", type=PATH, default=Path("mixer-bench-quality"), show_default=True,
-              help="result folder (result.json, quality.png, table.md, mixer.db)")
-@click.option("--cache-dir", type=PATH, default=None, help="prepared corpus cache  [default: OUT/prepared]")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON document as the last line")
-def quality_command(corpus: Path | None, strategies: str | None, steps: int | None, seeds: int, device: str,
-                    quick: bool, size: str | None, eval_samples: int | None, noise_domains: int,
-                    sets: tuple[str, ...], out: Path, cache_dir: Path | None, as_json: bool) -> None:
-    """Train a small GPT per strategy and seed through the live mixer; compare with uniform.
-
-    Writes OUT/result.json, OUT/quality.png and OUT/table.md (final mean and worst-domain balanced
-    validation loss, steps to reach uniform's final loss, paired difference from uniform, step time
-    against a detached static run).
-    """
+if __name__ == "__main__":  # `python -m mixer.bench.quality ARGS` is `mixer bench quality ARGS`
+    import runpy
     import sys
 
-    size = size or ("quick" if quick else "gpu" if device.startswith("cuda") else "cpu")
-    cfg = PRESETS[size]
-    cfg = replace(cfg, steps=steps or cfg.steps, eval_samples=eval_samples or cfg.eval_samples)
-    names = [s.strip() for s in (strategies or "").split(",") if s.strip()]
-    names = names or list(QUICK_STRATEGIES if quick else STRATEGIES)
-    if corpus is None:
-        corpus = default_corpus()
-        if not corpus.is_dir():
-            raise click.UsageError(
-                f"no corpus at {corpus} (installed without package data?); pass --corpus DIR"
-            )
-    quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
-    with warnings.catch_warnings(), quiet:
-        warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
-        result = run_quality(corpus=corpus, strategies=names, seeds=seeds, cfg=cfg, device=device, out=out,
-                             cache=cache_dir, overrides=_parse_sets(sets), noise_domains=noise_domains,
-                             progress=not as_json,
-                             command=_command_line(corpus, names, cfg, seeds, device, quick, size, noise_domains,
-                                                   sets, out))
-    click.echo(Path(result["files"]["table"]).read_text())
-    if as_json:
-        keep = ("command", "corpus", "domains", "control_domains", "strategies", "seeds", "device", "config", "machine",
-                "wall_s", "summary", "attach_overhead", "not_run", "files")
-        click.echo(json.dumps({k: result[k] for k in keep}, separators=(",", ":"), default=_jsonable))
-
-
-if __name__ == "__main__":  # python -m mixer.bench.quality (before `mixer bench quality` is mounted)
-    quality_command()
+    sys.argv[1:1] = ["bench", "quality"]
+    runpy.run_module("mixer.cli", run_name="__main__", alter_sys=True)

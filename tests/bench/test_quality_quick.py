@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mixer.bench.quality import NOISE_ALPHABET, QUICK_STRATEGIES, _mean_weight, noise_corpus, quality_command
+from mixer.bench.quality import NOISE_ALPHABET, QUICK_STRATEGIES, _mean_weight, noise_corpus
 from mixer.bench.quality_plot import ALPHA, paired_test, steps_to_reach, summarize
+from mixer.cli.bench import bench_quality
 from mixer.megatron.corpus import write_synthetic_corpus
 
 
@@ -88,7 +89,7 @@ def test_quality_quick_writes_a_complete_report(tmp_path: Path, monkeypatch: pyt
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "mixer-bench-quality"
     result = CliRunner().invoke(
-        quality_command,
+        bench_quality,
         ["--quick", "--corpus", str(corpus), "--noise-domains", "1", "--json"],
         catch_exceptions=False,
     )
