@@ -244,7 +244,7 @@ class Reporter:
         self._buffer: deque[tuple[tuple[int, int], bytes]] = deque()  # unacknowledged, oldest first
         # Acks not yet matched to the buffer's front, counted: an Ack names (step, seq) only, and
         # reports of two sources (a worker's and its "/val" one) may share a key on one session.
-        self._acked: Counter[tuple[int, int]] = Counter()
+        self._acked: Counter[tuple[str, int, int]] = Counter()
         self._sent = 0  # how many of _buffer the current stream has sent
         self._closing = False
         self._stop = False
@@ -269,7 +269,7 @@ class Reporter:
     def submit(self, report: Report | pb.Signals) -> None:
         """Queue a report; returns at once (beyond max_buffer reports go to a spill file)."""
         msg = report if isinstance(report, pb.Signals) else report_to_proto(report)
-        key, data = (msg.step, msg.seq), msg.SerializeToString()
+        key, data = (msg.source, msg.step, msg.seq), msg.SerializeToString()
         with self._cv:
             if self._spill is not None and self._spill.count or len(self._buffer) >= self.max_buffer:
                 if self._spill is None:
@@ -349,9 +349,9 @@ class Reporter:
     def _refill(self) -> None:
         while self._spill is not None and self._spill.count and len(self._buffer) < self.max_buffer:
             msg = pb.Signals.FromString(self._spill.pop())
-            self._buffer.append(((msg.step, msg.seq), msg.SerializeToString()))
+            self._buffer.append(((msg.source, msg.step, msg.seq), msg.SerializeToString()))
 
-    def _on_ack(self, *keys: tuple[int, int]) -> None:
+    def _on_ack(self, *keys: tuple[str, int, int]) -> None:
         with self._cv:
             self._acked.update(keys)
             while self._buffer and self._acked[self._buffer[0][0]] > 0:
@@ -394,7 +394,7 @@ class Reporter:
                             self._set_version(resp.acks.latest)
                         self.acked += len(acks)
                         self.duplicates += sum(a.duplicate for a in acks)
-                        self._on_ack(*((a.step, a.seq) for a in acks))
+                        self._on_ack(*((a.source or self.source, a.step, a.seq) for a in acks))
                         if self._ack_hook is not None:
                             for a in acks:
                                 self._ack_hook(a.step, a.seq)
@@ -406,7 +406,7 @@ class Reporter:
                         # Refused for good (invalid): drop it so it is not resent forever.
                         self.rejected.append(resp.nack)
                         log.error("report step %d seq %d refused: %s", resp.nack.step, resp.nack.seq, resp.nack.message)
-                        self._on_ack((resp.nack.step, resp.nack.seq))
+                        self._on_ack((resp.nack.source or self.source, resp.nack.step, resp.nack.seq))
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else None
                 if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):

@@ -551,7 +551,7 @@ class Runtimes:
                         f"step {report.step} seq {report.seq} is out of order and not in the log",
                     )
             rt.duplicate_count += 1
-            taken.acks.append(pb.Ack(step=report.step, seq=report.seq, duplicate=True, log_seq=seq))
+            taken.acks.append(pb.Ack(step=report.step, seq=report.seq, duplicate=True, log_seq=seq, source=report.source))
             return None
         if on_loop and report.step >= eng.next_update_step:
             return _DEFER  # it closes a window: the strategy update runs on the lane
@@ -592,7 +592,7 @@ class Runtimes:
                 append.snapshot = (version.version, seq, eng.snapshot())  # a batch keeps its newest
         rt.inflight[key] = (fut, seq)
         batch.keys.append(key)
-        taken.acks.append(pb.Ack(step=report.step, seq=report.seq, duplicate=False, log_seq=seq))
+        taken.acks.append(pb.Ack(step=report.step, seq=report.seq, duplicate=False, log_seq=seq, source=report.source))
         return None
 
     async def ingest(self, rt: JobRuntime, msg: pb.Signals) -> tuple[pb.Ack, Version | None]:

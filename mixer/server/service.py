@@ -299,15 +299,17 @@ class MixerService(pb_grpc.MixerServiceServicer):
         all_settled = asyncio.Event()
         all_settled.set()
 
-        def nack(step: int, seq: int, e: MixerError) -> pb.SessionResponse:
-            return pb.SessionResponse(nack=pb.Nack(step=step, seq=seq, code=e.code.value[0], message=e.message))
+        def nack(step: int, seq: int, source: str, e: MixerError) -> pb.SessionResponse:
+            return pb.SessionResponse(
+                nack=pb.Nack(step=step, seq=seq, source=source, code=e.code.value[0], message=e.message)
+            )
 
         def settled(taken, batched: bool, t0: float):
             def done(err: MixerError | None) -> None:  # on the loop, once the batch's commit resolved
                 nonlocal unsettled
                 if err is not None:
                     for ack in taken.acks:
-                        out.put_nowait(nack(ack.step, ack.seq, err))
+                        out.put_nowait(nack(ack.step, ack.seq, ack.source, err))
                 else:
                     self.metrics.ingest_seconds.observe(time.perf_counter() - t0)
                     if batched:
@@ -356,7 +358,7 @@ class MixerService(pb_grpc.MixerServiceServicer):
             def on_taken(taken) -> None:  # on the loop, once the batch went through admission
                 nonlocal unsettled
                 for msg, e in taken.refused:
-                    out.put_nowait(nack(msg.step, msg.seq, e))
+                    out.put_nowait(nack(msg.step, msg.seq, msg.source, e))
                 if taken.acks:
                     self.rts.when_settled(rt, taken, settled(taken, batched, t0))
                     return

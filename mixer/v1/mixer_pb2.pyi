@@ -192,28 +192,32 @@ class Welcome(_message.Message):
     def __init__(self, job: _Optional[str] = ..., source: _Optional[str] = ..., last_step: _Optional[int] = ..., last_seq: _Optional[int] = ..., current: _Optional[_Union[WeightVersion, _Mapping]] = ..., domains: _Optional[_Iterable[str]] = ..., spec_json: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("step", "seq", "duplicate", "log_seq")
+    __slots__ = ("step", "seq", "duplicate", "log_seq", "source")
     STEP_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     LOG_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     step: int
     seq: int
     duplicate: bool
     log_seq: int
-    def __init__(self, step: _Optional[int] = ..., seq: _Optional[int] = ..., duplicate: bool = ..., log_seq: _Optional[int] = ...) -> None: ...
+    source: str
+    def __init__(self, step: _Optional[int] = ..., seq: _Optional[int] = ..., duplicate: bool = ..., log_seq: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
 
 class Nack(_message.Message):
-    __slots__ = ("step", "seq", "code", "message")
+    __slots__ = ("step", "seq", "code", "message", "source")
     STEP_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     step: int
     seq: int
     code: int
     message: str
-    def __init__(self, step: _Optional[int] = ..., seq: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    source: str
+    def __init__(self, step: _Optional[int] = ..., seq: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class AckBatch(_message.Message):
     __slots__ = ("acks", "latest")
