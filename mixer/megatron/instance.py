@@ -1,10 +1,10 @@
 """Instance weighting inside the training step, with parameters from the applied weight version.
 
-The job spec names the method (`weighting.name`: loss, topic or dwm; mixer.weighting holds the
-pure functions) and its initial parameters. A version may override them; the worker looks, in
-this order of precedence, at:
+The job spec names the method (`weighting.name`: loss, topic, dwm or presence; mixer.weighting
+holds the pure functions) and its initial parameters. A version may override them; the worker
+looks, in this order of precedence, at:
 
-- loss, topic: `version.params["weighting"]` (a mapping of the method's parameters), then the
+- loss, topic, presence: `version.params["weighting"]` (a mapping of the method's parameters), then the
   version's top-level params that are parameter names of the method (ToReMi ships
   `topic_weights` there), then the spec's `weighting.params`;
 - dwm: `version.blob` (mixer.weighting.dwm.to_bytes: the model and the feature state); before
@@ -20,7 +20,9 @@ once the sampler has applied a version, so a step's weights and its instance wei
 come from the same version, on every rank. Topic ids are each sample's topics from `mixer topics
 build` (a row per sample, -1 padded; mixer.megatron.data.TopicLabels), or the domain ids when the
 loop has none. DWM features treat every sample as a full sequence (lengths None):
-reports carry no per-sample lengths, so that is what the service can rebuild too.
+reports carry no per-sample lengths, so that is what the service can rebuild too. PRESENCE
+weights come from each sample's self-influence score (probes.SelfInfluenceProbe), which the
+training loop measures during the forward and passes to `weights(..., scores=...)`.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from mixer.weighting import METHODS, parse_weighting_params
 
 __all__ = ["InstanceWeighting"]
 
-METHOD_NAMES = ("loss", "topic", "dwm")
+METHOD_NAMES = ("loss", "topic", "dwm", "presence")
 
 
 class InstanceWeighting:
@@ -70,6 +72,11 @@ class InstanceWeighting:
     @property
     def enabled(self) -> bool:
         return self.method in METHOD_NAMES or self.loss_weighted
+
+    @property
+    def needs_self_influence(self) -> bool:
+        """True when `weights` needs the samples' self-influence scores (PRESENCE)."""
+        return self.method == "presence"
 
     def offer(self, update: VersionUpdate) -> None:
         """Remember a received version's parameters until the sampler applies that version."""
@@ -114,21 +121,50 @@ class InstanceWeighting:
                 self.method, {**self.spec_params, **_method_params(params, self.method)}
             )
 
-    def weights(self, step: int, sample_loss: Tensor, domain: Tensor, topics: Tensor | None = None) -> Tensor | None:
+    def weights(
+        self,
+        step: int,
+        sample_loss: Tensor,
+        domain: Tensor,
+        topics: Tensor | None = None,
+        *,
+        scores: Tensor | None = None,
+    ) -> Tensor | None:
         """This rank's detached weights for the batch (None when weighting is off): the method's
         instance weights times the version's per-domain loss weights (mixer.megatron.loss); topics:
-        the samples' topic ids (topic method; the domains when None)."""
+        the samples' topic ids (topic method; the domains when None); scores: the samples'
+        self-influence (presence method)."""
         if not self.enabled:
             return None
-        w = self._method_weights(step, sample_loss, domain, topics) if self.method in METHOD_NAMES else None
+        w = (
+            self._method_weights(step, sample_loss, domain, topics, scores)
+            if self.method in METHOD_NAMES
+            else None
+        )
         if self.domain_loss_weights is not None:
             return sample_loss_weights(domain, self.domain_loss_weights, w)
         return w if w is not None else torch.ones(sample_loss.shape[0], device=sample_loss.device)
 
     def _method_weights(
-        self, step: int, sample_loss: Tensor, domain: Tensor, topics: Tensor | None
+        self,
+        step: int,
+        sample_loss: Tensor,
+        domain: Tensor,
+        topics: Tensor | None,
+        scores: Tensor | None = None,
     ) -> Tensor:
         """The instance weighting method's weights."""
+        if self.method == "presence":
+            from mixer.weighting.presence import weights_for_step as presence_weights
+
+            if scores is None or scores.shape != sample_loss.shape:
+                got = None if scores is None else tuple(scores.shape)
+                raise ValueError(
+                    f"presence weighting needs one self-influence score per sample "
+                    f"({tuple(sample_loss.shape)}), got {got}; measure them with probes.SelfInfluenceProbe"
+                )
+            # No host sync in the step: a non-finite score shows up as a non-finite step loss.
+            return presence_weights(step, scores, self.params, group=self.group, check=False)
         if self.method == "loss":
             from mixer.weighting.loss_based import weights_for_step
 

@@ -14,6 +14,10 @@ backward of a training micro-batch of b samples:
 - SampleAlignProbe (DWM, SAMPLE_ALIGNMENT): every T steps, one forward of a balanced validation
   batch and, per training sample, two [s, h] x [h, V] products with the output layer: output-layer
   only, so about (F_val + 2 x output-layer forward) / T per step.
+- SelfInfluenceProbe (PRESENCE weighting): every step, each sample's squared output-layer gradient
+  norm in closed form from the forward's hidden states and logits (mixer.weighting.presence): one
+  softmax over the logits and one [V, s] x [s, H] product per sample, about one output-layer
+  forward plus a softmax per step; no backward, no host sync.
 - validation_loss (VAL_LOSS): every N steps, a forward over `samples` per domain, split over
   data-parallel ranks; one host sync at the end. Periodic, on the critical path when it runs.
 
@@ -36,7 +40,7 @@ from mixer.megatron.loss import gather_samples
 from mixer.megatron.model import unwrap
 from mixer.megatron.sampler import MixtureDataset
 
-__all__ = ["AlignmentProbe", "ExcessLossProbe", "SampleAlignProbe", "validation_loss"]
+__all__ = ["AlignmentProbe", "ExcessLossProbe", "SampleAlignProbe", "SelfInfluenceProbe", "validation_loss"]
 
 
 def _world(group: Any = None) -> tuple[int, int]:
@@ -298,6 +302,56 @@ class SampleAlignProbe:
             delta = self._deltas(h, batch["labels"][i], weight)
             out[i] = ((delta * u).sum(dim=-1) * mask[i]).sum() / mask[i].sum().clamp(min=1)
         return gather_samples(out, self.group)
+
+
+class SelfInfluenceProbe:
+    """PRESENCE: s_i = ||grad_W l_i||^2 of the output layer for each sample of the step's batch.
+
+    A forward hook on the output layer computes the scores while the logits are still intact
+    (megatron's cross entropy may modify them in place afterwards); `capture(batch)` arms it for
+    one forward, `scores()` hands the result over. Tensor parallel size 1 (the full vocabulary).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.output_layer = unwrap(model).output_layer
+        self._batch: dict[str, Tensor] | None = None
+        self._scores: Tensor | None = None
+        self._handle = self.output_layer.register_forward_hook(self._hook)
+
+    def close(self) -> None:
+        self._handle.remove()
+
+    def _hook(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._batch is None:
+            return
+        from mixer.weighting.presence import output_layer_self_influence
+
+        logits = output[0] if isinstance(output, tuple) else output
+        batch, self._batch = self._batch, None  # one forward per capture
+        # Megatron's layout is [s, b, .]; the batch's is [b, s].
+        self._scores = output_layer_self_influence(
+            args[0].transpose(0, 1),
+            logits.transpose(0, 1),
+            batch["labels"],
+            batch["loss_mask"],
+            bias=getattr(module, "bias", None) is not None,
+        )
+
+    @contextmanager
+    def capture(self, batch: dict[str, Tensor]):
+        """Score the samples of `batch` during the forward inside this block."""
+        self._batch, self._scores = batch, None
+        try:
+            yield
+        finally:
+            self._batch = None
+
+    def scores(self) -> Tensor:
+        """[local batch] scores (float32 at least, on the device) of the last captured forward."""
+        if self._scores is None:
+            raise RuntimeError("SelfInfluenceProbe.scores needs a forward inside capture(batch) first")
+        out, self._scores = self._scores, None
+        return out
 
 
 @torch.no_grad()

@@ -32,7 +32,13 @@ from mixer.megatron.announce import AnnouncedVersions
 from mixer.megatron.checkpoint import load_checkpoint, load_reference, save_checkpoint
 from mixer.megatron.loss import AsyncHostCopy, LossHook, compute_loss, gather_samples
 from mixer.megatron.model import ModelConfig, build_model, teardown
-from mixer.megatron.probes import AlignmentProbe, ExcessLossProbe, SampleAlignProbe, validation_loss
+from mixer.megatron.probes import (
+    AlignmentProbe,
+    ExcessLossProbe,
+    SampleAlignProbe,
+    SelfInfluenceProbe,
+    validation_loss,
+)
 from mixer.megatron.record import RunLog, TrainResult
 from mixer.megatron.sampler import MixtureDataset, MixtureSampler, make_sample_id
 from mixer.megatron.versions import VersionChannel
@@ -269,6 +275,8 @@ def train(
     device = torch.device(cfg.device)
     model = build_model(cfg.model, cfg.device, seed=cfg.seed)
     sample_align = None
+    # PRESENCE: every step's samples are scored during the forward (their weights need them).
+    self_influence = SelfInfluenceProbe(model) if getattr(weighting, "needs_self_influence", False) else None
     try:
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
@@ -358,14 +366,23 @@ def train(
                 weighting.sync(sampler.version)
             batch = _to_device(data.batch(keys), device)
             probe_sample = sample_align is not None and attached and sample_align.due(step)
-            with sample_align.capture(probe_sample) if sample_align is not None else nullcontext():
+            with (
+                sample_align.capture(probe_sample) if sample_align is not None else nullcontext(),
+                self_influence.capture(batch) if self_influence is not None else nullcontext(),
+            ):
                 per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
             extras: dict[str, torch.Tensor] = {}
             w = None
             if weighting is not None and weighting.enabled:
                 mask = batch["loss_mask"].to(per_token.dtype)
                 sample_loss = (per_token.detach() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-                w = weighting.weights(step, sample_loss.float(), batch["dataset_id"], topics=batch.get("topic_ids"))
+                more = {}
+                if self_influence is not None:
+                    more["scores"] = self_influence.scores()
+                    extras["sample_self_influence"] = gather_samples(more["scores"].float())
+                w = weighting.weights(
+                    step, sample_loss.float(), batch["dataset_id"], topics=batch.get("topic_ids"), **more
+                )
                 extras["sample_weight"] = gather_samples(w.float())
             if cfg.report_topics and attached:
                 if "topic_ids" not in batch:
@@ -438,4 +455,6 @@ def train(
     finally:
         if sample_align is not None:
             sample_align.close()
+        if self_influence is not None:
+            self_influence.close()
         teardown()

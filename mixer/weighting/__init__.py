@@ -2,7 +2,7 @@
 
 The service owns and versions their parameters; workers evaluate them on each batch.
 Methods: `loss` (Sow et al., loss_based.py), `topic` (ToReMi, topic.py), `dwm` (learned
-weighting model, dwm.py). This package imports no torch so that spec validation stays light;
+weighting model, dwm.py), `presence` (PRESENCE self-influence reweighting, presence.py). This package imports no torch so that spec validation stays light;
 import the method modules themselves for the torch functions.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mixer.errors import SpecError
-from mixer.weighting.params import DwmParams, LossParams, TopicParams
+from mixer.weighting.params import DwmParams, LossParams, PresenceParams, TopicParams
 
 if TYPE_CHECKING:
     from mixer.spec import JobSpec
@@ -23,6 +23,7 @@ METHODS: dict[str, frozenset[str]] = {
     "loss": LossParams.NAMES,
     "topic": TopicParams.NAMES,
     "dwm": DwmParams.NAMES,
+    "presence": PresenceParams.NAMES,
 }
 
 # name -> parser that checks values too and returns the typed parameters.
@@ -30,6 +31,7 @@ PARSERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "loss": LossParams.parse,
     "topic": TopicParams.parse,
     "dwm": DwmParams.parse,
+    "presence": PresenceParams.parse,
 }
 
 
@@ -50,7 +52,7 @@ def validate_weighting_spec(spec: JobSpec) -> None:
 
 
 def parse_weighting_params(name: str, params: dict[str, Any]) -> Any:
-    """Typed parameters of method `name` (LossParams, TopicParams, DwmParams; None for 'none')."""
+    """Typed parameters of method `name` (LossParams, TopicParams, DwmParams, PresenceParams; None for 'none')."""
     if name not in METHODS:
         raise SpecError(
             "weighting.name", f"unknown instance weighting {name!r}; available: {', '.join(sorted(METHODS))}"

@@ -1,7 +1,7 @@
 """Parameter schemas of the instance-weighting methods, kept free of torch.
 
 Spec validation (`mixer.spec`) and the service read these without importing torch; the
-torch functions in `loss_based`, `topic` and `dwm` take the parsed objects. Each `parse`
+torch functions in `loss_based`, `topic`, `dwm` and `presence` take the parsed objects. Each `parse`
 raises one `SpecError` naming `weighting.params.<field>`.
 """
 
@@ -232,6 +232,58 @@ class DwmParams:
             model=model,
             init_from=init_from,
             frozen=frozen,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESENCE_NORMALIZE = ("none", "mean")
+PRESENCE_MAX_TAU = 1e6
+PRESENCE_MIN_TAU = 1e-6
+
+
+def _tau(name: str, v: Any, sign: int) -> float:
+    """A temperature of the given sign with PRESENCE_MIN_TAU <= |tau| <= PRESENCE_MAX_TAU."""
+    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    if not ok or not PRESENCE_MIN_TAU <= sign * v <= PRESENCE_MAX_TAU:
+        lo, hi = sorted((sign * PRESENCE_MIN_TAU, sign * PRESENCE_MAX_TAU))
+        raise SpecError(_where(name), f"must be a number in [{lo:g}, {hi:g}], got {v!r}")
+    return float(v)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class PresenceParams:
+    """PRESENCE (Thakkar et al. 2023) self-influence reweighting: w = N softmax(s / tau) per batch,
+    tau_1 > 0 before `switch_step` (favour high self-influence), tau_2 < 0 from it on (damp it).
+    Defaults are ours (the paper gives no universal values); see mixer.weighting.presence."""
+
+    tau_1: float = 1.0
+    """Stage-1 temperature, > 0: high self-influence samples get more weight (novelty)."""
+    tau_2: float = -1.0
+    """Stage-2 temperature, < 0: high self-influence samples get less weight (stability)."""
+    switch_step: int = 1000
+    """The first training step of stage 2 (0: stage 2 from the start)."""
+    normalize: str = "none"
+    """none: the paper's raw scores | mean: scores divided by the batch mean first (ours)."""
+
+    NAMES = frozenset({"tau_1", "tau_2", "switch_step", "normalize"})
+
+    @classmethod
+    def parse(cls, given: dict[str, Any]) -> PresenceParams:
+        _no_unknown("presence", given, cls.NAMES)
+        normalize = given.get("normalize", "none")
+        if normalize not in PRESENCE_NORMALIZE:
+            raise SpecError(
+                _where("normalize"), f"must be one of {', '.join(PRESENCE_NORMALIZE)}, got {normalize!r}"
+            )
+        return cls(
+            tau_1=_tau("tau_1", given.get("tau_1", 1.0), 1),
+            tau_2=_tau("tau_2", given.get("tau_2", -1.0), -1),
+            switch_step=_at_most(
+                "switch_step", _int("switch_step", given.get("switch_step", 1000), 0), MAX_STEP
+            ),
+            normalize=normalize,
         )
 
     def to_dict(self) -> dict[str, Any]:
