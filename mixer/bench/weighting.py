@@ -15,6 +15,8 @@ LABELS = {
     "dwm_features_ms": "DWM features",
     "dwm_evaluate_ms": "DWM evaluate",
     "dwm_train_step_ms": "DWM train step (service, per batch)",
+    "presence_weights_ms": "PRESENCE weights",
+    "presence_scores_8x128_ms": "PRESENCE probe, 8 x 128 tokens, V 257",
 }
 
 

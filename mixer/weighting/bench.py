@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from mixer.weighting import dwm, loss_based, topic
+from mixer.weighting import dwm, loss_based, presence, topic
 
 TARGETS_MS = {"loss_weights_ms": 1.0, "dwm_evaluate_ms": 2.0, "dwm_train_step_ms": 50.0}
 
@@ -68,6 +68,13 @@ def _run(
     prepared = dwm.to_torch(params)
     features = builder.build(losses, domains, 100, topics=topics)
     s = torch.randn(batch, generator=g)
+    scores = torch.rand(batch, generator=g, dtype=torch.float64)
+    # PRESENCE's probe on one micro-batch of `mixer bench quality`'s CPU model: 8 samples of 128
+    # tokens, hidden 128, the byte vocabulary (257).
+    h = torch.randn(8, 128, 128, generator=g)
+    logits = torch.randn(8, 128, 257, generator=g)
+    labels = torch.randint(0, 257, (8, 128), generator=g)
+    mask = torch.ones(8, 128)
     return {
         "batch": float(batch),
         "threads": float(torch.get_num_threads()),
@@ -76,4 +83,8 @@ def _run(
         "dwm_features_ms": _median_ms(lambda: builder.build(losses, domains, 100, topics=topics), repeats),
         "dwm_evaluate_ms": _median_ms(lambda: dwm.evaluate(prepared, features), repeats),
         "dwm_train_step_ms": _median_ms(lambda: dwm.train_step(params, features, s, 1.0, 1e-3), repeats),
+        "presence_weights_ms": _median_ms(lambda: presence.presence_weights(scores, 1.0, check=False), repeats),
+        "presence_scores_8x128_ms": _median_ms(
+            lambda: presence.output_layer_self_influence(h, logits, labels, mask), repeats
+        ),
     }
