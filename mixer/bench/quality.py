@@ -34,7 +34,7 @@ from mixer.bench.quality_plot import format_table, plot_quality, summarize
 __all__ = ["PRESETS", "QUICK_STRATEGIES", "STRATEGIES", "QualityConfig", "default_corpus", "run_quality"]
 
 STRATEGIES = ("uniform", "natural", "doremi", "doremi-online", "odm", "ado", "aioli", "dga", "toremi", "loss-linupper",
-              "dwm")
+              "presence", "dwm")
 # ToReMi's topics: TF-IDF + k-means over every domain of the run (ours: fast, offline, deterministic).
 TOPICS_K = 16
 QUICK_STRATEGIES = ("uniform", "odm", "doremi")
@@ -131,6 +131,9 @@ def _settings(name: str, cfg: QualityConfig, K: int) -> tuple[dict[str, Any], di
         # Sow et al. LinUpper on a static uniform mixture, 10% burn-in
         "loss-linupper": ("static", {},
                           {"name": "loss", "params": {"method": "linupper", "burn_in": steps // 10}}),
+        # PRESENCE on a static uniform mixture: favour high self-influence for the first half, then damp it
+        "presence": ("static", {},
+                     {"name": "presence", "params": {"switch_step": steps // 2, "normalize": "mean"}}),
         "dwm": ("dwm", {}, {"name": "dwm", "params": {"total_steps": steps, "seq_len": cfg.seq}}),
     }
     strategy, params, weighting = table[name]
