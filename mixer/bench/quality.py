@@ -34,7 +34,9 @@ from mixer.bench.quality_plot import format_table, plot_quality, summarize
 __all__ = ["PRESETS", "QUICK_STRATEGIES", "STRATEGIES", "QualityConfig", "default_corpus", "run_quality"]
 
 STRATEGIES = ("uniform", "natural", "doremi", "doremi-online", "odm", "ado", "aioli", "dga", "toremi", "loss-linupper",
-              "presence", "dwm")
+              "presence", "dwm", "agent")
+# Strategies that need more than a name (the agent: --agent PATH) are not in "all".
+NEEDS_INPUT = ("agent",)
 # ToReMi's topics: TF-IDF + k-means over every domain of the run (ours: fast, offline, deterministic).
 TOPICS_K = 16
 QUICK_STRATEGIES = ("uniform", "odm", "doremi")
@@ -134,6 +136,8 @@ def _settings(name: str, cfg: QualityConfig, K: int) -> tuple[dict[str, Any], di
         # PRESENCE on a static uniform mixture: favour high self-influence for the first half, then damp it
         "presence": ("static", {},
                      {"name": "presence", "params": {"switch_step": steps // 2, "normalize": "mean"}}),
+        # a trained Data Mixing Agent (its parameters come from --agent PATH): re-weights at every validation
+        "agent": ("agent", {}, none),
         "dwm": ("dwm", {}, {"name": "dwm", "params": {"total_steps": steps, "seq_len": cfg.seq}}),
     }
     strategy, params, weighting = table[name]
@@ -223,6 +227,8 @@ def _run_one(b: _Bench, name: str, seed: int, job: str, spec: dict[str, Any], re
     eval_every = max(1, cfg.steps // cfg.eval_points)
     if name == "aioli":  # its probe segments end on fresh validation losses
         eval_every = min(eval_every, 2 * cfg.update_every)
+    if name == "agent":  # it re-weights at every validation
+        eval_every = min(eval_every, cfg.update_every)
     common: dict[str, Any] = {
         "spec": spec_path, "global_batch_size": cfg.batch, "seq_length": cfg.seq, "layers": cfg.layers,
         "hidden": cfg.hidden, "heads": cfg.heads, "lr": cfg.lr, "min_lr": cfg.lr / 10, "seed": seed,
@@ -280,7 +286,8 @@ def _mean_weight(trajectory: list[list[Any]], domains: tuple[int, ...], steps: i
 
 def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: QualityConfig, device: str = "cpu",
                 out: Path, cache: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
-                noise_domains: int = 0, progress: bool = True, command: str = "") -> dict[str, Any]:
+                noise_domains: int = 0, progress: bool = True, command: str = "",
+                agent: Path | None = None) -> dict[str, Any]:
     """Run every strategy x seed; write result.json, quality.png and table.md under out (rewritten
     after every run, so an interrupted benchmark keeps what it finished)."""
     from tqdm import tqdm
@@ -290,6 +297,13 @@ def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: Quality
     unknown = sorted(set(strategies) - set(STRATEGIES))
     if unknown:
         raise ValueError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+    overrides = dict(overrides or {})
+    if "agent" in strategies:
+        if agent is None:
+            raise ValueError("strategy agent needs --agent PATH (a folder written by `mixer agent train`)")
+        from mixer.agent.policy import strategy_spec
+
+        overrides["agent"] = {**strategy_spec(Path(agent))["params"], **overrides.get("agent", {})}
     # uniform is the baseline of every comparison (and DoReMi's reference): always run, first.
     strategies = ["uniform"] + [s for s in dict.fromkeys(strategies) if s != "uniform"]
     # Absolute: the service runs in another working directory and opens its database from there.

@@ -19,6 +19,7 @@ import yaml
 
 from mixer.bench import load as load_defaults
 from mixer.bench.quality import (
+    NEEDS_INPUT,
     PRESETS,
     QUICK_STRATEGIES,
     STRATEGIES,
@@ -514,6 +515,13 @@ def bench_select(
     help="result folder (result.json, quality.png, table.md, mixer.db)",
 )
 @click.option("--cache-dir", type=PATH, default=None, help="prepared corpus cache  [default: OUT/prepared]")
+@click.option(
+    "--agent",
+    "agent_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="a trained Data Mixing Agent (`mixer agent train --out`): adds strategy agent to the default list",
+)
 @json_option
 def bench_quality(
     corpus: Path | None,
@@ -528,6 +536,7 @@ def bench_quality(
     sets: tuple[str, ...],
     out: Path,
     cache_dir: Path | None,
+    agent_dir: Path | None,
     as_json: bool,
 ) -> None:
     """Train a small GPT per strategy and seed through the live mixer; compare with uniform.
@@ -540,7 +549,10 @@ def bench_quality(
     cfg = PRESETS[size]
     cfg = replace(cfg, steps=steps or cfg.steps, eval_samples=eval_samples or cfg.eval_samples)
     names = [s.strip() for s in (strategies or "").split(",") if s.strip()]
-    names = names or list(QUICK_STRATEGIES if quick else STRATEGIES)
+    everything = [s for s in STRATEGIES if s not in NEEDS_INPUT or (s == "agent" and agent_dir is not None)]
+    names = names or list(QUICK_STRATEGIES if quick else everything)
+    if "agent" in names and agent_dir is None:
+        raise click.UsageError("strategy agent needs --agent PATH (a folder written by `mixer agent train`)")
     unknown = sorted(set(names) - set(STRATEGIES))
     if unknown:
         raise click.UsageError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
@@ -564,7 +576,9 @@ def bench_quality(
             overrides=_parse_sets(sets),
             noise_domains=noise_domains,
             progress=not as_json,
-            command=_command_line(corpus, names, cfg, seeds, device, quick, size, noise_domains, sets, out),
+            command=_command_line(corpus, names, cfg, seeds, device, quick, size, noise_domains, sets, out)
+            + (f" --agent {agent_dir}" if agent_dir is not None else ""),
+            agent=agent_dir,
         )
     click.echo(Path(result["files"]["table"]).read_text())
     if as_json:

@@ -280,3 +280,19 @@ def test_command_line_trains_and_writes_a_spec(world, trained, tmp_path) -> None
         main, ["agent", "train", "--trajectories", str(empty), "--out", str(tmp_path / "x")]
     )
     assert bad.exit_code == 1 and "Error:" in bad.output
+
+
+def test_bench_quality_runs_the_agent_next_to_uniform(world, trained, tmp_path) -> None:
+    from mixer.bench.quality import run_quality
+
+    folder, _ = trained
+    cfg = dataclasses.replace(PROXY, steps=12, update_every=3)
+    result = run_quality(corpus=world["root"] / "corpus", strategies=["agent"], seeds=1, cfg=cfg,
+                         out=tmp_path / "q", cache=world["root"] / "out" / "prepared", progress=False,
+                         agent=folder)
+    runs = {r["strategy"]: r for r in result["runs"]}
+    assert runs["uniform"]["status"] == "ok" and runs["agent"]["status"] == "ok", runs
+    assert runs["agent"]["versions"] > 1  # the agent re-weighted at its validations
+    with pytest.raises(ValueError, match="--agent PATH"):
+        run_quality(corpus=world["root"] / "corpus", strategies=["agent"], seeds=1, cfg=cfg, out=tmp_path / "q2",
+                    progress=False)
