@@ -287,9 +287,10 @@ def _mean_weight(trajectory: list[list[Any]], domains: tuple[int, ...], steps: i
 def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: QualityConfig, device: str = "cpu",
                 out: Path, cache: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
                 noise_domains: int = 0, progress: bool = True, command: str = "",
-                agent: Path | None = None) -> dict[str, Any]:
+                agent: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every strategy x seed; write result.json, quality.png and table.md under out (rewritten
-    after every run, so an interrupted benchmark keeps what it finished)."""
+    after every run, so an interrupted benchmark keeps what it finished). agent: the `agent`
+    strategy's parameters (mixer.agent.policy.strategy_spec(PATH)["params"])."""
     from tqdm import tqdm
 
     from mixer.server.launch import ServerProcess
@@ -301,9 +302,7 @@ def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: Quality
     if "agent" in strategies:
         if agent is None:
             raise ValueError("strategy agent needs --agent PATH (a folder written by `mixer agent train`)")
-        from mixer.agent.policy import strategy_spec
-
-        overrides["agent"] = {**strategy_spec(Path(agent))["params"], **overrides.get("agent", {})}
+        overrides["agent"] = {**agent, **overrides.get("agent", {})}
     # uniform is the baseline of every comparison (and DoReMi's reference): always run, first.
     strategies = ["uniform"] + [s for s in dict.fromkeys(strategies) if s != "uniform"]
     # Absolute: the service runs in another working directory and opens its database from there.

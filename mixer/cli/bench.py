@@ -553,6 +553,13 @@ def bench_quality(
     names = names or list(QUICK_STRATEGIES if quick else everything)
     if "agent" in names and agent_dir is None:
         raise click.UsageError("strategy agent needs --agent PATH (a folder written by `mixer agent train`)")
+    from mixer.agent.policy import AgentFileError, strategy_spec
+
+    if agent_dir is not None:
+        try:
+            strategy_spec(agent_dir)
+        except AgentFileError as e:
+            raise click.UsageError(f"--agent {agent_dir}: {e}") from None
     unknown = sorted(set(names) - set(STRATEGIES))
     if unknown:
         raise click.UsageError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
@@ -578,7 +585,7 @@ def bench_quality(
             progress=not as_json,
             command=_command_line(corpus, names, cfg, seeds, device, quick, size, noise_domains, sets, out)
             + (f" --agent {agent_dir}" if agent_dir is not None else ""),
-            agent=agent_dir,
+            agent=None if agent_dir is None else strategy_spec(agent_dir)["params"],
         )
     click.echo(Path(result["files"]["table"]).read_text())
     if as_json:

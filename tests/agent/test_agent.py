@@ -289,7 +289,7 @@ def test_bench_quality_runs_the_agent_next_to_uniform(world, trained, tmp_path) 
     cfg = dataclasses.replace(PROXY, steps=12, update_every=3)
     result = run_quality(corpus=world["root"] / "corpus", strategies=["agent"], seeds=1, cfg=cfg,
                          out=tmp_path / "q", cache=world["root"] / "out" / "prepared", progress=False,
-                         agent=folder)
+                         agent=strategy_spec(folder)["params"])
     runs = {r["strategy"]: r for r in result["runs"]}
     assert runs["uniform"]["status"] == "ok" and runs["agent"]["status"] == "ok", runs
     assert runs["agent"]["versions"] > 1  # the agent re-weighted at its validations
