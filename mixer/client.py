@@ -24,9 +24,9 @@ from typing import Any
 
 import grpc
 
-from mixer.engine import Version
 from mixer.signals import Report
 from mixer.spec import JobSpec
+from mixer.types import Version
 from mixer.v1 import mixer_pb2 as pb
 from mixer.v1 import mixer_pb2_grpc as pb_grpc
 from mixer.wire import report_to_proto, version_from_proto

@@ -18,7 +18,6 @@ in the version's `params["starving"]`).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,33 +27,7 @@ from mixer.signals import MAX_STEP, PER_DOMAIN_FIELDS, PER_SAMPLE_FIELDS, Report
 from mixer.spec import JobSpec, SpecError
 from mixer.strategies import Strategy, build_strategy
 from mixer.strategies.base import decode_state, encode_state
-
-
-@dataclass(slots=True)
-class Version:
-    """A weight version: what workers apply from `effective_step` on."""
-
-    version: int
-    effective_step: int
-    weights: np.ndarray
-    params: dict[str, Any] = field(default_factory=dict)
-    blob: bytes = b""
-    trigger_step: int = -1
-    """Step of the report whose arrival triggered this update (-1 for the initial version)."""
-    log_seq: int = -1
-    """Log position of that report (-1 for the initial version)."""
-
-    def same_as(self, other: Version) -> bool:
-        """Bit-exact equality of everything a worker or a replay can observe."""
-        return (
-            self.version == other.version
-            and self.effective_step == other.effective_step
-            and self.weights.shape == other.weights.shape
-            and np.array_equal(self.weights, other.weights)
-            and self.params == other.params
-            and self.blob == other.blob
-        )
-
+from mixer.types import Version  # re-exported: `from mixer.engine import Version` keeps working
 
 STARVING_TOLERANCE = 1e-12
 """A weight within this of `cadence.min_weight` is at the floor (with no floor: below 1e-12)."""

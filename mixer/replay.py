@@ -22,10 +22,11 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from mixer.engine import Engine, Version
+from mixer.engine import Engine
 from mixer.signals import Report, validate_report
 from mixer.spec import JobSpec, SpecError
 from mixer.store import Append, JobRecord, Store, redact
+from mixer.types import Version
 from mixer.wire import decode_stored
 
 OPEN_LOOP_NOTE = (
@@ -71,12 +72,17 @@ def get_job(store: Store, name: str) -> JobRecord:
     return rec
 
 
-def log_owner(store: Store, rec: JobRecord) -> JobRecord:
-    """The job whose log `rec` consumes: itself, or for a derived job without a log, its source (recursively)."""
+def log_owner(store: Store, rec: JobRecord, *, strict: bool = True) -> JobRecord:
+    """The job whose log `rec` consumes: itself, or for a derived job without a log, its source (recursively).
+
+    A source that is not in the database (or a cycle of sources) raises ReplayError; with
+    `strict=False` the last job found is the answer (its log is empty: a chart shows nothing)."""
     seen, cur = {rec.name}, rec
     while cur.source_job and store.log_stats(cur.id)[0] == 0:
         src = None if cur.source_job in seen else store.get_job(cur.source_job)
         if src is None:
+            if not strict:
+                return cur
             raise ReplayError(
                 f"job {rec.name!r} has no log in {redact(store.url)}: it derives from {cur.source_job!r}, whose log is not "
                 "there (an imported trajectory carries versions only; replay in the database it was exported from)"

@@ -1,14 +1,19 @@
-"""Conversions between the pure core's types and the mixer.v1 wire messages."""
+"""Conversions between the pure core's types and the mixer.v1 wire messages (all protobuf conversion lives here)."""
 
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mixer.engine import Version
 from mixer.signals import PER_DOMAIN_FIELDS, PER_SAMPLE_FIELDS, Report, SignalError, validate_report
+from mixer.spec import JobSpec
+from mixer.types import Version
 from mixer.v1 import mixer_pb2 as pb
+
+if TYPE_CHECKING:
+    from mixer.store import JobRecord
 
 
 def report_to_proto(r: Report) -> pb.Signals:
@@ -87,3 +92,23 @@ def decode_stored(payload: bytes, num_domains: int) -> Report:
     Without the upper bounds (validate_report(bounded=False)): a log written before they existed
     replays, reloads and exports as it ran."""
     return validate_report(report_from_proto(pb.Signals.FromString(payload)), num_domains, bounded=False)
+
+
+def job_to_proto(rec: JobRecord, spec: JobSpec | None = None, *, latest_version: int = -1, max_step: int = -1, report_count: int = 0) -> pb.Job:
+    """A job's record (and its live state, where it is loaded: its newest version, step and report count)."""
+    if spec is None:
+        spec = JobSpec.from_json(rec.spec_json)
+    return pb.Job(
+        name=rec.name,
+        spec_json=rec.spec_json,
+        fingerprint=rec.fingerprint,
+        domains=spec.domain_names,
+        strategy=spec.strategy.name,
+        latest_version=latest_version,
+        max_step=max_step,
+        report_count=report_count,
+        created_at=rec.created_at,
+        source_job=rec.source_job or "",
+        weighting=spec.weighting.name,
+        status=rec.status,
+    )

@@ -35,8 +35,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from mixer.replay import log_owner
 from mixer.server import page
-from mixer.server.runtime import MixerError
+from mixer.server.errors import MixerError
 from mixer.spec import NAME_RE, JobSpec
 from mixer.store.models import SignalRow
 from mixer.v1 import mixer_pb2 as pb
@@ -193,7 +194,8 @@ class JobData:
 
     def loss(self, name: str, after_seq: int | None, limit: int) -> dict:
         rec = self.record(name)
-        owner = self._log_owner(rec)
+        # A derived job stores versions only; its loss is that of the log its versions came from.
+        owner = log_owner(self.store, rec, strict=False)
         domains = JobSpec.from_json(rec.spec_json).domain_names
         top = self._max_seq(owner.id)
         top = -1 if top is None else top
@@ -213,17 +215,6 @@ class JobData:
             acc[1] += msg.domain_token_count
         points = [{"step": s, "loss_sum": a[0].tolist(), "tokens": a[1].tolist()} for s, a in sorted(by_step.items())]
         return {"job": name, "log_job": owner.name, "domains": domains, "next_seq": last, "reset": reset, "points": points}
-
-    def _log_owner(self, rec):
-        """A derived job stores versions only; its loss is that of the log its versions came from."""
-        seen = {rec.name}
-        while rec.source_job and rec.source_job not in seen and self._max_seq(rec.id) is None:
-            src = self.store.get_job(rec.source_job)
-            if src is None:
-                break
-            seen.add(src.name)
-            rec = src
-        return rec
 
     def _max_seq(self, job_id: int) -> int | None:
         with self.store.engine.connect() as conn:
@@ -356,6 +347,85 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         log.debug("http connection from %s failed: %r", client_address, sys.exc_info()[1])
 
 
+class _Handler(BaseHTTPRequestHandler):
+    """A connection's requests (HttpSide makes a subclass with its `side` and `timeout`)."""
+
+    side: HttpSide
+    timeout: float  # each read and write on the connection
+
+    def setup(self):
+        self.request.settimeout(self.timeout)
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()
+        super().setup()
+
+    def parse_request(self):
+        ok = super().parse_request()
+        self.server.request_received(self.request)
+        return ok
+
+    def log_message(self, *args):  # access logs would drown the server log
+        pass
+
+    def do_GET(self):
+        url = urlparse(self.path)
+        path = url.path
+        parts = [unquote(p) for p in path.strip("/").split("/")] if path != "/" else []
+        try:
+            if parts[:1] == ["jobs"] and len(parts) == 2 and NAME_RE.fullmatch(parts[1]):
+                return self._send(200, page.job_html(parts[1]), "text/html; charset=utf-8")
+            if path in ("/", "/index.html"):
+                return self._send(200, page.index_html(), "text/html; charset=utf-8")
+            if path == "/healthz":
+                ok = self.side.health_state()
+                return self._send(200 if ok else 503, b"ok\n" if ok else b"shutting down\n", "text/plain")
+            # Per-job JSON takes that job's reader token; everything spanning jobs needs a '*' token.
+            job = parts[2] if parts[:2] == ["api", "jobs"] and len(parts) > 2 else "*"
+            if self.side.auth is not None and self.side.auth.enabled:
+                try:
+                    self.side.auth.check(self.headers.get("Authorization"), job, "reader")
+                except MixerError as e:
+                    raise HttpError(401 if e.code == grpc.StatusCode.UNAUTHENTICATED else 403, e.message) from None
+            if path == "/metrics":
+                return self._send(200, generate_latest(self.side.metrics.registry), CONTENT_TYPE_LATEST)
+            if parts[:2] == ["api", "jobs"]:
+                return self._json(200, self._api(parts[2:], parse_qs(url.query)))
+            raise HttpError(404, f"no such path {path!r}; try /, /jobs/NAME, /metrics, /healthz, /api/jobs")
+        except HttpError as e:
+            return self._json(e.code, {"error": e.message})
+        except SQLAlchemyError as e:
+            return self._json(503, {"error": f"the database is unavailable ({type(e).__name__}); retry later"})
+        except Exception as e:  # noqa: BLE001 - a bug answers 500 with its name; the server stays up
+            return self._json(500, {"error": f"internal error ({type(e).__name__}: {e})"})
+
+    def _api(self, rest: list[str], query: dict) -> dict:
+        d = self.side.data
+        if not rest:
+            return {"jobs": d.jobs()}
+        name = rest[0]
+        if len(rest) == 1:
+            return d.job(name)
+        if rest[1:] == ["versions"]:
+            return d.versions(name, _int_arg(query, "after", None, lo=-1), _int_arg(query, "tail", 500, lo=1, hi=MAX_TAIL))
+        if len(rest) == 3 and rest[1] == "versions":
+            return d.version(name, _int_arg({"version": [rest[2]]}, "version", 0, lo=0))
+        if rest[1:] == ["loss"]:
+            return d.loss(name, _int_arg(query, "after_seq", None, lo=-1), _int_arg(query, "limit", 2000, lo=1, hi=MAX_TAIL))
+        raise HttpError(404, f"no such path {self.path!r}; try /api/jobs/{name}/versions or /api/jobs/{name}/loss")
+
+    def _json(self, code, obj):
+        self._send(code, json.dumps(obj, allow_nan=False).encode(), "application/json", no_store=True)
+
+    def _send(self, code, body, ctype, no_store=False):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        if no_store:  # live data: a cached copy would freeze the page's charts
+            self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+
 class HttpSide:
     """A small threaded HTTP server next to the gRPC port (HTTPS when ssl_context is given)."""
 
@@ -377,84 +447,8 @@ class HttpSide:
         self.runtimes = runtimes
         self.health_state = health_state
         self.data = JobData(runtimes)
-        side = self
-
-        class Handler(BaseHTTPRequestHandler):
-            timeout = request_timeout  # each read and write on the connection
-
-            def setup(self):
-                self.request.settimeout(self.timeout)
-                if isinstance(self.request, ssl.SSLSocket):
-                    self.request.do_handshake()
-                super().setup()
-
-            def parse_request(self):
-                ok = super().parse_request()
-                self.server.request_received(self.request)
-                return ok
-
-            def log_message(self, *args):  # access logs would drown the server log
-                pass
-
-            def do_GET(self):
-                url = urlparse(self.path)
-                path = url.path
-                parts = [unquote(p) for p in path.strip("/").split("/")] if path != "/" else []
-                try:
-                    if parts[:1] == ["jobs"] and len(parts) == 2 and NAME_RE.fullmatch(parts[1]):
-                        return self._send(200, page.job_html(parts[1]), "text/html; charset=utf-8")
-                    if path in ("/", "/index.html"):
-                        return self._send(200, page.index_html(), "text/html; charset=utf-8")
-                    if path == "/healthz":
-                        ok = side.health_state()
-                        return self._send(200 if ok else 503, b"ok\n" if ok else b"shutting down\n", "text/plain")
-                    # Per-job JSON takes that job's reader token; everything spanning jobs needs a '*' token.
-                    job = parts[2] if parts[:2] == ["api", "jobs"] and len(parts) > 2 else "*"
-                    if side.auth is not None and side.auth.enabled:
-                        try:
-                            side.auth.check(self.headers.get("Authorization"), job, "reader")
-                        except MixerError as e:
-                            raise HttpError(401 if e.code == grpc.StatusCode.UNAUTHENTICATED else 403, e.message) from None
-                    if path == "/metrics":
-                        return self._send(200, generate_latest(side.metrics.registry), CONTENT_TYPE_LATEST)
-                    if parts[:2] == ["api", "jobs"]:
-                        return self._json(200, self._api(parts[2:], parse_qs(url.query)))
-                    raise HttpError(404, f"no such path {path!r}; try /, /jobs/NAME, /metrics, /healthz, /api/jobs")
-                except HttpError as e:
-                    return self._json(e.code, {"error": e.message})
-                except SQLAlchemyError as e:
-                    return self._json(503, {"error": f"the database is unavailable ({type(e).__name__}); retry later"})
-                except Exception as e:  # noqa: BLE001 - a bug answers 500 with its name; the server stays up
-                    return self._json(500, {"error": f"internal error ({type(e).__name__}: {e})"})
-
-            def _api(self, rest: list[str], query: dict) -> dict:
-                d = side.data
-                if not rest:
-                    return {"jobs": d.jobs()}
-                name = rest[0]
-                if len(rest) == 1:
-                    return d.job(name)
-                if rest[1:] == ["versions"]:
-                    return d.versions(name, _int_arg(query, "after", None, lo=-1), _int_arg(query, "tail", 500, lo=1, hi=MAX_TAIL))
-                if len(rest) == 3 and rest[1] == "versions":
-                    return d.version(name, _int_arg({"version": [rest[2]]}, "version", 0, lo=0))
-                if rest[1:] == ["loss"]:
-                    return d.loss(name, _int_arg(query, "after_seq", None, lo=-1), _int_arg(query, "limit", 2000, lo=1, hi=MAX_TAIL))
-                raise HttpError(404, f"no such path {self.path!r}; try /api/jobs/{name}/versions or /api/jobs/{name}/loss")
-
-            def _json(self, code, obj):
-                self._send(code, json.dumps(obj, allow_nan=False).encode(), "application/json", no_store=True)
-
-            def _send(self, code, body, ctype, no_store=False):
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                if no_store:  # live data: a cached copy would freeze the page's charts
-                    self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = BoundedHTTPServer((host, port), Handler, request_timeout=request_timeout, max_connections=max_connections, ssl_context=ssl_context)
+        handler = type("Handler", (_Handler,), {"side": self, "timeout": request_timeout})
+        self.httpd = BoundedHTTPServer((host, port), handler, request_timeout=request_timeout, max_connections=max_connections, ssl_context=ssl_context)
         self.scheme = "https" if ssl_context is not None else "http"
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="mixer-http", daemon=True)

@@ -12,11 +12,13 @@ import grpc
 from sqlalchemy.exc import SQLAlchemyError
 
 from mixer.server.auth import ALL_JOBS, CACHE_SECONDS, Authenticator
-from mixer.server.runtime import MixerError, Runtimes, job_to_proto
+from mixer.server.errors import MixerError
+from mixer.server.job import JobRuntime
+from mixer.server.runtime import Runtimes
 from mixer.spec import JobSpec, SpecError
 from mixer.v1 import mixer_pb2 as pb
 from mixer.v1 import mixer_pb2_grpc as pb_grpc
-from mixer.wire import version_to_proto
+from mixer.wire import job_to_proto, version_to_proto
 
 log = logging.getLogger("mixer.server")
 
@@ -99,6 +101,11 @@ def add_to_server(servicer: MixerService, server: grpc.aio.Server) -> None:
         server.add_registered_method_handlers(service_name, checked)
 
 
+def _job(rt_or_rec) -> pb.Job:
+    """A live job (its runtime) or one not loaded (its record) as a message."""
+    return rt_or_rec.to_proto() if isinstance(rt_or_rec, JobRuntime) else job_to_proto(rt_or_rec)
+
+
 def db_unavailable(e: SQLAlchemyError) -> MixerError:
     """The database failed: the caller should keep its data and retry."""
     log.warning("database error: %s", e.__class__.__name__)
@@ -157,13 +164,13 @@ class MixerService(pb_grpc.MixerServiceServicer):
                 raise MixerError(grpc.StatusCode.PERMISSION_DENIED, f"token {p.token_id} is admin of job {p.job!r} only, not {name!r}")
         rec, created = await self.rts.create_job(request.spec)
         rt = await self.rts.get(rec.name)
-        return pb.CreateJobResponse(job=job_to_proto(rt), created=created)
+        return pb.CreateJobResponse(job=_job(rt), created=created)
 
     @_unary
     async def GetJob(self, request, context):
         self._need(request.name, "name")
         await self.auth.check_grpc(context, request.name, "reader")
-        return pb.GetJobResponse(job=job_to_proto(await self.rts.get(request.name)))
+        return pb.GetJobResponse(job=_job(await self.rts.get(request.name)))
 
     @_unary
     async def ListJobs(self, request, context):
@@ -174,7 +181,7 @@ class MixerService(pb_grpc.MixerServiceServicer):
         jobs = []
         for rec in recs:
             rt = self.rts.jobs.get(rec.name)
-            jobs.append(job_to_proto(rt if rt is not None else rec))
+            jobs.append(_job(rt if rt is not None else rec))
         return pb.ListJobsResponse(jobs=jobs)
 
     @_unary
@@ -182,7 +189,7 @@ class MixerService(pb_grpc.MixerServiceServicer):
         self._need(request.name, "name")
         await self.auth.check_grpc(context, request.name, "admin")
         rt = await self.rts.finish(request.name)
-        return pb.FinishJobResponse(job=job_to_proto(rt))
+        return pb.FinishJobResponse(job=_job(rt))
 
     @_unary
     async def Report(self, request, context):
@@ -275,137 +282,55 @@ class MixerService(pb_grpc.MixerServiceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"job {rt.job.name!r} has {rt.sessions} sessions, the limit (--max-sessions-per-job)")
         rt.sessions += 1
         try:
-            async for item in self._session(rt, hello, requests, context, principal):
+            async for item in _Session(self, rt, hello, requests, context, principal).run():
                 yield item
         finally:
             rt.sessions -= 1
 
-    async def _session(self, rt, hello, request_iterator, context, principal):
-        last = rt.marks.get(hello.source, (-1, -1))
-        out: asyncio.Queue = asyncio.Queue()
-        q = rt.subscribe()
+
+class _Session:
+    """One Session stream past hello: takes reports, sends their acks (or nacks) and new weights,
+    and ends when the reports end, on shutdown, on a protocol error or when its token is revoked.
+
+    Everything here runs on the loop; results of admission and commits come back through the
+    mailbox (mailbox.py) as calls of the closures `_admitted` and `_settled` return."""
+
+    def __init__(self, svc: MixerService, rt: JobRuntime, hello: pb.Hello, requests, context, principal):
+        self.svc = svc
+        self.rts = svc.rts
+        self.rt = rt
+        self.hello = hello
+        self.requests = requests
+        self.context = context
+        self.principal = principal
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.q: asyncio.Queue | None = None
+        """Versions published to the job's watchers."""
+        self.unsettled = 0
+        """Batches taken whose commit has not resolved yet."""
+        self.all_settled = asyncio.Event()
+        self.all_settled.set()
+
+    async def run(self):
+        rt = self.rt
+        last = rt.marks.get(self.hello.source, (-1, -1))
+        self.q = rt.subscribe()
         yield pb.SessionResponse(
             welcome=pb.Welcome(
                 job=rt.job.name,
-                source=hello.source,
+                source=self.hello.source,
                 last_step=last[0],
                 last_seq=last[1],
-                current=self._version(rt, rt.engine.current),
+                current=self.svc._version(rt, rt.engine.current),
                 domains=rt.spec.domain_names,
                 spec_json=rt.spec.to_json(),
             )
         )
-        unsettled = 0  # batches taken whose commit has not resolved yet
-        all_settled = asyncio.Event()
-        all_settled.set()
-
-        def nack(step: int, seq: int, source: str, e: MixerError) -> pb.SessionResponse:
-            return pb.SessionResponse(
-                nack=pb.Nack(step=step, seq=seq, source=source, code=e.code.value[0], message=e.message)
-            )
-
-        def settled(taken, batched: bool, t0: float):
-            def done(err: MixerError | None) -> None:  # on the loop, once the batch's commit resolved
-                nonlocal unsettled
-                if err is not None:
-                    for ack in taken.acks:
-                        out.put_nowait(nack(ack.step, ack.seq, ack.source, err))
-                else:
-                    self.metrics.ingest_seconds.observe(time.perf_counter() - t0)
-                    if batched:
-                        # New weights (published just now, if this batch triggered an update)
-                        # ride with the acknowledgement rather than in a message of their own.
-                        v = newest()
-                        latest = self._version(rt, v) if v is not None else None
-                        out.put_nowait(pb.SessionResponse(acks=pb.AckBatch(acks=taken.acks, latest=latest)))
-                    else:
-                        for ack in taken.acks:
-                            out.put_nowait(pb.SessionResponse(ack=ack))
-                unsettled -= 1
-                if not unsettled:
-                    all_settled.set()
-
-            return done
-
-        async def read():
-            try:
-                await take()
-            except MixerError as e:  # the stream broke the protocol: end it with e's status
-                out.put_nowait(e)
-                return
-            await all_settled.wait()
-            out.put_nowait(None)
-
-        async def take():
-            nonlocal unsettled
-            async for req in request_iterator:
-                if self.rts.stopping.is_set():  # shutting down: take nothing more
-                    break
-                if isinstance(req, Undecodable):
-                    raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"session: {req.error}")
-                kind = req.WhichOneof("kind")
-                if kind == "report":
-                    msgs, batched = [req.report], False
-                elif kind == "reports":
-                    msgs, batched = req.reports.reports, True
-                else:
-                    continue
-                unsettled += 1
-                all_settled.clear()
-                self.rts.begin_ingest(rt, msgs, admitted(batched, time.perf_counter()))
-
-        def admitted(batched: bool, t0: float):
-            def on_taken(taken) -> None:  # on the loop, once the batch went through admission
-                nonlocal unsettled
-                for msg, e in taken.refused:
-                    out.put_nowait(nack(msg.step, msg.seq, msg.source, e))
-                if taken.acks:
-                    self.rts.when_settled(rt, taken, settled(taken, batched, t0))
-                    return
-                unsettled -= 1
-                if not unsettled:
-                    all_settled.set()
-
-            return on_taken
-
-        def newest(v=None):
-            """The newest version published and not yet sent to this session (or `v`, or None):
-            a worker needs only the newest weights, the ones it was not sent are skipped."""
-            while not q.empty():
-                v = q.get_nowait()
-            if v is not None:
-                created = rt.created_at(v.version)
-                if created:
-                    self.metrics.push_seconds.observe(max(0.0, time.time() - created))
-            return v
-
-        async def push():
-            while True:  # versions no acknowledgement took along
-                v = newest(await q.get())
-                out.put_nowait(pb.SessionResponse(version=self._version(rt, v)))
-
-        async def stop_watch():
-            await self.rts.stopping.wait()
-            out.put_nowait(_STOPPING)
-
-        async def token_watch():
-            """End the session once its token is revoked (checked every TOKEN_RECHECK_S)."""
-            while True:
-                await asyncio.sleep(TOKEN_RECHECK_S)
-                try:
-                    await self.auth.check_grpc(context, hello.job, "writer", max_age=TOKEN_RECHECK_S)
-                except MixerError as e:
-                    out.put_nowait(MixerError(e.code, f"session closed: token {principal.token_id}: {e.message}"))
-                    return
-                except SQLAlchemyError as e:  # the database is down: its reports are refused anyway
-                    log.warning("session token check: the database is unavailable (%s)", e.__class__.__name__)
-
-        reader = asyncio.create_task(read())
-        pusher = asyncio.create_task(push())
-        stopper = asyncio.create_task(stop_watch())
-        tasks = [reader, pusher, stopper]
-        if principal is not None:
-            tasks.append(asyncio.create_task(token_watch()))
+        reader = asyncio.create_task(self._read())
+        tasks = [reader, asyncio.create_task(self._push()), asyncio.create_task(self._stop_watch())]
+        if self.principal is not None:
+            tasks.append(asyncio.create_task(self._token_watch()))
+        out = self.out
         try:
             while True:
                 item = await out.get()
@@ -413,13 +338,13 @@ class MixerService(pb_grpc.MixerServiceServicer):
                     # Shutting down, or the session must end: take no more reports, acknowledge
                     # what was taken, end the stream (with the error's status).
                     reader.cancel()
-                    await all_settled.wait()
+                    await self.all_settled.wait()
                     while not out.empty():
                         queued = out.get_nowait()
                         if queued is not None and queued is not _STOPPING and not isinstance(queued, MixerError):
                             yield queued
                     if isinstance(item, MixerError):
-                        await context.abort(item.code, item.message)
+                        await self.context.abort(item.code, item.message)
                     return
                 if item is None:
                     break
@@ -431,4 +356,104 @@ class MixerService(pb_grpc.MixerServiceServicer):
             for t in tasks:
                 with contextlib.suppress(BaseException):
                     await t
-            rt.unsubscribe(q)
+            rt.unsubscribe(self.q)
+
+    @staticmethod
+    def _nack(step: int, seq: int, source: str, e: MixerError) -> pb.SessionResponse:
+        return pb.SessionResponse(nack=pb.Nack(step=step, seq=seq, source=source, code=e.code.value[0], message=e.message))
+
+    def _one_settled(self) -> None:
+        self.unsettled -= 1
+        if not self.unsettled:
+            self.all_settled.set()
+
+    async def _read(self) -> None:
+        try:
+            await self._take()
+        except MixerError as e:  # the stream broke the protocol: end it with e's status
+            self.out.put_nowait(e)
+            return
+        await self.all_settled.wait()
+        self.out.put_nowait(None)
+
+    async def _take(self) -> None:
+        async for req in self.requests:
+            if self.rts.stopping.is_set():  # shutting down: take nothing more
+                break
+            if isinstance(req, Undecodable):
+                raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"session: {req.error}")
+            kind = req.WhichOneof("kind")
+            if kind == "report":
+                msgs, batched = [req.report], False
+            elif kind == "reports":
+                msgs, batched = req.reports.reports, True
+            else:
+                continue
+            self.unsettled += 1
+            self.all_settled.clear()
+            self.rts.begin_ingest(self.rt, msgs, self._admitted(batched, time.perf_counter()))
+
+    def _admitted(self, batched: bool, t0: float):
+        def on_taken(taken) -> None:  # on the loop, once the batch went through admission
+            for msg, e in taken.refused:
+                self.out.put_nowait(self._nack(msg.step, msg.seq, msg.source, e))
+            if taken.acks:
+                self.rts.when_settled(self.rt, taken, self._settled(taken, batched, t0))
+                return
+            self._one_settled()
+
+        return on_taken
+
+    def _settled(self, taken, batched: bool, t0: float):
+        def done(err: MixerError | None) -> None:  # on the loop, once the batch's commit resolved
+            out = self.out
+            if err is not None:
+                for ack in taken.acks:
+                    out.put_nowait(self._nack(ack.step, ack.seq, ack.source, err))
+            else:
+                self.svc.metrics.ingest_seconds.observe(time.perf_counter() - t0)
+                if batched:
+                    # New weights (published just now, if this batch triggered an update)
+                    # ride with the acknowledgement rather than in a message of their own.
+                    v = self._newest()
+                    latest = self.svc._version(self.rt, v) if v is not None else None
+                    out.put_nowait(pb.SessionResponse(acks=pb.AckBatch(acks=taken.acks, latest=latest)))
+                else:
+                    for ack in taken.acks:
+                        out.put_nowait(pb.SessionResponse(ack=ack))
+            self._one_settled()
+
+        return done
+
+    def _newest(self, v=None):
+        """The newest version published and not yet sent to this session (or `v`, or None):
+        a worker needs only the newest weights, the ones it was not sent are skipped."""
+        q = self.q
+        while not q.empty():
+            v = q.get_nowait()
+        if v is not None:
+            created = self.rt.created_at(v.version)
+            if created:
+                self.svc.metrics.push_seconds.observe(max(0.0, time.time() - created))
+        return v
+
+    async def _push(self) -> None:
+        while True:  # versions no acknowledgement took along
+            v = self._newest(await self.q.get())
+            self.out.put_nowait(pb.SessionResponse(version=self.svc._version(self.rt, v)))
+
+    async def _stop_watch(self) -> None:
+        await self.rts.stopping.wait()
+        self.out.put_nowait(_STOPPING)
+
+    async def _token_watch(self) -> None:
+        """End the session once its token is revoked (checked every TOKEN_RECHECK_S)."""
+        while True:
+            await asyncio.sleep(TOKEN_RECHECK_S)
+            try:
+                await self.svc.auth.check_grpc(self.context, self.hello.job, "writer", max_age=TOKEN_RECHECK_S)
+            except MixerError as e:
+                self.out.put_nowait(MixerError(e.code, f"session closed: token {self.principal.token_id}: {e.message}"))
+                return
+            except SQLAlchemyError as e:  # the database is down: its reports are refused anyway
+                log.warning("session token check: the database is unavailable (%s)", e.__class__.__name__)

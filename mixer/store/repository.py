@@ -20,8 +20,8 @@ from sqlalchemy import Engine, create_engine, event, func, insert, select, text,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from mixer.engine import Version
 from mixer.store.models import JobRow, LeaseRow, SignalRow, SnapshotRow, TokenRow, VersionRow
+from mixer.types import Version
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _SIGNAL_COLUMNS = ("job_id", "seq", "step", "source", "source_seq", "applied_version", "num_samples", "received_at", "payload")
