@@ -389,9 +389,33 @@ class _Session:
                 msgs, batched = req.reports.reports, True
             else:
                 continue
+            msgs = self._own(msgs)
+            if not msgs:
+                continue
             self.unsettled += 1
             self.all_settled.clear()
             self.rts.begin_ingest(self.rt, msgs, self._admitted(batched, time.perf_counter()))
+
+    def _own(self, msgs):
+        """The reports of this session's source (hello.source) or of one below it (hello.source/...,
+        e.g. a worker's "/val" reports); any other source's report is refused on its own."""
+        own = self.hello.source
+        below = own + "/"
+        if all(m.source == own or m.source.startswith(below) for m in msgs):
+            return msgs
+        kept = []
+        for m in msgs:
+            if m.source == own or m.source.startswith(below):
+                kept.append(m)
+            else:
+                e = MixerError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"source: {m.source[:200]!r} is neither this session's source {own[:200]!r} nor below it "
+                    f"({own[:200]!r}/...); open a session per source",
+                )
+                self.svc.metrics.rejected("invalid")
+                self.out.put_nowait(self._nack(m.step, m.seq, m.source, e))
+        return kept
 
     def _admitted(self, batched: bool, t0: float):
         def on_taken(taken) -> None:  # on the loop, once the batch went through admission

@@ -83,3 +83,53 @@ def test_a_refused_report_does_not_release_another_sources_report_of_the_same_ke
     assert kinds == ["welcome", "nack", "acks"], kinds
     assert (responses[1].nack.source, responses[1].nack.step) == ("w/val", 4)
     assert [(a.source, a.step) for a in responses[2].acks.acks] == [("w", 4)]
+
+
+def test_a_session_takes_its_own_source_and_those_below_it_only(server):
+    """hello.source names the session: "w" and "w/val" are taken, "x" is refused on its own."""
+    import grpc
+
+    from mixer.v1 import mixer_pb2 as pb
+    from mixer.v1 import mixer_pb2_grpc
+    from mixer.wire import report_to_proto
+
+    spec = dict(SPEC, name="own-source")
+    with MixerClient(server.address) as c:
+        c.create_job(spec)
+
+    def rep(source: str):
+        return report_to_proto(
+            Report(
+                step=2,
+                source=source,
+                domain_loss_sum=np.array([1.0, 2.0]),
+                domain_token_count=np.array([1.0, 1.0]),
+            )
+        )
+
+    with grpc.insecure_channel(server.address) as ch:
+        stub = mixer_pb2_grpc.MixerServiceStub(ch)
+        requests = iter(
+            [
+                pb.SessionRequest(hello=pb.Hello(job=spec["name"], source="w")),
+                pb.SessionRequest(
+                    reports=pb.ReportBatch(reports=[rep("w"), rep("x"), rep("w/val"), rep("wx")])
+                ),
+            ]
+        )
+        responses = []
+        for resp in stub.Session(requests, timeout=20):
+            responses.append(resp)
+            if resp.WhichOneof("kind") == "acks":
+                break
+    nacks = [r.nack for r in responses if r.WhichOneof("kind") == "nack"]
+    assert sorted(n.source for n in nacks) == ["wx", "x"]
+    assert all(
+        n.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "open a session per source" in n.message
+        for n in nacks
+    )
+    assert [a.source for a in responses[-1].acks.acks] == ["w", "w/val"]
+    store = Store(server.db, migrate=False)
+    logged = sorted(s.source for s in store.signals(store.get_job("own-source").id))
+    store.close()
+    assert logged == ["w", "w/val"]
