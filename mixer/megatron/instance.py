@@ -1,10 +1,11 @@
 """Instance weighting inside the training step, with parameters from the applied weight version.
 
-The job spec names the method (`weighting.name`: loss, topic, dwm or presence; mixer.weighting
+The job spec names the method (`weighting.name`: loss, topic, dwm, presence, token-loss or
+token-reference; mixer.weighting
 holds the pure functions) and its initial parameters. A version may override them; the worker
 looks, in this order of precedence, at:
 
-- loss, topic, presence: `version.params["weighting"]` (a mapping of the method's parameters), then the
+- loss, topic, presence, token-loss, token-reference: `version.params["weighting"]` (a mapping of the method's parameters), then the
   version's top-level params that are parameter names of the method (ToReMi ships
   `topic_weights` there), then the spec's `weighting.params`;
 - dwm: `version.blob` (mixer.weighting.dwm.to_bytes: the model and the feature state); before
@@ -23,6 +24,9 @@ loop has none. DWM features treat every sample as a full sequence (lengths None)
 reports carry no per-sample lengths, so that is what the service can rebuild too. PRESENCE
 weights come from each sample's self-influence score (probes.SelfInfluenceProbe), which the
 training loop measures during the forward and passes to `weights(..., scores=...)`.
+Token-level methods (TLDR, PRIOR; mixer.weighting.token) give per-token weights through
+`token_weights(step, per_token_loss, loss_mask, reference_token_loss)`, which the loop passes to
+compute_loss(token_weights=...); their per-sample weights are 1.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from mixer.weighting import METHODS, parse_weighting_params
 
 __all__ = ["InstanceWeighting"]
 
-METHOD_NAMES = ("loss", "topic", "dwm", "presence")
+METHOD_NAMES = ("loss", "topic", "dwm", "presence", "token-loss", "token-reference")
+TOKEN_METHODS = ("token-loss", "token-reference")
 
 
 class InstanceWeighting:
@@ -72,6 +77,30 @@ class InstanceWeighting:
     @property
     def enabled(self) -> bool:
         return self.method in METHOD_NAMES or self.loss_weighted
+
+    @property
+    def token_level(self) -> bool:
+        """True when the method weights tokens (`token_weights`) rather than samples."""
+        return self.method in TOKEN_METHODS
+
+    @property
+    def needs_reference(self) -> bool:
+        """True when `token_weights` needs the reference model's per-token loss (PRIOR)."""
+        return self.method == "token-reference"
+
+    def token_weights(
+        self, step: int, per_token_loss: Tensor, loss_mask: Tensor, reference_token_loss: Tensor | None = None
+    ) -> Tensor | None:
+        """[b, s] detached token weights for compute_loss(token_weights=...), None unless the
+        method is token-level; reference_token_loss: probes.ExcessLossProbe.reference_token_loss
+        of the same micro-batch (token-reference)."""
+        if not self.token_level:
+            return None
+        from mixer.weighting.token import token_weights
+
+        return token_weights(
+            self.method, self.params, step, per_token_loss, loss_mask, reference_token_loss, group=self.group
+        )
 
     @property
     def needs_self_influence(self) -> bool:
@@ -154,6 +183,9 @@ class InstanceWeighting:
         scores: Tensor | None = None,
     ) -> Tensor:
         """The instance weighting method's weights."""
+        if self.method in TOKEN_METHODS:
+            # Token-level methods weight inside the sample (token_weights); samples keep weight 1.
+            return torch.ones(sample_loss.shape[0], device=sample_loss.device)
         if self.method == "presence":
             from mixer.weighting.presence import weights_for_step as presence_weights
 

@@ -9,6 +9,10 @@ loss with weight c_{d_b} (times its instance weight), over the same unweighted t
 loss = sum_b c_{d_b} w_b S_b / N. Both trainers apply them through `sample_loss_weights` (the plain
 loop through compute_loss, the Megatron-LM plug-in through instance.InstanceWeighting and
 reporting.LossReporter); the statistics stay unweighted.
+
+Per-token weights (mixer.weighting.token: TLDR `token-loss`, PRIOR `token-reference`) enter as
+compute_loss(token_weights=...): S_b becomes sum_t v_t m_t l_t, with the v_t summing to the
+unweighted token count, over the same N.
 """
 
 from __future__ import annotations
@@ -131,8 +135,13 @@ def compute_loss(
     sample_id: Tensor | None = None,
     normalizer: Tensor | None = None,
     domain_loss_weights: Tensor | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, StepStats]:
     """Scalar loss to optimise and the step's unweighted StepStats.
+
+    token_weights: [b, s] detached per-token weights (mixer.weighting.token: TLDR, PRIOR) that
+    multiply each token's loss inside S_b; normalised there so that they sum to the unweighted
+    token count, and N below stays that unweighted count.
 
     loss = sum_b c_{d_b} w_b S_b / N (S_b: masked loss sum of sample b, w_b its instance weight,
     c_{d_b} its domain's loss weight, each 1 when not given). N is the unweighted token count, as
@@ -153,13 +162,23 @@ def compute_loss(
         instance_weights = sample_loss_weights(dataset_id.to(device), domain_loss_weights, instance_weights)
     mask = loss_mask.to(per_token_loss.dtype)
     sample_sum = (per_token_loss * mask).sum(dim=1)  # [b], carries the graph
+    if token_weights is not None:
+        if token_weights.shape != per_token_loss.shape:
+            raise ValueError(
+                f"token weights {tuple(token_weights.shape)} must match the per-token loss "
+                f"{tuple(per_token_loss.shape)}"
+            )
+        tw = token_weights.detach().to(device=device, dtype=per_token_loss.dtype)
+        train_sum = (per_token_loss * mask * tw).sum(dim=1)  # the statistics stay unweighted
+    else:
+        train_sum = sample_sum
     sample_tokens = mask.sum(dim=1)  # [b]
     tokens = sample_tokens.sum() if normalizer is None else normalizer.to(device=device, dtype=mask.dtype)
     if instance_weights is None:
-        loss = sample_sum.sum() / tokens.clamp(min=1)
+        loss = train_sum.sum() / tokens.clamp(min=1)
     else:
         w = instance_weights.detach().to(device=device, dtype=per_token_loss.dtype).reshape(batch)
-        loss = (w * sample_sum).sum() / tokens.clamp(min=1)
+        loss = (w * train_sum).sum() / tokens.clamp(min=1)
 
     with torch.no_grad():
         domain = dataset_id.to(device=device, dtype=torch.int64).reshape(batch)
@@ -251,6 +270,7 @@ class LossHook:
         sample_id: Tensor | None = None,
         instance_weights: Tensor | None = None,
         normalizer: Tensor | None = None,
+        token_weights: Tensor | None = None,
     ) -> tuple[Tensor, StepStats]:
         """Loss to backpropagate and the (reduced) statistics of the step."""
         loss, stats = compute_loss(
@@ -261,6 +281,7 @@ class LossHook:
             instance_weights=instance_weights,
             sample_id=sample_id,
             normalizer=normalizer,
+            token_weights=token_weights,
         )
         if self.reduce:
             stats = reduce_step_stats(stats, self.group)

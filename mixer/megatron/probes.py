@@ -5,7 +5,9 @@ the results ride the step's asynchronous host copy. Costs, with F and B one forw
 backward of a training micro-batch of b samples:
 
 - ExcessLossProbe (DoReMi, EXCESS_LOSS): a forward of the frozen reference model on the step's
-  batch, every step: about +F per step (~ +1/3 of a step). Plus one all-reduce of K floats.
+  batch, every step: about +F per step (~ +1/3 of a step). Plus one all-reduce of K floats. The
+  same forward's per-token losses (`reference_token_loss`) give the `token-reference` (PRIOR)
+  token weights their p_ref, at no further cost.
 - AlignmentProbe (DGA, ALIGNMENT): every T steps, K forward+backward passes on per-domain probe
   batches, each the domain's share w_i b of the training batch (at least `samples`), plus one of b
   samples for a target data prefix; K flattened gradients kept in float32 (K x parameters x 4
@@ -76,9 +78,18 @@ class ExcessLossProbe:
         self.group = group
 
     @torch.no_grad()
-    def measure(self, batch: dict[str, Tensor], per_token: Tensor) -> Tensor:
-        """[K] float64 over the global batch (all-reduced), on the device."""
-        ref = self.reference(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    def reference_token_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """[b, s] the frozen reference model's per-token loss, -log p_ref(x_t | x_<t), detached.
+
+        The `token-reference` weighting (PRIOR) reads p_ref = exp(-this); pass the same tensor to
+        `measure(..., ref_loss=...)` so that one reference forward serves both."""
+        return self.reference(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).detach()
+
+    @torch.no_grad()
+    def measure(self, batch: dict[str, Tensor], per_token: Tensor, ref_loss: Tensor | None = None) -> Tensor:
+        """[K] float64 over the global batch (all-reduced), on the device; `ref_loss`: this
+        batch's `reference_token_loss` when already computed (no second forward)."""
+        ref = self.reference_token_loss(batch) if ref_loss is None else ref_loss
         mask = batch["loss_mask"].float()
         excess = ((per_token.detach().float() - ref.float()).clamp(min=0) * mask).sum(dim=1)
         out = torch.zeros(self.num_domains, device=excess.device, dtype=torch.float64)

@@ -2,7 +2,8 @@
 
 The service owns and versions their parameters; workers evaluate them on each batch.
 Methods: `loss` (Sow et al., loss_based.py), `topic` (ToReMi, topic.py), `dwm` (learned
-weighting model, dwm.py), `presence` (PRESENCE self-influence reweighting, presence.py). This package imports no torch so that spec validation stays light;
+weighting model, dwm.py), `presence` (PRESENCE self-influence reweighting, presence.py); per token, inside the loss:
+`token-loss` (TLDR) and `token-reference` (PRIOR), token.py. This package imports no torch so that spec validation stays light;
 import the method modules themselves for the torch functions.
 """
 
@@ -12,7 +13,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mixer.errors import SpecError
-from mixer.weighting.params import DwmParams, LossParams, PresenceParams, TopicParams
+from mixer.weighting.params import (
+    DwmParams,
+    LossParams,
+    PresenceParams,
+    TokenLossParams,
+    TokenReferenceParams,
+    TopicParams,
+)
 
 if TYPE_CHECKING:
     from mixer.spec import JobSpec
@@ -24,6 +32,8 @@ METHODS: dict[str, frozenset[str]] = {
     "topic": TopicParams.NAMES,
     "dwm": DwmParams.NAMES,
     "presence": PresenceParams.NAMES,
+    "token-loss": TokenLossParams.NAMES,
+    "token-reference": TokenReferenceParams.NAMES,
 }
 
 # name -> parser that checks values too and returns the typed parameters.
@@ -32,6 +42,8 @@ PARSERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "topic": TopicParams.parse,
     "dwm": DwmParams.parse,
     "presence": PresenceParams.parse,
+    "token-loss": TokenLossParams.parse,
+    "token-reference": TokenReferenceParams.parse,
 }
 
 

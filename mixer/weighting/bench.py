@@ -13,7 +13,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from mixer.weighting import dwm, loss_based, presence, topic
+from mixer.weighting import dwm, loss_based, presence, token, topic
+from mixer.weighting.params import TokenLossParams, TokenReferenceParams
 
 TARGETS_MS = {"loss_weights_ms": 1.0, "dwm_evaluate_ms": 2.0, "dwm_train_step_ms": 50.0}
 
@@ -75,6 +76,8 @@ def _run(
     logits = torch.randn(8, 128, 257, generator=g)
     labels = torch.randint(0, 257, (8, 128), generator=g)
     mask = torch.ones(8, 128)
+    token_loss = torch.rand(8, 128, generator=g) * 8
+    ref_loss = torch.rand(8, 128, generator=g) * 8
     return {
         "batch": float(batch),
         "threads": float(torch.get_num_threads()),
@@ -86,5 +89,15 @@ def _run(
         "presence_weights_ms": _median_ms(lambda: presence.presence_weights(scores, 1.0, check=False), repeats),
         "presence_scores_8x128_ms": _median_ms(
             lambda: presence.output_layer_self_influence(h, logits, labels, mask), repeats
+        ),
+        # Token-level weights on the same micro-batch's per-token losses (TLDR, PRIOR).
+        "token_loss_weights_8x128_ms": _median_ms(
+            lambda: token.token_weights("token-loss", TokenLossParams(), 0, token_loss, mask), repeats
+        ),
+        "token_reference_weights_8x128_ms": _median_ms(
+            lambda: token.token_weights(
+                "token-reference", TokenReferenceParams(alpha=2.0), 0, token_loss, mask, ref_loss
+            ),
+            repeats,
         ),
     }

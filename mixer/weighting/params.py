@@ -312,3 +312,53 @@ def check_init_from(params: DwmParams, num_domains: int) -> None:
             f"holds a model of {features} features; this job needs {want} "
             f"({DWM_FIXED_FEATURES} + {num_domains} domains + {params.num_topics} topics)",
         )
+
+
+TOKEN_MAX_ALPHA = 16.0
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class TokenLossParams:
+    """TLDR (Jiang et al. 2020) token-loss reweighting, w_t = cos(pi exp(-l_t)) + 1, rescaled so
+    the weights of the loss-bearing tokens sum to their count; see mixer.weighting.token."""
+
+    burn_in: int = 0
+    """Steps with uniform token weights before reweighting starts (ours; the paper starts at once)."""
+
+    NAMES = frozenset({"burn_in"})
+
+    @classmethod
+    def parse(cls, given: dict[str, Any]) -> TokenLossParams:
+        _no_unknown("token-loss", given, cls.NAMES)
+        return cls(burn_in=_at_most("burn_in", _int("burn_in", given.get("burn_in", 0), 0), MAX_STEP))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class TokenReferenceParams:
+    """PRIOR (Chen et al. 2025) reference-probability reweighting, w_t = (1 - p_ref(x_t))^alpha,
+    rescaled so the weights of the loss-bearing tokens sum to their count; see mixer.weighting.token."""
+
+    alpha: float = 1.0
+    """Exponent on 1 - p_ref, in [0, 16]: 0 is plain next-token prediction, larger is sharper."""
+    burn_in: int = 0
+    """Steps with uniform token weights before reweighting starts (ours)."""
+
+    NAMES = frozenset({"alpha", "burn_in"})
+
+    @classmethod
+    def parse(cls, given: dict[str, Any]) -> TokenReferenceParams:
+        _no_unknown("token-reference", given, cls.NAMES)
+        alpha = given.get("alpha", 1.0)
+        ok = not isinstance(alpha, bool) and isinstance(alpha, (int, float)) and math.isfinite(alpha)
+        if not ok or not 0.0 <= alpha <= TOKEN_MAX_ALPHA:
+            raise SpecError(_where("alpha"), f"must be a number in [0, {TOKEN_MAX_ALPHA:g}], got {alpha!r}")
+        return cls(
+            alpha=float(alpha),
+            burn_in=_at_most("burn_in", _int("burn_in", given.get("burn_in", 0), 0), MAX_STEP),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
