@@ -17,6 +17,8 @@ LABELS = {
     "dwm_train_step_ms": "DWM train step (service, per batch)",
     "presence_weights_ms": "PRESENCE weights",
     "presence_scores_8x128_ms": "PRESENCE probe, 8 x 128 tokens, V 257",
+    "token_loss_weights_8x128_ms": "token weights, TLDR (8 x 128 tokens)",
+    "token_reference_weights_8x128_ms": "token weights, PRIOR (8 x 128 tokens)",
 }
 
 
