@@ -124,7 +124,7 @@ def test_rejected_reports_exist_at_zero_for_every_reason():
         assert f'mixer_rejected_reports_total{{reason="{reason}"}} 0.0' in text
     counted = set()
     for path in (REPO / "mixer/server").glob("*.py"):
-        counted |= set(re.findall(r"""(?:_reject|\.rejected)\(\s*["'](\w+)["']""", path.read_text()))
+        counted |= set(re.findall(r"""\breject(?:ed)?\(\s*["'](\w+)["']""", path.read_text()))
     assert counted and counted <= set(REJECT_REASONS), f"reasons counted but not initialised: {counted - set(REJECT_REASONS)}"
 
 
