@@ -120,6 +120,13 @@ def _probe_plan(spec: Any, opts: PretrainOptions, attached: bool) -> dict[str, A
                 "--reference CKPT (a checkpoint of a model trained on the prior mixture, e.g. from --save)"
             )
         plan["reference"] = opts.reference
+    if spec.weighting.name == "token-reference":  # PRIOR: token weights from the reference model
+        if opts.reference is None:
+            raise click.UsageError(
+                "weighting 'token-reference' weights each token by the reference model's probability of it: "
+                "pass --reference CKPT"
+            )
+        plan["reference"] = opts.reference
     if S.ALIGNMENT in needs:
         params = strategy.params
         plan["align_every"] = opts.align_every or every

@@ -142,6 +142,10 @@ class RunLog:
             signals["extra"] = {"grad_norm_mean": float(x["grad_norm_mean"])}
             if "lr" in x:  # the learning rate of the probed step: DGA/DoGE scale their step by it
                 signals["extra"]["lr"] = float(x["lr"])
+        if "token_weight" in x:  # TLDR / PRIOR: each domain's mean token weight
+            from mixer.weighting.token import report_extra
+
+            signals.setdefault("extra", {}).update(report_extra(x["token_weight"], stats.domain_loss_sum.size))
         if "sample_topic" in x:  # rows of topic ids, -1 padded (gathered flat over ranks)
             rows = x["sample_topic"].reshape(stats.sample_loss.shape[0], -1).astype(np.int32)
             signals["sample_topic"] = rows[:, : max(1, int((rows >= 0).sum(axis=1).max(initial=0)))]

@@ -290,6 +290,8 @@ class Trainer:
         # PRESENCE: every step's samples are scored during the forward (their weights need them).
         if getattr(self.weighting, "needs_self_influence", False):
             self.self_influence = SelfInfluenceProbe(self.model)
+        if getattr(self.weighting, "needs_reference", False) and not self.cfg.reference:
+            raise ValueError("weighting token-reference needs a reference model (--reference CKPT)")
         try:
             self._build_optimizer_and_probes()
             self._resume()
@@ -401,9 +403,14 @@ class Trainer:
                     "report_topics needs datasets whose samples carry topic_ids (loader.with_topics)"
                 )
             extras["sample_topic"] = gather_samples(batch["topic_ids"].to(torch.int32))
-        loss, stats = self._loss(batch, per_token, w, attached)
+        # One reference forward serves DoReMi's excess loss and PRIOR's token weights.
+        ref_loss = None
+        if self.excess is not None and (attached or getattr(self.weighting, "needs_reference", False)):
+            ref_loss = self.excess.reference_token_loss(batch)
+        tw = self._token_weights(step, batch, per_token, ref_loss, attached, extras)
+        loss, stats = self._loss(batch, per_token, w, attached, tw)
         if self.excess is not None and attached:
-            extras["excess_loss_sum"] = self.excess.measure(batch, per_token)
+            extras["excess_loss_sum"] = self.excess.measure(batch, per_token, ref_loss)
         self._update(step, loss, attached, extras)
         if probe_sample:
             # After the step: DWM's one-step unroll, <grad l_i(theta), grad L_val(theta')>.
@@ -467,13 +474,44 @@ class Trainer:
         extras["sample_weight"] = gather_samples(w.float())
         return w
 
+    def _token_weights(
+        self,
+        step: int,
+        batch: dict[str, torch.Tensor],
+        per_token: torch.Tensor,
+        ref_loss: torch.Tensor | None,
+        attached: bool,
+        extras: dict[str, torch.Tensor],
+    ) -> torch.Tensor | None:
+        """Per-token weights (TLDR, PRIOR; None for the other weightings); adds each domain's
+        token-weight sum and token count, summed over ranks, to what the step reports."""
+        weighting = self.weighting
+        if weighting is None or not getattr(weighting, "token_level", False):
+            return None
+        tw = weighting.token_weights(step, per_token, batch["loss_mask"], ref_loss)
+        if attached:
+            from mixer.weighting.token import domain_mean_weight
+
+            sums = domain_mean_weight(tw, batch["loss_mask"], batch["dataset_id"], self.num_domains)
+            if _world() > 1:
+                torch.distributed.all_reduce(sums)
+            extras["token_weight"] = sums
+        return tw
+
     def _loss(
-        self, batch: dict[str, torch.Tensor], per_token: torch.Tensor, w: torch.Tensor | None, attached: bool
+        self,
+        batch: dict[str, torch.Tensor],
+        per_token: torch.Tensor,
+        w: torch.Tensor | None,
+        attached: bool,
+        tw: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """The step's loss and statistics; detached steps skip the per-sample statistics."""
         norm = _token_normalizer(batch["loss_mask"])
         if attached:
-            return self.hook(per_token, batch["loss_mask"], batch["dataset_id"], batch["sample_id"], w, norm)
+            return self.hook(
+                per_token, batch["loss_mask"], batch["dataset_id"], batch["sample_id"], w, norm, token_weights=tw
+            )
         return compute_loss(
             per_token,
             batch["loss_mask"],
@@ -481,6 +519,7 @@ class Trainer:
             self.num_domains,
             instance_weights=w,
             normalizer=norm,
+            token_weights=tw,
         )
 
     def _update(self, step: int, loss: torch.Tensor, attached: bool, extras: dict[str, torch.Tensor]) -> None:

@@ -65,3 +65,38 @@ def test_reference_forward_serves_excess_loss_and_prior_weights() -> None:
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     finally:
         teardown()
+
+
+def test_training_loop_applies_token_weights_and_reports_their_domain_means(
+    domain_prefixes, cache_dir
+) -> None:
+    """TLDR in the plain loop: per step, each domain's token-weight sum and token count; the weights
+    are rescaled so that they sum to the step's token count."""
+    from mixer.megatron.data import build_domain_datasets
+    from mixer.megatron.instance import InstanceWeighting
+    from mixer.megatron.sampler import MixtureSampler
+    from mixer.megatron.train import TrainConfig, train
+    from mixer.spec import JobSpec
+
+    names, train_prefixes, _ = domain_prefixes
+    spec = JobSpec.from_dict(
+        {
+            "name": "t",
+            "domains": [{"name": n, "prefix": p} for n, p in zip(names, train_prefixes)],
+            "weighting": {"name": "token-loss"},
+        }
+    )
+    cfg = TrainConfig(steps=3, global_batch_size=8, seq_length=32, lr=3e-3, seed=1)
+    cfg.model.seq_length = 32
+    datasets = build_domain_datasets(train_prefixes, 32, seed=1, num_samples=None, cache_dir=cache_dir)
+    sampler = MixtureSampler(
+        len(names), 8, [1.0] * len(names), fingerprint="t", dataset_lengths=[len(d) for d in datasets]
+    )
+    result = train(cfg, datasets, [], sampler, progress=False, weighting=InstanceWeighting(spec))
+    K = len(names)
+    for stats in result.stats:
+        tw = stats.extras["token_weight"].astype(np.float64)
+        sums, counts = tw[:K], tw[K:]
+        assert counts.sum() > 0 and np.all(sums >= 0) and np.all(sums <= 2 * counts + 1e-6)
+        np.testing.assert_allclose(sums.sum(), counts.sum(), rtol=1e-5)  # rescaled to the token count
+        np.testing.assert_allclose(counts, stats.domain_token_count, rtol=0, atol=0)
