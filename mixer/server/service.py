@@ -106,6 +106,16 @@ def _job(rt_or_rec) -> pb.Job:
     return rt_or_rec.to_proto() if isinstance(rt_or_rec, JobRuntime) else job_to_proto(rt_or_rec)
 
 
+def _stored_job(store, rec) -> pb.Job:
+    """A job this server has not loaded, with its newest stored version, step and report count (not
+    -1 and 0 as if it had none)."""
+    newest = store.version(rec.id)
+    count, _, max_step = store.log_stats(rec.id)
+    return job_to_proto(
+        rec, latest_version=newest[0].version if newest else -1, max_step=max_step, report_count=count
+    )
+
+
 def db_unavailable(e: SQLAlchemyError) -> MixerError:
     """The database failed: the caller should keep its data and retry."""
     log.warning("database error: %s", e.__class__.__name__)
@@ -175,14 +185,19 @@ class MixerService(pb_grpc.MixerServiceServicer):
     @_unary
     async def ListJobs(self, request, context):
         p = await self.auth.check_grpc(context, None, "reader")
-        recs = await asyncio.to_thread(self.rts.store.list_jobs)
-        if p is not None and p.job != ALL_JOBS:
-            recs = [r for r in recs if r.name == p.job]
-        jobs = []
-        for rec in recs:
-            rt = self.rts.jobs.get(rec.name)
-            jobs.append(_job(rt if rt is not None else rec))
-        return pb.ListJobsResponse(jobs=jobs)
+        store = self.rts.store
+
+        def listed() -> list[pb.Job]:  # on a thread: a job not loaded is read from the store
+            recs = store.list_jobs()
+            if p is not None and p.job != ALL_JOBS:
+                recs = [r for r in recs if r.name == p.job]
+            jobs = []
+            for rec in recs:
+                rt = self.rts.jobs.get(rec.name)
+                jobs.append(_job(rt) if rt is not None else _stored_job(store, rec))
+            return jobs
+
+        return pb.ListJobsResponse(jobs=await asyncio.to_thread(listed))
 
     @_unary
     async def FinishJob(self, request, context):
