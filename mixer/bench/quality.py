@@ -34,7 +34,7 @@ from mixer.bench.quality_plot import format_table, plot_quality, summarize
 __all__ = ["PRESETS", "QUICK_STRATEGIES", "STRATEGIES", "QualityConfig", "default_corpus", "run_quality"]
 
 STRATEGIES = ("uniform", "natural", "doremi", "doremi-online", "odm", "ado", "aioli", "dga", "toremi", "loss-linupper",
-              "presence", "dwm", "agent")
+              "presence", "token-loss", "token-reference", "dwm", "agent")
 # Strategies that need more than a name (the agent: --agent PATH) are not in "all".
 NEEDS_INPUT = ("agent",)
 # ToReMi's topics: TF-IDF + k-means over every domain of the run (ours: fast, offline, deterministic).
@@ -138,6 +138,9 @@ def _settings(name: str, cfg: QualityConfig, K: int) -> tuple[dict[str, Any], di
                      {"name": "presence", "params": {"switch_step": steps // 2, "normalize": "mean"}}),
         # a trained Data Mixing Agent (its parameters come from --agent PATH): re-weights at every validation
         "agent": ("agent", {}, none),
+        # token-level weighting on a static uniform mixture: TLDR, and PRIOR against uniform's checkpoint
+        "token-loss": ("static", {}, {"name": "token-loss"}),
+        "token-reference": ("static", {}, {"name": "token-reference"}),
         "dwm": ("dwm", {}, {"name": "dwm", "params": {"total_steps": steps, "seq_len": cfg.seq}}),
     }
     strategy, params, weighting = table[name]
@@ -353,7 +356,7 @@ def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: Quality
             job = f"quality-{runid}-{name}-s{seed}"
             base = {"strategy": name, "seed": seed, "job": job}
             ref = None
-            if name.startswith("doremi"):  # its reference model is the same seed's uniform run
+            if name.startswith("doremi") or name == "token-reference":  # reference: the same seed's uniform run
                 uni = next((r for r in runs if r["strategy"] == "uniform" and r["seed"] == seed), {})
                 if not uni.get("checkpoint"):
                     runs.append({**base, "status": "not run", "reason": "its reference model is the uniform run of the same seed, which did not finish"})

@@ -477,7 +477,7 @@ def bench_select(
     "--strategies",
     default=None,
     help=f"comma-separated, from {','.join(STRATEGIES)}  [default: all; --quick: "
-    f"{','.join(QUICK_STRATEGIES)}]; uniform always runs (the baseline, DoReMi's reference)",
+    f"{','.join(QUICK_STRATEGIES)}]; uniform always runs (the baseline, and the reference model of DoReMi and token-reference)",
 )
 @click.option("--steps", type=click.IntRange(2), default=None, help="steps per run  [default: the preset's]")
 @click.option(
