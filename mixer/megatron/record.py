@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mixer.megatron.loss import HostStats
+from mixer.weighting.token import report_extra
 
 __all__ = ["RunLog", "TrainResult"]
 
@@ -143,8 +144,6 @@ class RunLog:
             if "lr" in x:  # the learning rate of the probed step: DGA/DoGE scale their step by it
                 signals["extra"]["lr"] = float(x["lr"])
         if "token_weight" in x:  # TLDR / PRIOR: each domain's mean token weight
-            from mixer.weighting.token import report_extra
-
             signals.setdefault("extra", {}).update(report_extra(x["token_weight"], stats.domain_loss_sum.size))
         if "sample_topic" in x:  # rows of topic ids, -1 padded (gathered flat over ranks)
             rows = x["sample_topic"].reshape(stats.sample_loss.shape[0], -1).astype(np.int32)

@@ -45,6 +45,7 @@ from mixer.megatron.probes import (
 from mixer.megatron.record import RunLog, TrainResult
 from mixer.megatron.sampler import MixtureDataset, MixtureSampler, make_sample_id
 from mixer.megatron.versions import VersionChannel
+from mixer.weighting.token import domain_mean_weight
 
 __all__ = [
     "Attachment",
@@ -490,8 +491,6 @@ class Trainer:
             return None
         tw = weighting.token_weights(step, per_token, batch["loss_mask"], ref_loss)
         if attached:
-            from mixer.weighting.token import domain_mean_weight
-
             sums = domain_mean_weight(tw, batch["loss_mask"], batch["dataset_id"], self.num_domains)
             if _world() > 1:
                 torch.distributed.all_reduce(sums)
