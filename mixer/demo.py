@@ -86,7 +86,7 @@ def run_demo(
     from mixer.client import MixerClient
     from mixer.megatron.corpus import write_synthetic_corpus
     from mixer.megatron.data import prepare_corpus
-    from mixer.megatron.pretrain import PretrainOptions, run_pretrain
+    from mixer.megatron.pretrain import PretrainConfig, run_pretrain
     from mixer.server.launch import ServerProcess
     from mixer.signals import EXCESS_LOSS
     from mixer.strategies import strategy_class
@@ -136,7 +136,7 @@ def run_demo(
             if label != "uniform" and needs_reference:
                 extra["reference"] = Path(records["uniform"]["checkpoints"][-1])
             say(f"\njob {job}-{label}: {steps} steps, strategy {name}")
-            records[label] = run_pretrain(PretrainOptions(spec=spec_path, **common, **extra))
+            records[label] = run_pretrain(PretrainConfig.of(spec=spec_path, **common, **extra))
         elapsed = time.perf_counter() - t0
 
         with MixerClient(address) as client:

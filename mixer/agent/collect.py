@@ -101,7 +101,7 @@ def run_trajectory(task: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from mixer.client import MixerClient
-    from mixer.megatron.pretrain import PretrainOptions, run_pretrain
+    from mixer.megatron.pretrain import PretrainConfig, run_pretrain
     from mixer.wire import version_from_proto
 
     torch.set_num_threads(1)  # one Ray CPU each
@@ -111,7 +111,7 @@ def run_trajectory(task: dict[str, Any]) -> dict[str, Any]:
     steps = task["segments"] * task["segment_steps"]
     t0 = time.perf_counter()
     rec = run_pretrain(
-        PretrainOptions(
+        PretrainConfig.of(
             spec=spec_path,
             mixer=task["address"],
             steps=steps,

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import yaml
 
 from mixer.bench.quality_plot import format_table, plot_quality, summarize
+from mixer.config import ConfigError
+from mixer.megatron.pretrain import PretrainError
 
 __all__ = ["PRESETS", "QUICK_STRATEGIES", "STRATEGIES", "QualityConfig", "default_corpus", "run_quality"]
 
@@ -221,7 +222,7 @@ class _Bench:
 def _run_one(b: _Bench, name: str, seed: int, job: str, spec: dict[str, Any], reference: Path | None):
     """One attached pretraining run (mixer.megatron.pretrain); returns what the report needs from it."""
     from mixer.client import MixerClient
-    from mixer.megatron.pretrain import PretrainOptions, run_pretrain
+    from mixer.megatron.pretrain import PretrainConfig, run_pretrain
     from mixer.wire import version_from_proto
 
     cfg, uniform = b.cfg, name == "uniform"
@@ -242,10 +243,10 @@ def _run_one(b: _Bench, name: str, seed: int, job: str, spec: dict[str, Any], re
                   "weighting": {"name": "none"}, "cadence": {"update_every": cfg.update_every}}
         static_path = b.out / "specs" / f"{name}-s{seed}-detached.yaml"
         static_path.write_text(yaml.safe_dump(static, sort_keys=False))
-        base = run_pretrain(PretrainOptions(**{**common, "spec": static_path}, steps=cfg.baseline_steps,
+        base = run_pretrain(PretrainConfig.of(**{**common, "spec": static_path}, steps=cfg.baseline_steps,
                                             eval_samples=1, progress=False))
         detached = base["step_time_s"]
-    opts = PretrainOptions(
+    opts = PretrainConfig.of(
         **common, mixer=b.address, steps=cfg.steps, eval_interval=eval_every, eval_samples=cfg.eval_samples,
         save=b.out / "checkpoints" / f"uniform-s{seed}" if uniform else None, reference=reference,
         compare_attached=cfg.compare_block if uniform else 0, progress=b.progress, flush_timeout=120.0)
@@ -368,8 +369,8 @@ def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: Quality
                 runs.append(_run_one(bench, name, seed, job, spec, ref))
             except Exception as e:  # noqa: BLE001 - record it and go on with the other runs
                 (out / "logs" / f"{name}-s{seed}.txt").write_text(traceback.format_exc())
-                click_error = isinstance(e, click.ClickException)
-                msg = e.format_message() if click_error else f"{type(e).__name__}: {e}"
+                plain = isinstance(e, (PretrainError, ConfigError))  # says what to change already
+                msg = str(e) if plain else f"{type(e).__name__}: {e}"
                 runs.append({**base, "status": "failed", "reason": msg})
             _write(result, files, strategies, scored, time.perf_counter() - t_start)
         bar.close()

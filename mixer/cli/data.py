@@ -14,6 +14,8 @@ import click
 import yaml
 
 from mixer.cli.common import emit_json, json_option, quiet_megatron
+from mixer.config import options
+from mixer.megatron.config import PretrainConfig
 
 
 @click.group()
@@ -204,194 +206,29 @@ def prepare(
         emit_json(out)
 
 
-def _options(fn):
-    opts = [
-        click.option(
-            "--spec",
-            type=click.Path(exists=True, dir_okay=False, path_type=Path),
-            required=True,
-            help="job spec (YAML)",
-        ),
-        click.option(
-            "--mixer",
-            default=None,
-            # No MIXER_ADDRESS fallback: leaving --mixer out must mean the static baseline.
-            help="host:port of the mixer service (leave out: the static baseline on the prior weights)",
-        ),
-        click.option("--source", default="rank0", show_default=True, help="name of this worker's reports"),
-        click.option("--token", default=None, envvar="MIXER_TOKEN", help="bearer token for the service"),
-        click.option("--steps", default=100, show_default=True, type=click.IntRange(min=0)),
-        click.option("--global-batch-size", default=16, show_default=True, type=click.IntRange(min=1)),
-        click.option("--seq-length", default=64, show_default=True, type=click.IntRange(min=1)),
-        click.option("--layers", default=2, show_default=True, type=click.IntRange(min=1)),
-        click.option("--hidden", default=64, show_default=True, type=click.IntRange(min=1)),
-        click.option("--heads", default=4, show_default=True, type=click.IntRange(min=1)),
-        click.option(
-            "--vocab-size",
-            default=257,
-            show_default=True,
-            type=click.IntRange(min=257),
-            help="padded vocabulary (bytes + EOD need 257)",
-        ),
-        click.option("--lr", default=1e-3, show_default=True, type=float),
-        click.option("--min-lr", default=1e-4, show_default=True, type=float),
-        click.option(
-            "--warmup",
-            default=None,
-            type=click.IntRange(min=0),
-            help="warmup steps (default: a tenth of --steps)",
-        ),
-        click.option("--seed", default=None, type=click.IntRange(min=0), help="default: the job spec's seed"),
-        click.option("--device", default="cpu", show_default=True, help="cpu or cuda"),
-        click.option(
-            "--save",
-            default=None,
-            type=click.Path(file_okay=False, path_type=Path),
-            help="checkpoint directory",
-        ),
-        click.option(
-            "--save-interval",
-            default=0,
-            show_default=True,
-            type=click.IntRange(min=0),
-            help="steps between checkpoints (0: only at the end)",
-        ),
-        click.option(
-            "--load",
-            default=None,
-            type=click.Path(exists=True, path_type=Path),
-            help="resume from this checkpoint (directory or step folder)",
-        ),
-        click.option("--force-resume", is_flag=True, help="resume a checkpoint saved for another job spec"),
-        click.option(
-            "--eval-interval",
-            default=0,
-            show_default=True,
-            type=click.IntRange(min=0),
-            help="steps between balanced validations (0: the strategy's need, else only at the end)",
-        ),
-        click.option(
-            "--eval-samples",
-            default=16,
-            show_default=True,
-            type=click.IntRange(min=1),
-            help="validation samples per domain",
-        ),
-        click.option(
-            "--reference",
-            default=None,
-            type=click.Path(exists=True, path_type=Path),
-            help="reference model checkpoint (DoReMi's excess loss)",
-        ),
-        click.option(
-            "--align-every",
-            default=0,
-            type=click.IntRange(min=0),
-            help="DGA alignment probe cadence (default: the spec's update_every)",
-        ),
-        click.option(
-            "--align-samples",
-            default=2,
-            show_default=True,
-            type=click.IntRange(min=1),
-            help="samples per domain and rank per alignment probe",
-        ),
-        click.option(
-            "--sample-align-every",
-            default=0,
-            type=click.IntRange(min=0),
-            help="DWM probe cadence (default: the spec's update_every)",
-        ),
-        click.option(
-            "--strict",
-            is_flag=True,
-            help="wait at each step boundary for the version in force (reproducible runs)",
-        ),
-        click.option("--strict-timeout", default=300.0, show_default=True, type=float),
-        click.option("--connect-timeout", default=30.0, show_default=True, type=float),
-        click.option(
-            "--flush-timeout",
-            default=60.0,
-            show_default=True,
-            type=float,
-            help="seconds to wait at the end for every report to be acknowledged",
-        ),
-        click.option(
-            "--cache-dir",
-            default=None,
-            type=click.Path(file_okay=False, path_type=Path),
-            help="megatron index cache (default: a fresh temporary folder)",
-        ),
-        click.option(
-            "--compare-attached",
-            default=0,
-            show_default=True,
-            type=click.IntRange(min=0),
-            help="benchmark: alternate blocks of N steps detached / attached",
-        ),
-        click.option(
-            "--trainer",
-            type=click.Choice(["megatron", "plain"]),
-            default="megatron",
-            show_default=True,
-            help="with --device cuda: megatron-core's schedules, DDP and distributed optimizer, or the plain loop",
-        ),
-        click.option("--tensor-parallel", default=1, show_default=True, type=click.IntRange(min=1)),
-        click.option("--pipeline-parallel", default=1, show_default=True, type=click.IntRange(min=1)),
-        click.option(
-            "--micro-batch-size",
-            default=1,
-            show_default=True,
-            type=click.IntRange(min=1),
-            help="megatron trainer: samples per micro-batch (global batch / (micro-batch x data-parallel) micro-batches)",
-        ),
-        click.option(
-            "--decay-steps",
-            default=None,
-            type=click.IntRange(min=1),
-            help="the cosine reaches --min-lr at this step  [default: --steps]",
-        ),
-        click.option(
-            "--override-lr-schedule",
-            is_flag=True,
-            help="on --load, use this run's learning-rate schedule instead of the checkpoint's",
-        ),
-        click.option(
-            "--keep-steps",
-            default=1024,
-            show_default=True,
-            type=click.IntRange(min=1),
-            help="per-step records kept in memory (and in --result): the most recent ones",
-        ),
-        click.option(
-            "--record",
-            default=None,
-            type=click.Path(dir_okay=False, path_type=Path),
-            help="append every reported step to this JSONL file (losses, sample ids, probe results)",
-        ),
-        click.option(
-            "--result",
-            "result_file",
-            default=None,
-            type=click.Path(dir_okay=False, path_type=Path),
-            help="write the run's record (per-step arrays included) as JSON",
-        ),
-        click.option("--no-progress", is_flag=True, help="no progress bar"),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
-
-
 @click.command("pretrain")
-@_options
+@options(PretrainConfig)
+@click.option(
+    "--result",
+    "result_file",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="write the run's record (per-step arrays included) as JSON",
+)
 @json_option
-def pretrain(result_file: Path | None, no_progress: bool, as_json: bool, **kw: Any) -> dict[str, Any]:
-    """Pretrain a Megatron-core GPT on a job spec's domains, attached to a mixer service."""
-    from mixer.megatron.pretrain import PretrainOptions, run_pretrain
+def pretrain(result_file: Path | None, as_json: bool, **kw: Any) -> dict[str, Any]:
+    """Pretrain a Megatron-core GPT on a job spec's domains, attached to a mixer service.
+
+    Every setting is an option below, a `--set section.name=VALUE`, or a line of a `--config FILE`
+    (YAML: run, train, train.model, parallel); `--result` records the resolved settings."""
+    from mixer.config import ConfigError, from_options
+    from mixer.megatron.pretrain import PretrainError, run_pretrain
 
     quiet_megatron()
-    record = run_pretrain(PretrainOptions(progress=not no_progress, **kw))
+    try:
+        record = run_pretrain(from_options(PretrainConfig, kw))
+    except (ConfigError, PretrainError) as e:
+        raise click.ClickException(str(e)) from None
     if result_file is not None:
         result_file.parent.mkdir(parents=True, exist_ok=True)
         result_file.write_text(json.dumps(record))

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mixer.megatron.config import VOCAB_SIZE
+
 if TYPE_CHECKING:
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
@@ -38,7 +40,6 @@ __all__ = [
 ]
 
 EOD = 256
-VOCAB_SIZE = 257
 SPLITS = ("train", "val")
 # Token ids fit in uint16; megatron-core reads the dtype back from the .idx header.
 TOKEN_DTYPE = np.uint16

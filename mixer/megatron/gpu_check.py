@@ -66,7 +66,7 @@ def main(
         raise click.ClickException("no CUDA device: this check needs a GPU")
     from mixer.megatron.corpus import write_synthetic_corpus
     from mixer.megatron.data import prepare_corpus
-    from mixer.megatron.pretrain import PretrainOptions, run_pretrain
+    from mixer.megatron.pretrain import PretrainConfig, run_pretrain
     from mixer.server.launch import ServerProcess
 
     tmp = tempfile.TemporaryDirectory(prefix="mixer-gpu-check-") if workdir is None else None
@@ -102,7 +102,7 @@ def main(
     }
     try:
         record = run_pretrain(
-            PretrainOptions(
+            PretrainConfig.of(
                 **model,
                 mixer=server.address,
                 eval_samples=4,
@@ -112,7 +112,7 @@ def main(
             )
         )
         # Resume: the second half again from the checkpoint taken half-way, through the same schedule.
-        resumed = run_pretrain(PretrainOptions(**model, load=root / "ckpt" / half_way(record)))
+        resumed = run_pretrain(PretrainConfig.of(**model, load=root / "ckpt" / half_way(record)))
     finally:
         server.terminate()
         if tmp is not None:

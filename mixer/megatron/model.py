@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from mixer.megatron.data import VOCAB_SIZE
+from mixer.megatron.config import ModelConfig
 
 __all__ = [
     "ModelConfig",
@@ -29,31 +28,6 @@ __all__ = [
 
 # True when init_distributed created the process group, so teardown only destroys what it made.
 _OWNS_PROCESS_GROUP = False
-
-
-@dataclass
-class ModelConfig:
-    """Shape of the GPT model; the defaults are the tiny CPU model."""
-
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    seq_length: int = 64
-    vocab_size: int = VOCAB_SIZE
-    ffn_hidden_size: int | None = None
-    dropout: float = 0.0
-
-    def validate(self) -> None:
-        """Raise ValueError when the shape is inconsistent."""
-        if min(self.num_layers, self.hidden_size, self.num_attention_heads, self.seq_length) <= 0:
-            raise ValueError(f"model sizes must be positive: {self}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                f"{self.num_attention_heads}"
-            )
-        if self.vocab_size < 2:
-            raise ValueError(f"vocab_size must be at least 2, got {self.vocab_size}")
 
 
 class SDPAttention(MegatronModule):

@@ -25,66 +25,22 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
+
+from mixer.config import check, to_dict
+from mixer.megatron.config import PretrainConfig, TrainConfig
 
 log = logging.getLogger("mixer.pretrain")
 
-__all__ = ["PretrainOptions", "run_pretrain", "val_prefix"]
+__all__ = ["PretrainConfig", "PretrainError", "run_pretrain", "val_prefix"]
 
 
-@dataclass(kw_only=True)
-class PretrainOptions:
-    """Everything a pretraining run takes; the command-line options map onto these one to one."""
-
-    spec: Path
-    mixer: str | None = None
-    """host:port of the mixer service; None trains on the spec's prior weights (static baseline)."""
-    source: str = "rank0"
-    token: str | None = None
-    steps: int = 100
-    global_batch_size: int = 16
-    seq_length: int = 64
-    layers: int = 2
-    hidden: int = 64
-    heads: int = 4
-    vocab_size: int = 257
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup: int | None = None
-    seed: int | None = None
-    """None: the job spec's seed."""
-    device: str = "cpu"
-    save: Path | None = None
-    save_interval: int = 0
-    load: Path | None = None
-    force_resume: bool = False
-    eval_interval: int = 0
-    eval_samples: int = 16
-    reference: Path | None = None
-    align_every: int = 0
-    align_samples: int = 2
-    sample_align_every: int = 0
-    strict: bool = False
-    strict_timeout: float = 300.0
-    connect_timeout: float = 30.0
-    flush_timeout: float = 60.0
-    cache_dir: Path | None = None
-    compare_attached: int = 0
-    trainer: str = "megatron"
-    """On CUDA: "megatron" (megatron-core's schedules, DDP, distributed optimizer) or "plain"."""
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    micro_batch_size: int = 1
-    decay_steps: int | None = None
-    override_lr_schedule: bool = False
-    keep_steps: int = 1024
-    record: Path | None = None
-    progress: bool = True
+class PretrainError(Exception):
+    """A pretraining run cannot start or go on; the message says what to change."""
 
 
 def val_prefix(train_prefix: str) -> str:
@@ -104,229 +60,224 @@ def _exists(prefix: str) -> bool:
     return Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()
 
 
-def _probe_plan(spec: Any, opts: PretrainOptions, attached: bool) -> dict[str, Any]:
-    """Which probes and cadences this job needs, from its strategy's signals and its weighting."""
+def _resolve(spec: Any, cfg: PretrainConfig, attached: bool) -> tuple[TrainConfig, dict[str, Any]]:
+    """The train section as this job needs it, and the plan (which probes run, for the record).
+
+    The job's strategy declares the signals it needs (mixer.strategies ... .signals) and its
+    weighting what it reads; from them come the probes, their cadences (the spec's update_every
+    where the user left 0), the seed (the spec's where the user gave none) and whether the run
+    waits for versions (only when attached)."""
     from mixer import signals as S
     from mixer.strategies import build_strategy
 
     strategy = build_strategy(spec)
     needs = strategy.signals if attached else frozenset()
     every = spec.cadence.update_every
+    t = cfg.train
     plan: dict[str, Any] = {"needs": sorted(needs)}
-    if S.EXCESS_LOSS in needs:
-        if opts.reference is None:
-            raise click.UsageError(
-                f"strategy {spec.strategy.name!r} needs the excess loss against a reference model: pass "
-                "--reference CKPT (a checkpoint of a model trained on the prior mixture, e.g. from --save)"
-            )
-        plan["reference"] = opts.reference
-    if spec.weighting.name == "token-reference":  # PRIOR: token weights from the reference model
-        if opts.reference is None:
-            raise click.UsageError(
-                "weighting 'token-reference' weights each token by the reference model's probability of it: "
-                "pass --reference CKPT"
-            )
-        plan["reference"] = opts.reference
+    wants_reference = S.EXCESS_LOSS in needs or spec.weighting.name == "token-reference"
+    if wants_reference and t.reference is None:
+        why = (
+            f"strategy {spec.strategy.name!r} needs the excess loss against a reference model"
+            if S.EXCESS_LOSS in needs
+            else "weighting 'token-reference' weights each token by the reference model's probability of it"
+        )
+        raise PretrainError(
+            f"{why}: pass --reference CKPT (a checkpoint of a model trained on the prior mixture, e.g. from --save)"
+        )
+    resolved = replace(
+        t,
+        seed=spec.seed if t.seed is None else t.seed,
+        reference=t.reference if wants_reference else None,
+        align_every=0,
+        sample_align_every=0,
+        strict=t.strict and attached,
+        model=replace(t.model),
+    )
+    if wants_reference:
+        plan["reference"] = t.reference
     if S.ALIGNMENT in needs:
         params = strategy.params
-        plan["align_every"] = opts.align_every or every
-        plan["align_target"] = [spec.domain_names.index(n) for n in params.get("target", [])]
+        resolved.align_every = plan["align_every"] = t.align_every or every
+        resolved.align_target = [spec.domain_names.index(n) for n in params.get("target", [])]
+        resolved.align_exclude_self = bool(params.get("exclude_self", True))
+        plan["align_target"] = resolved.align_target
         plan["align_target_prefix"] = params.get("target_prefix", "")
-        plan["align_exclude_self"] = bool(params.get("exclude_self", True))
     frozen = spec.weighting.name == "dwm" and bool(spec.weighting.params.get("frozen", False))
     if attached and (S.SAMPLE_ALIGNMENT in needs or spec.weighting.name == "dwm") and not frozen:
-        plan["sample_align_every"] = opts.sample_align_every or every
-    if S.VAL_LOSS in needs and not opts.eval_interval:
-        plan["eval_every"] = every
+        resolved.sample_align_every = plan["sample_align_every"] = t.sample_align_every or every
+    if S.VAL_LOSS in needs and not t.eval_every:
+        resolved.eval_every = plan["eval_every"] = every
     # Topic statistics (ToReMi) and topic weighting read each sample's topics from `mixer topics build`.
     plan["topics"] = spec.strategy.name == "toremi" or spec.weighting.name == "topic"
-    plan["report_topics"] = attached and plan["topics"]
-    return plan
+    resolved.report_topics = plan["report_topics"] = attached and plan["topics"]
+    return resolved, plan
 
 
-def _connect(opts: PretrainOptions, spec: Any) -> None:
+def _connect(run: Any, spec: Any) -> None:
     """Create the job on the service (idempotent); a clear error when it is unreachable or taken."""
     import grpc
 
     from mixer.client import MixerClient
 
-    with MixerClient(opts.mixer, token=opts.token) as client:
+    with MixerClient(run.mixer, token=run.token) as client:
         try:
-            client.wait_ready(opts.connect_timeout)
+            client.wait_ready(run.connect_timeout)
         except grpc.FutureTimeoutError:
-            raise click.ClickException(
-                f"mixer service at {opts.mixer} not reachable within {opts.connect_timeout}s "
+            raise PretrainError(
+                f"mixer service at {run.mixer} not reachable within {run.connect_timeout}s "
                 "(start it with `mixer serve`, or leave out --mixer to train on the prior weights)"
             ) from None
         try:
             _, created = client.create_job(spec)
         except grpc.RpcError as e:
-            raise click.ClickException(f"creating job {spec.name!r} on {opts.mixer}: {e.details()}") from None
-    log.info("job %s %s on %s", spec.name, "created" if created else "exists (same spec)", opts.mixer)
+            raise PretrainError(f"creating job {spec.name!r} on {run.mixer}: {e.details()}") from None
+    log.info("job %s %s on %s", spec.name, "created" if created else "exists (same spec)", run.mixer)
 
 
-def run_pretrain(opts: PretrainOptions, *, on_step=None) -> dict[str, Any]:
-    """Run one pretraining job; returns a JSON-able record (per-step arrays included)."""
-    import torch
-
-    from mixer.engine import Engine
-    from mixer.megatron.data import build_domain_datasets
-    from mixer.megatron.instance import InstanceWeighting
-    from mixer.megatron.model import ModelConfig, init_distributed
-    from mixer.megatron.sampler import FingerprintMismatchError, MixtureSampler
-    from mixer.megatron.train import TrainConfig, train
+def _load_spec(path: Path) -> Any:
+    """The job spec, with every domain's data prefix checked."""
     from mixer.spec import JobSpec, SpecError
     from mixer.transfer import TransferError, resolve_spec_text
 
     try:
-        spec = JobSpec.from_yaml(resolve_spec_text(Path(opts.spec).read_text(), Path(opts.spec).parent))
+        spec = JobSpec.from_yaml(resolve_spec_text(Path(path).read_text(), Path(path).parent))
     except (OSError, SpecError, TransferError) as e:
-        raise click.ClickException(f"{opts.spec}: {e}") from None
+        raise PretrainError(f"{path}: {e}") from None
     for i, d in enumerate(spec.domains):
         if not d.prefix:
-            raise click.ClickException(
-                f"{opts.spec}: domains[{i}].prefix is empty; pretraining needs each domain's data prefix"
+            raise PretrainError(
+                f"{path}: domains[{i}].prefix is empty; pretraining needs each domain's data prefix"
             )
         if not _exists(d.prefix):
-            raise click.ClickException(
-                f"{opts.spec}: domains[{i}].prefix {d.prefix}: no .bin/.idx (run `mixer data prepare`)"
+            raise PretrainError(
+                f"{path}: domains[{i}].prefix {d.prefix}: no .bin/.idx (run `mixer data prepare`)"
             )
-    attached = opts.mixer is not None
-    plan = _probe_plan(spec, opts, attached)
+    return spec
 
-    if opts.device.startswith("cuda"):
+
+def run_pretrain(cfg: PretrainConfig, *, on_step=None) -> dict[str, Any]:
+    """Run one pretraining job; returns a JSON-able record (per-step arrays included).
+
+    Raises PretrainError (and mixer.config.ConfigError) with a message naming what to change."""
+    import torch
+
+    from mixer.megatron.model import init_distributed
+
+    check(cfg)
+    spec = _load_spec(cfg.run.spec)
+    attached = cfg.run.mixer is not None
+    train_cfg, plan = _resolve(spec, cfg, attached)
+    device = train_cfg.device
+    if device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # before NCCL comes up
-    init_distributed(opts.device)
+    init_distributed(device)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if opts.device.startswith("cuda") and opts.trainer == "megatron":
-        return _run_core(opts, spec, plan, rank, world)
-    if opts.global_batch_size % world:
-        raise click.ClickException(
-            f"--global-batch-size {opts.global_batch_size} is not divisible by {world} ranks"
+    if device.startswith("cuda") and cfg.parallel.trainer == "megatron":
+        return _run_core(cfg, train_cfg, spec, plan, rank, world)
+    if train_cfg.global_batch_size % world:
+        raise PretrainError(
+            f"--global-batch-size {train_cfg.global_batch_size} is not divisible by {world} ranks"
         )
-
-    val_prefixes = [val_prefix(d.prefix) for d in spec.domains]
-    has_val = all(_exists(p) for p in val_prefixes)
-    wants_val = opts.eval_interval or "eval_every" in plan or "sample_align_every" in plan
-    if wants_val and not has_val:
-        missing = next(p for p in val_prefixes if not _exists(p))
-        raise click.ClickException(
-            f"validation data {missing} (.bin/.idx) not found; see val_prefix() for the convention"
-        )
-
     attachment = None
     if attached and rank == 0:
         from mixer.megatron.attach import ServiceAttachment
 
-        _connect(opts, spec)
+        _connect(cfg.run, spec)
         attachment = ServiceAttachment(
-            opts.mixer,
+            cfg.run.mixer,
             spec.name,
-            opts.source,
-            strict=opts.strict,
-            strict_timeout=opts.strict_timeout,
-            token=opts.token,
+            cfg.run.source,
+            strict=train_cfg.strict,
+            strict_timeout=cfg.run.strict_timeout,
+            token=cfg.run.token,
         )
-    seed = spec.seed if opts.seed is None else opts.seed
-    cfg = TrainConfig(
-        steps=opts.steps,
-        global_batch_size=opts.global_batch_size,
-        lr=opts.lr,
-        min_lr=opts.min_lr,
-        warmup_steps=opts.warmup,
-        seed=seed,
-        seq_length=opts.seq_length,
-        model=ModelConfig(
-            num_layers=opts.layers,
-            hidden_size=opts.hidden,
-            num_attention_heads=opts.heads,
-            seq_length=opts.seq_length,
-            vocab_size=opts.vocab_size,
-        ),
-        eval_every=opts.eval_interval or plan.get("eval_every", 0),
-        eval_samples=opts.eval_samples,
-        device=opts.device,
-        checkpoint_dir=opts.save,
-        checkpoint_every=opts.save_interval,
-        resume_from=opts.load,
-        force_resume=opts.force_resume,
-        reference=plan.get("reference"),
-        align_every=plan.get("align_every", 0),
-        align_samples=opts.align_samples,
-        align_target=plan.get("align_target", []),
-        align_exclude_self=plan.get("align_exclude_self", True),
-        sample_align_every=plan.get("sample_align_every", 0),
-        report_topics=plan["report_topics"],
-        strict=opts.strict and attached,
-        compare_every=opts.compare_attached,
-        decay_steps=opts.decay_steps,
-        override_lr_schedule=opts.override_lr_schedule,
-        keep_steps=opts.keep_steps,
-        record=opts.record,
-    )
-    weighting = InstanceWeighting(spec, opts.device)
-    v0 = Engine(spec).current  # the service's version 0, derived by the same pure code
     delivered = True
-    cache = _index_cache(opts, rank, world)
+    cache = _index_cache(cfg.run.cache_dir, rank, world)
     try:
-        datasets = build_domain_datasets(
-            [d.prefix for d in spec.domains], opts.seq_length, seed, None, Path(cache[0])
-        )
-        if plan["topics"]:
-            from mixer.megatron.loader import with_topics
-            from mixer.topics import TopicsError
-
-            try:
-                datasets = with_topics(datasets, [d.prefix for d in spec.domains])
-            except TopicsError as e:
-                raise click.ClickException(f"{opts.spec}: topic weighting needs topic labels: {e}") from None
-        vals = (
-            build_domain_datasets(val_prefixes, opts.seq_length, seed, None, Path(cache[0]))
-            if has_val
-            else []
-        )
-        target = None
-        if plan.get("align_target_prefix"):
-            target = build_domain_datasets(
-                [plan["align_target_prefix"]], opts.seq_length, seed, None, Path(cache[0])
-            )[0]
-        sampler = MixtureSampler(
-            spec.num_domains,
-            opts.global_batch_size,
-            v0.weights,
-            fingerprint=spec.fingerprint(),
-            dp_rank=rank,
-            dp_size=world,
-            dataset_lengths=[len(d) for d in datasets],
-            version=v0.version,
-        )
-        try:
-            result = train(
-                cfg,
-                datasets,
-                vals,
-                sampler,
-                attachment=attachment,
-                progress=opts.progress and rank == 0,
-                weighting=weighting if weighting.enabled else None,
-                target_dataset=target,
-                on_step=on_step,
-            )
-        except FingerprintMismatchError as e:
-            raise click.ClickException(
-                f"--load {opts.load}: {e}".replace("force=True", "--force-resume")
-            ) from None
+        result = _train_plain(cfg, train_cfg, spec, plan, attachment, Path(cache[0]), (rank, world), on_step)
     finally:
         if attachment is not None:
-            delivered = attachment.close(opts.flush_timeout)
+            delivered = attachment.close(cfg.run.flush_timeout)
             if not delivered:
-                log.error("%d reports not acknowledged within %.0fs", attachment.pending, opts.flush_timeout)
-        if not opts.cache_dir and rank == 0:
+                log.error(
+                    "%d reports not acknowledged within %.0fs", attachment.pending, cfg.run.flush_timeout
+                )
+        if not cfg.run.cache_dir and rank == 0:
             shutil.rmtree(cache[0], ignore_errors=True)
-    return _record(spec, opts, plan, result, rank, world, delivered)
+    return _record(spec, cfg, train_cfg, plan, result, rank, world, delivered)
 
 
-def _index_cache(opts: PretrainOptions, rank: int, world: int) -> list[str]:
+def _train_plain(
+    cfg: PretrainConfig,
+    train_cfg: TrainConfig,
+    spec: Any,
+    plan: dict[str, Any],
+    attachment,
+    cache: Path,
+    layout: tuple[int, int],
+    on_step,
+):
+    """Datasets, sampler and instance weighting for the plain loop, then mixer.megatron.train.train."""
+    from mixer.engine import Engine
+    from mixer.megatron.data import build_domain_datasets
+    from mixer.megatron.instance import InstanceWeighting
+    from mixer.megatron.sampler import FingerprintMismatchError, MixtureSampler
+    from mixer.megatron.train import train
+
+    (rank, world), seq, seed = layout, train_cfg.model.seq_length, train_cfg.seed
+    val_prefixes = [val_prefix(d.prefix) for d in spec.domains]
+    has_val = all(_exists(p) for p in val_prefixes)
+    wants_val = train_cfg.eval_every or train_cfg.sample_align_every
+    if wants_val and not has_val:
+        missing = next(p for p in val_prefixes if not _exists(p))
+        raise PretrainError(
+            f"validation data {missing} (.bin/.idx) not found; see val_prefix() for the convention"
+        )
+    datasets = build_domain_datasets([d.prefix for d in spec.domains], seq, seed, None, cache)
+    if plan["topics"]:
+        from mixer.megatron.loader import with_topics
+        from mixer.topics import TopicsError
+
+        try:
+            datasets = with_topics(datasets, [d.prefix for d in spec.domains])
+        except TopicsError as e:
+            raise PretrainError(f"{cfg.run.spec}: topic weighting needs topic labels: {e}") from None
+    vals = build_domain_datasets(val_prefixes, seq, seed, None, cache) if has_val else []
+    target = None
+    if plan.get("align_target_prefix"):
+        target = build_domain_datasets([plan["align_target_prefix"]], seq, seed, None, cache)[0]
+    v0 = Engine(spec).current  # the service's version 0, derived by the same pure code
+    sampler = MixtureSampler(
+        spec.num_domains,
+        train_cfg.global_batch_size,
+        v0.weights,
+        fingerprint=spec.fingerprint(),
+        dp_rank=rank,
+        dp_size=world,
+        dataset_lengths=[len(d) for d in datasets],
+        version=v0.version,
+    )
+    weighting = InstanceWeighting(spec, train_cfg.device)
+    try:
+        return train(
+            train_cfg,
+            datasets,
+            vals,
+            sampler,
+            attachment=attachment,
+            progress=cfg.run.progress and rank == 0,
+            weighting=weighting if weighting.enabled else None,
+            target_dataset=target,
+            on_step=on_step,
+        )
+    except FingerprintMismatchError as e:
+        raise PretrainError(
+            f"--load {train_cfg.resume_from}: {e}".replace("force=True", "--force-resume")
+        ) from None
+
+
+def _index_cache(cache_dir: Path | None, rank: int, world: int) -> list[str]:
     """[folder] for megatron's sample-index cache, the same on every rank.
 
     megatron keys its index cache by path and settings, not contents: a fresh folder per run.
@@ -335,9 +286,7 @@ def _index_cache(opts: PretrainOptions, rank: int, world: int) -> list[str]:
     import torch
 
     cache = [
-        str(opts.cache_dir)
-        if opts.cache_dir
-        else (tempfile.mkdtemp(prefix="mixer-index-") if rank == 0 else None)
+        str(cache_dir) if cache_dir else (tempfile.mkdtemp(prefix="mixer-index-") if rank == 0 else None)
     ]
     if world > 1:
         torch.distributed.broadcast_object_list(cache, src=0)
@@ -345,72 +294,80 @@ def _index_cache(opts: PretrainOptions, rank: int, world: int) -> list[str]:
 
 
 def _run_core(
-    opts: PretrainOptions, spec: Any, plan: dict[str, Any], rank: int, world: int
+    cfg: PretrainConfig, t: TrainConfig, spec: Any, plan: dict[str, Any], rank: int, world: int
 ) -> dict[str, Any]:
     """--device cuda: megatron-core's schedules, DDP, distributed optimizer and dist_checkpointing."""
     import torch
 
     from mixer.megatron.core_train import CoreConfig, train_core
 
+    par = cfg.parallel
     probes = [k for k in ("reference", "align_every", "sample_align_every") if plan.get(k)]
-    if probes or opts.strict:
-        raise click.ClickException(
+    if probes or t.strict:
+        raise PretrainError(
             f"the megatron-core trainer does not run {', '.join(probes) or '--strict'} yet "
             "(job strategy or options); use --trainer plain"
         )
-    dp = world // (opts.tensor_parallel * opts.pipeline_parallel)
-    if dp * opts.tensor_parallel * opts.pipeline_parallel != world or opts.global_batch_size % (
-        opts.micro_batch_size * dp
+    dp = world // (par.tensor_parallel * par.pipeline_parallel)
+    if dp * par.tensor_parallel * par.pipeline_parallel != world or t.global_batch_size % (
+        par.micro_batch_size * dp
     ):
-        raise click.ClickException(
-            f"{world} ranks = tensor {opts.tensor_parallel} x pipeline {opts.pipeline_parallel} x data-parallel, "
-            f"and --global-batch-size {opts.global_batch_size} must be a multiple of --micro-batch-size "
-            f"{opts.micro_batch_size} x the data-parallel size"
+        raise PretrainError(
+            f"{world} ranks = tensor {par.tensor_parallel} x pipeline {par.pipeline_parallel} x data-parallel, "
+            f"and --global-batch-size {t.global_batch_size} must be a multiple of --micro-batch-size "
+            f"{par.micro_batch_size} x the data-parallel size"
         )
-    if opts.mixer is not None and rank == 0:
-        _connect(opts, spec)
+    if cfg.run.mixer is not None and rank == 0:
+        _connect(cfg.run, spec)
     torch.distributed.barrier()
-    cfg = CoreConfig(
-        steps=opts.steps,
-        global_batch_size=opts.global_batch_size,
-        micro_batch_size=opts.micro_batch_size,
-        tensor_parallel=opts.tensor_parallel,
-        pipeline_parallel=opts.pipeline_parallel,
-        seq_length=opts.seq_length,
-        layers=opts.layers,
-        hidden=opts.hidden,
-        heads=opts.heads,
-        vocab_size=opts.vocab_size,
-        lr=opts.lr,
-        min_lr=opts.min_lr,
-        warmup=opts.warmup,
-        decay_steps=opts.decay_steps,
-        override_lr_schedule=opts.override_lr_schedule,
-        seed=spec.seed if opts.seed is None else opts.seed,
-        save=opts.save,
-        save_interval=opts.save_interval,
-        load=opts.load,
-        compare_every=opts.compare_attached,
+    m = t.model
+    core = CoreConfig(
+        steps=t.steps,
+        global_batch_size=t.global_batch_size,
+        micro_batch_size=par.micro_batch_size,
+        tensor_parallel=par.tensor_parallel,
+        pipeline_parallel=par.pipeline_parallel,
+        seq_length=m.seq_length,
+        layers=m.num_layers,
+        hidden=m.hidden_size,
+        heads=m.num_attention_heads,
+        vocab_size=m.vocab_size,
+        lr=t.lr,
+        min_lr=t.min_lr,
+        warmup=t.warmup_steps,
+        decay_steps=t.decay_steps,
+        override_lr_schedule=t.override_lr_schedule,
+        seed=t.seed,
+        save=t.checkpoint_dir,
+        save_interval=t.checkpoint_every,
+        load=t.resume_from,
+        compare_every=t.compare_every,
     )
-    cache = _index_cache(opts, rank, world)
+    cache = _index_cache(cfg.run.cache_dir, rank, world)
     try:
         # The session lives on the reporting rank (last pipeline stage); the plug-in opens it there.
         summary = train_core(
-            cfg, spec, address=opts.mixer, token=opts.token, source=opts.source, cache_dir=Path(cache[0])
+            core,
+            spec,
+            address=cfg.run.mixer,
+            token=cfg.run.token,
+            source=cfg.run.source,
+            cache_dir=Path(cache[0]),
         )
     finally:
-        if not opts.cache_dir and rank == 0:
+        if not cfg.run.cache_dir and rank == 0:
             shutil.rmtree(cache[0], ignore_errors=True)
     record = {
         "job": spec.name,
         "rank": rank,
         "world_size": world,
-        "mixer": opts.mixer,
+        "mixer": cfg.run.mixer,
         "trainer": "megatron",
+        "config": to_dict(cfg),
         **summary,
     }
     a, d = record["step_time_attached_s"], record["step_time_detached_s"]
-    record["attached_overhead"] = a / d - 1 if opts.compare_attached and a and d else None
+    record["attached_overhead"] = a / d - 1 if t.compare_every and a and d else None
     return record
 
 
@@ -420,7 +377,14 @@ def _finite(x: float) -> float | None:
 
 
 def _record(
-    spec, opts: PretrainOptions, plan: dict[str, Any], result, rank: int, world: int, delivered: bool
+    spec,
+    cfg: PretrainConfig,
+    train_cfg: TrainConfig,
+    plan: dict[str, Any],
+    result,
+    rank: int,
+    world: int,
+    delivered: bool,
 ) -> dict[str, Any]:
     """The run as JSON-able data; per-step arrays (sample ids, instance weights) of the steps kept in memory."""
     attached_t, detached_t = result.median_step_time(True), result.median_step_time(False)
@@ -428,7 +392,8 @@ def _record(
         "job": spec.name,
         "rank": rank,
         "world_size": world,
-        "mixer": opts.mixer,
+        "mixer": cfg.run.mixer,
+        "config": to_dict(replace(cfg, train=train_cfg)),
         "probes": {k: (str(v) if isinstance(v, Path) else v) for k, v in plan.items()},
         "final_step": result.final_step,
         "steps": result.steps,
@@ -449,12 +414,14 @@ def _record(
         "step_time_s": _finite(result.step_time_s),
         "step_time_attached_s": _finite(attached_t),
         "step_time_detached_s": _finite(detached_t),
-        "attached_overhead": _finite(attached_t / detached_t - 1) if opts.compare_attached else None,
+        "attached_overhead": _finite(attached_t / detached_t - 1) if train_cfg.compare_every else None,
         "all_reports_acknowledged": delivered,
     }
 
 
-if __name__ == "__main__":  # `python -m mixer.megatron.pretrain ARGS` is `mixer pretrain ARGS` (mixer/cli/data.py)
+if (
+    __name__ == "__main__"
+):  # `python -m mixer.megatron.pretrain ARGS` is `mixer pretrain ARGS` (mixer/cli/data.py)
     import runpy
     import sys
 

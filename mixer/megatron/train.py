@@ -22,7 +22,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -33,8 +32,9 @@ from tqdm import tqdm
 
 from mixer.megatron.announce import AnnouncedVersions
 from mixer.megatron.checkpoint import load_checkpoint, load_reference, save_checkpoint
+from mixer.megatron.config import TrainConfig
 from mixer.megatron.loss import AsyncHostCopy, LossHook, compute_loss, gather_samples
-from mixer.megatron.model import ModelConfig, build_model, teardown
+from mixer.megatron.model import build_model, teardown
 from mixer.megatron.probes import (
     AlignmentProbe,
     ExcessLossProbe,
@@ -89,71 +89,6 @@ class Attachment(Protocol):
     ) -> None:
         """Hand over what step measured (signals: optional mixer.signals.Report fields); must not block."""
         ...
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation, evaluation, probe and checkpoint settings of one run."""
-
-    steps: int = 20
-    global_batch_size: int = 16
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int | None = None  # None: a tenth of the steps, at least 1
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    seed: int = 0
-    seq_length: int = 64
-    model: ModelConfig = field(default_factory=ModelConfig)
-    log_every: int = 10
-    eval_every: int = 0  # 0: evaluate once, at the end
-    eval_samples: int = 16  # per domain, the first ones of each validation set
-    device: str = "cpu"
-    checkpoint_dir: Path | None = None
-    checkpoint_every: int = 0  # 0: no periodic checkpoints
-    resume_from: Path | None = None  # a checkpoint_dir (uses its latest) or one step folder
-    force_resume: bool = False  # load a sampler state saved for another job spec
-    reference: Path | None = None  # checkpoint of a frozen reference model: DoReMi's excess loss
-    align_every: int = 0  # DGA: per-domain gradient alignment every this many steps (0: off)
-    align_samples: int = 2  # the least per domain and rank; else its share of the rank's batch
-    align_target: list[int] = field(default_factory=list)  # target domains (empty: all)
-    align_exclude_self: bool = True
-    sample_align_every: int = 0  # DWM: per-sample alignment with the validation gradient (0: off)
-    sample_align_samples: int = 8  # validation samples per domain for the validation gradient
-    report_topics: bool = False  # send sample_topic (the samples' topic_ids rows) with every report
-    strict: bool = False  # hand every step's report over before the next step (strict attachments)
-    compare_every: int = 0  # benchmark: alternate blocks of this many steps detached / attached
-    decay_steps: int | None = None  # the cosine decays to min_lr over this many steps (None: steps)
-    override_lr_schedule: bool = False  # on resume, use this config's schedule, not the checkpoint's
-    keep_steps: int = 1024  # per-step records TrainResult keeps in memory (the most recent)
-    record: Path | None = None  # every reported step, one JSON line each (rank 0)
-
-    def validate(self) -> None:
-        """Raise ValueError on inconsistent settings, naming the setting."""
-        self.model.validate()
-        if self.steps < 0 or self.global_batch_size <= 0:
-            raise ValueError("steps must be >= 0 and global_batch_size > 0")
-        if self.model.seq_length != self.seq_length:
-            raise ValueError(f"model.seq_length {self.model.seq_length} != seq_length {self.seq_length}")
-        if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
-            raise ValueError("need 0 < lr and 0 <= min_lr <= lr")
-        if self.checkpoint_every and self.checkpoint_dir is None:
-            raise ValueError("checkpoint_every needs checkpoint_dir")
-        for name in ("align_every", "sample_align_every", "compare_every", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.align_samples <= 0 or self.sample_align_samples <= 0:
-            raise ValueError("align_samples and sample_align_samples must be positive")
-        if self.decay_steps is not None and self.decay_steps < 1:
-            raise ValueError(f"decay_steps must be >= 1, got {self.decay_steps}")
-        if self.keep_steps < 1:
-            raise ValueError(f"keep_steps must be >= 1, got {self.keep_steps}")
-
-    @property
-    def warmup(self) -> int:
-        """Warmup steps actually used."""
-        return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 10)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -287,7 +222,7 @@ class Trainer:
 
     def run(self, progress: bool = True) -> TrainResult:
         """Train up to cfg.steps (from the resume step, if any); builds and tears down the model."""
-        self.model = build_model(self.cfg.model, self.cfg.device, seed=self.cfg.seed)
+        self.model = build_model(self.cfg.model, self.cfg.device, seed=self.cfg.seed or 0)
         # PRESENCE: every step's samples are scored during the forward (their weights need them).
         if getattr(self.weighting, "needs_self_influence", False):
             self.self_influence = SelfInfluenceProbe(self.model)

@@ -125,7 +125,7 @@ def test_saved_agent_round_trips_bit_exactly(trained, tmp_path) -> None:
 
 
 def test_a_job_with_the_agent_produces_versions_and_replay_verifies_them(world, trained, tmp_path) -> None:
-    from mixer.megatron.pretrain import PretrainOptions, run_pretrain
+    from mixer.megatron.pretrain import PretrainConfig, run_pretrain
 
     folder, card = trained
     agent = load_agent(folder)
@@ -143,7 +143,7 @@ def test_a_job_with_the_agent_produces_versions_and_replay_verifies_them(world, 
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     rec = run_pretrain(
-        PretrainOptions(
+        PretrainConfig.of(
             spec=path,
             mixer=world["server"].address,
             steps=3 * SEGMENT_STEPS,

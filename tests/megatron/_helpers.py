@@ -19,8 +19,8 @@ def run_pretrain_cli(spec: Path, *args: str, steps: int = 20) -> dict:
 
 
 def small_options(spec: Path, **kw):
-    """PretrainOptions of a tiny, quiet CPU run (what pretrain_args gives on the command line)."""
-    from mixer.megatron.pretrain import PretrainOptions
+    """PretrainConfig of a tiny, quiet CPU run (what pretrain_args gives on the command line)."""
+    from mixer.megatron.config import PretrainConfig
 
     base = {
         "steps": 20,
@@ -30,4 +30,4 @@ def small_options(spec: Path, **kw):
         "eval_samples": 8,
         "progress": False,
     }
-    return PretrainOptions(spec=spec, **{**base, **kw})
+    return PretrainConfig.of(spec=spec, **{**base, **kw})

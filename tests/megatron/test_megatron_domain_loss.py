@@ -151,7 +151,7 @@ def test_plain_loop_weights_each_sample_by_the_applied_versions_loss_weights(
     c = [0.5 + i for i in range(K)]
     # Version 1 arrives at step 1 and takes effect at step 3; the sampling weights stay uniform.
     updates = {1: VersionUpdate(1, 3, (1 / K,) * K, params={"domain_loss_weights": c})}
-    cfg = TrainConfig(steps=6, global_batch_size=8, seq_length=32, lr=3e-3, seed=1)
+    cfg = TrainConfig(steps=6, global_batch_size=8, lr=3e-3, seed=1)
     cfg.model.seq_length = 32
     datasets = build_domain_datasets(train_prefixes, 32, seed=1, num_samples=None, cache_dir=cache_dir)
     sampler = MixtureSampler(K, 8, [1.0] * K, fingerprint="dl", dataset_lengths=[len(d) for d in datasets])

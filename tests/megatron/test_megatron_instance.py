@@ -40,7 +40,7 @@ def run(domain_prefixes, cache_dir: Path, weighting: dict, updates: dict[int, Ve
             "weighting": weighting,
         }
     )
-    cfg = TrainConfig(steps=steps, global_batch_size=8, seq_length=32, lr=3e-3, seed=1)
+    cfg = TrainConfig(steps=steps, global_batch_size=8, lr=3e-3, seed=1)
     cfg.model.seq_length = 32
     datasets = build_domain_datasets(train_prefixes, 32, seed=1, num_samples=None, cache_dir=cache_dir)
     sampler = MixtureSampler(

@@ -63,7 +63,7 @@ def test_training_step_applies_presence_weights_and_switches_stage(domain_prefix
         }
     )
     steps = params["switch_step"] + 2
-    cfg = TrainConfig(steps=steps, global_batch_size=8, seq_length=32, lr=3e-3, seed=1)
+    cfg = TrainConfig(steps=steps, global_batch_size=8, lr=3e-3, seed=1)
     cfg.model.seq_length = 32
     datasets = build_domain_datasets(train_prefixes, 32, seed=1, num_samples=None, cache_dir=cache_dir)
     sampler = MixtureSampler(

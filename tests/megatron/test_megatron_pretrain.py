@@ -96,3 +96,22 @@ def test_outage_training_goes_on_and_reports_arrive_later(write_spec, server) ->
     with MixerClient(server.address) as client:
         # Every training report and the final validation arrived once the service was back.
         assert client.get_job("outage").report_count == 60 + len(record["val_history"])
+
+
+def test_settings_from_a_file_and_set_reach_the_run_and_its_record(write_spec, tmp_path: Path) -> None:
+    """--config FILE and --set reach the training loop; the record carries the resolved tree."""
+    import yaml
+
+    spec = write_spec("config-tree")
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump({"train": {"weight_decay": 0.0, "model": {"hidden_size": 32}}}))
+    record = run_pretrain_cli(
+        spec, "--config", str(cfg_file), "--set", "train.betas=[0.8, 0.9]", "--heads", "2", steps=3
+    )
+    train = record["config"]["train"]
+    assert (train["weight_decay"], train["betas"], train["model"]["hidden_size"]) == (0.0, [0.8, 0.9], 32)
+    assert train["model"]["num_attention_heads"] == 2
+    written = yaml.safe_load(spec.read_text())
+    assert train["seed"] == written.get("seed", 0)  # no --seed: the job spec's
+    with pytest.raises(click.ClickException, match=r"train.min_lr \(--min-lr\): must be >= 0"):
+        run_pretrain_cli(spec, "--set", "train.min_lr=-1", steps=3)

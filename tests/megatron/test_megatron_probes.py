@@ -113,7 +113,7 @@ def test_doremi_without_a_reference_is_refused(write_spec) -> None:
     import click
 
     # Refused before anything starts: no service needed at that address.
-    with pytest.raises(click.UsageError, match="--reference"):
+    with pytest.raises(click.ClickException, match="--reference"):
         run_pretrain_cli(write_spec("doremi-noref", "doremi"), "--mixer", "127.0.0.1:1", steps=2)
 
 

@@ -86,7 +86,7 @@ def test_training_loop_applies_token_weights_and_reports_their_domain_means(
             "weighting": {"name": "token-loss"},
         }
     )
-    cfg = TrainConfig(steps=3, global_batch_size=8, seq_length=32, lr=3e-3, seed=1)
+    cfg = TrainConfig(steps=3, global_batch_size=8, lr=3e-3, seed=1)
     cfg.model.seq_length = 32
     datasets = build_domain_datasets(train_prefixes, 32, seed=1, num_samples=None, cache_dir=cache_dir)
     sampler = MixtureSampler(

@@ -37,7 +37,7 @@ class ScriptedAttachment:
 def setup(domain_prefixes, cache_dir: Path, steps: int, fp: str = "job-a"):
     """Datasets, validation sets and a fresh sampler for a run of `steps` steps."""
     names, train_prefixes, val_prefixes = domain_prefixes
-    cfg = TrainConfig(steps=steps, global_batch_size=8, seq_length=32, lr=3e-3, seed=1)
+    cfg = TrainConfig(steps=steps, global_batch_size=8, lr=3e-3, seed=1)
     cfg.model.seq_length = 32
     datasets = build_domain_datasets(train_prefixes, 32, seed=1, num_samples=steps * 8, cache_dir=cache_dir)
     vals = build_domain_datasets(val_prefixes, 32, seed=1, num_samples=None, cache_dir=cache_dir)

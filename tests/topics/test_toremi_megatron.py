@@ -14,7 +14,7 @@ import yaml
 from mixer.megatron.corpus import write_synthetic_corpus
 from mixer.megatron.data import build_domain_datasets, prepare_corpus
 from mixer.megatron.loader import with_topics
-from mixer.megatron.pretrain import PretrainOptions, run_pretrain
+from mixer.megatron.pretrain import PretrainConfig, run_pretrain
 from mixer.megatron.sampler import split_sample_id
 from mixer.replay import get_job, job_log
 from mixer.store import Store
@@ -68,7 +68,7 @@ def test_plain_loop_trains_on_real_topics_through_the_service(
         )
     )
     record = run_pretrain(
-        PretrainOptions(
+        PretrainConfig.of(
             spec=spec_path,
             mixer=server.address,
             steps=STEPS,
