@@ -161,11 +161,12 @@ def _optionable(leaf: Leaf) -> bool:
     return leaf.setting.option and not leaf.setting.derived and tp in (int, float, str, bool, Path)
 
 
-def options(tree: type):
+def options(tree: type, *, set_option: bool = True):
     """A decorator adding one option per leaf of `tree`, plus --config FILE and --set KEY=VALUE.
 
     The command receives them as keyword arguments; `from_options(tree, kwargs)` turns them back
-    into the tree."""
+    into the tree. set_option=False leaves --set to the command (a command whose --set means
+    something else); --config FILE and `override` still reach every leaf."""
     seen: dict[str, str] = {}
     decorators = []
     for leaf in leaves(tree):
@@ -198,15 +199,16 @@ def options(tree: type):
             help="settings as YAML (a mapping per section); options given on the command line win",
         )
     )
-    decorators.append(
-        click.option(
-            "--set",
-            "set_values",
-            multiple=True,
-            metavar="KEY=VALUE",
-            help="set any setting by its dotted path, e.g. --set train.weight_decay=0.05 (repeatable)",
+    if set_option:
+        decorators.append(
+            click.option(
+                "--set",
+                "set_values",
+                multiple=True,
+                metavar="KEY=VALUE",
+                help="set any setting by its dotted path, e.g. --set train.weight_decay=0.05 (repeatable)",
+            )
         )
-    )
 
     def decorate(fn):
         for d in reversed(decorators):

@@ -21,7 +21,7 @@ import platform
 import shutil
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,10 @@ import numpy as np
 import yaml
 
 from mixer.bench.quality_plot import format_table, plot_quality, summarize
-from mixer.config import ConfigError
+from mixer.config import ConfigError, setting
 from mixer.megatron.pretrain import PretrainError
 
-__all__ = ["PRESETS", "QUICK_STRATEGIES", "STRATEGIES", "QualityConfig", "default_corpus", "run_quality"]
+__all__ = ["PRESETS", "QUICK_STRATEGIES", "STRATEGIES", "QualityConfig", "QualityRun", "default_corpus", "run_quality"]
 
 STRATEGIES = ("uniform", "natural", "doremi", "doremi-online", "odm", "ado", "aioli", "dga", "toremi", "loss-linupper",
               "presence", "token-loss", "token-reference", "dwm", "agent")
@@ -80,6 +80,90 @@ PRESETS = {
     "gpu": QualityConfig(layers=12, hidden=768, heads=12, seq=1024, batch=16, steps=400, lr=6e-4,
                          eval_samples=64),
 }
+
+
+@dataclass
+class QualityRun:
+    """What one `mixer bench quality` run compares; its options are generated from this (mixer.config)."""
+
+    corpus: Path | None = setting(
+        None,
+        exists=True,
+        default_text="the bundled minipile, mixer/bench/minipile: 8 domains, see its README.md",
+        help="folder of <domain>/{train,val}.jsonl[.gz]",
+    )
+    strategies: str | None = setting(
+        None,
+        default_text=f"all; --quick: {','.join(QUICK_STRATEGIES)}",
+        help=f"comma-separated, from {','.join(STRATEGIES)}; uniform always runs (the baseline, and the "
+        "reference model of DoReMi and token-reference)",
+    )
+    steps: int | None = setting(None, min=2, default_text="the preset's", help="steps per run")
+    seeds: int = setting(1, min=1, help="seeds 0..S-1 per strategy")
+    device: str = setting("cpu", help="cpu or cuda")
+    quick: bool = setting(False, help="smoke test: tiny model, few steps, three strategies")
+    size: str | None = setting(
+        None,
+        choices=tuple(sorted(PRESETS)),
+        default_text="quick with --quick, gpu with --device cuda, else cpu",
+        help="model preset",
+    )
+    eval_samples: int | None = setting(None, min=1, default_text="the preset's", help="validation windows per domain")
+    noise_domains: int = setting(
+        0,
+        min=0,
+        help="add N unlearnable control domains (random printable ASCII, as large as the median domain): "
+        "trained on, left out of the score; a good strategy starves them",
+    )
+    out: Path = setting(Path("mixer-bench-quality"), help="result folder (result.json, quality.png, table.md, mixer.db)")
+    cache_dir: Path | None = setting(None, default_text="OUT/prepared", help="prepared corpus cache")
+    agent: Path | None = setting(
+        None,
+        exists=True,
+        help="a trained Data Mixing Agent (`mixer agent train --out`): adds strategy agent to the default list",
+    )
+
+    @property
+    def preset_name(self) -> str:
+        return self.size or ("quick" if self.quick else "gpu" if self.device.startswith("cuda") else "cpu")
+
+    def model(self) -> QualityConfig:
+        """The preset, with --steps and --eval-samples where given."""
+        cfg = PRESETS[self.preset_name]
+        return replace(cfg, steps=self.steps or cfg.steps, eval_samples=self.eval_samples or cfg.eval_samples)
+
+    def strategy_names(self) -> list[str]:
+        names = [s.strip() for s in (self.strategies or "").split(",") if s.strip()]
+        everything = [s for s in STRATEGIES if s not in NEEDS_INPUT or (s == "agent" and self.agent is not None)]
+        return names or list(QUICK_STRATEGIES if self.quick else everything)
+
+    def validate(self) -> None:
+        names = self.strategy_names()
+        unknown = sorted(set(names) - set(STRATEGIES))
+        if unknown:
+            raise ValueError(f"strategies (--strategies): unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+        if "agent" in names and self.agent is None:
+            raise ValueError("strategy agent needs --agent PATH (a folder written by `mixer agent train`)")
+
+    def command_line(self, corpus: Path, sets: tuple[str, ...]) -> str:
+        """The command that reproduces this run, every choice spelled out."""
+        cfg = self.model()
+        parts = [
+            "mixer bench quality",
+            *(["--quick"] if self.quick else []),
+            f"--corpus {corpus}",
+            f"--strategies {','.join(self.strategy_names())}",
+            f"--steps {cfg.steps}",
+            f"--seeds {self.seeds}",
+            f"--eval-samples {cfg.eval_samples}",
+            f"--device {self.device}",
+            f"--size {self.preset_name}",
+            *([f"--noise-domains {self.noise_domains}"] if self.noise_domains else []),
+            *(f"--set {s}" for s in sets),
+            f"--out {self.out}",
+            *([f"--agent {self.agent}"] if self.agent is not None else []),
+        ]
+        return " ".join(parts)
 
 
 def default_corpus() -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +18,13 @@ import yaml
 
 from mixer.bench import load as load_defaults
 from mixer.bench.quality import (
-    NEEDS_INPUT,
-    PRESETS,
-    QUICK_STRATEGIES,
     STRATEGIES,
-    QualityConfig,
+    QualityRun,
     default_corpus,
     run_quality,
 )
 from mixer.cli.common import emit_json, json_option
+from mixer.config import options
 
 bench_db_option = click.option(
     "--db", default=None, help="database URL (default: a SQLite file in a temporary folder)"
@@ -308,36 +305,6 @@ def _parse_sets(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _command_line(
-    corpus: Path,
-    names: list[str],
-    cfg: QualityConfig,
-    seeds: int,
-    device: str,
-    quick: bool,
-    size: str,
-    noise_domains: int,
-    sets: tuple[str, ...],
-    out: Path,
-) -> str:
-    """The command that reproduces this run, every choice spelled out."""
-    parts = [
-        "mixer bench quality",
-        *(["--quick"] if quick else []),
-        f"--corpus {corpus}",
-        f"--strategies {','.join(names)}",
-        f"--steps {cfg.steps}",
-        f"--seeds {seeds}",
-        f"--eval-samples {cfg.eval_samples}",
-        f"--device {device}",
-        f"--size {size}",
-        *([f"--noise-domains {noise_domains}"] if noise_domains else []),
-        *(f"--set {s}" for s in sets),
-        f"--out {out}",
-    ]
-    return " ".join(parts)
-
-
 PATH = click.Path(file_okay=False, path_type=Path)
 
 
@@ -466,40 +433,7 @@ def bench_select(
 
 
 @bench.command("quality")
-@click.option(
-    "--corpus",
-    type=PATH,
-    default=None,
-    help="folder of <domain>/{train,val}.jsonl[.gz]  [default: the bundled minipile, "
-    "mixer/bench/minipile: 8 domains, see its README.md]",
-)
-@click.option(
-    "--strategies",
-    default=None,
-    help=f"comma-separated, from {','.join(STRATEGIES)}  [default: all; --quick: "
-    f"{','.join(QUICK_STRATEGIES)}]; uniform always runs (the baseline, and the reference model of DoReMi and token-reference)",
-)
-@click.option("--steps", type=click.IntRange(2), default=None, help="steps per run  [default: the preset's]")
-@click.option(
-    "--seeds", type=click.IntRange(1), default=1, show_default=True, help="seeds 0..S-1 per strategy"
-)
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
-@click.option("--quick", is_flag=True, help="smoke test: tiny model, few steps, three strategies")
-@click.option(
-    "--size",
-    type=click.Choice(sorted(PRESETS)),
-    default=None,
-    help="model preset  [default: quick with --quick, gpu with --device cuda, else cpu]",
-)
-@click.option("--eval-samples", type=click.IntRange(1), default=None, help="validation windows per domain")
-@click.option(
-    "--noise-domains",
-    type=click.IntRange(0),
-    default=0,
-    show_default=True,
-    help="add N unlearnable control domains (random printable ASCII, as large as the median "
-    "domain): trained on, left out of the score; a good strategy starves them",
-)
+@options(QualityRun, set_option=False)
 @click.option(
     "--set",
     "sets",
@@ -507,85 +441,46 @@ def bench_select(
     metavar="STRATEGY.PARAM=VALUE",
     help="override a strategy parameter, e.g. --set doremi.eta=1 (repeat)",
 )
-@click.option(
-    "--out",
-    type=PATH,
-    default=Path("mixer-bench-quality"),
-    show_default=True,
-    help="result folder (result.json, quality.png, table.md, mixer.db)",
-)
-@click.option("--cache-dir", type=PATH, default=None, help="prepared corpus cache  [default: OUT/prepared]")
-@click.option(
-    "--agent",
-    "agent_dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="a trained Data Mixing Agent (`mixer agent train --out`): adds strategy agent to the default list",
-)
 @json_option
-def bench_quality(
-    corpus: Path | None,
-    strategies: str | None,
-    steps: int | None,
-    seeds: int,
-    device: str,
-    quick: bool,
-    size: str | None,
-    eval_samples: int | None,
-    noise_domains: int,
-    sets: tuple[str, ...],
-    out: Path,
-    cache_dir: Path | None,
-    agent_dir: Path | None,
-    as_json: bool,
-) -> None:
+def bench_quality(sets: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Train a small GPT per strategy and seed through the live mixer; compare with uniform.
 
     Writes OUT/result.json, OUT/quality.png and OUT/table.md (final mean and worst-domain balanced
     validation loss, steps to reach uniform's final loss, paired difference from uniform, step time
-    against a detached static run).
+    against a detached static run). `--config FILE` takes the same settings as YAML.
     """
-    size = size or ("quick" if quick else "gpu" if device.startswith("cuda") else "cpu")
-    cfg = PRESETS[size]
-    cfg = replace(cfg, steps=steps or cfg.steps, eval_samples=eval_samples or cfg.eval_samples)
-    names = [s.strip() for s in (strategies or "").split(",") if s.strip()]
-    everything = [s for s in STRATEGIES if s not in NEEDS_INPUT or (s == "agent" and agent_dir is not None)]
-    names = names or list(QUICK_STRATEGIES if quick else everything)
-    if "agent" in names and agent_dir is None:
-        raise click.UsageError("strategy agent needs --agent PATH (a folder written by `mixer agent train`)")
     from mixer.agent.policy import AgentFileError, strategy_spec
+    from mixer.config import ConfigError, from_options
 
-    if agent_dir is not None:
+    try:
+        run = from_options(QualityRun, kw)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    agent = None
+    if run.agent is not None:
         try:
-            strategy_spec(agent_dir)
+            agent = strategy_spec(run.agent)["params"]
         except AgentFileError as e:
-            raise click.UsageError(f"--agent {agent_dir}: {e}") from None
-    unknown = sorted(set(names) - set(STRATEGIES))
-    if unknown:
-        raise click.UsageError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
-    if corpus is None:
-        corpus = default_corpus()
-        if not corpus.is_dir():
-            raise click.UsageError(
-                f"no corpus at {corpus} (installed without package data?); pass --corpus DIR"
-            )
+            raise click.UsageError(f"--agent {run.agent}: {e}") from None
+    corpus = run.corpus or default_corpus()
+    if not corpus.is_dir():
+        raise click.UsageError(f"no corpus at {corpus} (installed without package data?); pass --corpus DIR")
     quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     with warnings.catch_warnings(), quiet:
         warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
         result = run_quality(
             corpus=corpus,
-            strategies=names,
-            seeds=seeds,
-            cfg=cfg,
-            device=device,
-            out=out,
-            cache=cache_dir,
+            strategies=run.strategy_names(),
+            seeds=run.seeds,
+            cfg=run.model(),
+            device=run.device,
+            out=run.out,
+            cache=run.cache_dir,
             overrides=_parse_sets(sets),
-            noise_domains=noise_domains,
+            noise_domains=run.noise_domains,
             progress=not as_json,
-            command=_command_line(corpus, names, cfg, seeds, device, quick, size, noise_domains, sets, out)
-            + (f" --agent {agent_dir}" if agent_dir is not None else ""),
-            agent=None if agent_dir is None else strategy_spec(agent_dir)["params"],
+            command=run.command_line(corpus, sets),
+            agent=agent,
         )
     click.echo(Path(result["files"]["table"]).read_text())
     if as_json:

@@ -150,3 +150,32 @@ def test_mean_weight_integrates_the_trajectory() -> None:
     traj = [[0, [0.4, 0.4, 0.2]], [50, [0.2, 0.2, 0.6]]]
     assert _mean_weight(traj, (2,), 100) == pytest.approx(0.4)
     assert _mean_weight(traj, (0, 1), 100) == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--strategies", "uniform,nope"], "unknown strategy 'nope'"),
+        (["--strategies", "uniform,agent"], "strategy agent needs --agent PATH"),
+        (["--steps", "1"], "--steps"),
+        (["--set", "doremi"], "expected STRATEGY.PARAM=VALUE"),
+    ],
+)
+def test_quality_refuses_bad_settings_before_running(tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(bench_quality, [*args, "--out", str(out)])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not out.exists()  # nothing started, nothing written
+
+
+def test_quality_settings_from_a_config_file(tmp_path: Path) -> None:
+    from mixer.bench.quality import QualityRun
+    from mixer.config import check, override
+
+    f = tmp_path / "q.yaml"
+    f.write_text("quick: true\nsteps: 12\nseeds: 2\nstrategies: uniform,odm\n")
+    result = CliRunner().invoke(bench_quality, ["--config", str(f), "--strategies", "nope"])
+    assert result.exit_code == 2 and "unknown strategy 'nope'" in result.output  # the command line wins
+    run = check(override(QualityRun(), {"quick": True, "steps": 12, "seeds": 2, "strategies": "uniform,odm"}))
+    assert (run.model().steps, run.preset_name, run.strategy_names()) == (12, "quick", ["uniform", "odm"])
+    assert "--steps 12 --seeds 2" in run.command_line(tmp_path, ())
