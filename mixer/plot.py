@@ -2,12 +2,14 @@
 
 One column per job, side by side: on top the weights in force at each step (a stackplot of the
 versions by effective step), below the token-mean training loss per domain from the log, binned
-over steps. A derived job shows the loss of the log it was replayed over. Matplotlib, Agg backend.
+over steps, and the per-domain validation loss of the log's val_loss reports (dashed, with markers;
+the feedback of an `agent` job or of a trajectory `mixer agent collect` recorded). A derived job
+shows the losses of the log it was replayed over. Matplotlib, Agg backend.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,10 @@ class JobSeries:
     loss: np.ndarray
     """(bins, K) token-mean loss; NaN where a domain had no tokens in a bin."""
     log_job: str | None
+    val_steps: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """Step of each validation report."""
+    val_loss: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    """(reports, K) validation loss per domain."""
 
 
 def load_series(store: Store, name: str, *, bins: int = 200, progress: bool = False) -> JobSeries:
@@ -51,19 +57,23 @@ def load_series(store: Store, name: str, *, bins: int = 200, progress: bool = Fa
         owner = log_owner(store, rec)
     except ReplayError:
         owner = None  # an imported trajectory: versions only
-    s_list, loss_list, tok_list = [], [], []
+    s_list, loss_list, tok_list, val_list = [], [], [], []
     if owner is not None:
         total = store.log_stats(owner.id)[0]
         for s in tqdm(islice(store.signals(owner.id), total), total=total, desc=f"reading losses of {owner.name}", unit="report",
                       disable=not progress, leave=False, delay=1.0):
             r = decode(s.payload, K)
+            if r.val_loss is not None:
+                val_list.append((r.step, r.val_loss))
             if r.domain_token_count is not None and r.domain_loss_sum is not None:
                 s_list.append(r.step)
                 loss_list.append(r.domain_loss_sum)
                 tok_list.append(r.domain_token_count)
     loss_steps, loss = _bin_loss(np.array(s_list, np.int64), np.array(loss_list).reshape(-1, K), np.array(tok_list).reshape(-1, K), bins)
+    val_steps = np.array([v[0] for v in val_list], np.int64)
+    val_loss = np.array([v[1] for v in val_list], np.float64).reshape(len(val_list), K)
     return JobSeries(rec.name, spec.strategy.name, rec.source_job, spec.domain_names, steps, weights, loss_steps, loss,
-                     owner.name if owner else None)
+                     owner.name if owner else None, val_steps, val_loss)
 
 
 def _bin_loss(steps: np.ndarray, loss_sum: np.ndarray, tokens: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +123,8 @@ def plot_jobs(store: Store, names: list[str], out: Path, *, bins: int = 200, pro
     summary = []
     for col, s in enumerate(series):
         top, bottom = axes[0, col], axes[1, col]
-        end = max(int(s.steps.max()) if s.steps.size else 0, int(np.ceil(s.loss_steps.max())) if s.loss_steps.size else 0, 1)
+        end = max(int(s.steps.max()) if s.steps.size else 0, int(np.ceil(s.loss_steps.max())) if s.loss_steps.size else 0,
+                  int(s.val_steps.max()) if s.val_steps.size else 0, 1)
         x = np.append(s.steps, max(end, int(s.steps[-1]) + 1)) if s.steps.size else np.array([0, end])
         y = np.vstack([s.weights, s.weights[-1:]]) if s.steps.size else np.zeros((2, len(s.domains)))
         top.stackplot(x, y.T, colors=[color[d] for d in s.domains], step="post", linewidth=0)
@@ -127,15 +138,19 @@ def plot_jobs(store: Store, names: list[str], out: Path, *, bins: int = 200, pro
         if s.loss_steps.size:
             for j, d in enumerate(s.domains):
                 bottom.plot(s.loss_steps, s.loss[:, j], color=color[d], linewidth=1.3)
-        else:
+        if s.val_steps.size:
+            for j, d in enumerate(s.domains):
+                bottom.plot(s.val_steps, s.val_loss[:, j], color=color[d], linewidth=1.0, linestyle="--", marker="o", markersize=3)
+        if not s.loss_steps.size and not s.val_steps.size:
             bottom.text(0.5, 0.5, "no log in this database", ha="center", va="center", transform=bottom.transAxes, color="0.4")
         bottom.set_xlim(0, x[-1])
         bottom.set_xlabel("step")
         bottom.grid(alpha=0.3)
         summary.append({"job": s.name, "strategy": s.strategy, "versions": len(s.steps), "loss_bins": len(s.loss_steps),
-                        "log_job": s.log_job})
+                        "val_reports": len(s.val_steps), "log_job": s.log_job})
     axes[0, 0].set_ylabel("domain weight (stacked)")
-    axes[1, 0].set_ylabel("training loss (token mean)")
+    axes[1, 0].set_ylabel("loss: training (token mean), validation (dashed)"
+                          if any(s.val_steps.size for s in series) else "training loss (token mean)")
     # Reversed, so the legend reads top to bottom like the stack.
     handles = [plt.Rectangle((0, 0), 1, 1, color=color[d]) for d in reversed(all_domains)]
     fig.legend(handles, list(reversed(all_domains)), loc="center right", fontsize=9, frameon=False, title="domain",

@@ -217,55 +217,13 @@ def collect(
     domains = list(prefixes)
     if len(domains) < 2:
         raise ValueError(f"corpus {corpus}: {len(domains)} domain(s); mixing needs at least 2")
-    proxy = dataclasses.replace(cfg.proxy, steps=cfg.steps)
-    proxy_dict = {
-        k: getattr(proxy, k)
-        for k in ("layers", "hidden", "heads", "seq", "batch", "steps", "lr", "eval_samples")
-    }
     done = {p.stem for p in folder.glob("*.json")}
-    runid = time.strftime("%Y%m%d-%H%M%S")
-    todo = []
-    for i in range(cfg.trajectories):
-        name = f"traj-{i:05d}"
-        if name in done:
-            continue
-        rng = np.random.Generator(np.random.PCG64([cfg.seed, i]))
-        nominal = sample_schedule(len(domains), cfg.segments, rng, alpha0=cfg.alpha0, kappa=cfg.kappa)
-        spec = {
-            "name": f"agent-{runid}-{name}",
-            "seed": cfg.seed * MAX_TRAJECTORIES + i,
-            "unit": "samples",
-            "strategy": {
-                "name": "static",
-                "params": {
-                    "mode": "schedule",
-                    "schedule": [
-                        {"step": j * cfg.segment_steps, "weights": nominal[j].tolist()}
-                        for j in range(cfg.segments)
-                    ],
-                },
-            },
-            "domains": [{"name": d, "prefix": prefixes[d]["train"]} for d in domains],
-            "cadence": {"update_every": 1, "min_weight": 0.0},
-        }
-        todo.append(
-            {
-                "path": str(folder / f"{name}.json"),
-                "spec": spec,
-                "proxy": proxy_dict,
-                "nominal": nominal.tolist(),
-                "segments": cfg.segments,
-                "segment_steps": cfg.segment_steps,
-                "index": str(root / "index"),
-                "index_no": i,
-                "address": None,
-            }
-        )
+    todo = _tasks(cfg, folder, {d: prefixes[d]["train"] for d in domains}, root / "index", done)
     summary: dict[str, Any] = {
         "out": str(out),
         "domains": domains,
         "requested": cfg.trajectories,
-        "skipped": len(done & {f"traj-{i:05d}" for i in range(cfg.trajectories)}),
+        "skipped": len(done & {_name(i) for i in range(cfg.trajectories)}),
         "ran": 0,
         "failed": [],
     }
@@ -285,6 +243,66 @@ def collect(
         if server is not None:
             server.terminate()
     return summary
+
+
+def _name(i: int) -> str:
+    return f"traj-{i:05d}"
+
+
+def _tasks(
+    cfg: CollectConfig, folder: Path, prefixes: dict[str, str], index: Path, done: set[str]
+) -> list[dict[str, Any]]:
+    """One task per trajectory not in `done`: its job spec, its drawn schedule and where it goes."""
+    proxy = dataclasses.replace(cfg.proxy, steps=cfg.steps)
+    proxy_dict = {
+        k: getattr(proxy, k)
+        for k in ("layers", "hidden", "heads", "seq", "batch", "steps", "lr", "eval_samples")
+    }
+    runid = time.strftime("%Y%m%d-%H%M%S")
+    todo = []
+    for i in range(cfg.trajectories):
+        name = _name(i)
+        if name in done:
+            continue
+        rng = np.random.Generator(np.random.PCG64([cfg.seed, i]))
+        nominal = sample_schedule(len(prefixes), cfg.segments, rng, alpha0=cfg.alpha0, kappa=cfg.kappa)
+        todo.append(
+            {
+                "path": str(folder / f"{name}.json"),
+                "spec": _schedule_spec(f"agent-{runid}-{name}", cfg, i, nominal, prefixes),
+                "proxy": proxy_dict,
+                "nominal": nominal.tolist(),
+                "segments": cfg.segments,
+                "segment_steps": cfg.segment_steps,
+                "index": str(index),
+                "index_no": i,
+                "address": None,
+            }
+        )
+    return todo
+
+
+def _schedule_spec(
+    job: str, cfg: CollectConfig, i: int, nominal: np.ndarray, prefixes: dict[str, str]
+) -> dict[str, Any]:
+    """The job spec of trajectory i: a `static` schedule of its drawn weights, one entry per step."""
+    return {
+        "name": job,
+        "seed": cfg.seed * MAX_TRAJECTORIES + i,
+        "unit": "samples",
+        "strategy": {
+            "name": "static",
+            "params": {
+                "mode": "schedule",
+                "schedule": [
+                    {"step": j * cfg.segment_steps, "weights": nominal[j].tolist()}
+                    for j in range(cfg.segments)
+                ],
+            },
+        },
+        "domains": [{"name": d, "prefix": p} for d, p in prefixes.items()],
+        "cadence": {"update_every": 1, "min_weight": 0.0},
+    }
 
 
 def _fan_out(

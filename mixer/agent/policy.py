@@ -3,12 +3,14 @@
 A job runs the agent through mixer/strategies/agent.py, which reads the policy network from the
 spec (`strategy.params.model`: base64 safetensors of the actor alone, with the domains, history,
 horizon and data hash in the header), so that the service and replay need nothing but the spec.
+The spec names the agent by the sha256 of that file (actor.safetensors) and by its path.
 `strategy_spec(folder)` builds that entry from the folder `mixer agent train` wrote.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import itertools
 import json
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mixer.agent.train import CARD, WEIGHTS, _metadata
+from mixer.agent.train import ACTOR, CARD, WEIGHTS, _metadata, actor_bytes
 from mixer.strategies.agent import ACTOR_KEYS, FORMAT, actor_forward, decode_model
 
 __all__ = ["AgentFileError", "LoadedAgent", "fresh_model", "load_agent", "strategy_spec"]
@@ -39,13 +41,13 @@ class LoadedAgent:
         return list(self.card["domains"])
 
     def model_bytes(self) -> bytes:
-        """The actor alone as canonical safetensors, the form a job spec carries."""
-        import safetensors.numpy
+        """The actor alone as canonical safetensors (actor.safetensors), the form a job spec carries."""
+        return actor_bytes(self.tensors, self.card)
 
-        from mixer.strategies.dwm import canonical_safetensors
-
-        actor = {k: self.tensors[k] for k in ACTOR_KEYS}
-        return canonical_safetensors(safetensors.numpy.save(actor, metadata=_metadata(self.card)))
+    @property
+    def sha256(self) -> str:
+        """The agent's name in a job spec: sha256 of model_bytes()."""
+        return hashlib.sha256(self.model_bytes()).hexdigest()
 
     def propose(self, state: np.ndarray) -> np.ndarray:
         """The next weights for a state vector (see the card's `inputs`), as the strategy computes them."""
@@ -74,19 +76,37 @@ def load_agent(folder: Path) -> LoadedAgent:
         raise AgentFileError(f"{weights_path}: not safetensors ({e})") from None
     size = int.from_bytes(data[:8], "little")
     meta = json.loads(data[8 : 8 + size]).get("__metadata__", {})
-    if meta != _metadata(card):
+    try:
+        expected = _metadata(card)
+    except (KeyError, TypeError) as e:
+        raise AgentFileError(f"{card_path}: missing field {e}") from None
+    if meta != expected:
         raise AgentFileError(
             f"{weights_path}: its metadata does not match {card_path} (files from different runs?)"
         )
+    missing = [k for k in ACTOR_KEYS if k not in tensors]
+    if missing:
+        raise AgentFileError(f"{weights_path}: has no tensor {missing[0]!r}")
     agent = LoadedAgent(tensors, card)
+    actor_path = folder / ACTOR
+    if actor_path.is_file() and actor_path.read_bytes() != agent.model_bytes():
+        raise AgentFileError(f"{actor_path}: is not the actor of {weights_path} (files from different runs?)")
     decode_model(base64.b64encode(agent.model_bytes()).decode())  # the shapes a job will check, checked now
     return agent
 
 
 def strategy_spec(folder: Path, *, match: str = "name", horizon: int = 0) -> dict[str, Any]:
-    """The `strategy:` entry of a job spec that runs this agent."""
+    """The `strategy:` entry of a job spec that runs this agent: named by sha256 and path, its bytes inline."""
     agent = load_agent(folder)
-    params: dict[str, Any] = {"model": base64.b64encode(agent.model_bytes()).decode(), "match": match}
+    actor_path = (Path(folder) / ACTOR).resolve()
+    if not actor_path.is_file():  # a folder trained before actor.safetensors was written beside the rest
+        actor_path.write_bytes(agent.model_bytes())
+    params: dict[str, Any] = {
+        "sha256": agent.sha256,
+        "path": str(actor_path),
+        "model": base64.b64encode(agent.model_bytes()).decode(),
+        "match": match,
+    }
     if horizon:
         params["horizon"] = horizon
     return {"name": "agent", "params": params}

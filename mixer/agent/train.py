@@ -22,8 +22,9 @@ not on the scale of a Gaussian's); the networks (two tanh layers of `hidden` uni
 and critics; actor and critic layout in mixer/strategies/agent.py); batch 256; the steps.
 
 Outputs (folder): agent.safetensors (actor, critics and targets, float32; the header's metadata names
-the domains, history, horizon and data hash, the same layout the `agent` strategy reads), and
-agent.json (the card: the inputs it expects, the domains, the training data's hash and size, the
+the domains, history, horizon and data hash, the same layout the `agent` strategy reads),
+actor.safetensors (the actor alone with the same metadata: the file a job spec names by its sha256),
+and agent.json (the card: the inputs it expects, the domains, the training data's hash and size, the
 hyperparameters and the loss curve).
 """
 
@@ -40,12 +41,14 @@ from typing import Any
 import numpy as np
 
 from mixer.agent.trajectory import Trajectory, TrajectoryError, data_hash, transitions
-from mixer.strategies.agent import FORMAT, MAX_HISTORY, num_features
+from mixer.strategies.agent import ACTOR_KEYS, FORMAT, MAX_HISTORY, num_features
 
 __all__ = ["TrainConfig", "train", "train_on"]
 
 CARD = "agent.json"
 WEIGHTS = "agent.safetensors"
+ACTOR = "actor.safetensors"
+"""The actor alone: the file a job spec names by its sha256 (the policy; the critics stay in WEIGHTS)."""
 
 
 @dataclass(kw_only=True)
@@ -178,6 +181,17 @@ def train_on(
         torch.set_num_threads(threads)
 
 
+@dataclass(slots=True)
+class _Batch:
+    """One minibatch of transitions (torch tensors)."""
+
+    s: Any
+    a: Any
+    r: Any
+    s2: Any
+    done: Any
+
+
 def _train_on(
     trajectories: list[Trajectory], cfg: TrainConfig, progress: bool
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -197,73 +211,108 @@ def _train_on(
     critic_opt = torch.optim.Adam(agent.critic_params(), lr=cfg.critic_lr)
     S, A, R, S2, D = (torch.from_numpy(x) for x in (data.s, data.a, data.r, data.s2, data.done))
     A = _safe(A)
-    n, N = len(data), cfg.num_actions
-    log_mu_uniform = math.lgamma(K)  # log density of Dirichlet(1) on the simplex
-    uniform = torch.distributions.Dirichlet(torch.ones(K))
+    n = len(data)
     history: list[dict[str, float]] = []
     every = max(1, cfg.steps // 50)
     bar = tqdm(range(cfg.steps), desc="agent train (CQL)", unit="step", disable=not progress)
     for step in bar:
         idx = torch.randint(0, n, (min(cfg.batch, n),), generator=gen)
-        s, a, r, s2, d = S[idx], A[idx], R[idx], S2[idx], D[idx]
-        B = s.shape[0]
-        # critic
-        with torch.no_grad():
-            pi2 = agent.policy(s2)
-            a2 = _safe(pi2.sample())
-            q_next = torch.minimum(agent.q("target_q1", s2, a2), agent.q("target_q2", s2, a2))
-            y = r + cfg.gamma * (1.0 - d) * q_next
-            a_rand = uniform.sample((N, B))
-            pi = agent.policy(s)
-            a_cur = _safe(pi.sample((N,)))
-            a_nxt = _safe(pi2.sample((N,)))
-            lp_cur, lp_nxt = pi.log_prob(a_cur), pi2.log_prob(a_nxt)
-        s_rep = s.unsqueeze(0).expand(N, B, F)
-        td = cql = 0.0
-        critic_loss = 0.0
-        for name in ("q1", "q2"):
-            q_data = agent.q(name, s, a)
-            td_i = ((q_data - y) ** 2).mean()
-            cat = torch.cat(
-                [
-                    agent.q(name, s_rep, a_rand) - log_mu_uniform,
-                    agent.q(name, s_rep, a_cur) - lp_cur,
-                    agent.q(name, s_rep, a_nxt) - lp_nxt,
-                ],
-                dim=0,
-            )
-            cql_i = (torch.logsumexp(cat, dim=0) - math.log(3 * N)).mean() - q_data.mean()
-            critic_loss = critic_loss + td_i + cfg.alpha * cql_i
-            td, cql = td + td_i.item() / 2, cql + cql_i.item() / 2
-        critic_opt.zero_grad()
-        critic_loss.backward()
-        critic_opt.step()
-        # actor
-        pi = agent.policy(s)
-        a_new = pi.rsample()
-        logp = pi.log_prob(_safe(a_new))
-        bc_nll = -pi.log_prob(a).mean()
-        if step < cfg.bc_steps:
-            actor_loss = cfg.beta * logp.mean() + bc_nll
-        else:
-            q_new = torch.minimum(agent.q("q1", s, _safe(a_new)), agent.q("q2", s, _safe(a_new)))
-            actor_loss = (cfg.beta * logp - q_new).mean()
-        actor_opt.zero_grad()
-        actor_loss.backward()
-        actor_opt.step()
-        with torch.no_grad():
-            for q in ("q1", "q2"):
-                for k in [k for k in agent.p if k.startswith(q + ".")]:
-                    agent.p["target_" + k].mul_(1 - cfg.tau).add_(cfg.tau * agent.p[k])
+        batch = _Batch(S[idx], A[idx], R[idx], S2[idx], D[idx])
+        td, cql = _critic_step(agent, critic_opt, batch, cfg)
+        actor_loss, bc_nll = _actor_step(agent, actor_opt, batch, cfg, behaviour_cloning=step < cfg.bc_steps)
+        _polyak(agent, cfg.tau)
         if step % every == 0 or step == cfg.steps - 1:
-            row = {"step": step, "td": td, "cql": cql, "actor": actor_loss.item(), "bc_nll": bc_nll.item()}
+            row = {"step": step, "td": td, "cql": cql, "actor": actor_loss, "bc_nll": bc_nll}
             if not all(math.isfinite(v) for v in row.values()):
                 raise FloatingPointError(f"training diverged at step {step}: {row}")
             history.append(row)
-            bar.set_postfix(td=f"{td:.3g}", bc_nll=f"{row['bc_nll']:.3g}")
+            bar.set_postfix(td=f"{td:.3g}", bc_nll=f"{bc_nll:.3g}")
     bar.close()
     tensors = {k: v.detach().numpy().astype(np.float32).copy() for k, v in agent.p.items()}
-    card = {
+    return tensors, _card(trajectories, cfg, domains, horizon, n, history)
+
+
+def _critic_step(agent: _Agent, opt: Any, b: _Batch, cfg: TrainConfig) -> tuple[float, float]:
+    """One update of both critics (TD + CQL's conservative term); returns their mean td and cql losses."""
+    import torch
+
+    B, F, N = b.s.shape[0], b.s.shape[1], cfg.num_actions
+    log_mu_uniform = math.lgamma(agent.K)  # log density of Dirichlet(1) on the simplex
+    with torch.no_grad():
+        pi2 = agent.policy(b.s2)
+        a2 = _safe(pi2.sample())
+        q_next = torch.minimum(agent.q("target_q1", b.s2, a2), agent.q("target_q2", b.s2, a2))
+        y = b.r + cfg.gamma * (1.0 - b.done) * q_next
+        a_rand = torch.distributions.Dirichlet(torch.ones(agent.K)).sample((N, B))
+        pi = agent.policy(b.s)
+        a_cur = _safe(pi.sample((N,)))
+        a_nxt = _safe(pi2.sample((N,)))
+        lp_cur, lp_nxt = pi.log_prob(a_cur), pi2.log_prob(a_nxt)
+    s_rep = b.s.unsqueeze(0).expand(N, B, F)
+    td = cql = 0.0
+    loss = 0.0
+    for name in ("q1", "q2"):
+        q_data = agent.q(name, b.s, b.a)
+        td_i = ((q_data - y) ** 2).mean()
+        cat = torch.cat(
+            [
+                agent.q(name, s_rep, a_rand) - log_mu_uniform,
+                agent.q(name, s_rep, a_cur) - lp_cur,
+                agent.q(name, s_rep, a_nxt) - lp_nxt,
+            ],
+            dim=0,
+        )
+        cql_i = (torch.logsumexp(cat, dim=0) - math.log(3 * N)).mean() - q_data.mean()
+        loss = loss + td_i + cfg.alpha * cql_i
+        td, cql = td + td_i.item() / 2, cql + cql_i.item() / 2
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return td, cql
+
+
+def _actor_step(
+    agent: _Agent, opt: Any, b: _Batch, cfg: TrainConfig, *, behaviour_cloning: bool
+) -> tuple[float, float]:
+    """One policy update (behaviour cloning during the warm start); returns (actor loss, bc nll)."""
+    import torch
+
+    pi = agent.policy(b.s)
+    a_new = pi.rsample()
+    logp = pi.log_prob(_safe(a_new))
+    bc_nll = -pi.log_prob(b.a).mean()
+    if behaviour_cloning:
+        loss = cfg.beta * logp.mean() + bc_nll
+    else:
+        q_new = torch.minimum(agent.q("q1", b.s, _safe(a_new)), agent.q("q2", b.s, _safe(a_new)))
+        loss = (cfg.beta * logp - q_new).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item(), bc_nll.item()
+
+
+def _polyak(agent: _Agent, tau: float) -> None:
+    """Move the target critics towards the critics by tau."""
+    import torch
+
+    with torch.no_grad():
+        for q in ("q1", "q2"):
+            for k in [k for k in agent.p if k.startswith(q + ".")]:
+                agent.p["target_" + k].mul_(1 - tau).add_(tau * agent.p[k])
+
+
+def _card(
+    trajectories: list[Trajectory],
+    cfg: TrainConfig,
+    domains: list[str],
+    horizon: int,
+    n: int,
+    history: list[dict[str, float]],
+) -> dict[str, Any]:
+    """The JSON card: what the agent expects as input, what it was trained on, and how."""
+    K, F = len(domains), num_features(len(domains), cfg.history)
+    return {
         "format": FORMAT,
         "method": "CQL (Kumar et al. 2020) on data-mixing trajectories (Yang et al. 2025, arXiv:2507.15640)",
         "domains": domains,
@@ -296,7 +345,6 @@ def _train_on(
         "train": asdict(cfg) | {"horizon": horizon},
         "history": history,
     }
-    return tensors, card
 
 
 def _metadata(card: dict[str, Any]) -> dict[str, str]:
@@ -309,8 +357,18 @@ def _metadata(card: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def actor_bytes(tensors: dict[str, np.ndarray], card: dict[str, Any]) -> bytes:
+    """The actor's tensors alone as canonical safetensors with the card's metadata: ACTOR's bytes."""
+    import safetensors.numpy
+
+    from mixer.strategies.dwm import canonical_safetensors
+
+    actor = {k: tensors[k] for k in ACTOR_KEYS}
+    return canonical_safetensors(safetensors.numpy.save(actor, metadata=_metadata(card)))
+
+
 def save_agent(folder: Path, tensors: dict[str, np.ndarray], card: dict[str, Any]) -> Path:
-    """Write agent.safetensors and agent.json under folder (each atomically); returns the folder."""
+    """Write agent.safetensors, actor.safetensors and agent.json under folder (each atomically)."""
     import safetensors.numpy
 
     from mixer.strategies.dwm import canonical_safetensors
@@ -320,7 +378,8 @@ def save_agent(folder: Path, tensors: dict[str, np.ndarray], card: dict[str, Any
     blob = canonical_safetensors(
         safetensors.numpy.save(dict(sorted(tensors.items())), metadata=_metadata(card))
     )
-    for name, data in ((WEIGHTS, blob), (CARD, (json.dumps(card, indent=1) + "\n").encode())):
+    card_text = (json.dumps(card, indent=1) + "\n").encode()
+    for name, data in ((WEIGHTS, blob), (ACTOR, actor_bytes(tensors, card)), (CARD, card_text)):
         tmp = folder / (name + ".tmp")
         tmp.write_bytes(data)
         tmp.replace(folder / name)

@@ -1,28 +1,16 @@
-"""`mixer agent collect|train|spec`: the Data Mixing Agent, learned from recorded proxy runs."""
+"""`mixer agent collect|train|spec|export`: the Data Mixing Agent, learned from recorded proxy runs."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import click
 
-from mixer.cli.common import emit_json, json_option
+from mixer.cli.common import emit_json, json_option, one_line_errors
 
-
-def _errors(fn):
-    """The agent's errors (bad settings, trajectory files, agent files, specs) as one line, exit 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from mixer.spec import SpecError
-
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, SpecError) as e:  # TrajectoryError and AgentFileError are ValueErrors
-            raise click.ClickException(str(e)) from None
-
-    return wrapper
+# Bad settings, trajectory files, agent files and specs: SpecError, TrajectoryError, AgentFileError
+# and TransferError are ValueErrors.
+_errors = one_line_errors(lambda: (ValueError,))
 
 
 @click.group()
@@ -266,23 +254,63 @@ def train(
     type=click.IntRange(0),
     help="re-weighting steps of the whole run (0: the agent's)",
 )
+@click.option(
+    "--by-reference",
+    is_flag=True,
+    help="name the agent by its file's path and sha256 only; the file's bytes join the spec when it "
+    "is loaded (`mixer job create`, `mixer pretrain`), which refuses a file whose hash differs",
+)
 @_errors
-def spec(spec_file: Path, agent_dir: Path, out: Path | None, match: str, horizon: int) -> None:
-    """Make a job spec's strategy the trained agent (the model travels inside the spec)."""
+def spec(
+    spec_file: Path, agent_dir: Path, out: Path | None, match: str, horizon: int, by_reference: bool
+) -> None:
+    """Make a job spec's strategy the trained agent, named by the sha256 of its actor.safetensors and
+    its path; the agent's bytes travel inside the spec (so a replay needs no file)."""
     import yaml
 
     from mixer.agent.policy import strategy_spec
     from mixer.spec import JobSpec
+    from mixer.transfer import resolve_agent
 
     data = JobSpec.from_yaml(spec_file.read_text()).to_dict()
     data["strategy"] = strategy_spec(agent_dir, match=match, horizon=horizon)
-    JobSpec.from_dict(data)
+    if by_reference:
+        del data["strategy"]["params"]["model"]
+    JobSpec.from_dict(resolve_agent(data))
     text = yaml.safe_dump(data, sort_keys=False)
     if out is None:
         click.echo(text.rstrip())
     else:
         out.write_text(text)
         click.echo(f"{spec_file.name} with the agent of {agent_dir} -> {out}")
+
+
+@agent.command("export")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["parquet", "csv"]),
+    default=None,
+    help="default: from the -o suffix, else parquet",
+)
+@json_option
+@_errors
+def export(folder: Path, out: Path, fmt: str | None, as_json: bool) -> None:
+    """Write the trajectories `mixer agent collect` recorded in FOLDER as one table (a row per step).
+
+    Each trajectory is also a job in the collecting service's database (FOLDER/mixer.db when collect
+    started the service): `mixer plot --db FOLDER/mixer.db JOB` draws its weights and losses."""
+    from mixer.agent.records import export_trajectories
+
+    summary = export_trajectories(folder, out, fmt)
+    if as_json:
+        emit_json(summary)
+    else:
+        click.echo(
+            f"{summary['trajectories']} trajectories, {summary['rows']} steps -> {', '.join(summary['files'])}"
+        )
 
 
 COMMANDS = [agent]

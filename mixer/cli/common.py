@@ -1,7 +1,8 @@
 """What the command modules share: the options declared once, and the printers.
 
 An option that several commands take is declared here and only here (`json_option`, `db_option`,
-`address_option`); so is the one JSON printer (`emit_json`) and the weight-version table.
+`address_option`); so is the one JSON printer (`emit_json`), the weight-version table, and the
+decorator that turns a command group's errors into one line (`one_line_errors`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import functools
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -129,3 +131,23 @@ def weights_table(domains: list[str], rows: list[dict[str, Any]], limit: int | N
     if len(shown) < len(rows):
         lines.insert(2 + limit // 2, f"{'...':>7} ({len(rows) - len(shown)} more)")
     return "\n".join(lines)
+
+
+def one_line_errors(kinds: Callable[[], tuple[type[Exception], ...]]):
+    """A decorator for commands: the exceptions `kinds()` returns become one clear line and exit code 1.
+
+    `kinds` is called when the command runs, so the modules that define them are imported then,
+    not when `mixer --help` loads every command group."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            caught = kinds()
+            try:
+                return fn(*args, **kwargs)
+            except caught as e:
+                raise click.ClickException(str(e)) from None
+
+        return wrapper
+
+    return decorate

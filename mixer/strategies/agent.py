@@ -25,9 +25,17 @@ How it maps onto a job (the choices that are ours, not the paper's, are marked "
 - action: the mean of the policy's Dirichlet, softmax(z(s)): deterministic, so a replay re-derives
   every version (the paper samples the policy only while collecting data; ours);
 - the network: an MLP of two tanh layers (ours: the paper's agent is a small model; its exact
-  architecture is not reproduced here). Its float32 parameters travel in the spec as base64
-  safetensors (`strategy.params.model`), as DWM's model travels as safetensors bytes: the strategy
-  does no I/O. The forward pass runs in numpy float64: the same bits in the server and in replay.
+  architecture is not reproduced here). The forward pass runs in numpy float64: the same bits
+  in the server and in replay.
+
+The agent in a spec (ours): `strategy.params.sha256` names it by content, the sha256 of its
+safetensors file (the actor alone, float32, as `mixer agent train` writes actor.safetensors), and
+`strategy.params.path` says where that file was. Whoever loads a spec from a file (mixer.transfer.
+resolve_spec_text: `mixer job create`, the pretraining script, the Megatron plug-in) reads the file,
+checks its hash and puts its bytes, base64, in `strategy.params.model`; the strategy, which does no
+I/O, checks the hash of those bytes again and refuses a mismatch. So the stored spec carries the
+agent itself and its name: a replay on another machine needs neither the file nor its path. A spec
+may also carry `model` without `sha256` (one built in memory, as the benchmarks and tests do).
 
 Domains: the network has one input and one output slot per domain of the space it was trained on.
 A job over the same domain names (any order) is matched by name; a job over other names with the
@@ -42,7 +50,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
+import re
 from typing import Any, ClassVar
 
 import numpy as np
@@ -58,6 +68,10 @@ ACTOR_KEYS = ("actor.W1", "actor.b1", "actor.W2", "actor.b2", "actor.W3", "actor
 MAX_HISTORY = 64
 MAX_HORIZON = 1_000_000
 MATCH_MODES = ("name", "position")
+MAX_MODEL_CHARS = 768 << 10
+"""`strategy.params.model` is at most this much base64 (576 KiB of safetensors): a spec is at most 1 MiB."""
+MAX_PATH_CHARS = 4096
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 MIN_LOSS, MAX_LOSS = 1e-6, 1e6
 """Validation losses the agent acts on (nats); a report outside is skipped and counted."""
 MAX_RATIO = 1e3
@@ -99,9 +113,11 @@ def decode_model(text: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     if not isinstance(text, str) or not text:
         raise SpecError(
             where,
-            "required: a trained agent as base64 safetensors (mixer.agent.policy.strategy_spec "
-            "builds it from the folder `mixer agent train` writes)",
+            "required: a trained agent, named by strategy.params.path and sha256 (`mixer agent spec` "
+            "writes them from the folder `mixer agent train` wrote), or as base64 safetensors",
         )
+    if len(text) > MAX_MODEL_CHARS:
+        raise SpecError(where, f"is {len(text)} characters of base64; at most {MAX_MODEL_CHARS}")
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -152,6 +168,7 @@ def decode_model(text: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         "history": history,
         "horizon": horizon,
         "data_hash": meta.get("data_hash", ""),
+        "sha256": hashlib.sha256(data).hexdigest(),
     }
 
 
@@ -159,11 +176,24 @@ def decode_model(text: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 class Agent(Strategy):
     name = "agent"
     signals = frozenset({VAL_LOSS})
-    defaults: ClassVar[dict[str, Any]] = {"model": "", "match": "name", "horizon": 0}
+    defaults: ClassVar[dict[str, Any]] = {
+        "model": "",
+        "sha256": "",
+        "path": "",
+        "match": "name",
+        "horizon": 0,
+    }
 
     def validate(self) -> None:
         p = self.params
+        self._check_reference(p["sha256"], p["path"], p["model"])
         self.actor, self.meta = decode_model(p["model"])
+        if p["sha256"] and p["sha256"] != self.meta["sha256"]:
+            raise SpecError(
+                "strategy.params.sha256",
+                f"names the agent {p['sha256']}, but strategy.params.model holds the agent "
+                f"{self.meta['sha256']} (sha256 of its bytes): not the agent the spec names",
+            )
         if p["match"] not in MATCH_MODES:
             raise SpecError("strategy.params.match", f"{p['match']!r} is not one of {', '.join(MATCH_MODES)}")
         h = p["horizon"]
@@ -193,6 +223,29 @@ class Agent(Strategy):
         else:
             self.slot = np.arange(self.K, dtype=np.int64)
         self.horizon = h or self.meta["horizon"]
+
+    @staticmethod
+    def _check_reference(sha256: Any, path: Any, model: Any) -> None:
+        """The reference's form: a sha256 of 64 lowercase hex digits, a path of bounded length,
+        and a model present (a spec naming a file has it put there when the spec is loaded)."""
+        if not isinstance(sha256, str) or (sha256 and not SHA256_RE.fullmatch(sha256)):
+            raise SpecError(
+                "strategy.params.sha256", f"must be 64 lowercase hex digits (sha256), got {sha256!r}"
+            )
+        if not isinstance(path, str) or len(path) > MAX_PATH_CHARS:
+            raise SpecError(
+                "strategy.params.path", f"must be a file path of at most {MAX_PATH_CHARS} characters"
+            )
+        if path and not sha256:
+            raise SpecError(
+                "strategy.params.sha256", f"required with strategy.params.path ({path}): the agent's sha256"
+            )
+        if path and not model:
+            raise SpecError(
+                "strategy.params.model",
+                f"is empty: the spec names the agent file {path}, whose bytes go here when the spec is "
+                "loaded from its file (`mixer job create SPEC`, `mixer pretrain`, the Megatron plug-in)",
+            )
 
     def init(self, seed: int) -> State:
         H, K = self.meta["history"], self.K

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
 import yaml
 
 from mixer.agent.collect import CollectConfig, collect, load_trajectories
 from mixer.agent.policy import AgentFileError, load_agent, strategy_spec
-from mixer.agent.train import CARD, WEIGHTS, TrainConfig, save_agent, train, train_on
+from mixer.agent.train import ACTOR, CARD, WEIGHTS, TrainConfig, save_agent, train, train_on
 from mixer.agent.trajectory import Trajectory, TrajectoryError, transitions
 from mixer.bench.quality import PRESETS
 from mixer.client import MixerClient
@@ -24,6 +26,7 @@ from mixer.server.launch import ServerProcess
 from mixer.spec import JobSpec, SpecError
 from mixer.store.repository import Store
 from mixer.strategies.agent import state_features
+from mixer.transfer import resolve_spec_text
 from mixer.wire import version_from_proto
 
 pytestmark = pytest.mark.ray
@@ -94,6 +97,35 @@ def test_collect_records_each_trajectory_as_a_job_and_resume_skips_finished_ones
         store.close()
 
 
+def test_collected_trajectories_are_ordinary_records(world, tmp_path) -> None:
+    """The folder exports as one table whose rows are the trajectory files'; each trajectory's job
+    is plotted by `mixer plot` from the service's database, with its validation losses."""
+    from click.testing import CliRunner
+
+    from mixer.cli import main
+
+    trajs = load_trajectories(world["root"] / "out")
+    out = tmp_path / "trajectories.parquet"
+    run = CliRunner().invoke(main, ["agent", "export", str(world["root"] / "out"), "-o", str(out)])
+    assert run.exit_code == 0, run.output
+    table = pq.read_table(out)
+    assert table.column("job").to_pylist() == [t.job for t in trajs for _ in range(SEGMENTS)]
+    for k, d in enumerate(trajs[0].domains):
+        assert np.array_equal(
+            table.column(f"action/{d}").to_numpy(), np.concatenate([t.actions[:, k] for t in trajs])
+        )
+        assert np.array_equal(
+            table.column(f"val_loss/{d}").to_numpy(), np.concatenate([t.losses[:, k] for t in trajs])
+        )
+    png = tmp_path / "trajectories.png"
+    run = CliRunner().invoke(
+        main, ["plot", *(t.job for t in trajs[:2]), "-o", str(png), "--db", world["server"].db, "--json"]
+    )
+    assert run.exit_code == 0, run.output
+    drawn = json.loads(run.output.strip().splitlines()[-1])["jobs"]
+    assert [j["val_reports"] for j in drawn] == [SEGMENTS, SEGMENTS] and all(j["loss_bins"] for j in drawn)
+
+
 def test_train_reduces_its_losses(world, trained) -> None:
     _, card = trained
     hist = card["history"]
@@ -120,8 +152,15 @@ def test_saved_agent_round_trips_bit_exactly(trained, tmp_path) -> None:
     for k, v in agent.tensors.items():
         assert again.tensors[k].dtype == v.dtype and again.tensors[k].tobytes() == v.tobytes(), k
     assert again.model_bytes() == agent.model_bytes()
-    spec_model = base64.b64decode(strategy_spec(folder)["params"]["model"])
-    assert spec_model == agent.model_bytes()
+    params = strategy_spec(folder)["params"]
+    spec_model = base64.b64decode(params["model"])
+    assert spec_model == agent.model_bytes() == (folder / ACTOR).read_bytes()
+    # the spec names the agent by the sha256 of actor.safetensors and by where that file is
+    assert params["sha256"] == hashlib.sha256((folder / ACTOR).read_bytes()).hexdigest() == agent.sha256
+    assert params["path"] == str((folder / ACTOR).resolve())
+    (tmp_path / ACTOR).write_bytes(b"not this agent")
+    with pytest.raises(AgentFileError, match="is not the actor of"):
+        load_agent(tmp_path)
 
 
 def test_a_job_with_the_agent_produces_versions_and_replay_verifies_them(world, trained, tmp_path) -> None:
@@ -270,6 +309,18 @@ def test_command_line_trains_and_writes_a_spec(world, trained, tmp_path) -> None
     )
     assert run.exit_code == 0, run.output
     assert JobSpec.from_yaml(spec_out.read_text()).strategy.name == "agent"
+    # by reference: the spec holds the path and sha256 only; loading it puts the file's bytes in
+    by_ref = tmp_path / "job-ref.yaml"
+    run = CliRunner().invoke(
+        main,
+        ["agent", "spec", str(job), "--agent", str(out), "-o", str(by_ref), "--by-reference"],
+        catch_exceptions=False,
+    )
+    assert run.exit_code == 0, run.output
+    params = yaml.safe_load(by_ref.read_text())["strategy"]["params"]
+    assert "model" not in params and params["sha256"] == load_agent(out).sha256
+    loaded = JobSpec.from_yaml(resolve_spec_text(by_ref.read_text(), tmp_path))
+    assert base64.b64decode(loaded.strategy.params["model"]) == (out / ACTOR).read_bytes()
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text(yaml.safe_dump({"name": "agent-bad", "domains": [{"name": "x"}, {"name": "y"}]}))
     bad = CliRunner().invoke(main, ["agent", "spec", str(wrong), "--agent", str(out)])
@@ -287,12 +338,25 @@ def test_bench_quality_runs_the_agent_next_to_uniform(world, trained, tmp_path) 
 
     folder, _ = trained
     cfg = dataclasses.replace(PROXY, steps=12, update_every=3)
-    result = run_quality(corpus=world["root"] / "corpus", strategies=["agent"], seeds=1, cfg=cfg,
-                         out=tmp_path / "q", cache=world["root"] / "out" / "prepared", progress=False,
-                         agent=strategy_spec(folder)["params"])
+    result = run_quality(
+        corpus=world["root"] / "corpus",
+        strategies=["agent"],
+        seeds=1,
+        cfg=cfg,
+        out=tmp_path / "q",
+        cache=world["root"] / "out" / "prepared",
+        progress=False,
+        agent=strategy_spec(folder)["params"],
+    )
     runs = {r["strategy"]: r for r in result["runs"]}
     assert runs["uniform"]["status"] == "ok" and runs["agent"]["status"] == "ok", runs
     assert runs["agent"]["versions"] > 1  # the agent re-weighted at its validations
     with pytest.raises(ValueError, match="--agent PATH"):
-        run_quality(corpus=world["root"] / "corpus", strategies=["agent"], seeds=1, cfg=cfg, out=tmp_path / "q2",
-                    progress=False)
+        run_quality(
+            corpus=world["root"] / "corpus",
+            strategies=["agent"],
+            seeds=1,
+            cfg=cfg,
+            out=tmp_path / "q2",
+            progress=False,
+        )
