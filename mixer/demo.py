@@ -86,7 +86,6 @@ def run_demo(
     from mixer.client import MixerClient
     from mixer.megatron.corpus import write_synthetic_corpus
     from mixer.megatron.data import prepare_corpus
-    from mixer.megatron.pretrain import PretrainConfig, run_pretrain
     from mixer.server.launch import ServerProcess
     from mixer.signals import EXCESS_LOSS
     from mixer.strategies import strategy_class
@@ -115,71 +114,110 @@ def run_demo(
             # Also with progress off (--json): stderr, so stdout stays one JSON document.
             print(f"watch both jobs live: {page}", file=sys.stdout if progress else sys.stderr, flush=True)
         runs = [("uniform", "static", {}), (strategy, strategy, DEMO_PARAMS.get(strategy, {}))]
-        common = {
-            "mixer": address,
-            "steps": steps,
-            "lr": 2e-3,
-            "eval_interval": max(1, steps // EVALUATIONS),
-            "cache_dir": workdir / "index",
-            "progress": progress,
-        }
-        records: dict[str, dict[str, Any]] = {}
         t0 = time.perf_counter()
-        for label, name, params in runs:
-            spec_path = workdir / f"{job}-{label}.yaml"
-            spec_path.write_text(
-                yaml.safe_dump(_spec(f"{job}-{label}", name, params, prefixes), sort_keys=False)
-            )
-            extra: dict[str, Any] = {}
-            if label == "uniform" and needs_reference:
-                extra["save"] = workdir / "checkpoints" / "uniform"
-            if label != "uniform" and needs_reference:
-                extra["reference"] = Path(records["uniform"]["checkpoints"][-1])
-            say(f"\njob {job}-{label}: {steps} steps, strategy {name}")
-            records[label] = run_pretrain(PretrainConfig.of(spec=spec_path, **common, **extra))
+        records = _train(
+            runs,
+            job=job,
+            steps=steps,
+            address=address,
+            workdir=workdir,
+            prefixes=prefixes,
+            needs_reference=needs_reference,
+            progress=progress,
+            say=say,
+        )
         elapsed = time.perf_counter() - t0
-
         with MixerClient(address) as client:
             infos = {label: client.get_job(f"{job}-{label}") for label, _, _ in runs}
             versions = client.list_versions(f"{job}-{strategy}")
-        rows = [
-            {"version": v.version, "effective_step": v.effective_step, "weights": list(v.weights)}
-            for v in versions
-        ]
-        final = {label: _final_val(records[label], len(domains)) for label, _, _ in runs}
-        # The mixture each run trained on: each version's weights over the steps it was in force.
-        mean_weights = _mean_weights(rows, steps)
-        result = {
-            "domains": domains,
-            "steps": steps,
-            "strategy": strategy,
-            "params": DEMO_PARAMS.get(strategy, {}),
-            "update_every": UPDATE_EVERY,
-            "jobs": {
-                label: {
-                    "job": f"{job}-{label}",
-                    "reports_logged": infos[label].report_count,
-                    "all_acknowledged": records[label]["all_reports_acknowledged"],
-                    "step_ms": 1000 * records[label]["step_time_s"]
-                    if records[label]["step_time_s"]
-                    else None,
-                    "final_val_loss": final[label],
-                    "evaluations": len(records[label]["val_history"]),
-                }
-                for label, _, _ in runs
-            },
-            "versions": rows,
-            "mean_weights": mean_weights,
-            "seconds": elapsed,
-            "address": address,
-            "page": page,
-        }
+        result = _result(
+            runs, records, infos, versions, domains=domains, job=job, steps=steps, strategy=strategy
+        )
+        result.update(seconds=elapsed, address=address, page=page)
         return result
     finally:
         if server is not None:
             server.terminate()
         if tmp is not None:
             tmp.cleanup()
+
+
+def _train(
+    runs: list[tuple[str, str, dict[str, Any]]],
+    *,
+    job: str,
+    steps: int,
+    address: str,
+    workdir: Path,
+    prefixes: Any,
+    needs_reference: bool,
+    progress: bool,
+    say: Any,
+) -> dict[str, dict[str, Any]]:
+    """Train each run in turn (a spec file each); the strategy's run takes the uniform run's last
+    checkpoint as its reference when the strategy needs one. What each run recorded, by label."""
+    from mixer.megatron.pretrain import PretrainConfig, run_pretrain
+
+    common = {
+        "mixer": address,
+        "steps": steps,
+        "lr": 2e-3,
+        "eval_interval": max(1, steps // EVALUATIONS),
+        "cache_dir": workdir / "index",
+        "progress": progress,
+    }
+    records: dict[str, dict[str, Any]] = {}
+    for label, name, params in runs:
+        spec_path = workdir / f"{job}-{label}.yaml"
+        spec_path.write_text(yaml.safe_dump(_spec(f"{job}-{label}", name, params, prefixes), sort_keys=False))
+        extra: dict[str, Any] = {}
+        if label == "uniform" and needs_reference:
+            extra["save"] = workdir / "checkpoints" / "uniform"
+        if label != "uniform" and needs_reference:
+            extra["reference"] = Path(records["uniform"]["checkpoints"][-1])
+        say(f"\njob {job}-{label}: {steps} steps, strategy {name}")
+        records[label] = run_pretrain(PretrainConfig.of(spec=spec_path, **common, **extra))
+    return records
+
+
+def _result(
+    runs: list[tuple[str, str, dict[str, Any]]],
+    records: dict[str, dict[str, Any]],
+    infos: dict[str, Any],
+    versions: list[Any],
+    *,
+    domains: list[str],
+    job: str,
+    steps: int,
+    strategy: str,
+) -> dict[str, Any]:
+    rows = [
+        {"version": v.version, "effective_step": v.effective_step, "weights": list(v.weights)}
+        for v in versions
+    ]
+    final = {label: _final_val(records[label], len(domains)) for label, _, _ in runs}
+    # The mixture each run trained on: each version's weights over the steps it was in force.
+    mean_weights = _mean_weights(rows, steps)
+    return {
+        "domains": domains,
+        "steps": steps,
+        "strategy": strategy,
+        "params": DEMO_PARAMS.get(strategy, {}),
+        "update_every": UPDATE_EVERY,
+        "jobs": {
+            label: {
+                "job": f"{job}-{label}",
+                "reports_logged": infos[label].report_count,
+                "all_acknowledged": records[label]["all_reports_acknowledged"],
+                "step_ms": 1000 * records[label]["step_time_s"] if records[label]["step_time_s"] else None,
+                "final_val_loss": final[label],
+                "evaluations": len(records[label]["val_history"]),
+            }
+            for label, _, _ in runs
+        },
+        "versions": rows,
+        "mean_weights": mean_weights,
+    }
 
 
 def _mean_weights(rows: list[dict[str, Any]], steps: int) -> list[float]:

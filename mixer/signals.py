@@ -24,7 +24,14 @@ SAMPLE_ALIGNMENT = "sample_alignment"
 VAL_LOSS = "val_loss"
 SIGNAL_KINDS = (DOMAIN_LOSS, EXCESS_LOSS, SAMPLE_LOSS, ALIGNMENT, SAMPLE_ALIGNMENT, VAL_LOSS)
 
-PER_DOMAIN_FIELDS = ("domain_loss_sum", "domain_token_count", "domain_sample_count", "excess_loss_sum", "val_loss", "alignment")
+PER_DOMAIN_FIELDS = (
+    "domain_loss_sum",
+    "domain_token_count",
+    "domain_sample_count",
+    "excess_loss_sum",
+    "val_loss",
+    "alignment",
+)
 PER_SAMPLE_FIELDS = {
     "sample_loss": np.float32,
     "sample_domain": np.int32,
@@ -115,7 +122,9 @@ def _explain_non_negative(name: str, arr: np.ndarray) -> None:
     raise SignalError(name, f"must be >= 0; got {arr[bad]} at domain index {bad}")
 
 
-def validate_report(r: Report, num_domains: int, *, max_samples: int = 1 << 20, bounded: bool = True) -> Report:
+def validate_report(
+    r: Report, num_domains: int, *, max_samples: int = 1 << 20, bounded: bool = True
+) -> Report:
     """Check a report against its job; return it with arrays in canonical dtypes.
 
     `bounded=False` skips the upper bounds (MAX_*): only for re-reading a log written before
@@ -124,6 +133,14 @@ def validate_report(r: Report, num_domains: int, *, max_samples: int = 1 << 20, 
 
 
 def _validate(r: Report, num_domains: int, max_samples: int, bounded: bool) -> Report:
+    _validate_header(r, bounded)
+    _validate_per_domain(r, num_domains, bounded)
+    _validate_per_sample(r, num_domains, max_samples)
+    return r
+
+
+def _validate_header(r: Report, bounded: bool) -> None:
+    """Step, source, seq, applied version and the extra scalars."""
     top = MAX_STEP if bounded else 1 << 63
     if isinstance(r.step, bool) or not isinstance(r.step, (int, np.integer)) or not 0 <= r.step < top:
         raise SignalError("step", f"must be an integer in [0, 2^53), got {r.step!r}")
@@ -138,6 +155,10 @@ def _validate(r: Report, num_domains: int, max_samples: int, bounded: bool) -> R
     for k, v in r.extra.items():
         if bounded and (not isinstance(v, (int, float)) or not np.isfinite(v)):
             raise SignalError("extra", f"value of {k[:64]!r} must be a finite number, got {v!r}")
+
+
+def _validate_per_domain(r: Report, num_domains: int, bounded: bool) -> None:
+    """The per-domain arrays (converted in place) and how they fit together."""
     for name in PER_DOMAIN_FIELDS:
         arr = getattr(r, name)
         if arr is None:
@@ -161,10 +182,17 @@ def _validate(r: Report, num_domains: int, max_samples: int, bounded: bool) -> R
         setattr(r, name, arr)
     if r.domain_loss_sum is not None and r.domain_token_count is None:
         raise SignalError("domain_token_count", "is required with domain_loss_sum")
-    if r.domain_token_count is not None and r.domain_loss_sum is not None and not r.domain_token_count.min() > 0:
+    if (
+        r.domain_token_count is not None
+        and r.domain_loss_sum is not None
+        and not r.domain_token_count.min() > 0
+    ):
         orphan = (r.domain_token_count == 0) & (r.domain_loss_sum > 0)
         if orphan.any():
-            raise SignalError("domain_loss_sum", f"is positive at domain index {int(np.flatnonzero(orphan)[0])} with zero tokens")
+            raise SignalError(
+                "domain_loss_sum",
+                f"is positive at domain index {int(np.flatnonzero(orphan)[0])} with zero tokens",
+            )
     if bounded and r.domain_token_count is not None:
         for name in ("domain_loss_sum", "excess_loss_sum"):
             arr = getattr(r, name)
@@ -177,6 +205,10 @@ def _validate(r: Report, num_domains: int, max_samples: int, bounded: bool) -> R
                         f"is {arr[i]:.6g} over {r.domain_token_count[i]:.6g} tokens at domain index {i}: "
                         f"a mean loss above {MAX_LOSS:g} per token",
                     )
+
+
+def _validate_per_sample(r: Report, num_domains: int, max_samples: int) -> None:
+    """The per-sample arrays (converted in place), their lengths and their id ranges."""
     n = None
     for name, dtype in PER_SAMPLE_FIELDS.items():
         arr = getattr(r, name)
@@ -187,7 +219,9 @@ def _validate(r: Report, num_domains: int, max_samples: int, bounded: bool) -> R
             if not 1 <= arr.shape[1] <= MAX_TOPICS_PER_SAMPLE:
                 raise SignalError(name, f"has {arr.shape[1]} topics per sample; 1 to {MAX_TOPICS_PER_SAMPLE}")
         elif arr.ndim != 1:
-            raise SignalError(name, "must be one-dimensional" + (" or (samples, topics)" if name == "sample_topic" else ""))
+            raise SignalError(
+                name, "must be one-dimensional" + (" or (samples, topics)" if name == "sample_topic" else "")
+            )
         if n is None:
             n = arr.shape[0]
             if n > max_samples:
@@ -205,7 +239,9 @@ def _validate(r: Report, num_domains: int, max_samples: int, bounded: bool) -> R
     if r.sample_domain is not None and r.sample_domain.size:
         lo, hi = int(r.sample_domain.min()), int(r.sample_domain.max())
         if lo < 0 or hi >= num_domains:
-            raise SignalError("sample_domain", f"index {hi if hi >= num_domains else lo} is out of range [0, {num_domains})")
+            raise SignalError(
+                "sample_domain", f"index {hi if hi >= num_domains else lo} is out of range [0, {num_domains})"
+            )
     if n is not None and r.sample_loss is None:
         raise SignalError("sample_loss", "is required when any per-sample array is sent")
     if r.sample_topic is not None and r.sample_topic.size:
@@ -215,7 +251,6 @@ def _validate(r: Report, num_domains: int, max_samples: int, bounded: bool) -> R
                 "sample_topic",
                 f"id {lo if lo < 0 else hi} is out of range: ids lie in [0, {MAX_TOPIC_ID}), -1 pads a row of several",
             )
-    return r
 
 
 def _check_range(name: str, arr: np.ndarray) -> None:
@@ -225,7 +260,10 @@ def _check_range(name: str, arr: np.ndarray) -> None:
     if name == "domain_sample_count":
         # Each entry first, so that the sum cannot wrap around in int64.
         if int(arr.max()) > MAX_REPORT_SAMPLES or int(arr.sum()) > MAX_REPORT_SAMPLES:
-            raise SignalError(name, f"counts {int(arr.astype(object).sum())} samples in one report; at most {MAX_REPORT_SAMPLES}")
+            raise SignalError(
+                name,
+                f"counts {int(arr.astype(object).sum())} samples in one report; at most {MAX_REPORT_SAMPLES}",
+            )
         return
     if name == "domain_token_count":
         bound, what = MAX_TOKENS, f"at most {MAX_TOKENS:g} tokens per domain per report"

@@ -3,6 +3,14 @@
 A spec is plain data. `JobSpec.from_dict` validates everything and raises one `SpecError`
 naming the field, what was wrong and what would be right. Specs load from YAML and from the
 Megatron `--data-path 0.3 prefixA 0.7 prefixB` form.
+
+A spec is stored complete: `from_dict` (a user's spec) writes every parameter of the strategy and
+the instance weighting out, defaults included, and marks it `defaults_version: 2`, so that a
+stored job replays the same whatever later releases choose as defaults. A stored spec without that
+marker was written before parameters were written out; `from_json` (the stored form) resolves its
+absent parameters to the defaults of that time (`LEGACY_DEFAULTS`: DoReMi's `mode` online, DWM's
+`model` mlp-features) and keeps its stored text, so its fingerprint (and every snapshot and
+sampler checkpoint that names it) stays the same.
 """
 
 from __future__ import annotations
@@ -29,6 +37,18 @@ their sum over 100,000 domains stays finite, and so does the prior."""
 MAX_SEED = (1 << 63) - 1
 MAX_STEP_L1 = 2.0
 """The L1 distance between two mixtures is at most 2."""
+DEFAULTS_VERSION = 2
+"""The defaults a new spec's parameters are resolved against (written out in the stored form)."""
+LEGACY_DEFAULTS_VERSION = 1
+"""A spec stored before its parameters were written out (no `defaults_version` in it)."""
+LEGACY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "strategy": {"doremi": {"mode": "online"}},
+    "weighting": {"dwm": {"model": "mlp-features"}},
+}
+"""Defaults of version 1 that differ from today's, by part and method name: before 2026-12-05
+DoReMi had no `mode` (it sampled from alpha, today's `online`) and DWM's weighting model was the
+per-sample MLP (today's `mlp-features`); see `git log -p mixer/strategies/doremi.py
+mixer/weighting/params.py`. Every other default of that time is today's."""
 OPTIONAL_CADENCE = ("max_step_ahead", "max_step_l1", "starvation_versions")
 """Cadence settings added after specs were first stored: left out of the stored form while
 unset (None), so the fingerprints of specs written before them stay the same."""
@@ -45,11 +65,16 @@ class _Loader(yaml.SafeLoader):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise yaml.composer.ComposerError(
-                None, None, "YAML anchors and aliases (&name, *name) are not allowed in a job spec", event.start_mark
+                None,
+                None,
+                "YAML anchors and aliases (&name, *name) are not allowed in a job spec",
+                event.start_mark,
             )
         depth = getattr(self, "_depth", 0)
         if depth >= MAX_SPEC_DEPTH:
-            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_SPEC_DEPTH} levels", event.start_mark)
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_SPEC_DEPTH} levels", event.start_mark
+            )
         self._depth = depth + 1
         try:
             return super().compose_node(parent, index)
@@ -157,6 +182,13 @@ class JobSpec:
     """Where the prior came from when the job was initialised from a proxy run (mixer.handoff):
     source_job, source ("server" or the exported file), average (the rule), final_version and
     max_step of the proxy. Informational: no strategy reads it."""
+    defaults_version: int = DEFAULTS_VERSION
+    """The defaults the parameters were resolved against: 2 (today's; a spec built by `from_dict`
+    carries every parameter) or 1 (a spec stored before parameters were written out: its absent
+    parameters take the defaults of that time, LEGACY_DEFAULTS)."""
+    stored_form: str | None = field(default=None, compare=False, repr=False)
+    """A version-1 spec read from storage: its stored JSON, which stays its stored form and the
+    source of its fingerprint (its resolved parameters are written out only in memory)."""
 
     @property
     def num_domains(self) -> int:
@@ -172,6 +204,7 @@ class JobSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["stored_form"]
         for name in OPTIONAL_CADENCE:
             if d["cadence"][name] is None:
                 del d["cadence"][name]
@@ -180,7 +213,28 @@ class JobSpec:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """The stored form (a version-1 spec read from storage: the text it was stored as)."""
+        if self.stored_form is not None:
+            return self.stored_form
+        return _canonical(self.to_dict())
+
+    def resolved_json(self) -> str:
+        """Everything that decides how the job runs, parameters resolved, without the stored
+        form's history: two specs that run the same have the same text (CreateJob's "same job")."""
+        d = self.to_dict()
+        del d["defaults_version"]
+        return _canonical(d)
+
+    def same_job(self, spec_json: str, fingerprint: str) -> bool:
+        """Whether a stored spec (its JSON and fingerprint) is this job: the same fingerprint, or,
+        for a spec stored before parameters were written out, the same resolved form."""
+        if fingerprint == self.fingerprint():
+            return True
+        try:
+            stored = JobSpec.from_json(spec_json)
+        except (SpecError, ValueError, TypeError):
+            return False
+        return stored.resolved_json() == self.resolved_json()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -191,7 +245,9 @@ class JobSpec:
 
     def validate(self) -> JobSpec:
         if not isinstance(self.name, str) or not NAME_RE.fullmatch(self.name):
-            raise SpecError("name", f"{self.name!r} must be 1-128 characters of letters, digits, '.', '_', '-'")
+            raise SpecError(
+                "name", f"{self.name!r} must be 1-128 characters of letters, digits, '.', '_', '-'"
+            )
         if not self.domains:
             raise SpecError("domains", "at least one domain is required")
         seen: set[str] = set()
@@ -207,9 +263,20 @@ class JobSpec:
             _finite_nonneg(f"{where}.weight", d.weight, MAX_DOMAIN_WEIGHT)
             _finite_nonneg(f"{where}.size", d.size, MAX_DOMAIN_WEIGHT)
         if sum(d.weight for d in self.domains) <= 0:
-            raise SpecError("domains", "prior weights sum to zero; give at least one domain a positive weight")
+            raise SpecError(
+                "domains", "prior weights sum to zero; give at least one domain a positive weight"
+            )
         if self.unit not in WEIGHT_UNITS:
             raise SpecError("unit", f"{self.unit!r} is not one of {', '.join(WEIGHT_UNITS)}")
+        if isinstance(self.defaults_version, bool) or self.defaults_version not in (
+            LEGACY_DEFAULTS_VERSION,
+            DEFAULTS_VERSION,
+        ):
+            raise SpecError(
+                "defaults_version",
+                f"must be {LEGACY_DEFAULTS_VERSION} (stored before parameters were written out) or "
+                f"{DEFAULTS_VERSION} (today's defaults; leave it out in a new spec), got {self.defaults_version!r}",
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise SpecError("seed", f"must be an integer in [0, 2^63), got {self.seed!r}")
         c = self.cadence
@@ -230,12 +297,14 @@ class JobSpec:
             )
         if c.max_weight * self.num_domains < 1.0 or c.max_weight > 1.0:
             raise SpecError(
-                "cadence.max_weight", f"must lie in [{1.0 / self.num_domains:.6g}, 1] for {self.num_domains} domains"
+                "cadence.max_weight",
+                f"must lie in [{1.0 / self.num_domains:.6g}, 1] for {self.num_domains} domains",
             )
         if c.min_weight > c.max_weight:
             raise SpecError("cadence.min_weight", "must not exceed cadence.max_weight")
         if c.max_step_l1 is not None and (
-            isinstance(c.max_step_l1, bool) or not isinstance(c.max_step_l1, (int, float))
+            isinstance(c.max_step_l1, bool)
+            or not isinstance(c.max_step_l1, (int, float))
             or not 0.0 < c.max_step_l1 <= MAX_STEP_L1
         ):
             raise SpecError(
@@ -244,7 +313,11 @@ class JobSpec:
             )
         if c.starvation_versions is not None:
             _positive_int("cadence.starvation_versions", c.starvation_versions)
-        if isinstance(c.prior_smoothing, bool) or not isinstance(c.prior_smoothing, (int, float)) or not 0.0 <= c.prior_smoothing <= 1.0:
+        if (
+            isinstance(c.prior_smoothing, bool)
+            or not isinstance(c.prior_smoothing, (int, float))
+            or not 0.0 <= c.prior_smoothing <= 1.0
+        ):
             raise SpecError("cadence.prior_smoothing", f"must lie in [0, 1], got {c.prior_smoothing}")
         # Imported here: strategies import this module for the spec type.
         from mixer.strategies import validate_strategy_spec
@@ -256,7 +329,8 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, data: Any) -> JobSpec:
-        """Build and validate a spec from parsed YAML/JSON."""
+        """Build and validate a spec from parsed YAML/JSON: a user's spec (no `defaults_version`)
+        resolves against today's defaults, and every parameter is written out."""
         _check_depth(data)
         try:
             spec = cls._from_dict(data)
@@ -264,7 +338,9 @@ class JobSpec:
             raise
         except (TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
             # A value of a type no check expected: still the caller's error, never the server's.
-            raise SpecError("spec", f"a value has the wrong type ({type(e).__name__}: {str(e)[:200]})") from None
+            raise SpecError(
+                "spec", f"a value has the wrong type ({type(e).__name__}: {str(e)[:200]})"
+            ) from None
         size = len(spec.to_json().encode("utf-8", "surrogatepass"))
         if size > MAX_SPEC_BYTES:
             raise SpecError("spec", f"is {size} bytes as stored; at most {MAX_SPEC_BYTES}")
@@ -274,7 +350,22 @@ class JobSpec:
     def _from_dict(cls, data: Any) -> JobSpec:
         if not isinstance(data, dict):
             raise SpecError("spec", f"must be a mapping, got {type(data).__name__}")
-        _no_unknown("spec", data, {"name", "domains", "data_path", "strategy", "weighting", "cadence", "unit", "seed", "lineage"})
+        _no_unknown(
+            "spec",
+            data,
+            {
+                "name",
+                "domains",
+                "data_path",
+                "strategy",
+                "weighting",
+                "cadence",
+                "unit",
+                "seed",
+                "lineage",
+                "defaults_version",
+            },
+        )
         if "domains" in data and "data_path" in data:
             raise SpecError("data_path", "give either domains or data_path, not both")
         if "data_path" in data:
@@ -306,6 +397,9 @@ class JobSpec:
         allowed = set(CadenceSpec.__dataclass_fields__)
         _no_unknown("cadence", cad, allowed)
         cadence = CadenceSpec(**cad)
+        version = data.get("defaults_version", DEFAULTS_VERSION)
+        if version in (LEGACY_DEFAULTS_VERSION, DEFAULTS_VERSION) and not isinstance(version, bool):
+            strategy, weighting = _stamp(strategy, weighting, version)
         spec = cls(
             name=data.get("name"),
             domains=domains,
@@ -315,6 +409,7 @@ class JobSpec:
             unit=data.get("unit", "samples"),
             seed=data.get("seed", 0),
             lineage=_lineage(data.get("lineage")),
+            defaults_version=version,
         )
         return spec.validate()
 
@@ -344,7 +439,15 @@ class JobSpec:
 
     @classmethod
     def from_json(cls, text: str) -> JobSpec:
-        return cls.from_dict(json.loads(text))
+        """A spec in its stored form. One without `defaults_version` was stored before parameters
+        were written out: its absent parameters take that time's defaults (version 1), and its
+        stored text stays its stored form and fingerprint."""
+        data = json.loads(text)
+        if not isinstance(data, dict) or "defaults_version" in data:
+            return cls.from_dict(data)
+        spec = cls.from_dict({**data, "defaults_version": LEGACY_DEFAULTS_VERSION})
+        spec.stored_form = _canonical(data)
+        return spec
 
 
 def parse_data_path(value: Any) -> list[DomainSpec]:
@@ -363,7 +466,9 @@ def parse_data_path(value: Any) -> list[DomainSpec]:
 
     if is_number(tokens[0]):
         if len(tokens) % 2:
-            raise SpecError("data_path", "weighted form needs pairs of 'weight prefix'; got an odd number of items")
+            raise SpecError(
+                "data_path", "weighted form needs pairs of 'weight prefix'; got an odd number of items"
+            )
         pairs = [(tokens[i], tokens[i + 1]) for i in range(0, len(tokens), 2)]
         for w, p in pairs:
             if not is_number(w):
@@ -392,7 +497,38 @@ def _sub_spec(where: str, raw: Any, cls: type) -> Any:
     params = raw.get("params", {}) or {}
     if not isinstance(params, dict):
         raise SpecError(f"{where}.params", "must be a mapping")
-    return cls(name=str(raw.get("name", cls().name if where != "strategy" else "static")), params=dict(params))
+    return cls(
+        name=str(raw.get("name", cls().name if where != "strategy" else "static")), params=dict(params)
+    )
+
+
+def _canonical(data: dict[str, Any]) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def _stamp(
+    strategy: StrategySpec, weighting: WeightingSpec, version: int
+) -> tuple[StrategySpec, WeightingSpec]:
+    """Both parts with every parameter written out, absent ones at the defaults of `version`.
+    An unknown method name is left as given, for `validate` to name."""
+    # Imported here: strategies and weighting import this module for the spec type.
+    from mixer.strategies import REGISTRY
+    from mixer.weighting import PARSERS
+
+    legacy = version == LEGACY_DEFAULTS_VERSION
+    cls = REGISTRY.get(strategy.name)
+    if cls is not None:
+        given = strategy.params
+        if legacy:
+            given = {**LEGACY_DEFAULTS["strategy"].get(strategy.name, {}), **given}
+        strategy = StrategySpec(name=strategy.name, params=cls.resolve_params(given))
+    parse = PARSERS.get(weighting.name)
+    if parse is not None:
+        given = weighting.params
+        if legacy:
+            given = {**LEGACY_DEFAULTS["weighting"].get(weighting.name, {}), **given}
+        weighting = WeightingSpec(name=weighting.name, params=parse(given).to_dict())
+    return strategy, weighting
 
 
 def _utf8(text: str) -> bool:

@@ -120,7 +120,6 @@ def _mode(
     db: str | None,
     progress: bool,
 ) -> dict[str, Any]:
-    from mixer.client import MixerClient
     from mixer.server.launch import ServerProcess
 
     with tempfile.TemporaryDirectory(prefix="mixer-isolation-") as tmp:
@@ -130,69 +129,28 @@ def _mode(
             stamp = f"{int(time.time())}-{mode}"
             names = [f"iso-{stamp}-{i}" for i in range(jobs)]
             extra = f"iso-{stamp}-{mode}"
-            with MixerClient(srv.address) as c:
-                for j in names:
-                    c.create_job(
-                        {
-                            "name": j,
-                            "domains": [f"d{i}" for i in range(K)],
-                            "strategy": "odm",
-                            "cadence": {"update_every": 10},
-                        }
-                    )
-                    c.get_job(j)
-                if mode == "heavy":
-                    c.create_job(
-                        {
-                            "name": extra,
-                            "domains": [f"d{i}" for i in range(heavy_domains)],
-                            "strategy": {"name": "ado", "params": HEAVY_SPEC_PARAMS},
-                            "cadence": {"update_every": 1},
-                        }
-                    )
-                elif mode == "burst":
-                    c.create_job(
-                        {
-                            "name": extra,
-                            "domains": [f"d{i}" for i in range(K)],
-                            "strategy": "odm",
-                            "cadence": {"update_every": 10},
-                        }
-                    )
+            _create_jobs(srv.address, mode, names, extra, heavy_domains)
             ctx = mp.get_context("spawn")
             out: mp.Queue = ctx.Queue()
             go = ctx.Event()
-            procs = [
-                ctx.Process(
-                    target=_session_worker,
-                    args=(srv.address, j, duration, window, rate, client_nice, go, out),
-                    daemon=True,
-                )
-                for j in names
-            ]
-            if mode == "heavy":
-                procs.append(
-                    ctx.Process(
-                        target=_heavy_worker,
-                        args=(srv.address, extra, heavy_domains, duration, go, out),
-                        daemon=True,
-                    )
-                )
-            elif mode == "burst":
-                procs.append(
-                    ctx.Process(target=_burst_worker, args=(srv.address, extra, burst, go, out), daemon=True)
-                )
+            procs = _workers(
+                ctx,
+                srv.address,
+                mode,
+                names,
+                extra,
+                go,
+                out,
+                duration=duration,
+                window=window,
+                rate=rate,
+                client_nice=client_nice,
+                heavy_domains=heavy_domains,
+                burst=burst,
+            )
             for p in procs:
                 p.start()
-            ready, results, other = 0, [], {}
-            deadline = time.time() + 300 + len(procs)
-            while ready < len(procs) and time.time() < deadline:
-                with contextlib.suppress(queue.Empty):
-                    msg = out.get(timeout=1)
-                    if "ready" in msg:
-                        ready += 1
-                    else:
-                        results.append(msg)
+            results = _wait_ready(out, len(procs))
             go.set()
             for _ in tqdm(
                 range(int(duration)),
@@ -201,20 +159,105 @@ def _mode(
                 disable=not progress,
             ):
                 time.sleep(1.0)
-            deadline = time.time() + 600
-            while (len(results) < jobs or (mode != "alone" and not other)) and time.time() < deadline:
-                with contextlib.suppress(queue.Empty):
-                    msg = out.get(timeout=1)
-                    if "heavy" in msg or "burst" in msg:
-                        other = msg
-                    elif "ready" not in msg:
-                        results.append(msg)
+            other = _collect(out, results, jobs, wait_other=mode != "alone")
             for p in procs:
                 p.join(5)
                 if p.is_alive():
                     p.kill()
         finally:
             srv.terminate()
+    return _summary(results, other, duration)
+
+
+def _create_jobs(address: str, mode: str, names: list[str], extra: str, heavy_domains: int) -> None:
+    """The ordinary jobs, and the heavy or burst mode's extra job."""
+    from mixer.client import MixerClient
+
+    ordinary = {"domains": [f"d{i}" for i in range(K)], "strategy": "odm", "cadence": {"update_every": 10}}
+    with MixerClient(address) as c:
+        for j in names:
+            c.create_job({"name": j, **ordinary})
+            c.get_job(j)
+        if mode == "heavy":
+            c.create_job(
+                {
+                    "name": extra,
+                    "domains": [f"d{i}" for i in range(heavy_domains)],
+                    "strategy": {"name": "ado", "params": HEAVY_SPEC_PARAMS},
+                    "cadence": {"update_every": 1},
+                }
+            )
+        elif mode == "burst":
+            c.create_job({"name": extra, **ordinary})
+
+
+def _workers(
+    ctx,
+    address: str,
+    mode: str,
+    names: list[str],
+    extra: str,
+    go,
+    out,
+    *,
+    duration: float,
+    window: int,
+    rate: float,
+    client_nice: int,
+    heavy_domains: int,
+    burst: int,
+) -> list:
+    """One session process per ordinary job, plus the heavy or burst process (not started)."""
+    procs = [
+        ctx.Process(
+            target=_session_worker,
+            args=(address, j, duration, window, rate, client_nice, go, out),
+            daemon=True,
+        )
+        for j in names
+    ]
+    if mode == "heavy":
+        procs.append(
+            ctx.Process(
+                target=_heavy_worker,
+                args=(address, extra, heavy_domains, duration, go, out),
+                daemon=True,
+            )
+        )
+    elif mode == "burst":
+        procs.append(ctx.Process(target=_burst_worker, args=(address, extra, burst, go, out), daemon=True))
+    return procs
+
+
+def _wait_ready(out, n: int) -> list[dict[str, Any]]:
+    """Wait (at most 300 s + 1 s per process) until all `n` processes are ready; results that came early."""
+    ready, results = 0, []
+    deadline = time.time() + 300 + n
+    while ready < n and time.time() < deadline:
+        with contextlib.suppress(queue.Empty):
+            msg = out.get(timeout=1)
+            if "ready" in msg:
+                ready += 1
+            else:
+                results.append(msg)
+    return results
+
+
+def _collect(out, results: list[dict[str, Any]], jobs: int, *, wait_other: bool) -> dict[str, Any]:
+    """Append the ordinary jobs' results to `results` (at most 600 s); the heavy or burst result."""
+    other: dict[str, Any] = {}
+    deadline = time.time() + 600
+    while (len(results) < jobs or (wait_other and not other)) and time.time() < deadline:
+        with contextlib.suppress(queue.Empty):
+            msg = out.get(timeout=1)
+            if "heavy" in msg or "burst" in msg:
+                other = msg
+            elif "ready" not in msg:
+                results.append(msg)
+    return other
+
+
+def _summary(results: list[dict[str, Any]], other: dict[str, Any], duration: float) -> dict[str, Any]:
     lat = (
         np.concatenate([np.asarray(r.get("lat_ms", []), dtype=float) for r in results])
         if results

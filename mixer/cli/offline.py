@@ -5,14 +5,13 @@ They read the database directly (`--db`, the URL `mixer serve` takes), never a r
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from mixer.cli.common import db_option, emit_json, json_option, weights_table
+from mixer.cli.common import db_option, emit_json, json_option, one_line_errors, weights_table
 
 
 def _store(db: str):
@@ -25,20 +24,15 @@ def _store(db: str):
     return Store(db)
 
 
-def _errors(fn):
-    """Offline errors (unknown job, bad --set, bad file) as one clear line and exit code 1."""
+def _offline_errors() -> tuple[type[Exception], ...]:
+    """Offline errors (unknown job, bad --set, bad file)."""
+    from mixer.replay import ReplayError
+    from mixer.spec import SpecError
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from mixer.replay import ReplayError
-        from mixer.spec import SpecError
+    return (ReplayError, SpecError)
 
-        try:
-            return fn(*args, **kwargs)
-        except (ReplayError, SpecError) as e:
-            raise click.ClickException(str(e)) from None
 
-    return wrapper
+_errors = one_line_errors(_offline_errors)
 
 
 @click.command("replay")
@@ -88,27 +82,7 @@ def replay(
                 raise click.UsageError(
                     "--verify replays the job's own strategy; it takes no --strategy, --set or --as"
                 )
-            res = rp.verify(store, job, progress=not as_json)
-            d = res.to_dict()
-            if not as_json:
-                if res.ok:
-                    click.echo(
-                        f"{job}: bit-exact: {res.versions_checked} versions re-derived from {res.reports} reports of {d['log_job']}'s log"
-                    )
-                else:
-                    fd = res.first_divergence
-                    diff = fd.get("max_abs_weight_diff")
-                    click.echo(
-                        f"{job}: DIVERGES at version {fd['version']}, step {fd['step']}: {fd['reason']}"
-                        + (f" (max |weight difference| {diff:.3g})" if diff is not None else "")
-                    )
-                    if "stored" in fd:
-                        click.echo(
-                            f"  stored : {[round(x, 6) for x in fd['stored']]}\n  derived: {[round(x, 6) for x in fd['derived']]}"
-                        )
-            else:
-                emit_json(d)
-            sys.exit(0 if res.ok else 1)
+            sys.exit(0 if _verify(store, job, as_json) else 1)
         parsed = [rp.parse_set(s) for s in sets]
         spec = JobSpec.from_json(rp.get_job(store, job).spec_json)
         new = rp.derive_spec(spec, name=as_name or f"{job}-counterfactual", strategy=strategy, sets=parsed)
@@ -140,28 +114,62 @@ def replay(
         if as_json:
             emit_json(d)
             return
-        table_rows = [
-            {"version": v.version, "effective_step": v.effective_step, "weights": v.weights.tolist()}
-            for v in result.versions
-        ]
-        click.echo(weights_table(new.domain_names, table_rows, limit=rows))
-        click.echo(
-            f"{len(result.versions)} versions from {result.reports} reports of {job} with {new.strategy.name} "
-            f"{json.dumps(new.strategy.params, sort_keys=True)} in {result.seconds:.2f}s"
-        )
-        if original:
-            click.echo(
-                "original final weights: "
-                + " ".join(f"{d}={w:.4f}" for d, w in zip(spec.domain_names, original[-1].weights))
-            )
-        click.echo(f"note: {rp.OPEN_LOOP_NOTE}")
-        click.echo(
-            f"{stored} as job {as_name!r} (source_job={job!r})"
-            if as_name
-            else "not stored (give --as NEW to keep it)"
-        )
+        _print_counterfactual(job, spec, new, result, original, stored, as_name, rows)
     finally:
         store.close()
+
+
+def _verify(store, job: str, as_json: bool) -> bool:
+    """`replay --verify`: print (or emit as JSON) whether JOB re-derives bit for bit; whether it did."""
+    from mixer import replay as rp
+
+    res = rp.verify(store, job, progress=not as_json)
+    d = res.to_dict()
+    if as_json:
+        emit_json(d)
+        return res.ok
+    if res.ok:
+        click.echo(
+            f"{job}: bit-exact: {res.versions_checked} versions re-derived from {res.reports} reports of {d['log_job']}'s log"
+        )
+        return True
+    fd = res.first_divergence
+    diff = fd.get("max_abs_weight_diff")
+    click.echo(
+        f"{job}: DIVERGES at version {fd['version']}, step {fd['step']}: {fd['reason']}"
+        + (f" (max |weight difference| {diff:.3g})" if diff is not None else "")
+    )
+    if "stored" in fd:
+        click.echo(
+            f"  stored : {[round(x, 6) for x in fd['stored']]}\n  derived: {[round(x, 6) for x in fd['derived']]}"
+        )
+    return False
+
+
+def _print_counterfactual(job, spec, new, result, original, stored, as_name, rows: int) -> None:
+    """The counterfactual's versions as a table, its final weights against the original's, and where it went."""
+    from mixer import replay as rp
+
+    table_rows = [
+        {"version": v.version, "effective_step": v.effective_step, "weights": v.weights.tolist()}
+        for v in result.versions
+    ]
+    click.echo(weights_table(new.domain_names, table_rows, limit=rows))
+    click.echo(
+        f"{len(result.versions)} versions from {result.reports} reports of {job} with {new.strategy.name} "
+        f"{json.dumps(new.strategy.params, sort_keys=True)} in {result.seconds:.2f}s"
+    )
+    if original:
+        click.echo(
+            "original final weights: "
+            + " ".join(f"{d}={w:.4f}" for d, w in zip(spec.domain_names, original[-1].weights))
+        )
+    click.echo(f"note: {rp.OPEN_LOOP_NOTE}")
+    click.echo(
+        f"{stored} as job {as_name!r} (source_job={job!r})"
+        if as_name
+        else "not stored (give --as NEW to keep it)"
+    )
 
 
 @click.command("export")

@@ -224,52 +224,20 @@ def train_core(
 ) -> dict[str, Any]:
     """Train on this rank's GPU; returns a JSON-able summary (the reporting rank's loss curve)."""
     from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from mixer.megatron import lm
-    from mixer.megatron.data import gpt_config
     from mixer.megatron.record import Recent
 
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(cfg.tensor_parallel, cfg.pipeline_parallel)
-    tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
-    config, model = _model(cfg)
-    optimizer, scheduler = _optimizer(cfg, model)
-    config.grad_scale_func = optimizer.scale_loss
-    config.finalize_model_grads_func = finalize_model_grads
-
-    data_config = gpt_config(cfg.seq_length, cfg.seed, cache_dir)
-    settings = lm.LMSettings(
-        spec=spec,
-        micro_batch_size=cfg.micro_batch_size,
-        global_batch_size=cfg.global_batch_size,
-        num_workers=cfg.num_workers,
-        address=address,
-        token=token,
-        source=source,
-    )
-    train_iter, _, plugin = lm.build(data_config, settings, validation=False)
+    model, optimizer, scheduler, train_iter, plugin = _setup(cfg, spec, address, token, source, cache_dir)
     topo = plugin.topo
     start = _load(cfg, model, optimizer, scheduler, train_iter) if cfg.load else 0
     num_mb = cfg.global_batch_size // (cfg.micro_batch_size * topo.dp_size)
-
-    def forward_step(data_iterator, gpt):
-        batch = next(data_iterator) if topo.reads_data else None
-        b = _tp_batch(batch, topo, cfg.micro_batch_size, cfg.seq_length)
-        meta = lm.batch_meta(data_iterator, topo, cfg.micro_batch_size)
-        output = gpt(b["tokens"], b["position_ids"], None, labels=b["labels"])
-        loss_func = partial(_loss_func, b["loss_mask"])
-        if not attached[0]:
-            return output, loss_func
-        return output, lm.wrap_loss(loss_func, b["loss_mask"], meta, plugin.reporter)
-
+    attached = [True]
+    forward_step = _forward_step(cfg, plugin, attached)
     forward_backward = get_forward_backward_func()
     # Bounded per-step state: the most recent losses and step times only.
     losses: list[torch.Tensor] = Recent(1024)
     step_times: list[float] = Recent(4096)
-    attached = [True]
     times: dict[bool, list[float]] = {True: Recent(4096), False: Recent(4096)}
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -305,6 +273,71 @@ def train_core(
                 "step %d loss %.4f grad norm %.3f", step, float(last[0] / last[1]), float(grad_norm or 0)
             )
     delivered = plugin.close()
+    return _summary(cfg, start, losses, step_times, times, plugin, delivered)
+
+
+def _setup(
+    cfg: CoreConfig, spec: Any, address: str | None, token: str | None, source: str, cache_dir: Path | None
+):
+    """Model parallelism, the model, its optimizer and scheduler, and the mixer's data plug-in:
+    (model, optimizer, scheduler, train_iter, plugin)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    from mixer.megatron import lm
+    from mixer.megatron.data import gpt_config
+
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(cfg.tensor_parallel, cfg.pipeline_parallel)
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
+    config, model = _model(cfg)
+    optimizer, scheduler = _optimizer(cfg, model)
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+
+    data_config = gpt_config(cfg.seq_length, cfg.seed, cache_dir)
+    settings = lm.LMSettings(
+        spec=spec,
+        micro_batch_size=cfg.micro_batch_size,
+        global_batch_size=cfg.global_batch_size,
+        num_workers=cfg.num_workers,
+        address=address,
+        token=token,
+        source=source,
+    )
+    train_iter, _, plugin = lm.build(data_config, settings, validation=False)
+    return model, optimizer, scheduler, train_iter, plugin
+
+
+def _forward_step(cfg: CoreConfig, plugin: Any, attached: list[bool]):
+    """Megatron's forward_step: the mixer's loss wrapper while `attached[0]` holds."""
+    from mixer.megatron import lm
+
+    topo = plugin.topo
+
+    def forward_step(data_iterator, gpt):
+        batch = next(data_iterator) if topo.reads_data else None
+        b = _tp_batch(batch, topo, cfg.micro_batch_size, cfg.seq_length)
+        meta = lm.batch_meta(data_iterator, topo, cfg.micro_batch_size)
+        output = gpt(b["tokens"], b["position_ids"], None, labels=b["labels"])
+        loss_func = partial(_loss_func, b["loss_mask"])
+        if not attached[0]:
+            return output, loss_func
+        return output, lm.wrap_loss(loss_func, b["loss_mask"], meta, plugin.reporter)
+
+    return forward_step
+
+
+def _summary(
+    cfg: CoreConfig,
+    start: int,
+    losses: list[torch.Tensor],
+    step_times: list[float],
+    times: dict[bool, list[float]],
+    plugin: Any,
+    delivered: bool,
+) -> dict[str, Any]:
     curve = [float(x[0] / x[1]) for x in losses]
     return {
         "final_step": max(start, cfg.steps),

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -64,8 +65,6 @@ def main(
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise click.ClickException("no CUDA device: this check needs a GPU")
-    from mixer.megatron.corpus import write_synthetic_corpus
-    from mixer.megatron.data import prepare_corpus
     from mixer.megatron.pretrain import PretrainConfig, run_pretrain
     from mixer.server.launch import ServerProcess
 
@@ -73,16 +72,7 @@ def main(
     root = Path(tmp.name) if tmp else workdir
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    write_synthetic_corpus(root / "corpus", seed=0, docs_per_domain=3000)
-    prefixes = prepare_corpus(root / "corpus", root / "data", progress=False)
-    spec = {
-        "name": f"gpu-check-{int(time.time())}",
-        "domains": [{"name": d, "prefix": p["train"]} for d, p in prefixes.items()],
-        "strategy": {"name": "odm"},
-        "cadence": {"update_every": 10, "min_weight": 0.02},
-    }
-    spec_path = root / "job.yaml"
-    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    spec_path = _prepare(root)
     server = ServerProcess(str(root / "mixer.db"), root).start()
     click.echo(f"corpus, data and service ready in {time.perf_counter() - t0:.0f}s; training {steps} steps")
     model = {
@@ -117,6 +107,40 @@ def main(
         server.terminate()
         if tmp is not None:
             tmp.cleanup()
+    summary = _summary(record, resumed, device=device, steps=steps, block=block, t0=t0)
+    click.echo(
+        f"median step: attached {summary['median_step_attached_ms']:.2f} ms, detached "
+        f"{summary['median_step_detached_ms']:.2f} ms, ratio {summary['ratio']:.4f}; "
+        f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; "
+        f"resume from step {steps // 2} matches: {summary['resume_matches']}"
+    )
+    click.echo(json.dumps(summary))
+    sys.stdout.flush()
+
+
+def _prepare(root: Path) -> Path:
+    """The synthetic corpus, its Megatron data and the job spec under `root`; the spec's path."""
+    from mixer.megatron.corpus import write_synthetic_corpus
+    from mixer.megatron.data import prepare_corpus
+
+    write_synthetic_corpus(root / "corpus", seed=0, docs_per_domain=3000)
+    prefixes = prepare_corpus(root / "corpus", root / "data", progress=False)
+    spec = {
+        "name": f"gpu-check-{int(time.time())}",
+        "domains": [{"name": d, "prefix": p["train"]} for d, p in prefixes.items()],
+        "strategy": {"name": "odm"},
+        "cadence": {"update_every": 10, "min_weight": 0.02},
+    }
+    spec_path = root / "job.yaml"
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return spec_path
+
+
+def _summary(
+    record: dict[str, Any], resumed: dict[str, Any], *, device: str, steps: int, block: int, t0: float
+) -> dict[str, Any]:
+    import torch
+
     attached, detached = record["step_time_attached_s"], record["step_time_detached_s"]
     summary = {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
@@ -136,14 +160,7 @@ def main(
         "all_reports_acknowledged": record["all_reports_acknowledged"],
         "total_s": time.perf_counter() - t0,
     }
-    click.echo(
-        f"median step: attached {summary['median_step_attached_ms']:.2f} ms, detached "
-        f"{summary['median_step_detached_ms']:.2f} ms, ratio {summary['ratio']:.4f}; "
-        f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; "
-        f"resume from step {steps // 2} matches: {summary['resume_matches']}"
-    )
-    click.echo(json.dumps(summary))
-    sys.stdout.flush()
+    return summary
 
 
 if __name__ == "__main__":

@@ -154,7 +154,6 @@ def compute_loss(
         raise ValueError(
             f"per-token loss {tuple(per_token_loss.shape)} and mask {tuple(loss_mask.shape)} must be [b, s]"
         )
-    batch = per_token_loss.shape[0]
     device = per_token_loss.device
     if domain_loss_weights is not None:
         if domain_loss_weights.numel() != num_domains:
@@ -162,6 +161,26 @@ def compute_loss(
         instance_weights = sample_loss_weights(dataset_id.to(device), domain_loss_weights, instance_weights)
     mask = loss_mask.to(per_token_loss.dtype)
     sample_sum = (per_token_loss * mask).sum(dim=1)  # [b], carries the graph
+    sample_tokens = mask.sum(dim=1)  # [b]
+    loss = _weighted_loss(
+        per_token_loss, mask, sample_sum, sample_tokens, instance_weights, normalizer, token_weights
+    )
+    stats = _step_stats(loss, sample_sum, sample_tokens, dataset_id, num_domains, sample_id)
+    return loss, stats
+
+
+def _weighted_loss(
+    per_token_loss: Tensor,
+    mask: Tensor,
+    sample_sum: Tensor,
+    sample_tokens: Tensor,
+    instance_weights: Tensor | None,
+    normalizer: Tensor | None,
+    token_weights: Tensor | None,
+) -> Tensor:
+    """sum_b w_b S_b / N, S_b token-weighted when token weights are given (see compute_loss)."""
+    batch = per_token_loss.shape[0]
+    device = per_token_loss.device
     if token_weights is not None:
         if token_weights.shape != per_token_loss.shape:
             raise ValueError(
@@ -172,40 +191,49 @@ def compute_loss(
         train_sum = (per_token_loss * mask * tw).sum(dim=1)  # the statistics stay unweighted
     else:
         train_sum = sample_sum
-    sample_tokens = mask.sum(dim=1)  # [b]
     tokens = sample_tokens.sum() if normalizer is None else normalizer.to(device=device, dtype=mask.dtype)
     if instance_weights is None:
         loss = train_sum.sum() / tokens.clamp(min=1)
     else:
         w = instance_weights.detach().to(device=device, dtype=per_token_loss.dtype).reshape(batch)
         loss = (w * train_sum).sum() / tokens.clamp(min=1)
+    return loss
 
-    with torch.no_grad():
-        domain = dataset_id.to(device=device, dtype=torch.int64).reshape(batch)
-        sums = sample_sum.detach().float()
-        tokens = sample_tokens.detach().float()
-        # index_add_ rather than bincount: bincount on CUDA synchronises to size its output.
-        loss_sum = torch.zeros(num_domains, device=device, dtype=torch.float32).index_add_(0, domain, sums)
-        token_count = torch.zeros(num_domains, device=device, dtype=torch.float32).index_add_(
-            0, domain, tokens
-        )
-        sample_count = torch.zeros(num_domains, device=device, dtype=torch.int64).index_add_(
-            0, domain, torch.ones_like(domain)
-        )
-        if sample_id is None:
-            ids = torch.full((batch,), -1, device=device, dtype=torch.int64)
-        else:
-            ids = sample_id.to(device=device, dtype=torch.int64).reshape(batch)
-        stats = StepStats(
-            loss=loss.detach().float(),
-            sample_loss=sums / tokens.clamp(min=1),
-            sample_domain=domain.to(torch.int32),
-            sample_id=ids,
-            domain_loss_sum=loss_sum,
-            domain_token_count=token_count,
-            domain_sample_count=sample_count,
-        )
-    return loss, stats
+
+@torch.no_grad()
+def _step_stats(
+    loss: Tensor,
+    sample_sum: Tensor,
+    sample_tokens: Tensor,
+    dataset_id: Tensor,
+    num_domains: int,
+    sample_id: Tensor | None,
+) -> StepStats:
+    """The step's unweighted statistics (detached)."""
+    batch = sample_sum.shape[0]
+    device = sample_sum.device
+    domain = dataset_id.to(device=device, dtype=torch.int64).reshape(batch)
+    sums = sample_sum.detach().float()
+    tokens = sample_tokens.detach().float()
+    # index_add_ rather than bincount: bincount on CUDA synchronises to size its output.
+    loss_sum = torch.zeros(num_domains, device=device, dtype=torch.float32).index_add_(0, domain, sums)
+    token_count = torch.zeros(num_domains, device=device, dtype=torch.float32).index_add_(0, domain, tokens)
+    sample_count = torch.zeros(num_domains, device=device, dtype=torch.int64).index_add_(
+        0, domain, torch.ones_like(domain)
+    )
+    if sample_id is None:
+        ids = torch.full((batch,), -1, device=device, dtype=torch.int64)
+    else:
+        ids = sample_id.to(device=device, dtype=torch.int64).reshape(batch)
+    return StepStats(
+        loss=loss.detach().float(),
+        sample_loss=sums / tokens.clamp(min=1),
+        sample_domain=domain.to(torch.int32),
+        sample_id=ids,
+        domain_loss_sum=loss_sum,
+        domain_token_count=token_count,
+        domain_sample_count=sample_count,
+    )
 
 
 def reduce_step_stats(stats: StepStats, group=None) -> StepStats:

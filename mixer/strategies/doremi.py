@@ -59,6 +59,7 @@ import numpy as np
 from mixer.errors import SpecError
 from mixer.shaping import shape_weights
 from mixer.signals import DOMAIN_LOSS, EXCESS_LOSS, Window
+from mixer.spec import LEGACY_DEFAULTS_VERSION
 from mixer.strategies import register
 from mixer.strategies.base import Decision, State, Strategy
 
@@ -116,7 +117,7 @@ class DoReMi(Strategy):
             raise SpecError(
                 "strategy.params.output", f"{self.params['output']!r} is not one of {', '.join(OUTPUTS)}"
             )
-        if mode == "paper" and "output" in self.spec.strategy.params:
+        if mode == "paper" and self.params["output"] != self.defaults["output"]:
             raise SpecError(
                 "strategy.params.output",
                 "applies to mode online only: in mode paper workers sample from the fixed prior",
@@ -164,6 +165,8 @@ class DoReMi(Strategy):
         avg = avg_sum / avg_count
         new = {"alpha": alpha, "excess_loss": excess_loss, "avg_sum": avg_sum, "avg_count": avg_count}
         params = {"alpha": alpha.tolist(), "avg_weights": avg.tolist(), "excess_loss": excess_loss.tolist()}
+        if self.spec.defaults_version == LEGACY_DEFAULTS_VERSION:
+            del params["alpha"]  # versions of specs stored before paper mode existed did not carry it
         if self.params["mode"] == "paper":
             q = self.sampling_weights()
             params["domain_loss_weights"] = loss_weights(alpha, q).tolist()

@@ -45,8 +45,9 @@ alignment probes on only while the service learns: see `DWM.learning_at`); the m
 feature state travel in the blob (`mixer.weighting.dwm.to_bytes`, safetensors, no optimiser state).
 
 The model's hyperparameters (model, hidden, lr, eta, optimizer, momentum, num_topics, seq_len,
-total_steps) are the job's `weighting.params` when `weighting.name` is `dwm`, else DwmParams'
-defaults; phi is initialised from the job seed, or (transfer) from `weighting.params.init_from`, a
+total_steps) are the job's `weighting.params` when `weighting.name` is `dwm`, else the defaults the
+spec resolves against (DwmParams', or for a spec stored before parameters were written out, that
+time's: model mlp-features); phi is initialised from the job seed, or (transfer) from `weighting.params.init_from`, a
 model exported from another job (`mixer.transfer.export_weighting_model`), possibly trained with an
 LLM of another size. With `frozen: true` the service never trains that model: no stage learns, no
 version is published, and workers apply the spec's model throughout (the paper's transfer setting). torch is imported at the first update that trains, never at import,
@@ -64,6 +65,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mixer.signals import SAMPLE_ALIGNMENT, SAMPLE_LOSS, Report, Window
+from mixer.spec import LEGACY_DEFAULTS, LEGACY_DEFAULTS_VERSION
 from mixer.strategies import register
 from mixer.strategies.base import Decision, State, Strategy
 from mixer.weighting import parse_weighting_params
@@ -83,7 +85,15 @@ class DWM(Strategy):
     def __init__(self, spec):
         super().__init__(spec)
         w = spec.weighting
-        self.config: DwmParams = parse_weighting_params("dwm", w.params) if w.name == "dwm" else DwmParams()
+        # Without a DWM weighting the model's hyperparameters are the defaults the spec resolves against.
+        given = (
+            w.params
+            if w.name == "dwm"
+            else LEGACY_DEFAULTS["weighting"]["dwm"]
+            if spec.defaults_version == LEGACY_DEFAULTS_VERSION
+            else {}
+        )
+        self.config: DwmParams = parse_weighting_params("dwm", given)
 
     def validate(self) -> None:
         p = self.params

@@ -7,6 +7,7 @@ import numpy as np
 from mixer import replay as rp
 from mixer.client import MixerClient
 from mixer.store import Store
+from mixer.strategies import REGISTRY
 from tests.offline.recording import SPEC, record
 
 
@@ -24,7 +25,9 @@ def test_verify_agrees_then_finds_a_corrupted_version(server_factory, db_url, cl
 
     # The same database takes a derived job, and its versions travel to another database intact.
     assert cli("replay", "ver", "--set", "alpha=0.5", "--as", "ver-a", "--db", db_url)[0] == 0
-    assert cli("export", "ver-a", "--what", "versions", "-o", tmp_path / "ver-a.parquet", "--db", db_url)[0] == 0
+    assert (
+        cli("export", "ver-a", "--what", "versions", "-o", tmp_path / "ver-a.parquet", "--db", db_url)[0] == 0
+    )
     assert cli("import", tmp_path / "ver-a.parquet", "--db", tmp_path / "copy.db")[0] == 0
     copy = Store(str(tmp_path / "copy.db"))
     derived = [v for v, _ in store.versions(store.get_job("ver-a").id)]
@@ -49,14 +52,32 @@ def test_counterfactual_is_deterministic_and_served_as_a_derived_job(recorded, c
     srv, db = recorded
     store = Store(db)
     _, spec, log = rp.load_log(store, "rec")
-    new = rp.derive_spec(spec, name="rec-dr", strategy="doremi", sets=[("eta", 0.5), ("cadence.update_every", 20)])
-    assert new.strategy.params == {"eta": 0.5} and new.cadence.update_every == 20
+    new = rp.derive_spec(
+        spec, name="rec-dr", strategy="doremi", sets=[("eta", 0.5), ("cadence.update_every", 20)]
+    )
+    # The stored form writes every parameter out; only eta moved from DoReMi's defaults.
+    assert (
+        new.strategy.params == {**REGISTRY["doremi"].defaults, "eta": 0.5} and new.cadence.update_every == 20
+    )
     assert new.cadence.min_weight == spec.cadence.min_weight
     a, b = rp.replay(new, log), rp.replay(new, log)
     assert len(a.versions) == len(b.versions) > 3
     assert all(x.same_as(y) for x, y in zip(a.versions, b.versions))
 
-    args = ("replay", "rec", "--strategy", "doremi", "--set", "eta=0.5", "--set", "cadence.update_every=20", "--as", "rec-dr", "--db", db)
+    args = (
+        "replay",
+        "rec",
+        "--strategy",
+        "doremi",
+        "--set",
+        "eta=0.5",
+        "--set",
+        "cadence.update_every=20",
+        "--as",
+        "rec-dr",
+        "--db",
+        db,
+    )
     code, out, _ = cli(*args)
     assert code == 0, out
     assert "open loop" in out and "stored as job 'rec-dr'" in out
