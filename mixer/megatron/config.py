@@ -180,6 +180,7 @@ class ParallelConfig:
     micro_batch_size: int = setting(
         1, min=1, help="samples per micro-batch (global batch / (micro-batch x data-parallel) micro-batches)"
     )
+    num_workers: int = setting(2, min=0, help="data-loader worker processes of the megatron trainer")
 
 
 @dataclass

@@ -15,10 +15,8 @@ plain loop of mixer.megatron.train.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,47 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from mixer.config import to_dict
+from mixer.megatron.config import ParallelConfig, TrainConfig
+
 log = logging.getLogger(__name__)
 
-__all__ = ["CoreConfig", "train_core"]
+__all__ = ["train_core"]
 
 
-@dataclass(kw_only=True)
-class CoreConfig:
-    """A GPU run: model shape, parallelism, batch, schedule, checkpoints."""
-
-    steps: int
-    global_batch_size: int
-    micro_batch_size: int = 1
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    seq_length: int = 2048
-    layers: int = 12
-    hidden: int = 768
-    heads: int = 12
-    vocab_size: int = 257
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup: int | None = None
-    decay_steps: int | None = None
-    override_lr_schedule: bool = False
-    weight_decay: float = 0.01
-    clip_grad: float = 1.0
-    seed: int = 0
-    num_workers: int = 2
-    save: Path | None = None
-    save_interval: int = 0
-    load: Path | None = None
-    log_every: int = 10
-    compare_every: int = 0
-    """Benchmark: alternate blocks of this many steps without (even blocks) and with the mixer's loss wrapper."""
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.warmup if self.warmup is not None else max(1, self.steps // 10)
-
-
-def _model(cfg: CoreConfig):
+def _model(t: TrainConfig, p: ParallelConfig):
     """One GPTModel chunk for this pipeline stage, bf16 through Float16Module, in megatron-core DDP."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -76,11 +42,11 @@ def _model(cfg: CoreConfig):
     from megatron.core.transformer.module import Float16Module
 
     config = TransformerConfig(
-        num_layers=cfg.layers,
-        hidden_size=cfg.hidden,
-        num_attention_heads=cfg.heads,
-        tensor_model_parallel_size=cfg.tensor_parallel,
-        pipeline_model_parallel_size=cfg.pipeline_parallel,
+        num_layers=t.model.num_layers,
+        hidden_size=t.model.hidden_size,
+        num_attention_heads=t.model.num_attention_heads,
+        tensor_model_parallel_size=p.tensor_parallel,
+        pipeline_model_parallel_size=p.pipeline_parallel,
         bf16=True,
         params_dtype=torch.bfloat16,
         pipeline_dtype=torch.bfloat16,
@@ -91,8 +57,8 @@ def _model(cfg: CoreConfig):
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=get_gpt_layer_local_spec(),
-        vocab_size=cfg.vocab_size,
-        max_sequence_length=cfg.seq_length,
+        vocab_size=t.model.vocab_size,
+        max_sequence_length=t.model.seq_length,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
         position_embedding_type="learned_absolute",
@@ -106,39 +72,39 @@ def _model(cfg: CoreConfig):
     return config, model
 
 
-def _optimizer(cfg: CoreConfig, model):
+def _optimizer(t: TrainConfig, model):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     opt_config = OptimizerConfig(
         optimizer="adam",
-        lr=cfg.lr,
-        min_lr=cfg.min_lr,
-        weight_decay=cfg.weight_decay,
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
         adam_beta1=0.9,
         adam_beta2=0.95,
         bf16=True,
         params_dtype=torch.bfloat16,
-        clip_grad=cfg.clip_grad,
+        clip_grad=t.grad_clip,
         use_distributed_optimizer=True,
     )
     optimizer = get_megatron_optimizer(opt_config, [model])
     # Megatron's scheduler counts samples; a resume keeps the checkpoint's schedule unless overridden.
-    gbs = cfg.global_batch_size
+    gbs = t.global_batch_size
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
-        max_lr=cfg.lr,
-        min_lr=cfg.min_lr,
-        lr_warmup_steps=cfg.warmup_steps * gbs,
-        lr_decay_steps=(cfg.decay_steps or cfg.steps) * gbs,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.warmup * gbs,
+        lr_decay_steps=(t.decay_steps or t.steps) * gbs,
         lr_decay_style="cosine",
-        start_wd=cfg.weight_decay,
-        end_wd=cfg.weight_decay,
-        wd_incr_steps=cfg.steps * gbs,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=t.steps * gbs,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=not cfg.override_lr_schedule,
-        override_opt_param_scheduler=cfg.override_lr_schedule,
+        use_checkpoint_opt_param_scheduler=not t.override_lr_schedule,
+        override_opt_param_scheduler=t.override_lr_schedule,
     )
     return optimizer, scheduler
 
@@ -173,11 +139,11 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, num_tokens, {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
 
 
-def _save(cfg: CoreConfig, step: int, model, optimizer, scheduler, train_iter) -> Path:
+def _save(t: TrainConfig, step: int, model, optimizer, scheduler, train_iter) -> Path:
     from megatron.core import dist_checkpointing
 
-    assert cfg.save is not None
-    folder = Path(cfg.save) / f"iter_{step:07d}"
+    assert t.checkpoint_dir is not None
+    folder = Path(t.checkpoint_dir) / f"iter_{step:07d}"
     folder.mkdir(parents=True, exist_ok=True)
     model_sd = model.sharded_state_dict()
     dist_checkpointing.save(
@@ -189,16 +155,16 @@ def _save(cfg: CoreConfig, step: int, model, optimizer, scheduler, train_iter) -
             {"step": step, "scheduler": scheduler.state_dict(), "loader": train_iter.save_state()},
             folder / "mixer.pt",
         )
-        (Path(cfg.save) / "latest").write_text(folder.name + "\n")
+        (Path(t.checkpoint_dir) / "latest").write_text(folder.name + "\n")
     torch.distributed.barrier()
     return folder
 
 
-def _load(cfg: CoreConfig, model, optimizer, scheduler, train_iter) -> int:
+def _load(t: TrainConfig, model, optimizer, scheduler, train_iter) -> int:
     from megatron.core import dist_checkpointing
 
-    assert cfg.load is not None
-    root = Path(cfg.load)
+    assert t.resume_from is not None
+    root = Path(t.resume_from)
     folder = root / (root / "latest").read_text().strip() if (root / "latest").is_file() else root
     extra = torch.load(folder / "mixer.pt", map_location="cpu", weights_only=False)
     model_sd = model.sharded_state_dict()
@@ -214,7 +180,8 @@ def _load(cfg: CoreConfig, model, optimizer, scheduler, train_iter) -> int:
 
 
 def train_core(
-    cfg: CoreConfig,
+    t: TrainConfig,
+    p: ParallelConfig,
     spec: Any,
     *,
     address: str | None = None,
@@ -228,20 +195,20 @@ def train_core(
 
     from mixer.megatron.record import Recent
 
-    model, optimizer, scheduler, train_iter, plugin = _setup(cfg, spec, address, token, source, cache_dir)
+    model, optimizer, scheduler, train_iter, plugin = _setup(t, p, spec, address, token, source, cache_dir)
     topo = plugin.topo
-    start = _load(cfg, model, optimizer, scheduler, train_iter) if cfg.load else 0
-    num_mb = cfg.global_batch_size // (cfg.micro_batch_size * topo.dp_size)
+    start = _load(t, model, optimizer, scheduler, train_iter) if t.resume_from else 0
+    num_mb = t.global_batch_size // (p.micro_batch_size * topo.dp_size)
     attached = [True]
-    forward_step = _forward_step(cfg, plugin, attached)
+    forward_step = _forward_step(t, p, plugin, attached)
     forward_backward = get_forward_backward_func()
     # Bounded per-step state: the most recent losses and step times only.
     losses: list[torch.Tensor] = Recent(1024)
     step_times: list[float] = Recent(4096)
     times: dict[bool, list[float]] = {True: Recent(4096), False: Recent(4096)}
-    for step in range(start, cfg.steps):
+    for step in range(start, t.steps):
         t0 = time.perf_counter()
-        attached[0] = not cfg.compare_every or (step // cfg.compare_every) % 2 == 1
+        attached[0] = not t.compare_every or (step // t.compare_every) % 2 == 1
         model.zero_grad_buffer()
         optimizer.zero_grad()
         reduced = forward_backward(
@@ -249,35 +216,41 @@ def train_core(
             data_iterator=train_iter,
             model=[model],
             num_microbatches=num_mb,
-            seq_length=cfg.seq_length,
-            micro_batch_size=cfg.micro_batch_size,
-            decoder_seq_length=cfg.seq_length,
+            seq_length=t.model.seq_length,
+            micro_batch_size=p.micro_batch_size,
+            decoder_seq_length=t.model.seq_length,
             forward_only=False,
         )
         ok, grad_norm, _ = optimizer.step()
         if ok:
-            scheduler.step(increment=cfg.global_batch_size)
+            scheduler.step(increment=t.global_batch_size)
         if reduced and ps.is_pipeline_last_stage():
             total = torch.stack([r["lm loss"] for r in reduced]).sum(0)
             losses.append(total)  # on the device: read once, at the end
         torch.cuda.synchronize()
         step_times.append(time.perf_counter() - t0)
-        if cfg.compare_every and step % cfg.compare_every:  # the first step of a block is left out
+        if t.compare_every and step % t.compare_every:  # the first step of a block is left out
             times[attached[0]].append(step_times[-1])
         done = step + 1
-        if cfg.save and cfg.save_interval and done % cfg.save_interval == 0:
-            _save(cfg, done, model, optimizer, scheduler, train_iter)
-        if cfg.log_every and done % cfg.log_every == 0 and topo.reports and losses:
+        if t.checkpoint_dir and t.checkpoint_every and done % t.checkpoint_every == 0:
+            _save(t, done, model, optimizer, scheduler, train_iter)
+        if t.log_every and done % t.log_every == 0 and topo.reports and losses:
             last = losses[-1]
             log.info(
                 "step %d loss %.4f grad norm %.3f", step, float(last[0] / last[1]), float(grad_norm or 0)
             )
     delivered = plugin.close()
-    return _summary(cfg, start, losses, step_times, times, plugin, delivered)
+    return _summary(t, p, start, losses, step_times, times, plugin, delivered)
 
 
 def _setup(
-    cfg: CoreConfig, spec: Any, address: str | None, token: str | None, source: str, cache_dir: Path | None
+    t: TrainConfig,
+    p: ParallelConfig,
+    spec: Any,
+    address: str | None,
+    token: str | None,
+    source: str,
+    cache_dir: Path | None,
 ):
     """Model parallelism, the model, its optimizer and scheduler, and the mixer's data plug-in:
     (model, optimizer, scheduler, train_iter, plugin)."""
@@ -289,19 +262,19 @@ def _setup(
     from mixer.megatron.data import gpt_config
 
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(cfg.tensor_parallel, cfg.pipeline_parallel)
-    tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
-    config, model = _model(cfg)
-    optimizer, scheduler = _optimizer(cfg, model)
+        ps.initialize_model_parallel(p.tensor_parallel, p.pipeline_parallel)
+    tensor_parallel.model_parallel_cuda_manual_seed(t.seed)
+    config, model = _model(t, p)
+    optimizer, scheduler = _optimizer(t, model)
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
 
-    data_config = gpt_config(cfg.seq_length, cfg.seed, cache_dir)
+    data_config = gpt_config(t.model.seq_length, t.seed, cache_dir)
     settings = lm.LMSettings(
         spec=spec,
-        micro_batch_size=cfg.micro_batch_size,
-        global_batch_size=cfg.global_batch_size,
-        num_workers=cfg.num_workers,
+        micro_batch_size=p.micro_batch_size,
+        global_batch_size=t.global_batch_size,
+        num_workers=p.num_workers,
         address=address,
         token=token,
         source=source,
@@ -310,7 +283,7 @@ def _setup(
     return model, optimizer, scheduler, train_iter, plugin
 
 
-def _forward_step(cfg: CoreConfig, plugin: Any, attached: list[bool]):
+def _forward_step(t: TrainConfig, p: ParallelConfig, plugin: Any, attached: list[bool]):
     """Megatron's forward_step: the mixer's loss wrapper while `attached[0]` holds."""
     from mixer.megatron import lm
 
@@ -318,8 +291,8 @@ def _forward_step(cfg: CoreConfig, plugin: Any, attached: list[bool]):
 
     def forward_step(data_iterator, gpt):
         batch = next(data_iterator) if topo.reads_data else None
-        b = _tp_batch(batch, topo, cfg.micro_batch_size, cfg.seq_length)
-        meta = lm.batch_meta(data_iterator, topo, cfg.micro_batch_size)
+        b = _tp_batch(batch, topo, p.micro_batch_size, t.model.seq_length)
+        meta = lm.batch_meta(data_iterator, topo, p.micro_batch_size)
         output = gpt(b["tokens"], b["position_ids"], None, labels=b["labels"])
         loss_func = partial(_loss_func, b["loss_mask"])
         if not attached[0]:
@@ -330,7 +303,8 @@ def _forward_step(cfg: CoreConfig, plugin: Any, attached: list[bool]):
 
 
 def _summary(
-    cfg: CoreConfig,
+    t: TrainConfig,
+    p: ParallelConfig,
     start: int,
     losses: list[torch.Tensor],
     step_times: list[float],
@@ -340,12 +314,12 @@ def _summary(
 ) -> dict[str, Any]:
     curve = [float(x[0] / x[1]) for x in losses]
     return {
-        "final_step": max(start, cfg.steps),
+        "final_step": max(start, t.steps),
         "losses": curve,
         "step_time_s": float(np.median(step_times[2:])) if len(step_times) > 2 else None,
         "step_time_attached_s": float(np.median(times[True])) if times[True] else None,
         "step_time_detached_s": float(np.median(times[False])) if times[False] else None,
         "reported": list(plugin.reporter.reported),
         "all_reports_acknowledged": delivered,
-        "config": json.loads(json.dumps(cfg.__dict__, default=str)),
+        "config": {"train": to_dict(t), "parallel": to_dict(p)},
     }

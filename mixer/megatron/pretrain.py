@@ -299,7 +299,7 @@ def _run_core(
     """--device cuda: megatron-core's schedules, DDP, distributed optimizer and dist_checkpointing."""
     import torch
 
-    from mixer.megatron.core_train import CoreConfig, train_core
+    from mixer.megatron.core_train import train_core
 
     par = cfg.parallel
     probes = [k for k in ("reference", "align_every", "sample_align_every") if plan.get(k)]
@@ -320,34 +320,12 @@ def _run_core(
     if cfg.run.mixer is not None and rank == 0:
         _connect(cfg.run, spec)
     torch.distributed.barrier()
-    m = t.model
-    core = CoreConfig(
-        steps=t.steps,
-        global_batch_size=t.global_batch_size,
-        micro_batch_size=par.micro_batch_size,
-        tensor_parallel=par.tensor_parallel,
-        pipeline_parallel=par.pipeline_parallel,
-        seq_length=m.seq_length,
-        layers=m.num_layers,
-        hidden=m.hidden_size,
-        heads=m.num_attention_heads,
-        vocab_size=m.vocab_size,
-        lr=t.lr,
-        min_lr=t.min_lr,
-        warmup=t.warmup_steps,
-        decay_steps=t.decay_steps,
-        override_lr_schedule=t.override_lr_schedule,
-        seed=t.seed,
-        save=t.checkpoint_dir,
-        save_interval=t.checkpoint_every,
-        load=t.resume_from,
-        compare_every=t.compare_every,
-    )
     cache = _index_cache(cfg.run.cache_dir, rank, world)
     try:
         # The session lives on the reporting rank (last pipeline stage); the plug-in opens it there.
         summary = train_core(
-            core,
+            t,
+            par,
             spec,
             address=cfg.run.mixer,
             token=cfg.run.token,
