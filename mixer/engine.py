@@ -49,7 +49,7 @@ class Engine:
         initial = getattr(self.strategy, "initial_weights", None)
         w0 = initial(self.state) if initial else self.prior
         # Workers read their instance-weighting parameters from every version.
-        self.weighting = {"weighting": dict(spec.weighting.params)} if spec.weighting.name != "none" else {}
+        self.weighting = {"weighting": spec.served_weighting_params} if spec.weighting.name != "none" else {}
         if not np.isfinite(np.asarray(w0, dtype=np.float64)).all() or _nonfinite(self.state)[0]:
             raise SpecError("strategy.params", f"the {spec.strategy.name!r} strategy's initial weights or state are not finite for this spec")
         c = spec.cadence

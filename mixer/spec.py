@@ -236,6 +236,16 @@ class JobSpec:
             return False
         return stored.resolved_json() == self.resolved_json()
 
+    @property
+    def served_weighting_params(self) -> dict[str, Any]:
+        """The weighting parameters every version carries (mixer.engine): as stored. A spec stored
+        before parameters were written out served only the parameters it was given, so its replay
+        serves those, not its resolved ones."""
+        if self.stored_form is not None:
+            stored = json.loads(self.stored_form).get("weighting") or {}
+            return dict(stored.get("params") or {})
+        return dict(self.weighting.params)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 

@@ -5,9 +5,11 @@ token-reference; mixer.weighting
 holds the pure functions) and its initial parameters. A version may override them; the worker
 looks, in this order of precedence, at:
 
-- loss, topic, presence, token-loss, token-reference: `version.params["weighting"]` (a mapping of the method's parameters), then the
-  version's top-level params that are parameter names of the method (ToReMi ships
-  `topic_weights` there), then the spec's `weighting.params`;
+- loss, topic, presence, token-loss, token-reference: first the version's top-level params that
+  the job's strategy declares it ships for the weighting (`ships_weighting_params`: ToReMi's
+  `topic_weights`), then `version.params["weighting"]` (the spec's parameters as the service
+  serves them, every default written out), then other top-level params that are parameter names of
+  the method, then the spec's `weighting.params`;
 - dwm: `version.blob` (mixer.weighting.dwm.to_bytes: the model and the feature state); before
   the first blob, the spec's model (`weighting.params.init_from`, a transferred model) or a fresh
   one, which gives exactly uniform weights.
@@ -69,7 +71,9 @@ class InstanceWeighting:
         # in the loss, with or without an instance weighting method; 1 until the first such version.
         from mixer.strategies import build_strategy
 
-        self.loss_weighted = bool(getattr(build_strategy(spec), "ships_loss_weights", False))
+        strategy = build_strategy(spec)
+        self.loss_weighted = bool(getattr(strategy, "ships_loss_weights", False))
+        self.shipped = frozenset(getattr(strategy, "ships_weighting_params", frozenset()))
         self.domain_loss_weights: Tensor | None = None
         if self.enabled:
             self._configure({}, b"")
@@ -136,7 +140,9 @@ class InstanceWeighting:
         if self.method == "dwm":
             from mixer.weighting import dwm
 
-            p = parse_weighting_params("dwm", {**self.spec_params, **_method_params(params, "dwm")})
+            p = parse_weighting_params(
+                "dwm", {**self.spec_params, **_method_params(params, "dwm", self.shipped)}
+            )
             self.params = p
             if blob:
                 mlp, builder = dwm.from_bytes(blob)
@@ -147,7 +153,7 @@ class InstanceWeighting:
             self.mlp = dwm.to_torch(mlp, self.device)
         else:
             self.params = parse_weighting_params(
-                self.method, {**self.spec_params, **_method_params(params, self.method)}
+                self.method, {**self.spec_params, **_method_params(params, self.method, self.shipped)}
             )
 
     def weights(
@@ -237,11 +243,14 @@ class InstanceWeighting:
             self._configure(*unpack(state["current"]))
 
 
-def _method_params(params: dict[str, Any], method: str) -> dict[str, Any]:
-    """The method's parameters a version carries: top-level names of the method, then params["weighting"]."""
+def _method_params(
+    params: dict[str, Any], method: str, shipped: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """The method's parameters a version carries, in the module docstring's order of precedence."""
     names = METHODS[method]
     out = {k: v for k, v in params.items() if k in names}
     nested = params.get("weighting")
     if isinstance(nested, dict):
         out.update({k: v for k, v in nested.items() if k in names})
+    out.update({k: params[k] for k in shipped if k in names and k in params})
     return out

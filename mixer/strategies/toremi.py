@@ -113,6 +113,9 @@ def topic_rows(topic: np.ndarray) -> np.ndarray:
 class ToReMi(Strategy):
     name = "toremi"
     signals = frozenset({SAMPLE_LOSS, VAL_LOSS})
+    ships_weighting_params: ClassVar[frozenset[str]] = frozenset({"topic_weights"})
+    """Every version's params["topic_weights"] is for the topic weighting in the trainer's loss; it
+    takes precedence there over the spec's initial list (mixer.megatron.instance)."""
     defaults: ClassVar[dict[str, Any]] = {
         "switch_step": None,
         "total_steps": 0,

@@ -163,3 +163,23 @@ def test_defaults_version_has_a_range(bad):
     with pytest.raises(SpecError) as e:
         JobSpec.from_dict({"name": "v", "domains": ["a"], "defaults_version": bad})
     assert e.value.field == "defaults_version"
+
+
+def test_a_legacy_weighting_is_served_as_it_was_stored() -> None:
+    """Versions carry the weighting parameters as stored: a spec stored before parameters were
+    written out served only those it was given, so its replay must serve the same."""
+    from mixer.engine import Engine
+
+    stored = {
+        "name": "legacy-loss",
+        "domains": [{"name": "a"}, {"name": "b"}],
+        "strategy": {"name": "odm", "params": {}},
+        "weighting": {"name": "loss", "params": {"method": "linupper"}},
+        "cadence": {"update_every": 5},
+        "seed": 0,
+    }
+    legacy = JobSpec.from_json(json.dumps(stored))
+    assert Engine(legacy).current.params["weighting"] == stored["weighting"]["params"]
+    assert set(legacy.weighting.params) > set(stored["weighting"]["params"])  # resolved in memory
+    fresh = JobSpec.from_dict(stored)  # a new job's stored spec carries, and serves, every parameter
+    assert Engine(fresh).current.params["weighting"] == fresh.weighting.params
