@@ -4,6 +4,14 @@ Every call has a deadline; unary calls retry UNAVAILABLE through the channel's s
 The Reporter never blocks the training loop: reports go into a bounded in-memory buffer (and a
 spill file beyond it), a background thread streams them over a session, resends whatever was
 not acknowledged after a reconnect, and keeps the newest weight version for the loop to poll.
+
+Several servers may share one database (`mixer serve --ha`, or `--workers N`): each job is owned
+by one of them, and another answers UNAVAILABLE with the owner's address in the trailing metadata
+`mixer-owner`. Both clients follow it: `MixerClient` sends the call again to the owner (and
+remembers it for that job), the `Reporter` opens its session there and resends what was not
+acknowledged (the owner's per-source marks answer a report it already has as a duplicate, so
+nothing is logged twice). At most `MAX_HOPS` redirects in a row; past that `MixerClient` raises
+`RedirectError` and the Reporter backs off and starts again from its configured addresses.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Any
 
 import grpc
 
+from mixer.server.errors import OWNER_METADATA
 from mixer.signals import Report
 from mixer.spec import JobSpec
 from mixer.types import Version
@@ -46,7 +55,15 @@ _SERVICE_CONFIG = json.dumps(
                 # transparently retried stream could replay or skip buffered reports.
                 "name": [
                     {"service": "mixer.v1.MixerService", "method": m}
-                    for m in ("CreateJob", "GetJob", "ListJobs", "FinishJob", "Report", "GetWeights", "ListVersions")
+                    for m in (
+                        "CreateJob",
+                        "GetJob",
+                        "ListJobs",
+                        "FinishJob",
+                        "Report",
+                        "GetWeights",
+                        "ListVersions",
+                    )
                 ],
                 "retryPolicy": {
                     "maxAttempts": 5,
@@ -62,7 +79,11 @@ _SERVICE_CONFIG = json.dumps(
 
 
 # Reconnect quickly after a service restart (gRPC's default backoff grows to minutes).
-FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +98,9 @@ class TlsConfig:
         def read(p: str | None) -> bytes | None:
             return Path(p).read_bytes() if p else None
 
-        return grpc.ssl_channel_credentials(root_certificates=read(self.ca), private_key=read(self.key), certificate_chain=read(self.cert))
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca), private_key=read(self.key), certificate_chain=read(self.cert)
+        )
 
 
 def channel(address: str, tls: TlsConfig | None = None) -> grpc.Channel:
@@ -93,22 +116,73 @@ def channel(address: str, tls: TlsConfig | None = None) -> grpc.Channel:
     return grpc.insecure_channel(address, options=options)
 
 
+MAX_HOPS = 4
+"""Redirects to a job's owner followed in a row. One is the rule (any server -> the owner); more
+happen only while ownership changes hands (an owner died and its lease is being taken over)."""
+
+
+def owner_of(err: grpc.RpcError) -> str | None:
+    """The owner's address a server that does not own the job answered with, if this is such an answer."""
+    if not hasattr(err, "code") or err.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    for key, value in err.trailing_metadata() or ():
+        if key == OWNER_METADATA:
+            return value if isinstance(value, str) else value.decode()
+    return None
+
+
+class RedirectError(grpc.RpcError):
+    """Servers kept sending a call on to another owner (more than MAX_HOPS times): ownership of
+    the job is changing hands, or the servers disagree about it. Retry later."""
+
+    def __init__(self, what: str, path: list[str]):
+        self.path = path
+        self._details = (
+            f"{what}: sent on {len(path) - 1} times ({' -> '.join(path)}) without reaching the job's owner "
+            f"(at most {MAX_HOPS} hops); its ownership is changing hands, retry later"
+        )
+        super().__init__(self._details)
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple:
+        return ()
+
+
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 class MixerClient:
-    """Blocking client for tools and scripts."""
+    """Blocking client for tools and scripts; a call about a job goes to the job's owner."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = 10.0, token: str | None = None, tls: TlsConfig | None = None):
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float = 10.0,
+        token: str | None = None,
+        tls: TlsConfig | None = None,
+    ):
         self.address = address
         self.timeout = timeout
+        self._tls = tls
         self._channel = channel(address, tls)
         self._md = auth_metadata(token)
         self.stub = pb_grpc.MixerServiceStub(self._channel)
+        self._stubs: dict[str, tuple[grpc.Channel, pb_grpc.MixerServiceStub]] = {
+            address: (self._channel, self.stub)
+        }
+        self._owners: dict[str, str] = {}
+        """Job -> the address that last served it (after a redirect)."""
 
     def close(self) -> None:
-        self._channel.close()
+        for ch, _ in self._stubs.values():
+            ch.close()
 
     def __enter__(self) -> MixerClient:
         return self
@@ -119,41 +193,93 @@ class MixerClient:
     def wait_ready(self, timeout: float = 30.0) -> None:
         grpc.channel_ready_future(self._channel).result(timeout=timeout)
 
+    def _stub(self, address: str) -> pb_grpc.MixerServiceStub:
+        if address not in self._stubs:
+            ch = channel(address, self._tls)
+            self._stubs[address] = (ch, pb_grpc.MixerServiceStub(ch))
+        return self._stubs[address][1]
+
+    def _next_hop(self, err: grpc.RpcError, job: str, address: str, path: list[str]) -> str:
+        """Where to send a call again that failed with `err` at `address`, or raise."""
+        owner = owner_of(err)
+        if owner is None:
+            if job and self._owners.get(job) == address:
+                del self._owners[job]  # it failed: the next call asks where we started again
+            if (
+                address == self.address
+                or not hasattr(err, "code")
+                or err.code() != grpc.StatusCode.UNAVAILABLE
+            ):
+                raise err
+            owner = self.address  # the owner we were sent to is gone: ask again where we started
+        if len(path) > MAX_HOPS:
+            raise RedirectError(f"job {job!r}" if job else "create job", path) from err
+        path.append(owner)
+        if job:
+            self._owners[job] = owner
+        return owner
+
+    def _call(self, method: str, request, job: str):
+        """A unary call, sent on to the job's owner when the server that got it does not own it."""
+        address = self._owners.get(job, self.address) if job else self.address
+        path = [address]
+        while True:
+            try:
+                return getattr(self._stub(address), method)(request, timeout=self.timeout, metadata=self._md)
+            except grpc.RpcError as e:
+                address = self._next_hop(e, job, address, path)
+
     def create_job(self, spec: str | JobSpec | dict[str, Any]) -> tuple[pb.Job, bool]:
         if isinstance(spec, JobSpec):
             spec = spec.to_json()
         elif isinstance(spec, dict):
             spec = json.dumps(spec)
-        resp = self.stub.CreateJob(pb.CreateJobRequest(spec=spec), timeout=self.timeout, metadata=self._md)
+        resp = self._call("CreateJob", pb.CreateJobRequest(spec=spec), "")
         return resp.job, resp.created
 
     def get_job(self, name: str) -> pb.Job:
-        return self.stub.GetJob(pb.GetJobRequest(name=name), timeout=self.timeout, metadata=self._md).job
+        return self._call("GetJob", pb.GetJobRequest(name=name), name).job
 
     def finish_job(self, name: str) -> pb.Job:
-        return self.stub.FinishJob(pb.FinishJobRequest(name=name), timeout=self.timeout, metadata=self._md).job
+        return self._call("FinishJob", pb.FinishJobRequest(name=name), name).job
 
     def list_jobs(self) -> list[pb.Job]:
         return list(self.stub.ListJobs(pb.ListJobsRequest(), timeout=self.timeout, metadata=self._md).jobs)
 
-    def get_weights(self, job: str, *, step: int | None = None, version: int | None = None) -> pb.WeightVersion:
+    def get_weights(
+        self, job: str, *, step: int | None = None, version: int | None = None
+    ) -> pb.WeightVersion:
         req = pb.GetWeightsRequest(job=job)
         if step is not None:
             req.step = step
         if version is not None:
             req.version = version
-        return self.stub.GetWeights(req, timeout=self.timeout, metadata=self._md).version
+        return self._call("GetWeights", req, job).version
 
     def list_versions(self, job: str, after: int = -1, limit: int = 0) -> list[pb.WeightVersion]:
-        return list(self.stub.ListVersions(pb.ListVersionsRequest(job=job, after_version=after, limit=limit), timeout=self.timeout, metadata=self._md).versions)
+        return list(
+            self._call(
+                "ListVersions", pb.ListVersionsRequest(job=job, after_version=after, limit=limit), job
+            ).versions
+        )
 
     def watch(self, job: str, after: int = -1, timeout: float | None = None) -> Iterator[pb.WeightVersion]:
-        for resp in self.stub.WatchWeights(pb.WatchWeightsRequest(job=job, after_version=after), timeout=timeout, metadata=self._md):
-            yield resp.version
+        address = self._owners.get(job, self.address)
+        path = [address]
+        while True:
+            try:
+                for resp in self._stub(address).WatchWeights(
+                    pb.WatchWeightsRequest(job=job, after_version=after), timeout=timeout, metadata=self._md
+                ):
+                    after = resp.version.version
+                    yield resp.version
+                return
+            except grpc.RpcError as e:
+                address = self._next_hop(e, job, address, path)
 
     def report(self, job: str, report: Report | pb.Signals) -> pb.ReportResponse:
         msg = report if isinstance(report, pb.Signals) else report_to_proto(report)
-        return self.stub.Report(pb.ReportRequest(job=job, signals=msg), timeout=self.timeout, metadata=self._md)
+        return self._call("Report", pb.ReportRequest(job=job, signals=msg), job)
 
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["MixerService"]
@@ -365,6 +491,8 @@ class Reporter:
 
     def _run(self) -> None:
         backoff = 0.05
+        hops = 0  # redirects followed since the last welcome
+        home = self.address  # the configured address the current chain of redirects started from
         while True:
             with self._cv:
                 if self._stop:
@@ -372,60 +500,94 @@ class Reporter:
                 self._stream_gen += 1
                 gen = self._stream_gen
                 self._sent = 0  # resend everything unacknowledged on the new stream
-            ch = channel(self.address, self._tls)
-            welcomed = False
-            try:
-                # Requests go out as bytes built by _session_request: queued reports are kept
-                # serialized and are never parsed again to be sent.
-                session = ch.stream_stream(_SESSION, request_serializer=None, response_deserializer=pb.SessionResponse.FromString)
-                call = session(self._requests(gen), metadata=self._md)
-                for resp in call:
-                    kind = resp.WhichOneof("kind")
-                    if kind == "welcome":
-                        self.resume_from = (resp.welcome.last_step, resp.welcome.last_seq)
-                        self.domains = list(resp.welcome.domains)
-                        self._set_version(resp.welcome.current)
-                        self.connected.set()
-                        welcomed = True
-                        backoff = 0.05
-                    elif kind in ("ack", "acks"):
-                        acks = [resp.ack] if kind == "ack" else resp.acks.acks
-                        if kind == "acks" and resp.acks.HasField("latest"):
-                            self._set_version(resp.acks.latest)
-                        self.acked += len(acks)
-                        self.duplicates += sum(a.duplicate for a in acks)
-                        self._on_ack(*((a.source or self.source, a.step, a.seq) for a in acks))
-                        if self._ack_hook is not None:
-                            for a in acks:
-                                self._ack_hook(a.step, a.seq)
-                    elif kind == "version":
-                        self._set_version(resp.version)
-                    elif kind == "nack":
-                        if resp.nack.code == grpc.StatusCode.UNAVAILABLE.value[0]:
-                            break  # the service is reloading the job: reconnect and resend
-                        # Refused for good (invalid): drop it so it is not resent forever.
-                        self.rejected.append(resp.nack)
-                        log.error("report step %d seq %d refused: %s", resp.nack.step, resp.nack.seq, resp.nack.message)
-                        self._on_ack((resp.nack.source or self.source, resp.nack.step, resp.nack.seq))
-            except grpc.RpcError as e:
-                code = e.code() if hasattr(e, "code") else None
-                if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-                    log.error("session for job %s refused: %s", self.job, e.details())
-                self.last_error = f"{code.name if code else 'ERROR'}: {e.details() if hasattr(e, 'details') else e}"
-            finally:
-                self.connected.clear()
-                with self._cv:
-                    self._stream_gen += 1  # ends the request generator of this stream
-                    self._cv.notify_all()
-                ch.close()
-            if not welcomed and len(self.addresses) > 1:
-                # This server would not take the session (down, or not the job's owner): try the next.
-                self.address = self.addresses[(self.addresses.index(self.address) + 1) % len(self.addresses)]
+            welcomed, owner = self._stream(gen)
+            if welcomed:
+                backoff, hops = 0.05, 0
+            if owner is not None and hops < MAX_HOPS:
+                # Not the job's owner: open the session at the owner's at once, and resend there.
+                hops += 1
+                self.address = owner
+                continue
+            if owner is not None:
+                self.last_error = f"UNAVAILABLE: {hops} redirects in a row without reaching the owner of job {self.job!r} (last: {owner}); retrying from {home}"
+                log.warning("%s", self.last_error)
+                hops = 0
+                self.address = home
+            elif not welcomed:
+                if self.address != home:
+                    self.address = home  # the owner we were sent to is gone: ask where it is now
+                elif len(self.addresses) > 1:
+                    # This server would not take the session (down): try the next configured one.
+                    self.address = home = self.addresses[
+                        (self.addresses.index(home) + 1) % len(self.addresses)
+                    ]
             with self._cv:
                 if self._stop:
                     return
                 self._cv.wait(backoff)
             backoff = min(self.max_backoff, backoff * 2)
+
+    def _stream(self, gen: int) -> tuple[bool, str | None]:
+        """One session stream to self.address until it ends: (welcomed, the owner's address if
+        this server sent us there)."""
+        ch = channel(self.address, self._tls)
+        welcomed, owner = False, None
+        try:
+            # Requests go out as bytes built by _session_request: queued reports are kept
+            # serialized and are never parsed again to be sent.
+            session = ch.stream_stream(
+                _SESSION, request_serializer=None, response_deserializer=pb.SessionResponse.FromString
+            )
+            call = session(self._requests(gen), metadata=self._md)
+            for resp in call:
+                kind = resp.WhichOneof("kind")
+                if kind == "welcome":
+                    self.resume_from = (resp.welcome.last_step, resp.welcome.last_seq)
+                    self.domains = list(resp.welcome.domains)
+                    self._set_version(resp.welcome.current)
+                    self.connected.set()
+                    welcomed = True
+                elif kind in ("ack", "acks"):
+                    acks = [resp.ack] if kind == "ack" else resp.acks.acks
+                    if kind == "acks" and resp.acks.HasField("latest"):
+                        self._set_version(resp.acks.latest)
+                    self.acked += len(acks)
+                    self.duplicates += sum(a.duplicate for a in acks)
+                    self._on_ack(*((a.source or self.source, a.step, a.seq) for a in acks))
+                    if self._ack_hook is not None:
+                        for a in acks:
+                            self._ack_hook(a.step, a.seq)
+                elif kind == "version":
+                    self._set_version(resp.version)
+                elif kind == "nack":
+                    if resp.nack.code == grpc.StatusCode.UNAVAILABLE.value[0]:
+                        break  # the service is reloading the job (or lost it): reconnect and resend
+                    # Refused for good (invalid): drop it so it is not resent forever.
+                    self.rejected.append(resp.nack)
+                    log.error(
+                        "report step %d seq %d refused: %s", resp.nack.step, resp.nack.seq, resp.nack.message
+                    )
+                    self._on_ack((resp.nack.source or self.source, resp.nack.step, resp.nack.seq))
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else None
+            owner = owner_of(e)
+            if code in (
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.UNAUTHENTICATED,
+            ):
+                log.error("session for job %s refused: %s", self.job, e.details())
+            self.last_error = (
+                f"{code.name if code else 'ERROR'}: {e.details() if hasattr(e, 'details') else e}"
+            )
+        finally:
+            self.connected.clear()
+            with self._cv:
+                self._stream_gen += 1  # ends the request generator of this stream
+                self._cv.notify_all()
+            ch.close()
+        return welcomed, owner
 
     def _set_version(self, msg: pb.WeightVersion) -> None:
         v = version_from_proto(msg)

@@ -10,6 +10,13 @@ count of reports in the log against the count acknowledged and sent. The clock s
 session is connected (64 interpreters starting on two cores take a while). The client processes
 run at a lower CPU priority (`--client-nice`, 10 by default) than the server they measure.
 Bounded: it stops by itself.
+
+`servers=N` (N > 1, PostgreSQL only) runs `mixer serve --workers N` instead: N processes share the
+port, the jobs are created through each worker's own address in turn (so each owns 1/N of them),
+and the sessions connect to the shared port and are sent on to their job's owner. Its memory is
+the sum over the workers. `compare_servers` runs the benchmark once per server count, on the same
+database, with --ha in every run (so a lone server pays the same lease checks), and prints the
+runs side by side.
 """
 
 from __future__ import annotations
@@ -43,7 +50,9 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
-def _session_worker(address: str, job: str, duration: float, window: int, rate: float, nice: int, go, out: mp.Queue) -> None:
+def _session_worker(
+    address: str, job: str, duration: float, window: int, rate: float, nice: int, go, out: mp.Queue
+) -> None:
     """One client process: a Reporter (the client training jobs use) fed as fast as it takes
     reports (or at `rate` reports/s when > 0), with at most `window` unacknowledged; then drain,
     and report counts and latencies."""
@@ -86,41 +95,90 @@ def _session_worker(address: str, job: str, duration: float, window: int, rate: 
             # window or a slow process still counts the wait: no coordinated omission).
             sent_at[step] = min(due, time.perf_counter()) if rate > 0 else time.perf_counter()
             due += 1.0 / rate if rate > 0 else 0.0
-            reporter.submit(pb.Signals(step=step, source="load", domain_loss_sum=loss, domain_token_count=tokens))
+            reporter.submit(
+                pb.Signals(step=step, source="load", domain_loss_sum=loss, domain_token_count=tokens)
+            )
             step += 1
     if not reporter.close(timeout=120) and error is None:
         error = f"{reporter.pending} reports unacknowledged at the end: {reporter.last_error}"
     lat = np.asarray(latencies) * 1000
-    result = {"job": job, "sent": step, "acked": reporter.acked, "errors": len(reporter.rejected),
-              "lat_ms": lat.tolist()[:: max(1, lat.size // 5000)]}
+    result = {
+        "job": job,
+        "sent": step,
+        "acked": reporter.acked,
+        "errors": len(reporter.rejected),
+        "lat_ms": lat.tolist()[:: max(1, lat.size // 5000)],
+    }
     if error:
         result["error"] = error
     out.put(result)
 
 
+def _server_rss(srv) -> int:
+    """The server's memory: the process, or the sum over its workers (the parent serves nothing)."""
+    return (
+        sum(_rss_bytes(pid) for pid in srv.worker_pids().values())
+        if srv.workers > 1
+        else _rss_bytes(srv.proc.pid)
+    )
+
+
 def run_load_bench(
-    *, sessions: int = 64, duration: float = 120.0, window: int = WINDOW, rate: float = 0.0, client_nice: int = CLIENT_NICE, db: str | None = None, progress: bool = True
+    *,
+    sessions: int = 64,
+    duration: float = 120.0,
+    window: int = WINDOW,
+    rate: float = 0.0,
+    client_nice: int = CLIENT_NICE,
+    db: str | None = None,
+    servers: int = 1,
+    ha: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """`rate`: total reports/s offered across the sessions (0: each session at full rate)."""
+    """`rate`: total reports/s offered across the sessions (0: each session at full rate).
+    `servers`: server processes (`mixer serve --workers`, PostgreSQL only); `ha`: serve with --ha."""
     from mixer.client import MixerClient
     from mixer.server.launch import ServerProcess
     from mixer.store import Store
 
+    if not 1 <= servers <= 64:
+        raise ValueError(f"servers: must be in [1, 64], got {servers}")
+    if (servers > 1 or ha) and not (db or "").startswith("postgres"):
+        raise ValueError(
+            f"servers={servers}{' with --ha' if ha else ''} needs a PostgreSQL database (--db postgresql://...)"
+        )
     with tempfile.TemporaryDirectory(prefix="mixer-load-") as tmp:
         db_url = db or str(Path(tmp) / "load.db")
-        srv = ServerProcess(db_url, Path(tmp)).start()
+        srv = ServerProcess(
+            db_url, Path(tmp), ["--ha"] if ha and servers == 1 else [], workers=servers
+        ).start()
         try:
             stamp = int(time.time())
-            jobs = [f"load-{stamp}-{i}" for i in range(sessions)]
-            with MixerClient(srv.address) as c:
-                for j in jobs:
-                    c.create_job({"name": j, "domains": [f"d{i}" for i in range(K)], "strategy": "odm", "cadence": {"update_every": 10}})
+            jobs = [f"load-{stamp}-s{servers}-{i}" for i in range(sessions)]
+            spread = srv.worker_addresses
+            for i, j in enumerate(jobs):  # job i is created by (and so owned by) worker i % servers
+                with MixerClient(spread[i % len(spread)]) as c:
+                    c.create_job(
+                        {
+                            "name": j,
+                            "domains": [f"d{i}" for i in range(K)],
+                            "strategy": "odm",
+                            "cadence": {"update_every": 10},
+                        }
+                    )
                     c.get_job(j)  # load it before the clock starts
-            rss_before = _rss_bytes(srv.proc.pid)
+            rss_before = _server_rss(srv)
             ctx = mp.get_context("spawn")
             out: mp.Queue = ctx.Queue()
             go = ctx.Event()
-            procs = [ctx.Process(target=_session_worker, args=(srv.address, j, duration, window, rate / sessions, client_nice, go, out), daemon=True) for j in jobs]
+            procs = [
+                ctx.Process(
+                    target=_session_worker,
+                    args=(srv.address, j, duration, window, rate / sessions, client_nice, go, out),
+                    daemon=True,
+                )
+                for j in jobs
+            ]
             for p in procs:
                 p.start()
             ready, results = 0, []
@@ -140,14 +198,19 @@ def run_load_bench(
             # Memory: once the sessions are up and streaming (warm-up), and at the end of the streaming.
             warm = min(10.0, duration / 10)
             rss_start = 0
-            bar = tqdm(total=int(duration), desc=f"{sessions} sessions x {duration:.0f}s", unit="s", disable=not progress)
+            bar = tqdm(
+                total=int(duration),
+                desc=f"{sessions} sessions x {duration:.0f}s",
+                unit="s",
+                disable=not progress,
+            )
             while time.time() < t_go + duration:
                 time.sleep(min(1.0, max(0.0, t_go + duration - time.time())))
                 bar.n = min(int(duration), int(time.time() - t_go))
                 bar.refresh()
                 if not rss_start and time.time() >= t_go + warm:
-                    rss_start = _rss_bytes(srv.proc.pid)
-            rss_end = _rss_bytes(srv.proc.pid)
+                    rss_start = _server_rss(srv)
+            rss_end = _server_rss(srv)
             bar.close()
             deadline = time.time() + 150
             while len(results) < sessions and time.time() < deadline:
@@ -166,8 +229,14 @@ def run_load_bench(
         store.close()
     sent = sum(r.get("sent", 0) for r in results)
     acked = sum(r.get("acked", 0) for r in results)
-    lat = np.concatenate([np.asarray(r.get("lat_ms", []), dtype=float) for r in results]) if results else np.zeros(0)
+    lat = (
+        np.concatenate([np.asarray(r.get("lat_ms", []), dtype=float) for r in results])
+        if results
+        else np.zeros(0)
+    )
     result = {
+        "servers": servers,
+        "ha": ha or servers > 1,
         "sessions": sessions,
         "sessions_reporting": len(results),
         "duration_s": duration,
@@ -193,3 +262,28 @@ def run_load_bench(
         for k, v in result.items():
             print(f"{k:>22}: {v:,.3f}" if isinstance(v, float) else f"{k:>22}: {v}")
     return result
+
+
+def compare_servers(counts: list[int], *, progress: bool = True, **kw) -> dict[str, Any]:
+    """`run_load_bench` once per server count (--ha in each), side by side."""
+    runs = [run_load_bench(servers=n, ha=True, progress=False, **kw) for n in counts]
+    if progress:
+        keys = [
+            "servers",
+            "reports_per_s",
+            "ack_p50_ms",
+            "ack_p99_ms",
+            "log_equals_acked",
+            "server_rss_end_mb",
+            "sessions_reporting",
+        ]
+        print(f"{'':>20}" + "".join(f"{'run ' + str(i + 1):>14}" for i in range(len(runs))))
+        for k in keys:
+            print(
+                f"{k:>20}"
+                + "".join(f"{r[k]:>14,.1f}" if isinstance(r[k], float) else f"{r[k]!s:>14}" for r in runs)
+            )
+        for r in runs:
+            for e in r["errors"]:
+                print(f"servers={r['servers']}: {e}")
+    return {"runs": runs}

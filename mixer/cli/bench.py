@@ -83,14 +83,50 @@ def bench_service(reports: int, samples: int, sessions: int, db: str | None, as_
     type=click.IntRange(0, 19),
     help="niceness of the client processes (0: equal footing with the server)",
 )
+@click.option(
+    "--servers",
+    default="1",
+    show_default=True,
+    help="server processes (mixer serve --workers, PostgreSQL); a list (1,2) runs each, side by side",
+)
 @bench_db_option
 @json_option
 def bench_load(
-    sessions: int, duration: float, window: int, rate: float, client_nice: int, db: str | None, as_json: bool
+    sessions: int,
+    duration: float,
+    window: int,
+    rate: float,
+    client_nice: int,
+    servers: str,
+    db: str | None,
+    as_json: bool,
 ) -> None:
     """Many sessions at full rate on loopback: throughput, ack latency, memory, exact log count."""
-    from mixer.bench.load import run_load_bench
+    from mixer.bench.load import compare_servers, run_load_bench
 
+    try:
+        counts = [int(n) for n in servers.split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"a server count or a list of them (1,2), got {servers!r}", param_hint="--servers"
+        ) from None
+    if counts != [1]:
+        try:
+            result = compare_servers(
+                counts,
+                sessions=sessions,
+                duration=duration,
+                window=window,
+                rate=rate,
+                client_nice=client_nice,
+                db=db,
+                progress=not as_json,
+            )
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--servers") from None
+        if as_json:
+            emit_json(result)
+        return
     result = run_load_bench(
         sessions=sessions,
         duration=duration,

@@ -116,6 +116,13 @@ from mixer.cli.common import (
 @click.option(
     "--lease-ttl", default=5.0, show_default=True, type=float, help="seconds a lease outlives its owner"
 )
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=int,
+    help="server processes sharing --port on PostgreSQL (implies --ha); worker i also on port+1+i, HTTP on http-port+i",
+)
 def serve(**kw) -> None:
     """Run the mixer service (gRPC + HTTP metrics) until SIGTERM."""
     import asyncio
@@ -124,6 +131,10 @@ def serve(**kw) -> None:
     from mixer.server.app import serve as run
 
     logging.getLogger("mixer").setLevel(logging.INFO)
+    if kw["workers"] != 1:
+        from mixer.server.workers import serve_workers
+
+        raise SystemExit(serve_workers(ServeConfig(**kw)))
     asyncio.run(run(ServeConfig(**kw)))
 
 

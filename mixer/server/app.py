@@ -10,7 +10,7 @@ import os
 import signal
 import ssl
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 
@@ -95,11 +95,19 @@ class ServeConfig:
     advertise: str = ""
     """The address other servers send clients to (default: host:port)."""
     lease_ttl: float = 5.0
+    workers: int = 1
+    """Server processes on this host (`workers.py`): they share --port (SO_REUSEPORT) and a
+    PostgreSQL database, each job owned by one of them through a lease (--ha is implied). Worker i
+    also listens on port+1+i, the address it advertises, and serves HTTP on http_port+i."""
+    private_port: int = 0
+    """A worker's own port besides the shared --port, set by the parent of --workers (0: none)."""
 
     def validate(self) -> list[str]:
         """Refuse a bad configuration (SystemExit naming the option); return warnings."""
         if not is_loopback(self.host) and not self.auth and not self.insecure:
-            raise SystemExit(f"refusing to serve on {self.host} without --auth; pass --insecure to do it anyway")
+            raise SystemExit(
+                f"refusing to serve on {self.host} without --auth; pass --insecure to do it anyway"
+            )
         for name, value in (
             ("hello_timeout", self.hello_timeout),
             ("http_timeout", self.http_timeout),
@@ -107,24 +115,31 @@ class ServeConfig:
             ("grpc_idle_timeout", self.grpc_idle_timeout),
         ):
             if not 0 < value <= MAX_TIMEOUT_S:
-                raise SystemExit(f"--{name.replace('_', '-')}: must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {value}")
+                raise SystemExit(
+                    f"--{name.replace('_', '-')}: must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {value}"
+                )
         for name, value in (
             ("max_pending_sessions", self.max_pending_sessions),
             ("http_max_connections", self.http_max_connections),
             ("grpc_max_connections", self.grpc_max_connections),
         ):
             if not 1 <= value <= MAX_CONNECTIONS:
-                raise SystemExit(f"--{name.replace('_', '-')}: must be in [1, {MAX_CONNECTIONS}], got {value}")
+                raise SystemExit(
+                    f"--{name.replace('_', '-')}: must be in [1, {MAX_CONNECTIONS}], got {value}"
+                )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise SystemExit("--tls-cert and --tls-key go together")
         if self.sqlite_synchronous not in SQLITE_SYNCHRONOUS:
-            raise SystemExit(f"--sqlite-synchronous: must be one of {', '.join(SQLITE_SYNCHRONOUS)}, got {self.sqlite_synchronous!r}")
+            raise SystemExit(
+                f"--sqlite-synchronous: must be one of {', '.join(SQLITE_SYNCHRONOUS)}, got {self.sqlite_synchronous!r}"
+            )
         if self.sqlite_synchronous != "normal" and self.db.startswith("postgres"):
             raise SystemExit(
                 "--sqlite-synchronous applies to SQLite only; on PostgreSQL an acknowledgement follows the server's synchronous_commit setting"
             )
         if self.ha and not self.db.startswith("postgres"):
             raise SystemExit("--ha needs a shared PostgreSQL database (--db postgresql://...)")
+        self._validate_workers()
         if self.tls_client_ca and not self.tls_cert:
             raise SystemExit("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
@@ -139,6 +154,51 @@ class ServeConfig:
             )
         return warnings
 
+    def _validate_workers(self) -> None:
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise SystemExit(f"--workers: must be in [1, {MAX_WORKERS}], got {self.workers}")
+        if self.workers == 1:
+            return
+        if not self.db.startswith("postgres"):
+            raise SystemExit(
+                f"--workers {self.workers} needs a shared PostgreSQL database (--db postgresql://...): "
+                "a SQLite file serves one process"
+            )
+        if not 1 <= self.port <= 65535 - self.workers:
+            raise SystemExit(
+                f"--port: with --workers {self.workers}, must be in [1, {65535 - self.workers}] (worker i also takes port+1+i), got {self.port}"
+            )
+        if self.http_port and not 1 <= self.http_port <= 65536 - self.workers:
+            raise SystemExit(
+                f"--http-port: with --workers {self.workers}, must be 0 or in [1, {65536 - self.workers}] (worker i serves HTTP on http_port+i), got {self.http_port}"
+            )
+        if self.advertise and ":" in self.advertise.strip("[]").rsplit("]", 1)[-1]:
+            raise SystemExit(
+                f"--advertise: with --workers, give the host only (each worker advertises host:its own port), got {self.advertise!r}"
+            )
+        if not self.advertise and self.host in ("0.0.0.0", "::", ""):
+            raise SystemExit(
+                f"--host {self.host} with --workers: pass --advertise HOST, the address clients reach this machine at"
+            )
+
+    def worker(self, i: int) -> ServeConfig:
+        """Worker i's configuration (of --workers N): the shared port, its own port and HTTP port."""
+        private = self.port + 1 + i
+        host = self.advertise or self.host
+        me = f"{host}:{private}"
+        return replace(
+            self,
+            workers=1,
+            ha=True,
+            private_port=private,
+            http_port=self.http_port + i if self.http_port else 0,
+            advertise=me,
+            server_id=f"{self.server_id}/{i}" if self.server_id else me,
+        )
+
+
+MAX_WORKERS = 256
+
 
 def is_loopback(host: str) -> bool:
     if host in ("localhost", ""):
@@ -152,7 +212,9 @@ def is_loopback(host: str) -> bool:
 def _credentials(cfg: ServeConfig) -> grpc.ServerCredentials:
     pair = [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())]
     if cfg.tls_client_ca:
-        return grpc.ssl_server_credentials(pair, root_certificates=Path(cfg.tls_client_ca).read_bytes(), require_client_auth=True)
+        return grpc.ssl_server_credentials(
+            pair, root_certificates=Path(cfg.tls_client_ca).read_bytes(), require_client_auth=True
+        )
     return grpc.ssl_server_credentials(pair)
 
 
@@ -229,29 +291,63 @@ def _tune_interpreter() -> None:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
-async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
-    for warning in cfg.validate():
-        log.warning("%s", warning)
-    lock = lock_sqlite(cfg.db, f"{cfg.host}:{cfg.port}")
+@dataclass(slots=True)
+class _Backend:
+    """What a server process holds besides its listeners: the database, its writer, the live jobs."""
+
+    store: Store
+    writer: GroupCommitWriter
+    runtimes: Runtimes
+    metrics: Metrics
+    auth: Authenticator
+    ha: HaConfig | None
+    durability: dict[str, str]
+
+    def close(self) -> None:
+        self.writer.close()
+        self.store.close()
+
+
+def _backend(cfg: ServeConfig) -> _Backend:
     # A lease holder paused inside a commit must not keep the lease row locked past its TTL.
-    store = Store(cfg.db, sqlite_synchronous=cfg.sqlite_synchronous, max_transaction_idle=cfg.lease_ttl if cfg.ha else None)
+    store = Store(
+        cfg.db,
+        sqlite_synchronous=cfg.sqlite_synchronous,
+        max_transaction_idle=cfg.lease_ttl if cfg.ha else None,
+    )
     durability = store.durability()
-    auth = Authenticator(store, cfg.auth)
     runtimes: Runtimes
     metrics = Metrics(lambda: list(runtimes.jobs.values()))
     ha = None
     if cfg.ha:
         me = cfg.advertise or f"{cfg.host}:{cfg.port}"
         ha = HaConfig(server_id=cfg.server_id or me, address=me, ttl=cfg.lease_ttl)
-    writer = GroupCommitWriter(store, on_commit=metrics.observe_commit, fence=Fence(ha.server_id, ha.ttl) if ha else None)
-    limits = Limits(max_samples_per_report=cfg.max_samples_per_report, max_domains=cfg.max_domains, max_sessions_per_job=cfg.max_sessions_per_job)
+    writer = GroupCommitWriter(
+        store, on_commit=metrics.observe_commit, fence=Fence(ha.server_id, ha.ttl) if ha else None
+    )
+    limits = Limits(
+        max_samples_per_report=cfg.max_samples_per_report,
+        max_domains=cfg.max_domains,
+        max_sessions_per_job=cfg.max_sessions_per_job,
+    )
     runtimes = Runtimes(store, writer, limits, metrics, ha)
-    store_info = Gauge("mixer_store_info", "1, labelled with the database and what its commits promise (read back from it)", list(durability), registry=metrics.registry)
+    store_info = Gauge(
+        "mixer_store_info",
+        "1, labelled with the database and what its commits promise (read back from it)",
+        list(durability),
+        registry=metrics.registry,
+    )
     store_info.labels(**durability).set(1)
+    return _Backend(store, writer, runtimes, metrics, Authenticator(store, cfg.auth), ha, durability)
+
+
+def _grpc_server(cfg: ServeConfig, b: _Backend) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """The gRPC server with its services, bound to --port (and a worker's own port): (server, health, port)."""
     opts = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # Workers of one host share --port: the kernel spreads new connections over them.
+        ("grpc.so_reuseport", 1 if cfg.private_port else 0),
         # Connections that never open a call: a peer that connects and stays silent (or never
         # finishes TLS) is closed after the handshake timeout, one that finishes the handshake
         # but opens no call after the idle timeout, and past the cap new ones are refused.
@@ -260,60 +356,108 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
         ("grpc.max_allowed_incoming_connections", cfg.grpc_max_connections),
     ]
     server = grpc.aio.server(options=opts)
-    service.add_to_server(MixerService(runtimes, metrics, auth, hello_timeout=cfg.hello_timeout, max_pending_sessions=cfg.max_pending_sessions), server)
+    servicer = MixerService(
+        b.runtimes,
+        b.metrics,
+        b.auth,
+        hello_timeout=cfg.hello_timeout,
+        max_pending_sessions=cfg.max_pending_sessions,
+    )
+    service.add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    address = f"{cfg.host}:{cfg.port}"
-    try:  # grpcio returns 0 or (newer) raises RuntimeError
-        bound = server.add_secure_port(address, _credentials(cfg)) if cfg.tls_cert else server.add_insecure_port(address)
-    except RuntimeError:
-        bound = 0
-    if bound == 0:
-        writer.close()
-        store.close()
-        raise SystemExit(f"cannot bind gRPC to {address} (--port): is another server running there?")
+    bound = 0
+    for port in (cfg.port, cfg.private_port) if cfg.private_port else (cfg.port,):
+        address = f"{cfg.host}:{port}"
+        try:  # grpcio returns 0 or (newer) raises RuntimeError
+            got = (
+                server.add_secure_port(address, _credentials(cfg))
+                if cfg.tls_cert
+                else server.add_insecure_port(address)
+            )
+        except RuntimeError:
+            got = 0
+        if got == 0:
+            b.close()
+            raise SystemExit(f"cannot bind gRPC to {address} (--port): is another server running there?")
+        bound = bound or got
+    return server, health_servicer, bound
+
+
+async def _set_health(health_servicer: health.aio.HealthServicer, status) -> None:
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, status)
+
+
+async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
+    for warning in cfg.validate():
+        log.warning("%s", warning)
+    lock = lock_sqlite(cfg.db, f"{cfg.host}:{cfg.port}")
+    b = _backend(cfg)
+    server, health_servicer, bound = _grpc_server(cfg, b)
     serving = True
     try:
         http = HttpSide(
-            cfg.host, cfg.http_port, metrics, runtimes, lambda: serving, auth,
-            request_timeout=cfg.http_timeout, max_connections=cfg.http_max_connections, ssl_context=_http_ssl(cfg),
+            cfg.host,
+            cfg.http_port,
+            b.metrics,
+            b.runtimes,
+            lambda: serving,
+            b.auth,
+            request_timeout=cfg.http_timeout,
+            max_connections=cfg.http_max_connections,
+            ssl_context=_http_ssl(cfg),
         )
     except OSError as e:
-        writer.close()
-        store.close()
-        raise SystemExit(f"cannot bind the HTTP side to {cfg.host}:{cfg.http_port} (--http-port): {e.strerror or e}; is another server running there?") from None
+        b.close()
+        raise SystemExit(
+            f"cannot bind the HTTP side to {cfg.host}:{cfg.http_port} (--http-port): {e.strerror or e}; is another server running there?"
+        ) from None
     await server.start()
     http.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     mode = ("mTLS" if cfg.tls_client_ca else "TLS") if cfg.tls_cert else "plaintext"
-    stored = " ".join(f"{k}={v}" for k, v in durability.items())
-    log.info("mixer serving on %s:%d (%s, auth %s, %s %d), database %s (%s)", cfg.host, bound, mode, "on" if cfg.auth else "off", http.scheme, http.port, redact(store.url), stored)
-    print(f"mixer serving on {cfg.host}:{bound} ({mode}, auth {'on' if cfg.auth else 'off'}) {http.scheme}={http.port} db={redact(store.url)} {stored}", flush=True)
+    stored = " ".join(f"{k}={v}" for k, v in b.durability.items())
+    also = f" and {cfg.host}:{cfg.private_port}" if cfg.private_port else ""
+    log.info(
+        "mixer serving on %s:%d%s (%s, auth %s, %s %d), database %s (%s)",
+        cfg.host,
+        bound,
+        also,
+        mode,
+        "on" if cfg.auth else "off",
+        http.scheme,
+        http.port,
+        redact(b.store.url),
+        stored,
+    )
+    print(
+        f"mixer serving on {cfg.host}:{bound}{also} ({mode}, auth {'on' if cfg.auth else 'off'}) {http.scheme}={http.port} db={redact(b.store.url)} {stored}",
+        flush=True,
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    leases = asyncio.create_task(runtimes.keep_leases()) if ha else None
+    leases = asyncio.create_task(b.runtimes.keep_leases()) if b.ha else None
     _tune_interpreter()
     if ready is not None:
         ready.set()
     await stop.wait()
     # Graceful: stop advertising, let in-flight reports commit and be acknowledged, then exit.
     serving = False
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    runtimes.stopping.set()
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    b.runtimes.stopping.set()
     await server.stop(cfg.grace_seconds)
-    runtimes.close()  # lanes finish what they admit before the last commits
-    writer.close()
+    b.runtimes.close()  # lanes finish what they admit before the last commits
+    b.writer.close()
     if leases is not None:
         leases.cancel()
-        store.release_leases(ha.server_id)  # hand our jobs over at once instead of after the TTL
+        b.store.release_leases(b.ha.server_id)  # hand our jobs over at once instead of after the TTL
     http.stop()
-    store.close()
+    b.store.close()
     if lock is not None:
         lock.close()
     log.info("mixer stopped")

@@ -38,6 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from mixer.replay import log_owner
 from mixer.server import page
 from mixer.server.errors import MixerError
+from mixer.server.job import StoredJob
 from mixer.spec import NAME_RE, JobSpec
 from mixer.store.models import SignalRow
 from mixer.v1 import mixer_pb2 as pb
@@ -85,24 +86,22 @@ def _job_json(rt) -> dict:
     }
 
 
-def _stored_job_json(store, rec) -> dict:
+def _stored_job_json(stored: StoredJob) -> dict:
     """A job this server has not loaded (no session or RPC has touched it since start)."""
-    spec = JobSpec.from_json(rec.spec_json)
-    newest = store.version(rec.id)
-    v = newest[0] if newest else None
+    v, spec = stored.newest, stored.spec
     return {
-        "name": rec.name,
+        "name": stored.job.name,
         "strategy": spec.strategy.name,
         "domains": spec.domain_names,
         "version": v.version if v else -1,
         "effective_step": v.effective_step if v else -1,
         "weights": v.weights.tolist() if v else spec.prior(),
         "loss": None,
-        "max_step": None,
-        "reports": None,
-        "source_job": rec.source_job,
+        "max_step": stored.max_step,
+        "reports": stored.report_count,
+        "source_job": stored.job.source_job,
         "lineage": spec.lineage,
-        "status": rec.status,
+        "status": stored.job.status,
         "applied_lag_steps": None,
         "loaded": False,
     }
@@ -148,11 +147,18 @@ class JobData:
 
     def jobs(self) -> list[dict]:
         live = dict(self.runtimes.jobs)
-        return [_job_json(live[r.name]) if r.name in live else _stored_job_json(self.store, r) for r in self.store.list_jobs()]
+        return [
+            _job_json(live[r.name]) if r.name in live else _stored_job_json(StoredJob.read(self.store, r))
+            for r in self.store.list_jobs()
+        ]
 
     def job(self, name: str) -> dict:
         rt = self.runtimes.jobs.get(name)
-        return _job_json(rt) if rt is not None else _stored_job_json(self.store, self.record(name))
+        return (
+            _job_json(rt)
+            if rt is not None
+            else _stored_job_json(StoredJob.read(self.store, self.record(name)))
+        )
 
     def versions(self, name: str, after: int | None, tail: int) -> dict:
         rec = self.record(name)
@@ -183,7 +189,12 @@ class JobData:
                 with self.store.engine.connect() as conn:
                     rows = conn.execute(
                         select(SignalRow.applied_version, func.min(SignalRow.step))
-                        .where(SignalRow.job_id == job_id, SignalRow.seq > seen, SignalRow.seq <= top, SignalRow.applied_version >= 0)
+                        .where(
+                            SignalRow.job_id == job_id,
+                            SignalRow.seq > seen,
+                            SignalRow.seq <= top,
+                            SignalRow.applied_version >= 0,
+                        )
                         .group_by(SignalRow.applied_version)
                     ).all()
                 first = dict(first)
@@ -213,15 +224,27 @@ class JobData:
             acc = by_step.setdefault(r.step, [np.zeros(len(domains)), np.zeros(len(domains))])
             acc[0] += msg.domain_loss_sum
             acc[1] += msg.domain_token_count
-        points = [{"step": s, "loss_sum": a[0].tolist(), "tokens": a[1].tolist()} for s, a in sorted(by_step.items())]
-        return {"job": name, "log_job": owner.name, "domains": domains, "next_seq": last, "reset": reset, "points": points}
+        points = [
+            {"step": s, "loss_sum": a[0].tolist(), "tokens": a[1].tolist()}
+            for s, a in sorted(by_step.items())
+        ]
+        return {
+            "job": name,
+            "log_job": owner.name,
+            "domains": domains,
+            "next_seq": last,
+            "reset": reset,
+            "points": points,
+        }
 
     def _max_seq(self, job_id: int) -> int | None:
         with self.store.engine.connect() as conn:
             return conn.scalar(select(func.max(SignalRow.seq)).where(SignalRow.job_id == job_id))
 
 
-def _int_arg(query: dict, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
+def _int_arg(
+    query: dict, name: str, default: int | None, lo: int | None = None, hi: int | None = None
+) -> int | None:
     raw = query.get(name)
     if not raw:
         return default
@@ -250,7 +273,15 @@ class BoundedHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, address, handler, *, request_timeout: float = REQUEST_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS, ssl_context: ssl.SSLContext | None = None):
+    def __init__(
+        self,
+        address,
+        handler,
+        *,
+        request_timeout: float = REQUEST_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
+        ssl_context: ssl.SSLContext | None = None,
+    ):
         self.request_timeout = request_timeout
         self.max_connections = max_connections
         self._lock = threading.Lock()
@@ -262,7 +293,9 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         super().__init__(address, handler)
         if ssl_context is not None:
             # The handshake runs on the connection's thread (Handler.setup), not on the accepting one.
-            self.socket = ssl_context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+            self.socket = ssl_context.wrap_socket(
+                self.socket, server_side=True, do_handshake_on_connect=False
+            )
 
     def process_request(self, request, client_address) -> None:
         with self._lock:
@@ -385,7 +418,9 @@ class _Handler(BaseHTTPRequestHandler):
                 try:
                     self.side.auth.check(self.headers.get("Authorization"), job, "reader")
                 except MixerError as e:
-                    raise HttpError(401 if e.code == grpc.StatusCode.UNAUTHENTICATED else 403, e.message) from None
+                    raise HttpError(
+                        401 if e.code == grpc.StatusCode.UNAUTHENTICATED else 403, e.message
+                    ) from None
             if path == "/metrics":
                 return self._send(200, generate_latest(self.side.metrics.registry), CONTENT_TYPE_LATEST)
             if parts[:2] == ["api", "jobs"]:
@@ -394,7 +429,9 @@ class _Handler(BaseHTTPRequestHandler):
         except HttpError as e:
             return self._json(e.code, {"error": e.message})
         except SQLAlchemyError as e:
-            return self._json(503, {"error": f"the database is unavailable ({type(e).__name__}); retry later"})
+            return self._json(
+                503, {"error": f"the database is unavailable ({type(e).__name__}); retry later"}
+            )
         except Exception as e:  # noqa: BLE001 - a bug answers 500 with its name; the server stays up
             return self._json(500, {"error": f"internal error ({type(e).__name__}: {e})"})
 
@@ -406,12 +443,20 @@ class _Handler(BaseHTTPRequestHandler):
         if len(rest) == 1:
             return d.job(name)
         if rest[1:] == ["versions"]:
-            return d.versions(name, _int_arg(query, "after", None, lo=-1), _int_arg(query, "tail", 500, lo=1, hi=MAX_TAIL))
+            return d.versions(
+                name, _int_arg(query, "after", None, lo=-1), _int_arg(query, "tail", 500, lo=1, hi=MAX_TAIL)
+            )
         if len(rest) == 3 and rest[1] == "versions":
             return d.version(name, _int_arg({"version": [rest[2]]}, "version", 0, lo=0))
         if rest[1:] == ["loss"]:
-            return d.loss(name, _int_arg(query, "after_seq", None, lo=-1), _int_arg(query, "limit", 2000, lo=1, hi=MAX_TAIL))
-        raise HttpError(404, f"no such path {self.path!r}; try /api/jobs/{name}/versions or /api/jobs/{name}/loss")
+            return d.loss(
+                name,
+                _int_arg(query, "after_seq", None, lo=-1),
+                _int_arg(query, "limit", 2000, lo=1, hi=MAX_TAIL),
+            )
+        raise HttpError(
+            404, f"no such path {self.path!r}; try /api/jobs/{name}/versions or /api/jobs/{name}/loss"
+        )
 
     def _json(self, code, obj):
         self._send(code, json.dumps(obj, allow_nan=False).encode(), "application/json", no_store=True)
@@ -448,7 +493,13 @@ class HttpSide:
         self.health_state = health_state
         self.data = JobData(runtimes)
         handler = type("Handler", (_Handler,), {"side": self, "timeout": request_timeout})
-        self.httpd = BoundedHTTPServer((host, port), handler, request_timeout=request_timeout, max_connections=max_connections, ssl_context=ssl_context)
+        self.httpd = BoundedHTTPServer(
+            (host, port),
+            handler,
+            request_timeout=request_timeout,
+            max_connections=max_connections,
+            ssl_context=ssl_context,
+        )
         self.scheme = "https" if ssl_context is not None else "http"
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="mixer-http", daemon=True)

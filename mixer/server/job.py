@@ -34,6 +34,31 @@ VERSION_BYTES_KEPT = 64 << 20
 """... and at most this many bytes of their weights and blobs (a weighting model's tensors)."""
 
 
+@dataclass(frozen=True, slots=True)
+class StoredJob:
+    """A job this server has not loaded, as the database has it: its newest stored version, newest
+    step and report count (not -1 and 0 as if it had none). Both ListJobs and the JSON API show it."""
+
+    job: JobRecord
+    spec: JobSpec
+    newest: Version | None
+    report_count: int
+    max_step: int
+
+    @classmethod
+    def read(cls, store, rec: JobRecord) -> StoredJob:
+        """Two reads of the database: call it on a thread, never on the loop."""
+        newest = store.version(rec.id)
+        count, _, max_step = store.log_stats(rec.id)
+        return cls(rec, JobSpec.from_json(rec.spec_json), newest[0] if newest else None, count, max_step)
+
+    def to_proto(self) -> pb.Job:
+        latest = self.newest.version if self.newest is not None else -1
+        return job_to_proto(
+            self.job, self.spec, latest_version=latest, max_step=self.max_step, report_count=self.report_count
+        )
+
+
 class SourceKeys:
     """A source's newest log keys in log order (which is (step, seq) order: a source's new report
     must lie above its mark): (step, seq) -> log position, for answering re-sent reports."""
@@ -88,7 +113,9 @@ class RecentVersions:
         self.created.append(created)
         self.steps.append(v.effective_step)
         self.nbytes += v.weights.nbytes + len(v.blob)
-        while len(self.versions) > 1 and (len(self.versions) > VERSIONS_KEPT or self.nbytes > VERSION_BYTES_KEPT):
+        while len(self.versions) > 1 and (
+            len(self.versions) > VERSIONS_KEPT or self.nbytes > VERSION_BYTES_KEPT
+        ):
             old = self.versions.popleft()
             self.created.popleft()
             self.steps.popleft()
@@ -105,7 +132,9 @@ class RecentVersions:
         i = number - self.versions[0].version  # versions are consecutive
         return self.created[i] if 0 <= i < len(self.versions) and self.versions[i].version == number else None
 
-    def find(self, *, number: int | None = None, step: int | None = None) -> tuple[Version, float] | None | bool:
+    def find(
+        self, *, number: int | None = None, step: int | None = None
+    ) -> tuple[Version, float] | None | bool:
         """The version with this number, or the one in force at `step`; None if there is none,
         False if the answer lies before the versions kept (ask the database)."""
         if not self.versions:
@@ -151,7 +180,13 @@ class JobRuntime:
     """Batches handed to the lane whose results are not back on the loop (touched on the loop only)."""
 
     def to_proto(self) -> pb.Job:
-        return job_to_proto(self.job, self.spec, latest_version=self.engine.current.version, max_step=self.engine.max_step, report_count=self.report_count)
+        return job_to_proto(
+            self.job,
+            self.spec,
+            latest_version=self.engine.current.version,
+            max_step=self.engine.max_step,
+            report_count=self.report_count,
+        )
 
     def subscribe(self) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue(maxsize=1024)

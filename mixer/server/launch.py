@@ -1,7 +1,10 @@
-"""Start a real `mixer serve` in a subprocess (the demo, benchmarks and tests use it)."""
+"""Start a real `mixer serve` in a subprocess (the demo, benchmarks and tests use it), or with
+`workers=N` a `mixer serve --workers N` (its parent and N worker processes)."""
 
 from __future__ import annotations
 
+import contextlib
+import re
 import signal
 import socket
 import subprocess
@@ -21,14 +24,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> int:
+    """The first of n consecutive ports that are free now."""
+    for _ in range(100):
+        base = free_port()
+        if base + n > 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as held:
+                for p in range(base, base + n):
+                    s = held.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
 class ServerProcess:
     """A `mixer serve` subprocess; restartable on the same database and ports."""
 
-    def __init__(self, db: str, workdir: Path, extra_args: list[str] | None = None):
+    def __init__(self, db: str, workdir: Path, extra_args: list[str] | None = None, *, workers: int = 1):
         self.db = db
-        self.extra_args = extra_args or []
-        self.port = free_port()
-        self.http_port = free_port()
+        self.workers = workers
+        self.extra_args = [*(extra_args or []), *(["--workers", str(workers)] if workers > 1 else [])]
+        self.port = free_ports(workers + 1) if workers > 1 else free_port()
+        self.http_port = free_ports(workers) if workers > 1 else free_port()
         self.workdir = Path(workdir)
         self.proc: subprocess.Popen | None = None
         self.log_path = self.workdir / f"serve-{self.port}.log"
@@ -37,8 +58,32 @@ class ServerProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def worker_addresses(self) -> list[str]:
+        """Each worker's own address (what it advertises), with --workers; else the one address."""
+        if self.workers == 1:
+            return [self.address]
+        return [f"127.0.0.1:{self.port + 1 + i}" for i in range(self.workers)]
+
+    def worker_pids(self) -> dict[str, int]:
+        """The newest process of each worker, by its own address (from the parent's log)."""
+        found = re.findall(r"mixer worker \d+: pid (\d+), port \d+ and (\S+) ", self.log())
+        return {address: int(pid) for pid, address in found}
+
     def start(self, timeout: float = 60.0) -> ServerProcess:
-        cmd = [sys.executable, "-m", "mixer.cli", "serve", "--db", self.db, "--port", str(self.port), "--http-port", str(self.http_port), *self.extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mixer.cli",
+            "serve",
+            "--db",
+            self.db,
+            "--port",
+            str(self.port),
+            "--http-port",
+            str(self.http_port),
+            *self.extra_args,
+        ]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
         self.wait_serving(timeout)
@@ -57,18 +102,28 @@ class ServerProcess:
                 time.sleep(0.05)
             self.kill()
             raise TimeoutError(f"mixer serve not serving after {timeout}s:\n{self.log()}")
-        with grpc.insecure_channel(self.address, options=FAST_RECONNECT) as ch:
+        for address in self.worker_addresses:
+            if not self._healthy(address, deadline):
+                self.kill()
+                raise TimeoutError(f"mixer serve not serving at {address} after {timeout}s:\n{self.log()}")
+
+    def _healthy(self, address: str, deadline: float) -> bool:
+        with grpc.insecure_channel(address, options=FAST_RECONNECT) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"mixer serve exited with {self.proc.returncode}:\n{self.log()}")
                 try:
-                    if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1, wait_for_ready=True).status == health_pb2.HealthCheckResponse.SERVING:
-                        return
+                    if (
+                        stub.Check(
+                            health_pb2.HealthCheckRequest(service=""), timeout=1, wait_for_ready=True
+                        ).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ):
+                        return True
                 except grpc.RpcError:
                     time.sleep(0.05)
-        self.kill()
-        raise TimeoutError(f"mixer serve not serving after {timeout}s:\n{self.log()}")
+        return False
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -32,7 +32,16 @@ from mixer.types import Version
 from mixer.v1 import mixer_pb2 as pb
 from mixer.wire import decode_stored
 
-__all__ = ["MAX_MESSAGE", "VERSIONS_KEPT", "HaConfig", "JobRuntime", "Limits", "MixerError", "Runtimes", "Taken"]
+__all__ = [
+    "MAX_MESSAGE",
+    "VERSIONS_KEPT",
+    "HaConfig",
+    "JobRuntime",
+    "Limits",
+    "MixerError",
+    "Runtimes",
+    "Taken",
+]
 
 log = logging.getLogger("mixer.server")
 
@@ -57,7 +66,14 @@ class Limits:
 class Runtimes:
     """All live jobs of one server, loaded lazily from the store."""
 
-    def __init__(self, store: Store, writer: GroupCommitWriter, limits: Limits | None = None, metrics=None, ha: HaConfig | None = None):
+    def __init__(
+        self,
+        store: Store,
+        writer: GroupCommitWriter,
+        limits: Limits | None = None,
+        metrics=None,
+        ha: HaConfig | None = None,
+    ):
         self.ha = ha
         self.store = store
         self.writer = writer
@@ -83,20 +99,41 @@ class Runtimes:
         except SpecError as e:
             raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid job spec: {e}") from None
         if spec.num_domains > self.limits.max_domains:
-            raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"domains: {spec.num_domains} exceeds the limit of {self.limits.max_domains}")
+            raise MixerError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"domains: {spec.num_domains} exceeds the limit of {self.limits.max_domains}",
+            )
         existing = await asyncio.to_thread(self.store.get_job, spec.name)
         if existing is not None:
-            if existing.fingerprint != spec.fingerprint():
-                raise MixerError(grpc.StatusCode.ALREADY_EXISTS, f"job {spec.name!r} exists with a different spec (fingerprint {existing.fingerprint})")
+            if not spec.same_job(existing.spec_json, existing.fingerprint):
+                raise MixerError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"job {spec.name!r} exists with a different spec (fingerprint {existing.fingerprint})",
+                )
             return existing, False
-        rec, created = await asyncio.to_thread(self.store.create_job, spec.name, spec.to_json(), spec.fingerprint(), spec.strategy.name, source_job)
+        rec, created = await asyncio.to_thread(
+            self.store.create_job,
+            spec.name,
+            spec.to_json(),
+            spec.fingerprint(),
+            spec.strategy.name,
+            source_job,
+        )
         if created:
             if self.ha is not None:
-                await asyncio.to_thread(self.store.acquire_lease, rec.id, self.ha.server_id, self.ha.address, self.ha.ttl)
+                await asyncio.to_thread(
+                    self.store.acquire_lease, rec.id, self.ha.server_id, self.ha.address, self.ha.ttl
+                )
             engine = Engine(spec)
-            await asyncio.wrap_future(self.writer.submit(Append(rec.id, versions=[engine.current], snapshot=(0, -1, engine.snapshot()))))
-        elif rec.fingerprint != spec.fingerprint():
-            raise MixerError(grpc.StatusCode.ALREADY_EXISTS, f"job {spec.name!r} exists with a different spec")
+            await asyncio.wrap_future(
+                self.writer.submit(
+                    Append(rec.id, versions=[engine.current], snapshot=(0, -1, engine.snapshot()))
+                )
+            )
+        elif not spec.same_job(rec.spec_json, rec.fingerprint):
+            raise MixerError(
+                grpc.StatusCode.ALREADY_EXISTS, f"job {spec.name!r} exists with a different spec"
+            )
         return rec, created
 
     async def get(self, name: str) -> JobRuntime:
@@ -133,11 +170,17 @@ class Runtimes:
         if self.ha is not None:
             ours, owner = self.store.acquire_lease(job.id, self.ha.server_id, self.ha.address, self.ha.ttl)
             if not ours:
-                raise MixerError(grpc.StatusCode.UNAVAILABLE, f"job {name!r} is served by {owner}; connect there")
+                raise MixerError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"job {name!r} is served by {owner}; connect there",
+                    owner=owner,
+                )
         spec = JobSpec.from_json(job.spec_json)
         snap = self.store.latest_snapshot(job.id)
         engine = Engine.restore(spec, snap[2]) if snap else Engine(spec)
-        engine.strategy = OffloadedStrategy(engine.strategy, job.id, spec.fingerprint(), job.spec_json, self._processes)
+        engine.strategy = OffloadedStrategy(
+            engine.strategy, job.id, spec.fingerprint(), job.spec_json, self._processes
+        )
         recent: dict[str, SourceKeys] = {}
         for rec in self.store.signals(job.id, after_seq=engine.last_log_seq):
             engine.ingest(decode_stored(rec.payload, spec.num_domains), rec.seq, guard=False)
@@ -148,7 +191,14 @@ class Runtimes:
         count, max_seq, _ = self.store.log_stats(job.id)
         versions = RecentVersions(self.store.versions(job.id, after=engine.current.version - VERSIONS_KEPT))
         rt = JobRuntime(
-            job=job, spec=spec, engine=engine, next_seq=max_seq + 1, marks=self.store.source_marks(job.id), versions=versions, report_count=count, recent=recent
+            job=job,
+            spec=spec,
+            engine=engine,
+            next_seq=max_seq + 1,
+            marks=self.store.source_marks(job.id),
+            versions=versions,
+            report_count=count,
+            recent=recent,
         )
         log.info("loaded job %s: %d reports, version %d", name, count, engine.current.version)
         return rt
@@ -161,7 +211,9 @@ class Runtimes:
             if not live:
                 continue
             try:
-                lost = await asyncio.to_thread(self.store.renew_leases, list(live), self.ha.server_id, self.ha.ttl)
+                lost = await asyncio.to_thread(
+                    self.store.renew_leases, list(live), self.ha.server_id, self.ha.ttl
+                )
             except SQLAlchemyError:
                 lost = list(live)  # cannot prove we still own them
             for job_id in lost:
@@ -173,7 +225,9 @@ class Runtimes:
         rt.job.status = "finished"
         return rt
 
-    def begin_ingest(self, rt: JobRuntime, msgs: Sequence[pb.Signals], on_taken: Callable[[Taken], None]) -> None:
+    def begin_ingest(
+        self, rt: JobRuntime, msgs: Sequence[pb.Signals], on_taken: Callable[[Taken], None]
+    ) -> None:
         """Admit reports (Admission.begin): `on_taken(taken)` runs on the loop once admission is
         over; the caller sends the refusals then, and the acks once `when_settled` says so."""
         self.admission.begin(rt, msgs, on_taken)
@@ -233,7 +287,9 @@ class Runtimes:
 
     # -- reads ----------------------------------------------------------------------------------
 
-    async def version_at(self, rt: JobRuntime, *, step: int | None = None, number: int | None = None) -> tuple[Version, float]:
+    async def version_at(
+        self, rt: JobRuntime, *, step: int | None = None, number: int | None = None
+    ) -> tuple[Version, float]:
         """The newest committed version, the one numbered `number`, or the one in force at
         `step`: from memory, or from the database for one older than the versions kept."""
         if step is None and number is None:

@@ -13,12 +13,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mixer.server.auth import ALL_JOBS, CACHE_SECONDS, Authenticator
 from mixer.server.errors import MixerError
-from mixer.server.job import JobRuntime
+from mixer.server.job import JobRuntime, StoredJob
 from mixer.server.runtime import Runtimes
 from mixer.spec import JobSpec, SpecError
 from mixer.v1 import mixer_pb2 as pb
 from mixer.v1 import mixer_pb2_grpc as pb_grpc
-from mixer.wire import job_to_proto, version_to_proto
+from mixer.wire import version_to_proto
 
 log = logging.getLogger("mixer.server")
 
@@ -49,7 +49,9 @@ def _lenient(parse, type_name: str):
         try:
             return parse(data)
         except Exception as e:  # noqa: BLE001 - DecodeError, or whatever a corrupt message raises
-            return Undecodable(f"request: {len(data)} bytes that are not a {type_name} protobuf message ({type(e).__name__})")
+            return Undecodable(
+                f"request: {len(data)} bytes that are not a {type_name} protobuf message ({type(e).__name__})"
+            )
 
     return deserialize
 
@@ -101,31 +103,23 @@ def add_to_server(servicer: MixerService, server: grpc.aio.Server) -> None:
         server.add_registered_method_handlers(service_name, checked)
 
 
-def _job(rt_or_rec) -> pb.Job:
-    """A live job (its runtime) or one not loaded (its record) as a message."""
-    return rt_or_rec.to_proto() if isinstance(rt_or_rec, JobRuntime) else job_to_proto(rt_or_rec)
-
-
-def _stored_job(store, rec) -> pb.Job:
-    """A job this server has not loaded, with its newest stored version, step and report count (not
-    -1 and 0 as if it had none)."""
-    newest = store.version(rec.id)
-    count, _, max_step = store.log_stats(rec.id)
-    return job_to_proto(
-        rec, latest_version=newest[0].version if newest else -1, max_step=max_step, report_count=count
-    )
+def _job(rt_or_stored: JobRuntime | StoredJob) -> pb.Job:
+    """A live job (its runtime) or one not loaded (what the database has of it) as a message."""
+    return rt_or_stored.to_proto()
 
 
 def db_unavailable(e: SQLAlchemyError) -> MixerError:
     """The database failed: the caller should keep its data and retry."""
     log.warning("database error: %s", e.__class__.__name__)
-    return MixerError(grpc.StatusCode.UNAVAILABLE, f"the database is unavailable ({e.__class__.__name__}); retry later")
+    return MixerError(
+        grpc.StatusCode.UNAVAILABLE, f"the database is unavailable ({e.__class__.__name__}); retry later"
+    )
 
 
 async def abort(context, e: SQLAlchemyError | MixerError) -> None:
     """End the call with the status for e (a database failure is UNAVAILABLE: keep the data, retry)."""
     err = db_unavailable(e) if isinstance(e, SQLAlchemyError) else e
-    await context.abort(err.code, err.message)
+    await context.abort(err.code, err.message, trailing_metadata=err.trailing_metadata)
 
 
 def _unary(method):
@@ -145,7 +139,15 @@ def _unary(method):
 
 
 class MixerService(pb_grpc.MixerServiceServicer):
-    def __init__(self, runtimes: Runtimes, metrics, auth: Authenticator, *, hello_timeout: float = HELLO_TIMEOUT_S, max_pending_sessions: int = MAX_PENDING_SESSIONS):
+    def __init__(
+        self,
+        runtimes: Runtimes,
+        metrics,
+        auth: Authenticator,
+        *,
+        hello_timeout: float = HELLO_TIMEOUT_S,
+        max_pending_sessions: int = MAX_PENDING_SESSIONS,
+    ):
         self.rts = runtimes
         self.metrics = metrics
         self.auth = auth
@@ -155,7 +157,12 @@ class MixerService(pb_grpc.MixerServiceServicer):
         """Session streams not yet past hello and its token check."""
 
     def _version(self, rt, v, created_at: float | None = None) -> pb.WeightVersion:
-        return version_to_proto(rt.job.name, v, rt.spec.domain_names, created_at if created_at is not None else rt.created_at(v.version))
+        return version_to_proto(
+            rt.job.name,
+            v,
+            rt.spec.domain_names,
+            created_at if created_at is not None else rt.created_at(v.version),
+        )
 
     @staticmethod
     def _need(name: str, what: str = "job") -> None:
@@ -171,7 +178,10 @@ class MixerService(pb_grpc.MixerServiceServicer):
             except SpecError as e:
                 raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid job spec: {e}") from None
             if name != p.job:
-                raise MixerError(grpc.StatusCode.PERMISSION_DENIED, f"token {p.token_id} is admin of job {p.job!r} only, not {name!r}")
+                raise MixerError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"token {p.token_id} is admin of job {p.job!r} only, not {name!r}",
+                )
         rec, created = await self.rts.create_job(request.spec)
         rt = await self.rts.get(rec.name)
         return pb.CreateJobResponse(job=_job(rt), created=created)
@@ -194,7 +204,7 @@ class MixerService(pb_grpc.MixerServiceServicer):
             jobs = []
             for rec in recs:
                 rt = self.rts.jobs.get(rec.name)
-                jobs.append(_job(rt) if rt is not None else _stored_job(store, rec))
+                jobs.append(_job(rt if rt is not None else StoredJob.read(store, rec)))
             return jobs
 
         return pb.ListJobsResponse(jobs=await asyncio.to_thread(listed))
@@ -224,7 +234,11 @@ class MixerService(pb_grpc.MixerServiceServicer):
         which = request.WhichOneof("at")
         if which == "step" and request.step < 0:
             raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"step: must be >= 0, got {request.step}")
-        v, created = await self.rts.version_at(rt, step=request.step if which == "step" else None, number=request.version if which == "version" else None)
+        v, created = await self.rts.version_at(
+            rt,
+            step=request.step if which == "step" else None,
+            number=request.version if which == "version" else None,
+        )
         return pb.GetWeightsResponse(version=self._version(rt, v, created))
 
     @_unary
@@ -232,7 +246,9 @@ class MixerService(pb_grpc.MixerServiceServicer):
         self._need(request.job)
         await self.auth.check_grpc(context, request.job, "reader")
         rt = await self.rts.get(request.job)
-        rows = await asyncio.to_thread(self.rts.store.versions, rt.job.id, request.after_version, request.limit)
+        rows = await asyncio.to_thread(
+            self.rts.store.versions, rt.job.id, request.after_version, request.limit
+        )
         return pb.ListVersionsResponse(versions=[self._version(rt, v, c) for v, c in rows])
 
     async def WatchWeights(self, request, context):
@@ -274,16 +290,23 @@ class MixerService(pb_grpc.MixerServiceServicer):
             except StopAsyncIteration:
                 return
             except TimeoutError:
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"session: no hello within {self.hello_timeout:g} s (--hello-timeout); send hello first")
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"session: no hello within {self.hello_timeout:g} s (--hello-timeout); send hello first",
+                )
             if isinstance(first, Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"session: {first.error}")
             if first.WhichOneof("kind") != "hello":
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session: the first message must be hello")
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, "session: the first message must be hello"
+                )
             hello = first.hello
             try:
                 self._need(hello.job, "hello.job")
                 if not hello.source:
-                    raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, "hello.source: a source name is required")
+                    raise MixerError(
+                        grpc.StatusCode.INVALID_ARGUMENT, "hello.source: a source name is required"
+                    )
                 principal = await self.auth.check_grpc(context, hello.job, "writer")
                 self.pending_sessions -= 1  # authenticated (loading the job may take a while)
                 pending = False
@@ -294,7 +317,10 @@ class MixerService(pb_grpc.MixerServiceServicer):
             if pending:
                 self.pending_sessions -= 1
         if rt.sessions >= self.rts.limits.max_sessions_per_job:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"job {rt.job.name!r} has {rt.sessions} sessions, the limit (--max-sessions-per-job)")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"job {rt.job.name!r} has {rt.sessions} sessions, the limit (--max-sessions-per-job)",
+            )
         rt.sessions += 1
         try:
             async for item in _Session(self, rt, hello, requests, context, principal).run():
@@ -356,10 +382,16 @@ class _Session:
                     await self.all_settled.wait()
                     while not out.empty():
                         queued = out.get_nowait()
-                        if queued is not None and queued is not _STOPPING and not isinstance(queued, MixerError):
+                        if (
+                            queued is not None
+                            and queued is not _STOPPING
+                            and not isinstance(queued, MixerError)
+                        ):
                             yield queued
                     if isinstance(item, MixerError):
-                        await self.context.abort(item.code, item.message)
+                        await self.context.abort(
+                            item.code, item.message, trailing_metadata=item.trailing_metadata
+                        )
                     return
                 if item is None:
                     break
@@ -375,7 +407,9 @@ class _Session:
 
     @staticmethod
     def _nack(step: int, seq: int, source: str, e: MixerError) -> pb.SessionResponse:
-        return pb.SessionResponse(nack=pb.Nack(step=step, seq=seq, source=source, code=e.code.value[0], message=e.message))
+        return pb.SessionResponse(
+            nack=pb.Nack(step=step, seq=seq, source=source, code=e.code.value[0], message=e.message)
+        )
 
     def _one_settled(self) -> None:
         self.unsettled -= 1
@@ -490,9 +524,13 @@ class _Session:
         while True:
             await asyncio.sleep(TOKEN_RECHECK_S)
             try:
-                await self.svc.auth.check_grpc(self.context, self.hello.job, "writer", max_age=TOKEN_RECHECK_S)
+                await self.svc.auth.check_grpc(
+                    self.context, self.hello.job, "writer", max_age=TOKEN_RECHECK_S
+                )
             except MixerError as e:
-                self.out.put_nowait(MixerError(e.code, f"session closed: token {self.principal.token_id}: {e.message}"))
+                self.out.put_nowait(
+                    MixerError(e.code, f"session closed: token {self.principal.token_id}: {e.message}")
+                )
                 return
             except SQLAlchemyError as e:  # the database is down: its reports are refused anyway
                 log.warning("session token check: the database is unavailable (%s)", e.__class__.__name__)
