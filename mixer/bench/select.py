@@ -4,8 +4,8 @@ On the same files (the raw domains' train splits of a corpus in `mixer data prep
 default the shipped minipile; the target is one domain's val split), each side runs in a fresh
 process on one core, one side after the other, `repeats` times:
 - ours: `fit_shard` over the target and every raw file (pass 1), then `score_shard` over every raw
-  file (pass 2: log importance weights and the per-shard Gumbel top-k), as `select_dsir` runs
-  them in each Ray task;
+  file (pass 2: log importance weights and the per-shard Gumbel top-k, written to candidate
+  files), as `select_dsir` runs them in each Ray task;
 - the package (`data-selection`, Xie et al.'s `HashedNgramDSIR`, num_proc=1):
   `fit_importance_estimator(num_tokens_to_fit="all")` then `compute_importance_weights()`, on
   plain `.jsonl` copies of the same files (it reads no gzip; decompressing is not timed).
@@ -75,8 +75,9 @@ def _ours(files: list[str], target: str, min_words: int, k: int) -> dict[str, An
     rfits = [fit_shard(s, NUM_BUCKETS, min_words) for s in raw]
     ratio = log_ratio(tfit["counts"], sum(f["counts"] for f in rfits))
     clock.lap("fit")
-    for s in raw:
-        score_shard(s, ratio, min_words, k, 0)
+    with tempfile.TemporaryDirectory(prefix="mixer-bench-select-") as tmp:
+        for i, s in enumerate(raw):
+            score_shard(s, ratio, min_words, k, 0, str(Path(tmp) / str(i)))
     clock.lap("score")
     return {**clock.laps, "rss_after_imports_mb": base, "peak_rss_mb": _status_mb("VmHWM")}
 

@@ -7,17 +7,23 @@ and mixer.select.importance, which name the paper's sections).
    `train.jsonl[.gz]` sums its hashed n-gram counts; the driver fits the two bag-of-ngrams models
    and the log ratio per bucket.
 2. score and resample (pass 2): every raw shard computes the log importance weight of each of its
-   eligible documents and keeps its top-k Gumbel keys; the driver merges them into the global
-   top-k (the same k documents as one Gumbel top-k over the whole corpus would choose with that
-   noise). A random selection of the same size is drawn alongside (Gumbel keys alone), as the
+   eligible documents, chunk by chunk, keeps its running top-k Gumbel keys and writes them to a
+   candidate file; the driver bisects over the files (memory-mapped) for the k-th largest key and
+   tells each shard how many of its leading candidates are chosen: exactly the k documents one
+   Gumbel top-k over the whole corpus would choose with that noise (tests/selection checks the
+   equality). A random selection of the same size is drawn alongside (Gumbel keys alone), as the
    paper's baseline.
 3. write: every raw shard copies its chosen lines as they were and sums the chosen (and the
    random baseline's) n-gram counts, for the KL reduction.
 With `method="random"` every importance weight is 1: the same passes draw k eligible documents
 uniformly without replacement, the baseline a DSIR selection is compared with.
-Only bucket counts and k candidates per shard ever reach the driver. Shards run as Ray tasks
-(a local Ray by default, a cluster by address: the files must then be on a shared filesystem)
-or, with `ray_address=None`, one after another in this process.
+Memory: no process holds the corpus, its features or its keys. A task holds one line, one chunk
+of log weights and at most 2k + one chunk of candidates; the driver sums each shard's bucket
+counts as the shard finishes, reads O(log n) candidate keys per shard and bisection probe, and
+writes the chosen documents' numbers shard by shard. Shards run as Ray tasks, at most twice the
+CPUs in flight (a local Ray by default, a cluster by address: the files and the output's parent
+folder must then be on a shared filesystem) or, with `ray_address=None`, one after another in
+this process.
 
 Output, written under a temporary sibling folder and renamed to `out` at the end (nothing is
 left behind on an error):
@@ -63,9 +69,18 @@ import numpy as np
 import yaml
 
 from mixer.select.features import MAX_BUCKETS, NUM_BUCKETS
-from mixer.select.importance import domain_prior, kl_reduction, log_ratio
+from mixer.select.importance import domain_prior, kl_reduction, log_ratio, take_counts
 from mixer.select.runner import Runner
-from mixer.select.shards import SelectError, Shard, fit_shard, make_shards, score_shard, write_shard
+from mixer.select.shards import (
+    STREAMS,
+    SelectError,
+    Shard,
+    candidate_files,
+    fit_shard,
+    make_shards,
+    score_shard,
+    write_shard,
+)
 from mixer.spec import NAME_RE, JobSpec, SpecError
 
 __all__ = ["DsirConfig", "SelectError", "find_domains", "select_dsir", "summary"]
@@ -233,6 +248,18 @@ def select_dsir(
     return report
 
 
+@dataclass(slots=True)
+class _Fitted:
+    """What pass 1 leaves the driver: bucket sums, per-domain counts and each raw shard's documents."""
+
+    target_counts: np.ndarray
+    raw_counts: np.ndarray
+    target_docs: int
+    per_domain: dict[str, dict[str, Any]]
+    shard_docs: list[int]
+    k: int
+
+
 def _run(
     cfg: DsirConfig, target: Path, domains: dict[str, dict[str, Path]], out: Path, tmp: Path
 ) -> dict[str, Any]:
@@ -241,138 +268,202 @@ def _run(
     for name, files in domains.items():
         raw += make_shards(name, files["train"], cfg.shard_bytes, len(raw))
     tshards = make_shards("", target, cfg.shard_bytes, 0)
+    parts = tmp / ".parts"
+    parts.mkdir()
     timings: dict[str, float] = {}
     with Runner(cfg.ray_address, cfg.num_cpus) as runner:
-        # -- pass 1: fit ----------------------------------------------------------------------
         t = time.perf_counter()
-        fits = runner.map(
-            fit_shard,
-            [(s, cfg.num_buckets, cfg.min_words) for s in tshards + raw],
-            _sizes(tshards + raw),
-            "dsir fit",
-            cfg.progress,
-        )
+        fitted = _fit(cfg, runner, target, domains, tshards, raw)
         timings["fit_s"] = time.perf_counter() - t
-        tfit, rfit = fits[: len(tshards)], fits[len(tshards) :]
-        target_counts = sum(f["counts"] for f in tfit)
-        target_docs = sum(f["docs"] for f in tfit)
-        if target_docs == 0:
-            raise SelectError(f"{target}: target has no documents")
-        if target_counts.sum() == 0:
-            raise SelectError(f"{target}: target documents have no words")
-        per_domain = {d: {"docs": 0, "eligible": 0, "bytes": 0} for d in domains}
-        for s, f in zip(raw, rfit):
-            for key in ("docs", "eligible", "bytes"):
-                per_domain[s.domain][key] += f[key]
-        for d, row in per_domain.items():
-            if row["docs"] == 0:
-                raise SelectError(f"{domains[d]['train']}: raw domain {d!r} has no documents")
-        raw_counts = sum(f["counts"] for f in rfit)
-        eligible = sum(r["eligible"] for r in per_domain.values())
-        total_docs = sum(r["docs"] for r in per_domain.values())
-        k = cfg.num_samples if cfg.num_samples is not None else max(1, round(cfg.fraction * eligible))
-        if k > eligible:
-            raise SelectError(
-                f"too few samples: asked for {k} documents but only {eligible} of the {total_docs} raw documents "
-                f"have at least min_words={cfg.min_words} words; ask for fewer or lower min_words"
-            )
-        ratio = log_ratio(target_counts, raw_counts)
+        ratio = log_ratio(fitted.target_counts, fitted.raw_counts)
         if cfg.method == "random":
             ratio = np.zeros_like(ratio)
-
-        # -- pass 2: score and resample -------------------------------------------------------
         t = time.perf_counter()
-        scores = runner.map(
-            score_shard,
-            [(s, ratio, cfg.min_words, k, cfg.seed) for s in raw],
-            _sizes(raw),
-            "dsir score",
-            cfg.progress,
-        )
+        log_mass, takes = _score(cfg, runner, raw, ratio, fitted.k, parts)
         timings["score_s"] = time.perf_counter() - t
-        chosen = _merge(scores, "dsir", k)
-        baseline = _merge(scores, "random", k)
-
-        # -- pass 3: write the chosen lines ----------------------------------------------------
-        parts = tmp / ".parts"
-        parts.mkdir()
         t = time.perf_counter()
-        calls = [
-            (
-                s,
-                chosen[i],
-                baseline[i],
-                str(parts / f"{i}{'.jsonl.gz' if s.gzipped else '.jsonl'}"),
-                cfg.num_buckets,
-            )
-            for i, s in enumerate(raw)
-        ]
-        written = runner.map(write_shard, calls, _sizes(raw), "dsir write", cfg.progress)
+        written = _write(cfg, runner, raw, takes, parts, fitted.per_domain)
         timings["write_s"] = time.perf_counter() - t
-
-    # Shard-local document numbers -> per-domain numbers, and the per-domain files.
-    selected_ids: dict[str, list[int]] = {d: [] for d in domains}
-    offset = dict.fromkeys(domains, 0)
-    log_mass: dict[str, float] = {}
-    for i, s in enumerate(raw):
-        selected_ids[s.domain] += (np.sort(chosen[i]) + offset[s.domain]).tolist()
-        offset[s.domain] += rfit[i]["docs"]
-        lm = scores[i]["log_mass"]
-        log_mass[s.domain] = float(np.logaddexp(log_mass.get(s.domain, -np.inf), lm))
-    for d in domains:
-        per_domain[d]["selected"] = len(selected_ids[d])
-        per_domain[d]["selected_bytes"] = 0
-        per_domain[d]["random_selected"] = 0
-    for i, s in enumerate(raw):
-        per_domain[s.domain]["selected_bytes"] += written[i]["bytes"]
-        per_domain[s.domain]["random_selected"] += int(baseline[i].size)
-    for d, files in domains.items():
-        if not selected_ids[d]:
-            continue
-        folder = tmp / d
-        folder.mkdir()
-        train = folder / files["train"].name
-        with train.open("wb") as fh:
-            for i, s in enumerate(raw):
-                if s.domain == d:
-                    with open(calls[i][3], "rb") as part:
-                        shutil.copyfileobj(part, fh)
-        shutil.copyfile(files["val"], folder / files["val"].name)
+    _assemble(domains, raw, takes, fitted.shard_docs, parts, tmp)
     shutil.rmtree(parts)
-
     prior = domain_prior(log_mass)
-    selected_counts = sum(w["selected_counts"] for w in written)
-    random_counts = sum(w["random_counts"] for w in written)
-    kl = kl_reduction(target_counts, raw_counts, selected_counts)
-    kl_random = kl_reduction(target_counts, raw_counts, random_counts)
-    for d in domains:
-        per_domain[d]["importance_mass"] = prior[d]
-        per_domain[d]["selected_share"] = per_domain[d]["selected"] / k
-    raw_bytes = sum(r["bytes"] for r in per_domain.values())
-    report: dict[str, Any] = {
+    report = _report(cfg, target, out, raw, fitted, written, prior)
+    report["timings"] = {**timings, "total_s": time.perf_counter() - t0}
+    _write_prior(cfg, target, domains, prior, tmp / PRIOR, report)
+    (tmp / REPORT).write_text(_json(report, indent=2))
+    return report
+
+
+def _fit(
+    cfg: DsirConfig,
+    runner: Runner,
+    target: Path,
+    domains: dict[str, dict[str, Path]],
+    tshards: list[Shard],
+    raw: list[Shard],
+) -> _Fitted:
+    """Pass 1 over the target and the raw shards; bucket counts are summed as shards finish."""
+    nt = len(tshards)
+    target_counts = np.zeros(cfg.num_buckets, dtype=np.int64)
+    raw_counts = np.zeros(cfg.num_buckets, dtype=np.int64)
+    per_domain = {d: {"docs": 0, "eligible": 0, "bytes": 0} for d in domains}
+    shard_docs = [0] * len(raw)
+    target_docs = 0
+
+    def fold(i: int, f: dict) -> None:
+        nonlocal target_docs
+        if i < nt:
+            np.add(target_counts, f["counts"], out=target_counts)
+            target_docs += f["docs"]
+            return
+        np.add(raw_counts, f["counts"], out=raw_counts)
+        shard_docs[i - nt] = f["docs"]
+        for key in ("docs", "eligible", "bytes"):
+            per_domain[raw[i - nt].domain][key] += f[key]
+
+    shards = tshards + raw
+    calls = [(s, cfg.num_buckets, cfg.min_words) for s in shards]
+    runner.map(fit_shard, calls, _sizes(shards), "dsir fit", cfg.progress, fold=fold)
+    if target_docs == 0:
+        raise SelectError(f"{target}: target has no documents")
+    if target_counts.sum() == 0:
+        raise SelectError(f"{target}: target documents have no words")
+    for d, row in per_domain.items():
+        if row["docs"] == 0:
+            raise SelectError(f"{domains[d]['train']}: raw domain {d!r} has no documents")
+    eligible = sum(r["eligible"] for r in per_domain.values())
+    total_docs = sum(r["docs"] for r in per_domain.values())
+    k = cfg.num_samples if cfg.num_samples is not None else max(1, round(cfg.fraction * eligible))
+    if k > eligible:
+        raise SelectError(
+            f"too few samples: asked for {k} documents but only {eligible} of the {total_docs} raw documents "
+            f"have at least min_words={cfg.min_words} words; ask for fewer or lower min_words"
+        )
+    return _Fitted(target_counts, raw_counts, target_docs, per_domain, shard_docs, k)
+
+
+def _score(
+    cfg: DsirConfig, runner: Runner, raw: list[Shard], ratio: np.ndarray, k: int, parts: Path
+) -> tuple[dict[str, float], list[tuple[int, int]]]:
+    """Pass 2: each shard writes its candidates; the driver finds how many of each shard's leading
+    candidates the global top-k takes, per stream, reading only O(log n) keys per shard and probe.
+    Returns each domain's log importance mass and the (DSIR, random) takes per shard."""
+    calls = [(s, ratio, cfg.min_words, k, cfg.seed, str(parts / str(i))) for i, s in enumerate(raw)]
+    scores = runner.map(score_shard, calls, _sizes(raw), "dsir score", cfg.progress)
+    takes: list[list[int]] = []
+    for name in STREAMS:
+        neg_keys = [np.load(candidate_files(c[-1], name)[0], mmap_mode="r") for c in calls]
+        takes.append(take_counts(neg_keys, k))
+        del neg_keys
+    log_mass: dict[str, float] = {}
+    for s, sc in zip(raw, scores):  # in shard order: the sums do not depend on scheduling
+        log_mass[s.domain] = float(np.logaddexp(log_mass.get(s.domain, -np.inf), sc["log_mass"]))
+    return log_mass, list(zip(*takes))
+
+
+def _write(
+    cfg: DsirConfig,
+    runner: Runner,
+    raw: list[Shard],
+    takes: list[tuple[int, int]],
+    parts: Path,
+    per_domain: dict[str, dict[str, Any]],
+) -> dict[str, np.ndarray]:
+    """Pass 3: every shard copies its chosen lines to a part file; per-domain counts and the
+    chosen (and random baseline's) bucket counts are summed as shards finish."""
+    for row in per_domain.values():
+        row.update(selected=0, selected_bytes=0, random_selected=0)
+    for s, (n_dsir, n_random) in zip(raw, takes):
+        per_domain[s.domain]["selected"] += n_dsir
+        per_domain[s.domain]["random_selected"] += n_random
+    sums = {"selected_counts": 0, "random_counts": 0}
+
+    def fold(i: int, w: dict) -> None:
+        per_domain[raw[i].domain]["selected_bytes"] += w["bytes"]
+        for key, total in list(sums.items()):
+            sums[key] = total + w[key]
+
+    calls = [
+        (s, str(parts / str(i)), takes[i], str(_part(parts, i, s)), cfg.num_buckets)
+        for i, s in enumerate(raw)
+    ]
+    runner.map(write_shard, calls, _sizes(raw), "dsir write", cfg.progress, fold=fold)
+    return sums
+
+
+def _part(parts: Path, i: int, shard: Shard) -> Path:
+    return parts / f"{i}{'.jsonl.gz' if shard.gzipped else '.jsonl'}"
+
+
+def _assemble(
+    domains: dict[str, dict[str, Path]],
+    raw: list[Shard],
+    takes: list[tuple[int, int]],
+    shard_docs: list[int],
+    parts: Path,
+    tmp: Path,
+) -> None:
+    """Concatenate each domain's part files into its train file (val copied beside it), and write
+    the chosen documents' per-domain numbers shard by shard (never all of them in memory)."""
+    with (tmp / SELECTED).open("w") as sel:
+        sel.write("{")
+        for n, (d, files) in enumerate(domains.items()):
+            sel.write(("" if n == 0 else ", ") + json.dumps(d) + ": [")
+            mine = [i for i, s in enumerate(raw) if s.domain == d]
+            offset, first = 0, True
+            for i in mine:
+                ids = np.sort(np.load(candidate_files(str(parts / str(i)), STREAMS[0])[1])[: takes[i][0]])
+                if ids.size:
+                    sel.write(("" if first else ", ") + ", ".join(map(str, (ids + offset).tolist())))
+                    first = False
+                offset += shard_docs[i]
+            sel.write("]")
+            if not any(takes[i][0] for i in mine):
+                continue
+            folder = tmp / d
+            folder.mkdir()
+            with (folder / files["train"].name).open("wb") as fh:
+                for i in mine:
+                    with _part(parts, i, raw[i]).open("rb") as part:
+                        shutil.copyfileobj(part, fh)
+            shutil.copyfile(files["val"], folder / files["val"].name)
+        sel.write("}\n")
+
+
+def _report(
+    cfg: DsirConfig,
+    target: Path,
+    out: Path,
+    raw: list[Shard],
+    fitted: _Fitted,
+    written: dict[str, np.ndarray],
+    prior: dict[str, float],
+) -> dict[str, Any]:
+    per_domain, k = fitted.per_domain, fitted.k
+    kl = kl_reduction(fitted.target_counts, fitted.raw_counts, written["selected_counts"])
+    kl_random = kl_reduction(fitted.target_counts, fitted.raw_counts, written["random_counts"])
+    for d, row in per_domain.items():
+        row["importance_mass"] = prior[d]
+        row["selected_share"] = row["selected"] / k
+    return {
         "method": cfg.method,
         "paper": PAPER,
         "target": str(target),
-        "target_docs": target_docs,
+        "target_docs": fitted.target_docs,
         "out": str(out),
         "settings": {**asdict(cfg), "num_samples": k},
-        "raw_docs": total_docs,
-        "eligible_docs": eligible,
+        "raw_docs": sum(r["docs"] for r in per_domain.values()),
+        "eligible_docs": sum(r["eligible"] for r in per_domain.values()),
         "selected_docs": k,
         "shards": len(raw),
-        "raw_bytes": raw_bytes,
+        "raw_bytes": sum(r["bytes"] for r in per_domain.values()),
         "domains": per_domain,
         **kl,
         "kl_target_random": kl_random["kl_target_selected"],
         "kl_reduction_vs_random_sample": kl_random["kl_target_selected"] - kl["kl_target_selected"],
         "prior": prior,
-        "timings": {**timings, "total_s": time.perf_counter() - t0},
         "files": {"report": REPORT, "selected": SELECTED, "prior_spec": PRIOR},
     }
-    (tmp / SELECTED).write_text(_json(selected_ids))
-    _write_prior(cfg, target, domains, prior, tmp / PRIOR, report)
-    (tmp / REPORT).write_text(_json(report, indent=2))
-    return report
 
 
 def _sizes(shards: list[Shard]) -> list[int]:
@@ -381,15 +472,6 @@ def _sizes(shards: list[Shard]) -> list[int]:
         end = Path(s.path).stat().st_size if s.end < 0 else s.end
         out.append(max(end - s.start, 1))
     return out
-
-
-def _merge(scores: list[dict], name: str, k: int) -> list[np.ndarray]:
-    """The global top-k of every shard's candidates, as shard-local document numbers per shard."""
-    keys = np.concatenate([sc[name][0] for sc in scores])
-    local = np.concatenate([sc[name][1] for sc in scores])
-    shard = np.concatenate([np.full(sc[name][0].size, i, np.int64) for i, sc in enumerate(scores)])
-    top = np.argsort(-keys, kind="stable")[:k]
-    return [np.sort(local[top][shard[top] == i]) for i in range(len(scores))]
 
 
 def _write_prior(

@@ -11,7 +11,12 @@ With z the hashed n-gram counts of a document (mixer.select.features):
 - Resampling (Section 3, "resample k examples without replacement"): the k largest
   log w_i + G_i with G_i i.i.d. standard Gumbel (the Gumbel top-k trick, as the authors' package
   does it). Top-k of a union is the top-k of the union of each part's top-k, so shards select
-  their own candidates and the driver merges them; ties keep the earlier document.
+  their own candidates and the driver merges them; ties keep the earlier document. Ours, so that
+  nothing holds a corpus's keys: a shard keeps its running top-k over chunks of documents
+  (`RunningTopK`), and the driver never gathers the candidates: it bisects for the k-th largest
+  key over every shard's sorted candidates (`take_counts`, reading O(log n) entries per shard and
+  probe) and tells each shard how many of its leading candidates are chosen. Both give exactly
+  the documents of one Gumbel top-k over the whole corpus in order (key descending, then position).
 - KL reduction (Section 4, "KL reduction on hashed n-grams"): for a target feature distribution
   p, the raw distribution q (what random selection draws from) and the selected data's empirical
   feature distribution p', KL(p || q) - KL(p || p'). Ours: the same 1e-8 smoothing inside the
@@ -31,6 +36,7 @@ import numpy as np
 
 __all__ = [
     "EPS",
+    "RunningTopK",
     "bag_of_ngrams",
     "domain_prior",
     "gumbel_top_k",
@@ -39,6 +45,7 @@ __all__ = [
     "log_importance_weights",
     "log_ratio",
     "logsumexp",
+    "take_counts",
 ]
 
 EPS = 1e-8
@@ -79,6 +86,91 @@ def gumbel_top_k(log_w: np.ndarray, k: int, gumbel: np.ndarray | None) -> np.nda
         raise ValueError(f"cannot choose {k} of {log_w.size} documents")
     keys = log_w if gumbel is None else log_w + np.asarray(gumbel, dtype=np.float64)
     return np.argsort(-keys, kind="stable")[:k]
+
+
+class RunningTopK:
+    """The m largest keys fed so far, in chunks of increasing document numbers; ties keep the
+    earlier document. Holds at most 2m keys plus one chunk; `result()` equals `gumbel_top_k` over
+    the concatenated chunks."""
+
+    __slots__ = ("_idx", "_keys", "_n", "m")
+
+    def __init__(self, m: int):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"m must be a non-negative integer, got {m!r}")
+        self.m = m
+        self._keys: list[np.ndarray] = []
+        self._idx: list[np.ndarray] = []
+        self._n = 0
+
+    def add(self, keys: np.ndarray, idx: np.ndarray) -> None:
+        """Feed keys of documents `idx` (all larger than any fed before)."""
+        if self.m == 0 or len(keys) == 0:
+            return
+        self._keys.append(np.asarray(keys, dtype=np.float64))
+        self._idx.append(np.asarray(idx, dtype=np.int64))
+        self._n += len(keys)
+        if self._n > 2 * self.m:
+            self._cut()
+
+    def _cut(self) -> None:
+        keys, idx = np.concatenate(self._keys), np.concatenate(self._idx)
+        order = np.lexsort((idx, -keys))[: self.m]
+        self._keys, self._idx, self._n = [keys[order]], [idx[order]], order.size
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, document numbers) of the top m, largest key first (ties: earlier document first)."""
+        if not self._keys:
+            return np.empty(0, np.float64), np.empty(0, np.int64)
+        self._cut()
+        return self._keys[0], self._idx[0]
+
+
+_SIGN = 1 << 63
+
+
+def _ordinal(x: float) -> int:
+    """A monotone map of finite float64 values onto integers (bisect over floats)."""
+    bits = int(np.float64(x).view(np.uint64))
+    return bits if bits < _SIGN else -(bits - _SIGN)
+
+
+def _from_ordinal(o: int) -> float:
+    return float(np.uint64(o if o >= 0 else _SIGN - o).view(np.float64))
+
+
+def take_counts(neg_keys: list[np.ndarray], k: int) -> list[int]:
+    """How many leading candidates of each shard the global top-k takes.
+
+    neg_keys[i]: shard i's candidate keys negated, ascending (its candidates ordered by key
+    descending, then document; may be memory-mapped: only O(log n) entries per probe are read).
+    The global order is key descending, then shard, then document: the order of one stable sort
+    of every shard's keys concatenated in shard order, i.e. `gumbel_top_k` over the whole corpus.
+    """
+    sizes = [len(a) for a in neg_keys]
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= sum(sizes):
+        raise ValueError(f"cannot choose {k!r} of {sum(sizes)} candidates")
+    if k == 0:
+        return [0] * len(neg_keys)
+    full = [a for a in neg_keys if len(a)]
+    lo, hi = _ordinal(min(a[0] for a in full)), _ordinal(max(a[-1] for a in full))
+    while lo < hi:  # the smallest t with at least k negated keys <= t: the k-th largest key
+        mid = (lo + hi) // 2
+        t = _from_ordinal(mid)
+        if sum(int(np.searchsorted(a, t, side="right")) for a in full) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    t = _from_ordinal(lo)
+    below = [int(np.searchsorted(a, t, side="left")) if len(a) else 0 for a in neg_keys]
+    at = [int(np.searchsorted(a, t, side="right")) - b if len(a) else 0 for a, b in zip(neg_keys, below)]
+    need = k - sum(below)
+    counts = []
+    for b, e in zip(below, at):
+        take = min(e, need)
+        counts.append(b + take)
+        need -= take
+    return counts
 
 
 def logsumexp(x: np.ndarray) -> float:

@@ -2,11 +2,13 @@
 
 As `mixer sweep` does: `ray.init(num_cpus=N)` locally, `ray.init(address=...)` for a cluster
 (shipping this checkout of mixer with the job so workers run the same code); a Ray started here
-is shut down here. Results come back in the order of the calls, whatever order tasks finish in.
+is shut down here. Results come back in the order of the calls, whatever order tasks finish in,
+or are folded as they arrive; at most twice the cluster's CPUs of tasks are in flight at once.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
@@ -53,37 +55,69 @@ class Runner:
             self._started = False
 
     def map(
-        self, fn: Callable[..., Any], calls: list[tuple], sizes: list[int], desc: str, progress: bool
+        self,
+        fn: Callable[..., Any],
+        calls: list[tuple],
+        sizes: list[int],
+        desc: str,
+        progress: bool,
+        fold: Callable[[int, Any], None] | None = None,
     ) -> list[Any]:
-        """fn(*call) for every call; the bar advances by each call's size (bytes) as it finishes."""
-        results: list[Any] = [None] * len(calls)
+        """fn(*call) for every call; the bar advances by each call's size (bytes) as it finishes.
+
+        Without `fold`: the results, in the order of the calls. With it: fold(call number, result)
+        as each call finishes (in any order), and nothing is kept (an empty list is returned), so
+        per-shard arrays are summed as they arrive rather than held for every shard.
+        """
+        results: list[Any] = [] if fold is not None else [None] * len(calls)
+
+        def done(i: int, result: Any) -> None:
+            if fold is None:
+                results[i] = result
+            else:
+                fold(i, result)
+
         with tqdm(
             total=sum(sizes), unit="B", unit_scale=True, desc=desc, disable=not progress, delay=1.0
         ) as bar:
             if self.address is None:
                 for i, call in enumerate(calls):
-                    results[i] = fn(*call)
+                    done(i, fn(*call))
                     bar.update(sizes[i])
                 return results
-            import ray
-            from ray.exceptions import RayTaskError
-
-            task = ray.remote(num_cpus=1)(fn)
-            pending = {task.remote(*call): i for i, call in enumerate(calls)}
-            try:
-                while pending:
-                    ready, _ = ray.wait(list(pending), num_returns=1)
-                    i = pending.pop(ready[0])
-                    try:
-                        results[i] = ray.get(ready[0])
-                    except RayTaskError as e:
-                        # The task's own error (a bad line, a missing file) says what was wrong.
-                        cause = getattr(e, "cause", None)
-                        if isinstance(cause, (SelectError, OSError)):
-                            raise SelectError(str(cause)) from None
-                        raise
-                    bar.update(sizes[i])
-            finally:
-                for ref in pending:
-                    ray.cancel(ref, force=True)
+            self._on_ray(fn, calls, sizes, bar, done)
         return results
+
+    def _on_ray(
+        self, fn: Callable[..., Any], calls: list[tuple], sizes: list[int], bar: tqdm, done: Callable
+    ) -> None:
+        """Submit the calls as Ray tasks, at most `window` in flight (a driver holds the arguments
+        of the tasks it submitted, so a corpus of many shards is not queued all at once)."""
+        import ray
+        from ray.exceptions import RayTaskError
+
+        task = ray.remote(num_cpus=1)(fn)
+        window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        pending: dict[Any, int] = {}
+        todo = iter(enumerate(calls))
+        try:
+            while True:
+                for i, call in itertools.islice(todo, max(0, window - len(pending))):
+                    pending[task.remote(*call)] = i
+                if not pending:
+                    return
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                i = pending.pop(ready[0])
+                try:
+                    result = ray.get(ready[0])
+                except RayTaskError as e:
+                    # The task's own error (a bad line, a missing file) says what was wrong.
+                    cause = getattr(e, "cause", None)
+                    if isinstance(cause, (SelectError, OSError)):
+                        raise SelectError(str(cause)) from None
+                    raise
+                done(i, result)
+                bar.update(sizes[i])
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)

@@ -3,10 +3,10 @@
 A shard is a byte range of a plain `.jsonl` file (lines belong to the shard they start in) or a
 whole `.jsonl.gz` file (gzip cannot seek). Documents are the non-blank lines, each a JSON object
 with a string "text" field, numbered from 0 within the shard; the driver turns shard-local numbers
-into per-domain numbers with the shards' document counts. Each task reads its shard once and
-returns small arrays (bucket counts, top-k candidates), never the documents, so no process holds
-a corpus in memory. The task functions are plain functions: the driver runs them in this process
-or as Ray tasks.
+into per-domain numbers with the shards' document counts. Each task reads its shard once, line
+by line, and returns small arrays (bucket counts) or writes its top-k candidates to files beside
+the output, never the documents, so no process holds a corpus (or its keys) in memory. The task
+functions are plain functions: the driver runs them in this process or as Ray tasks.
 """
 
 from __future__ import annotations
@@ -22,9 +22,20 @@ from pathlib import Path
 import numpy as np
 
 from mixer.select.features import NgramHasher
-from mixer.select.importance import gumbel_top_k, logsumexp
+from mixer.select.importance import RunningTopK, logsumexp
 
-__all__ = ["SelectError", "Shard", "fit_shard", "iter_docs", "make_shards", "score_shard", "write_shard"]
+__all__ = [
+    "CHUNK_DOCS",
+    "STREAMS",
+    "SelectError",
+    "Shard",
+    "candidate_files",
+    "fit_shard",
+    "iter_docs",
+    "make_shards",
+    "score_shard",
+    "write_shard",
+]
 
 
 @functools.lru_cache(maxsize=2)
@@ -129,12 +140,21 @@ def fit_shard(shard: Shard, num_buckets: int, min_words: int) -> dict:
     return {"counts": counts, "docs": docs, "eligible": int(eligible), "bytes": nbytes}
 
 
-def score_shard(shard: Shard, ratio: np.ndarray, min_words: int, k: int, seed: int) -> dict:
-    """Pass 2: log importance weights of the shard's eligible documents, and its top-k candidates.
+CHUNK_DOCS = 1 << 16
+"""Eligible documents scored at once in pass 2 (the most log weights a task holds beside its top-k)."""
+STREAMS = ("dsir", "random")
+"""The two draws of pass 2: DSIR (log w + Gumbel) and the random baseline (Gumbel alone)."""
 
-    Returns the candidates of DSIR (log w + Gumbel) and of the random baseline (Gumbel alone), each
-    as (keys, shard-local document numbers), and log sum_i w_i over eligible documents.
-    """
+
+def candidate_files(stem: str, stream: str) -> tuple[str, str]:
+    """(negated keys, document numbers) files of one shard's candidates for one stream."""
+    return f"{stem}.{stream}.keys.npy", f"{stem}.{stream}.ids.npy"
+
+
+def _log_weight_chunks(
+    shard: Shard, ratio: np.ndarray, min_words: int, chunk_docs: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(log w, shard-local document numbers) of the shard's eligible documents, chunk by chunk."""
     hasher = _hasher(ratio.size)
     log_w: list[float] = []
     index: list[int] = []
@@ -143,23 +163,59 @@ def score_shard(shard: Shard, ratio: np.ndarray, min_words: int, k: int, seed: i
         if words >= min_words:
             log_w.append(float(ratio[ids].sum()))
             index.append(i)
-    lw = np.array(log_w, dtype=np.float64)
-    idx = np.array(index, dtype=np.int64)
-    m = min(k, lw.size)
-    out: dict = {"eligible": int(lw.size), "log_mass": logsumexp(lw)}
-    for name, stream, base in (("dsir", 0, lw), ("random", 1, np.zeros_like(lw))):
-        gumbel = np.random.default_rng([seed, shard.ordinal, stream]).gumbel(size=lw.size)
-        top = gumbel_top_k(base, m, gumbel)
-        out[name] = ((base + gumbel)[top], idx[top])
+            if len(log_w) == chunk_docs:
+                yield np.array(log_w, dtype=np.float64), np.array(index, dtype=np.int64)
+                log_w, index = [], []
+    if log_w:
+        yield np.array(log_w, dtype=np.float64), np.array(index, dtype=np.int64)
+
+
+def score_shard(
+    shard: Shard,
+    ratio: np.ndarray,
+    min_words: int,
+    k: int,
+    seed: int,
+    stem: str,
+    chunk_docs: int = CHUNK_DOCS,
+) -> dict:
+    """Pass 2: log importance weights of the shard's eligible documents, and its top-k candidates.
+
+    Streams the shard in chunks of `chunk_docs` eligible documents. The candidates of DSIR
+    (log w + Gumbel) and of the random baseline (Gumbel alone) are written to
+    `candidate_files(stem, stream)`: negated keys ascending, and the matching shard-local document
+    numbers. Each stream's Gumbel noise is one generator seeded by (seed, shard ordinal, stream),
+    drawn chunk after chunk (the same numbers as one draw over the shard). Returns the number of
+    eligible documents, log sum_i w_i over them, and each stream's candidate count.
+    """
+    rngs = [np.random.default_rng([seed, shard.ordinal, s]) for s in range(len(STREAMS))]
+    tops = [RunningTopK(k) for _ in STREAMS]
+    log_mass, eligible = float("-inf"), 0
+    for lw, idx in _log_weight_chunks(shard, ratio, min_words, chunk_docs):
+        tops[0].add(lw + rngs[0].gumbel(size=lw.size), idx)
+        tops[1].add(rngs[1].gumbel(size=lw.size), idx)
+        log_mass = float(np.logaddexp(log_mass, logsumexp(lw)))
+        eligible += lw.size
+    out: dict = {"eligible": eligible, "log_mass": log_mass}
+    for name, top in zip(STREAMS, tops):
+        keys, idx = top.result()
+        kfile, ifile = candidate_files(stem, name)
+        np.save(kfile, -keys)
+        np.save(ifile, idx)
+        out[name] = int(keys.size)
     return out
 
 
-def write_shard(shard: Shard, chosen: np.ndarray, baseline: np.ndarray, part: str, num_buckets: int) -> dict:
+def write_shard(shard: Shard, stem: str, takes: tuple[int, int], part: str, num_buckets: int) -> dict:
     """Write the chosen documents' lines to `part` (gzip when the source is), as they were read.
 
-    Also returns the bucket counts of the chosen documents and of the random baseline's.
+    The chosen documents are the first takes[0] DSIR candidates in `stem`'s files, the random
+    baseline's the first takes[1] random ones. Also returns the bucket counts of both choices.
     """
-    chosen_set, baseline_set = set(chosen.tolist()), set(baseline.tolist())
+    chosen_set, baseline_set = (
+        set(np.load(candidate_files(stem, name)[1], mmap_mode="r")[:n].tolist())
+        for name, n in zip(STREAMS, takes)
+    )
     hasher = _hasher(num_buckets)
     sel = np.zeros(num_buckets, dtype=np.int64)
     rnd = np.zeros(num_buckets, dtype=np.int64)

@@ -2,20 +2,29 @@
 
 TLDR: Jiang, Wolf, Monz, de Rijke 2020, "TLDR: Token Loss Dynamic Reweighting for Reducing
 Repetitive Utterance Generation", arXiv:2003.11963; reference code ShaojieJiang/tldr @ c878ed1,
-parlai/core/torch_generator_agent.py (`loss_weight`, weight_func "ldr", weight_level "token").
-Each token's weight is a function of its own probability p_t = exp(-l_t), l_t its loss, larger
-for hard tokens (the paper's cosine weighting function, as the reference computes it):
+parlai/core/torch_generator_agent.py (`compute_loss` and `loss_weight`, weight_func "ldr",
+weight_level "token"). Each token's weight is a function of its own probability p_t = exp(-l_t),
+l_t its loss (the reference takes p_t from the softmax of the same forward), larger for hard
+tokens (the paper's cosine weighting function, as the reference computes it):
 
     w_t = cos(pi p_t) + 1 = cos(pi exp(-l_t)) + 1     in [0, 2]; 0 when p = 1, 2 as p -> 0
 
+and the reference's loss is sum_t w_t l_t / (number of target tokens): no clipping, no
+temperature, no rescaling of w.
+
 PRIOR: Chen, Peng, Zhang, Ji 2025, "Prioritizing Image-Related Tokens Enhances Vision-Language
-Pre-Training", arXiv:2505.08971. A frozen reference model's probability p_ref of each token gives
-its importance; tokens the reference finds hard get more weight:
+Pre-Training", arXiv:2505.08971. What is cited here is the paper's abstract: a frozen, text-only
+reference model's probability p_ref of each caption token gives its weight in the next-token
+loss ("a token-specific re-weighting term based on the importance scores"), and tokens the
+reference finds hard (low p_ref) get more weight. The weight function used here is
 
     w_t = (1 - p_ref(x_t))^alpha       alpha >= 0; alpha = 0 is plain next-token prediction
 
-The authors' repository (Yangyi-Chen/PRIOR) publishes no code, so this form has no reference
-implementation to be checked against; alpha's range [0, 16] and default 1 are ours.
+(TLDR's reference code offers the same form, weight_func "fl", on the model's own p). Ours, not
+the paper's: this functional form, alpha's range [0, 16] and default 1, and the rescaling below;
+the paper's own equation for the weight, and whatever normalisation or clipping it applies, are
+not reproduced here, and the authors' repository (Yangyi-Chen/PRIOR) publishes no code to
+check against.
 
 p_ref = exp(-reference token loss) comes from the reference forward DoReMi's probe already runs
 (mixer.megatron.probes.ExcessLossProbe.reference_token_loss); no second model is loaded.
@@ -28,8 +37,9 @@ Choices that are ours:
 - Normalisation. The TLDR reference divides the weighted sum by the token count without
   rescaling the weights (its loss shrinks as tokens get easy). Here both raw weights are
   rescaled so that over the loss-bearing tokens of the micro-batch, all-reduced over the
-  data-parallel group, sum_t w_t = N (the unweighted token count): w_t <- w_t N / sum_t w_t. The loss stays the weighted token-loss sum over the unweighted
-  global token count (mixer.megatron.loss.compute_loss), so its scale matches plain training.
+  data-parallel group, sum_t w_t = N (the unweighted token count): w_t <- w_t N / sum_t w_t.
+  The loss stays the weighted token-loss sum over the unweighted global token count
+  (mixer.megatron.loss.compute_loss), so its scale matches plain training.
   When every raw weight is 0 (all tokens certain) the weights fall back to 1.
 - `burn_in`: uniform weights (all 1) for the first steps; 0 by default (the papers start at once).
 

@@ -42,7 +42,8 @@ def inputs(dtype=torch.float64):
 
 
 def paper_weights(case: dict, token_loss: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The papers' formulas in float64, element by element, then the shared rescaling to N."""
+    """TLDR's formula and the PRIOR weight the module states, in float64, element by element, then
+    the shared rescaling to N."""
     if case["method"] == "token-loss":  # TLDR: w = cos(pi exp(-l)) + 1
         raw = np.vectorize(lambda x: math.cos(math.pi * math.exp(-x)) + 1.0)(token_loss)
     else:  # PRIOR: w = (1 - p_ref)^alpha
