@@ -163,3 +163,21 @@ def test_pretrain_config_checks_ranges_and_rules(tmp_path: Path) -> None:
         PretrainConfig.of(spec=tmp_path / "s.yaml", hiden=3)
     with pytest.raises(ConfigError, match=r"checkpoint_every \(--save-interval\) needs checkpoint_dir"):
         PretrainConfig.of(spec=tmp_path / "s.yaml", save_interval=5)
+
+
+def test_serve_options_come_from_its_tree_and_bad_values_are_named(tmp_path: Path) -> None:
+    from mixer.cli.serve import serve
+    from mixer.server.config import ServeConfig
+
+    names = [o for p in serve.params for o in p.opts]
+    assert len(names) == len(set(names))
+    for leaf in leaves(ServeConfig):
+        assert (leaf.flag in names) == _optionable(leaf), leaf.path
+    db = tmp_path / "m.db"
+    res = CliRunner().invoke(serve, ["--db", str(db), "--set", "max_domains=0"])
+    assert res.exit_code == 2 and "max_domains (--max-domains): must be >= 1, got 0" in res.output, res.output
+    f = tmp_path / "serve.yaml"
+    f.write_text("workers: 3\n")  # several processes need PostgreSQL: refused before anything starts
+    res = CliRunner().invoke(serve, ["--db", str(db), "--config", str(f)])
+    assert res.exit_code != 0 and "--workers 3 needs a shared PostgreSQL database" in str(res.exception or res.output)
+    assert not db.exists()

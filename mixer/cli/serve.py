@@ -22,120 +22,31 @@ from mixer.cli.common import (
     rpc_errors,
     weights_table,
 )
+from mixer.config import options
+from mixer.server.config import ServeConfig
 
 
 @click.command()
-@db_option
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=50051, show_default=True, type=int)
-@click.option(
-    "--http-port", default=9400, show_default=True, type=int, help="/metrics and /api (0: any free port)"
-)
-@click.option(
-    "--max-samples-per-report",
-    default=1 << 20,
-    show_default=True,
-    type=int,
-    help="larger reports are refused",
-)
-@click.option(
-    "--max-message-bytes", default=64 << 20, show_default=True, type=int, help="gRPC message size limit"
-)
-@click.option("--max-domains", default=100_000, show_default=True, type=int, help="domains per job")
-@click.option("--max-sessions-per-job", default=1024, show_default=True, type=int)
-@click.option(
-    "--hello-timeout",
-    default=10.0,
-    show_default=True,
-    type=float,
-    help="seconds a Session stream may stay open before sending hello",
-)
-@click.option(
-    "--max-pending-sessions",
-    default=1024,
-    show_default=True,
-    type=int,
-    help="Session streams at once not yet past hello and its token check; more get RESOURCE_EXHAUSTED",
-)
-@click.option(
-    "--http-timeout",
-    default=10.0,
-    show_default=True,
-    type=float,
-    help="seconds an HTTP connection has to send its request (and finish TLS)",
-)
-@click.option(
-    "--http-max-connections",
-    default=64,
-    show_default=True,
-    type=int,
-    help="HTTP connections served at once; more are answered 503",
-)
-@click.option(
-    "--grpc-handshake-timeout",
-    default=10.0,
-    show_default=True,
-    type=float,
-    help="seconds a gRPC connection has to finish its handshake",
-)
-@click.option(
-    "--grpc-idle-timeout",
-    default=300.0,
-    show_default=True,
-    type=float,
-    help="a gRPC connection with no call for this many seconds gets GOAWAY (clients reconnect)",
-)
-@click.option(
-    "--grpc-max-connections",
-    default=4096,
-    show_default=True,
-    type=int,
-    help="gRPC connections served at once; one more is closed as it is accepted",
-)
-@click.option(
-    "--sqlite-synchronous",
-    default="normal",
-    show_default=True,
-    type=click.Choice(["normal", "full"]),
-    help="SQLite: normal survives a server crash; full also an OS crash or power loss (one sync per group commit)",
-)
-@click.option("--auth", is_flag=True, help="require bearer tokens (mixer token create)")
-@click.option("--insecure", is_flag=True, help="allow a non-loopback --host without --auth")
-@click.option(
-    "--tls-cert", default=None, help="server certificate (PEM): serve TLS (gRPC, and HTTPS on --http-port)"
-)
-@click.option("--tls-key", default=None, help="server private key (PEM)")
-@click.option(
-    "--tls-client-ca", default=None, help="require client certificates signed by this CA (mutual TLS)"
-)
-@click.option(
-    "--ha", is_flag=True, help="share a PostgreSQL database with other servers; jobs are owned through leases"
-)
-@click.option("--server-id", default="", help="this server's name in lease rows (default: its address)")
-@click.option("--advertise", default="", help="address other servers send clients to (default: host:port)")
-@click.option(
-    "--lease-ttl", default=5.0, show_default=True, type=float, help="seconds a lease outlives its owner"
-)
-@click.option(
-    "--workers",
-    default=1,
-    show_default=True,
-    type=int,
-    help="server processes sharing --port on PostgreSQL (implies --ha); worker i also on port+1+i, HTTP on http-port+i",
-)
+@options(ServeConfig)
 def serve(**kw) -> None:
-    """Run the mixer service (gRPC + HTTP metrics) until SIGTERM."""
+    """Run the mixer service (gRPC + HTTP metrics) until SIGTERM.
+
+    Every setting is an option below, a `--set name=VALUE`, or a line of a `--config FILE` (YAML)."""
     import asyncio
 
-    from mixer.server.app import ServeConfig
+    from mixer.config import ConfigError, from_options
     from mixer.server.app import serve as run
 
     logging.getLogger("mixer").setLevel(logging.INFO)
-    if kw["workers"] != 1:
+    try:
+        cfg = from_options(ServeConfig, kw)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    if cfg.workers != 1:
         from mixer.server.workers import serve_workers
 
-        raise SystemExit(serve_workers(ServeConfig(**kw)))
-    asyncio.run(run(ServeConfig(**kw)))
+        raise SystemExit(serve_workers(cfg))
+    asyncio.run(run(cfg))
 
 
 @click.group()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import ipaddress
 import logging
 import os
 import signal
 import ssl
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -19,194 +18,31 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Gauge
 
-from mixer.server import http as http_side
 from mixer.server import service
 from mixer.server.auth import Authenticator
+from mixer.server.config import (  # noqa: F401 - re-exported: the server's settings live in config.py
+    GRPC_HANDSHAKE_TIMEOUT_S,
+    GRPC_IDLE_TIMEOUT_S,
+    GRPC_MAX_CONNECTIONS,
+    MAX_CONNECTIONS,
+    MAX_MESSAGE_BYTES,
+    MAX_TIMEOUT_S,
+    MAX_WORKERS,
+    ServeConfig,
+    is_loopback,
+)
 from mixer.server.http import HttpSide
 from mixer.server.metrics import Metrics
 from mixer.server.runtime import HaConfig, Limits, Runtimes
 from mixer.server.service import MixerService
 from mixer.store import Store, normalize_url, redact
-from mixer.store.repository import SQLITE_SYNCHRONOUS, Fence
+from mixer.store.repository import Fence
 from mixer.store.writer import GroupCommitWriter
 from mixer.v1 import mixer_pb2
 
 log = logging.getLogger("mixer.server")
 
 SERVICE_NAME = mixer_pb2.DESCRIPTOR.services_by_name["MixerService"].full_name
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-GRPC_HANDSHAKE_TIMEOUT_S = 10.0
-GRPC_IDLE_TIMEOUT_S = 300.0
-GRPC_MAX_CONNECTIONS = 4096
-MAX_TIMEOUT_S = 86_400.0
-"""The longest timeout any option takes (a day): beyond it, the millisecond values gRPC takes overflow."""
-MAX_CONNECTIONS = 1_000_000
-
-
-@dataclass(kw_only=True, slots=True)
-class ServeConfig:
-    """How `mixer serve` runs."""
-
-    db: str = "mixer.db"
-    """Database URL (postgresql://...) or a SQLite file path."""
-    sqlite_synchronous: str = "normal"
-    """SQLite only (WAL mode): "normal" (an acknowledged report survives the server crashing, not
-    always the OS crashing or power loss) or "full" (a sync per commit: it survives those too).
-    PostgreSQL's own `synchronous_commit` decides there."""
-    host: str = "127.0.0.1"
-    port: int = 50051
-    http_port: int = 9400
-    """Port of /metrics and /api (0: any free port)."""
-    grace_seconds: float = 10.0
-    max_message_bytes: int = MAX_MESSAGE_BYTES
-    max_samples_per_report: int = 1 << 20
-    max_domains: int = 100_000
-    max_sessions_per_job: int = 1024
-    hello_timeout: float = service.HELLO_TIMEOUT_S
-    """Seconds a Session stream may stay open before sending hello."""
-    max_pending_sessions: int = service.MAX_PENDING_SESSIONS
-    """Session streams at once that have not sent hello or passed the token check; more are refused."""
-    grpc_handshake_timeout: float = GRPC_HANDSHAKE_TIMEOUT_S
-    """Seconds a new gRPC connection has to finish its handshake (TLS, and the HTTP/2 preface and
-    settings); then it is closed. gRPC's own default is 120 s."""
-    grpc_idle_timeout: float = GRPC_IDLE_TIMEOUT_S
-    """Seconds a gRPC connection may stay open without a call; then the server sends GOAWAY and
-    closes it (a client reconnects by itself at its next call). gRPC's own default: never."""
-    grpc_max_connections: int = GRPC_MAX_CONNECTIONS
-    """gRPC connections open at once; one more is closed as it is accepted."""
-    http_timeout: float = http_side.REQUEST_TIMEOUT_S
-    """Seconds an HTTP connection has to deliver its request (and finish its TLS handshake)."""
-    http_max_connections: int = http_side.MAX_CONNECTIONS
-    """HTTP connections served at once; one more is answered 503."""
-    auth: bool = False
-    """Require bearer tokens (see `mixer token create`)."""
-    insecure: bool = False
-    """Allow a non-loopback address without auth."""
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    """Require client certificates signed by this CA (mutual TLS)."""
-    ha: bool = False
-    """Share the database with other servers; each job is owned by one through a lease."""
-    server_id: str = ""
-    """This server's name in lease rows (default: host:port)."""
-    advertise: str = ""
-    """The address other servers send clients to (default: host:port)."""
-    lease_ttl: float = 5.0
-    workers: int = 1
-    """Server processes on this host (`workers.py`): they share --port (SO_REUSEPORT) and a
-    PostgreSQL database, each job owned by one of them through a lease (--ha is implied). Worker i
-    also listens on port+1+i, the address it advertises, and serves HTTP on http_port+i."""
-    private_port: int = 0
-    """A worker's own port besides the shared --port, set by the parent of --workers (0: none)."""
-
-    def validate(self) -> list[str]:
-        """Refuse a bad configuration (SystemExit naming the option); return warnings."""
-        if not is_loopback(self.host) and not self.auth and not self.insecure:
-            raise SystemExit(
-                f"refusing to serve on {self.host} without --auth; pass --insecure to do it anyway"
-            )
-        for name, value in (
-            ("hello_timeout", self.hello_timeout),
-            ("http_timeout", self.http_timeout),
-            ("grpc_handshake_timeout", self.grpc_handshake_timeout),
-            ("grpc_idle_timeout", self.grpc_idle_timeout),
-        ):
-            if not 0 < value <= MAX_TIMEOUT_S:
-                raise SystemExit(
-                    f"--{name.replace('_', '-')}: must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {value}"
-                )
-        for name, value in (
-            ("max_pending_sessions", self.max_pending_sessions),
-            ("http_max_connections", self.http_max_connections),
-            ("grpc_max_connections", self.grpc_max_connections),
-        ):
-            if not 1 <= value <= MAX_CONNECTIONS:
-                raise SystemExit(
-                    f"--{name.replace('_', '-')}: must be in [1, {MAX_CONNECTIONS}], got {value}"
-                )
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise SystemExit("--tls-cert and --tls-key go together")
-        if self.sqlite_synchronous not in SQLITE_SYNCHRONOUS:
-            raise SystemExit(
-                f"--sqlite-synchronous: must be one of {', '.join(SQLITE_SYNCHRONOUS)}, got {self.sqlite_synchronous!r}"
-            )
-        if self.sqlite_synchronous != "normal" and self.db.startswith("postgres"):
-            raise SystemExit(
-                "--sqlite-synchronous applies to SQLite only; on PostgreSQL an acknowledgement follows the server's synchronous_commit setting"
-            )
-        if self.ha and not self.db.startswith("postgres"):
-            raise SystemExit("--ha needs a shared PostgreSQL database (--db postgresql://...)")
-        self._validate_workers()
-        if self.tls_client_ca and not self.tls_cert:
-            raise SystemExit("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-        for name in ("tls_cert", "tls_key", "tls_client_ca"):
-            path = getattr(self, name)
-            if path and not Path(path).is_file():
-                raise SystemExit(f"--{name.replace('_', '-')}: no such file {path}")
-        warnings = []
-        if not is_loopback(self.host) and self.auth and not self.tls_cert:
-            warnings.append(
-                f"serving on {self.host} with --auth but without TLS: bearer tokens cross the network in clear (gRPC and HTTP); "
-                "pass --tls-cert and --tls-key, or terminate TLS in front of the server"
-            )
-        return warnings
-
-    def _validate_workers(self) -> None:
-        if not 1 <= self.workers <= MAX_WORKERS:
-            raise SystemExit(f"--workers: must be in [1, {MAX_WORKERS}], got {self.workers}")
-        if self.workers == 1:
-            return
-        if not self.db.startswith("postgres"):
-            raise SystemExit(
-                f"--workers {self.workers} needs a shared PostgreSQL database (--db postgresql://...): "
-                "a SQLite file serves one process"
-            )
-        if not 1 <= self.port <= 65535 - self.workers:
-            raise SystemExit(
-                f"--port: with --workers {self.workers}, must be in [1, {65535 - self.workers}] (worker i also takes port+1+i), got {self.port}"
-            )
-        if self.http_port and not 1 <= self.http_port <= 65536 - self.workers:
-            raise SystemExit(
-                f"--http-port: with --workers {self.workers}, must be 0 or in [1, {65536 - self.workers}] (worker i serves HTTP on http_port+i), got {self.http_port}"
-            )
-        if self.advertise and ":" in self.advertise.strip("[]").rsplit("]", 1)[-1]:
-            raise SystemExit(
-                f"--advertise: with --workers, give the host only (each worker advertises host:its own port), got {self.advertise!r}"
-            )
-        if not self.advertise and self.host in ("0.0.0.0", "::", ""):
-            raise SystemExit(
-                f"--host {self.host} with --workers: pass --advertise HOST, the address clients reach this machine at"
-            )
-
-    def worker(self, i: int) -> ServeConfig:
-        """Worker i's configuration (of --workers N): the shared port, its own port and HTTP port."""
-        private = self.port + 1 + i
-        host = self.advertise or self.host
-        me = f"{host}:{private}"
-        return replace(
-            self,
-            workers=1,
-            ha=True,
-            private_port=private,
-            http_port=self.http_port + i if self.http_port else 0,
-            advertise=me,
-            server_id=f"{self.server_id}/{i}" if self.server_id else me,
-        )
-
-
-MAX_WORKERS = 256
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _credentials(cfg: ServeConfig) -> grpc.ServerCredentials:

@@ -37,6 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mixer.replay import log_owner
 from mixer.server import page
+from mixer.server.config import HTTP_MAX_CONNECTIONS, HTTP_REQUEST_TIMEOUT_S
 from mixer.server.errors import MixerError
 from mixer.server.job import StoredJob
 from mixer.spec import NAME_RE, JobSpec
@@ -45,10 +46,6 @@ from mixer.v1 import mixer_pb2 as pb
 
 log = logging.getLogger("mixer.server")
 
-REQUEST_TIMEOUT_S = 10.0
-"""A connection must deliver its whole request (and TLS handshake) within this (`--http-timeout`)."""
-MAX_CONNECTIONS = 64
-"""Connections served at once (`--http-max-connections`); one more is answered 503 and closed."""
 LINGER_S = 2.0
 TOPIC_TOP_K = 10
 """Topic weights are per topic (thousands): lists carry the top k, /versions/V carries them all."""
@@ -278,8 +275,8 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         address,
         handler,
         *,
-        request_timeout: float = REQUEST_TIMEOUT_S,
-        max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = HTTP_REQUEST_TIMEOUT_S,
+        max_connections: int = HTTP_MAX_CONNECTIONS,
         ssl_context: ssl.SSLContext | None = None,
     ):
         self.request_timeout = request_timeout
@@ -483,8 +480,8 @@ class HttpSide:
         health_state,
         auth=None,
         *,
-        request_timeout: float = REQUEST_TIMEOUT_S,
-        max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = HTTP_REQUEST_TIMEOUT_S,
+        max_connections: int = HTTP_MAX_CONNECTIONS,
         ssl_context: ssl.SSLContext | None = None,
     ):
         self.auth = auth

@@ -12,6 +12,7 @@ import grpc
 from sqlalchemy.exc import SQLAlchemyError
 
 from mixer.server.auth import ALL_JOBS, CACHE_SECONDS, Authenticator
+from mixer.server.config import HELLO_TIMEOUT_S, MAX_PENDING_SESSIONS
 from mixer.server.errors import MixerError
 from mixer.server.job import JobRuntime, StoredJob
 from mixer.server.runtime import Runtimes
@@ -24,10 +25,6 @@ log = logging.getLogger("mixer.server")
 
 _STOPPING = object()  # a session's output queue: the server is shutting down
 
-HELLO_TIMEOUT_S = 10.0
-"""How long a Session stream may stay open without sending hello (`--hello-timeout`)."""
-MAX_PENDING_SESSIONS = 1024
-"""Session streams waiting for hello or for their token check (`--max-pending-sessions`)."""
 TOKEN_RECHECK_S = CACHE_SECONDS / 2
 """An open Session re-checks its token this often, against a verdict at most this old: a revoked
 token's session ends within one token cache period (auth.CACHE_SECONDS), like its new calls."""

@@ -34,7 +34,7 @@ def test_service_defaults_are_the_ones_deploy_assumes():
     cfg = ServeConfig()
     assert (cfg.port, cfg.http_port) == (GRPC_PORT, HTTP_PORT)
     help_text = CliRunner().invoke(cli, ["serve", "--help"]).output
-    assert re.search(rf"--port INTEGER\s+\[default: {GRPC_PORT}\]", help_text), help_text
+    assert re.search(rf"--port INTEGER.*?\[default: {GRPC_PORT}\]", help_text, re.DOTALL), help_text
     assert re.search(rf"--http-port INTEGER.*\[default:\s+{HTTP_PORT}\]", help_text, re.DOTALL), help_text
 
 
