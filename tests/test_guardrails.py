@@ -5,6 +5,7 @@ mixer_starving_domains)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from itertools import pairwise
@@ -20,7 +21,7 @@ from mixer.engine import Engine, at_floor, bound_step, derive_versions, shape_we
 from mixer.replay import verify
 from mixer.server.metrics import Metrics
 from mixer.signals import MAX_STEP, Report, validate_report
-from mixer.spec import CadenceSpec, JobSpec, SpecError
+from mixer.spec import CadenceSpec, JobSpec, SpecError, StrategySpec
 from mixer.store import Append, Store
 from mixer.strategies.base import Decision, Strategy
 from mixer.wire import decode_stored, report_to_proto
@@ -52,7 +53,8 @@ class Proposals(Strategy):
     name = "proposals"
 
     def __init__(self, spec: JobSpec, proposals):
-        super().__init__(spec)
+        # Stands in for the spec's strategy, whose (written-out) parameters are not this double's.
+        super().__init__(dataclasses.replace(spec, strategy=StrategySpec(name=self.name, params={})))
         self.proposals = [np.asarray(p, dtype=np.float64) for p in proposals]
 
     def init(self, seed: int):
