@@ -32,7 +32,6 @@ from urllib.parse import parse_qs, unquote, urlparse
 import grpc
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from mixer.replay import log_owner
@@ -41,7 +40,6 @@ from mixer.server.config import HTTP_MAX_CONNECTIONS, HTTP_REQUEST_TIMEOUT_S
 from mixer.server.errors import MixerError
 from mixer.server.job import StoredJob
 from mixer.spec import NAME_RE, JobSpec
-from mixer.store.models import SignalRow
 from mixer.v1 import mixer_pb2 as pb
 
 log = logging.getLogger("mixer.server")
@@ -181,21 +179,10 @@ class JobData:
         """First step at which a worker reported applying each version; scans only the new log."""
         with self._lock:
             seen, first = self._applied.get(job_id, (-1, {}))
-            top = self._max_seq(job_id)
-            if top is not None and top > seen:
-                with self.store.engine.connect() as conn:
-                    rows = conn.execute(
-                        select(SignalRow.applied_version, func.min(SignalRow.step))
-                        .where(
-                            SignalRow.job_id == job_id,
-                            SignalRow.seq > seen,
-                            SignalRow.seq <= top,
-                            SignalRow.applied_version >= 0,
-                        )
-                        .group_by(SignalRow.applied_version)
-                    ).all()
+            top = self.store.max_seq(job_id)
+            if top > seen:
                 first = dict(first)
-                for v, step in rows:
+                for v, step in self.store.first_applied_steps(job_id, seen, top).items():
                     first[v] = min(step, first.get(v, step))
                 self._applied[job_id] = (top, first)
             return first
@@ -205,8 +192,7 @@ class JobData:
         # A derived job stores versions only; its loss is that of the log its versions came from.
         owner = log_owner(self.store, rec, strict=False)
         domains = JobSpec.from_json(rec.spec_json).domain_names
-        top = self._max_seq(owner.id)
-        top = -1 if top is None else top
+        top = self.store.max_seq(owner.id)
         # A first read, a reader that fell far behind, or one ahead of this log (another database
         # behind the same address) starts over at the tail: this feeds a chart, not an export.
         reset = after_seq is None or after_seq > top or top - after_seq > limit
@@ -233,10 +219,6 @@ class JobData:
             "reset": reset,
             "points": points,
         }
-
-    def _max_seq(self, job_id: int) -> int | None:
-        with self.store.engine.connect() as conn:
-            return conn.scalar(select(func.max(SignalRow.seq)).where(SignalRow.job_id == job_id))
 
 
 def _int_arg(

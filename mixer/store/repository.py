@@ -288,6 +288,28 @@ class Store:
         wanted = set(keys)
         return {k: v for k, v in out.items() if k in wanted}
 
+    def max_seq(self, job_id: int) -> int:
+        """The newest log position of a job; -1 when its log is empty."""
+        with self.engine.connect() as conn:
+            seq = conn.scalar(select(func.max(SignalRow.seq)).where(SignalRow.job_id == job_id))
+        return -1 if seq is None else seq
+
+    def first_applied_steps(self, job_id: int, after_seq: int, upto_seq: int) -> dict[int, int]:
+        """Per weight version, the first step at which a report in (after_seq, upto_seq] of the log
+        says it was applied."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(SignalRow.applied_version, func.min(SignalRow.step))
+                .where(
+                    SignalRow.job_id == job_id,
+                    SignalRow.seq > after_seq,
+                    SignalRow.seq <= upto_seq,
+                    SignalRow.applied_version >= 0,
+                )
+                .group_by(SignalRow.applied_version)
+            ).all()
+        return {int(v): int(step) for v, step in rows}
+
     def log_stats(self, job_id: int) -> tuple[int, int, int]:
         """(report count, max seq, max step) of a job's log; -1 where empty."""
         with self.engine.connect() as conn:
