@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 . mixer/megatron/gpu_env.sh
-timeout 480 python3 -m mixer.megatron.gpu_check "$@"
+timeout 480 python3 -m mixer.bench.gpu_check "$@"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mixer.weighting.bench import TARGETS_MS, run_bench
+from mixer.bench.weighting import TARGETS_MS, run_bench
 
 
 def test_bench_runs_and_reports_medians() -> None:

@@ -1,6 +1,6 @@
 """GPU check: a ~125M GPT on one GPU, attached and detached in the same run, and the step-time ratio.
 
-    python -m mixer.megatron.gpu_check [--steps 300] [--workdir DIR]      (or: bash mixer/megatron/gpu_check.sh)
+    python -m mixer.bench.gpu_check [--steps 300] [--workdir DIR]      (or: bash mixer/megatron/gpu_check.sh)
 
 Writes the synthetic corpus (large enough for 2048-token samples), prepares it, starts `mixer
 serve` on SQLite, creates an ODM job and runs the pretraining script with 12 layers, hidden 768,
