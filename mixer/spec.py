@@ -258,6 +258,31 @@ class JobSpec:
             raise SpecError(
                 "name", f"{self.name!r} must be 1-128 characters of letters, digits, '.', '_', '-'"
             )
+        self._validate_domains()
+        if self.unit not in WEIGHT_UNITS:
+            raise SpecError("unit", f"{self.unit!r} is not one of {', '.join(WEIGHT_UNITS)}")
+        if isinstance(self.defaults_version, bool) or self.defaults_version not in (
+            LEGACY_DEFAULTS_VERSION,
+            DEFAULTS_VERSION,
+        ):
+            raise SpecError(
+                "defaults_version",
+                f"must be {LEGACY_DEFAULTS_VERSION} (stored before parameters were written out) or "
+                f"{DEFAULTS_VERSION} (today's defaults; leave it out in a new spec), got {self.defaults_version!r}",
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise SpecError("seed", f"must be an integer in [0, 2^63), got {self.seed!r}")
+        self._validate_cadence()
+        # Imported here: strategies import this module for the spec type.
+        from mixer.strategies import validate_strategy_spec
+        from mixer.weighting import validate_weighting_spec
+
+        validate_strategy_spec(self)
+        validate_weighting_spec(self)
+        return self
+
+    def _validate_domains(self) -> None:
+        """Names unique and valid text; weights and sizes finite, non-negative, bounded."""
         if not self.domains:
             raise SpecError("domains", "at least one domain is required")
         seen: set[str] = set()
@@ -276,19 +301,9 @@ class JobSpec:
             raise SpecError(
                 "domains", "prior weights sum to zero; give at least one domain a positive weight"
             )
-        if self.unit not in WEIGHT_UNITS:
-            raise SpecError("unit", f"{self.unit!r} is not one of {', '.join(WEIGHT_UNITS)}")
-        if isinstance(self.defaults_version, bool) or self.defaults_version not in (
-            LEGACY_DEFAULTS_VERSION,
-            DEFAULTS_VERSION,
-        ):
-            raise SpecError(
-                "defaults_version",
-                f"must be {LEGACY_DEFAULTS_VERSION} (stored before parameters were written out) or "
-                f"{DEFAULTS_VERSION} (today's defaults; leave it out in a new spec), got {self.defaults_version!r}",
-            )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
-            raise SpecError("seed", f"must be an integer in [0, 2^63), got {self.seed!r}")
+
+    def _validate_cadence(self) -> None:
+        """Step counts, weight floor and cap, step bound and prior smoothing, each in its range."""
         c = self.cadence
         # Step counts lie below 2^53, like steps: a step plus any of them stays exact and in int64.
         _positive_int("cadence.update_every", c.update_every)
@@ -329,13 +344,6 @@ class JobSpec:
             or not 0.0 <= c.prior_smoothing <= 1.0
         ):
             raise SpecError("cadence.prior_smoothing", f"must lie in [0, 1], got {c.prior_smoothing}")
-        # Imported here: strategies import this module for the spec type.
-        from mixer.strategies import validate_strategy_spec
-        from mixer.weighting import validate_weighting_spec
-
-        validate_strategy_spec(self)
-        validate_weighting_spec(self)
-        return self
 
     @classmethod
     def from_dict(cls, data: Any) -> JobSpec:

@@ -14,6 +14,7 @@ Writes result.json, quality.png and table.md (mixer.bench.quality_plot).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import platform
 import shutil
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,10 +34,33 @@ from mixer.bench.quality_plot import format_table, plot_quality, summarize
 from mixer.config import ConfigError, setting
 from mixer.megatron.pretrain import PretrainError
 
-__all__ = ["PRESETS", "QUICK_STRATEGIES", "STRATEGIES", "QualityConfig", "QualityRun", "default_corpus", "run_quality"]
+__all__ = [
+    "PRESETS",
+    "QUICK_STRATEGIES",
+    "STRATEGIES",
+    "QualityConfig",
+    "QualityRun",
+    "default_corpus",
+    "run_quality",
+]
 
-STRATEGIES = ("uniform", "natural", "doremi", "doremi-online", "odm", "ado", "aioli", "dga", "toremi", "loss-linupper",
-              "presence", "token-loss", "token-reference", "dwm", "agent")
+STRATEGIES = (
+    "uniform",
+    "natural",
+    "doremi",
+    "doremi-online",
+    "odm",
+    "ado",
+    "aioli",
+    "dga",
+    "toremi",
+    "loss-linupper",
+    "presence",
+    "token-loss",
+    "token-reference",
+    "dwm",
+    "agent",
+)
 # Strategies that need more than a name (the agent: --agent PATH) are not in "all".
 NEEDS_INPUT = ("agent",)
 # ToReMi's topics: TF-IDF + k-means over every domain of the run (ours: fast, offline, deterministic).
@@ -69,16 +94,19 @@ class QualityConfig:
 
 PRESETS = {
     # a smoke test: seconds per run on the 2-core dev machine
-    "quick": QualityConfig(layers=2, hidden=64, heads=4, seq=64, batch=16, steps=40, lr=2e-3, eval_samples=8,
-                           update_every=5),
+    "quick": QualityConfig(
+        layers=2, hidden=64, heads=4, seq=64, batch=16, steps=40, lr=2e-3, eval_samples=8, update_every=5
+    ),
     # mixing-calibration.md's CPU model: ~180 ms/step through megatron-core on the idle 2-core machine
     # (plain PyTorch: 165 ms); all 10 strategies x 800 steps, probes and evaluations: 28.7 minutes measured
-    "cpu": QualityConfig(layers=3, hidden=128, heads=4, seq=128, batch=32, steps=800, lr=2e-3,
-                         eval_samples=64),
+    "cpu": QualityConfig(
+        layers=3, hidden=128, heads=4, seq=128, batch=32, steps=800, lr=2e-3, eval_samples=64
+    ),
     # ~125M parameters (12 x 768), bf16 on one GPU; 16k tokens a step, 400 steps ~ 1/3 pass over minipile
     # (mixer/bench/quality_gpu.sh: uniform, odm, doremi in ~10 minutes on one H100, estimated)
-    "gpu": QualityConfig(layers=12, hidden=768, heads=12, seq=1024, batch=16, steps=400, lr=6e-4,
-                         eval_samples=64),
+    "gpu": QualityConfig(
+        layers=12, hidden=768, heads=12, seq=1024, batch=16, steps=400, lr=6e-4, eval_samples=64
+    ),
 }
 
 
@@ -108,14 +136,18 @@ class QualityRun:
         default_text="quick with --quick, gpu with --device cuda, else cpu",
         help="model preset",
     )
-    eval_samples: int | None = setting(None, min=1, default_text="the preset's", help="validation windows per domain")
+    eval_samples: int | None = setting(
+        None, min=1, default_text="the preset's", help="validation windows per domain"
+    )
     noise_domains: int = setting(
         0,
         min=0,
         help="add N unlearnable control domains (random printable ASCII, as large as the median domain): "
         "trained on, left out of the score; a good strategy starves them",
     )
-    out: Path = setting(Path("mixer-bench-quality"), help="result folder (result.json, quality.png, table.md, mixer.db)")
+    out: Path = setting(
+        Path("mixer-bench-quality"), help="result folder (result.json, quality.png, table.md, mixer.db)"
+    )
     cache_dir: Path | None = setting(None, default_text="OUT/prepared", help="prepared corpus cache")
     agent: Path | None = setting(
         None,
@@ -134,14 +166,18 @@ class QualityRun:
 
     def strategy_names(self) -> list[str]:
         names = [s.strip() for s in (self.strategies or "").split(",") if s.strip()]
-        everything = [s for s in STRATEGIES if s not in NEEDS_INPUT or (s == "agent" and self.agent is not None)]
+        everything = [
+            s for s in STRATEGIES if s not in NEEDS_INPUT or (s == "agent" and self.agent is not None)
+        ]
         return names or list(QUICK_STRATEGIES if self.quick else everything)
 
     def validate(self) -> None:
         names = self.strategy_names()
         unknown = sorted(set(names) - set(STRATEGIES))
         if unknown:
-            raise ValueError(f"strategies (--strategies): unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+            raise ValueError(
+                f"strategies (--strategies): unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}"
+            )
         if "agent" in names and self.agent is None:
             raise ValueError("strategy agent needs --agent PATH (a folder written by `mixer agent train`)")
 
@@ -207,20 +243,32 @@ def _settings(name: str, cfg: QualityConfig, K: int) -> tuple[dict[str, Any], di
         "doremi-online": ("doremi", {"eta": 0.1, "mode": "online"}, none),  # sample from alpha
         "odm": ("odm", {"alpha": 0.9}, none),
         # the paper's warm-up / refit cadence (500 / 1000 steps) scaled to the run
-        "ado": ("ado", {"warmup_steps": max(every, steps // 10), "refit_every": max(every, steps // 10)},
-                none),
+        "ado": (
+            "ado",
+            {"warmup_steps": max(every, steps // 10), "refit_every": max(every, steps // 10)},
+            none,
+        ),
         # one probe round of K segments, then exploit until the next round; several rounds per run
-        "aioli": ("aioli", {"lp_rounds": 1, "lp_steps": every,
-                            "update_steps": max(4 * K * every, steps // 3)}, none),
+        "aioli": (
+            "aioli",
+            {"lp_rounds": 1, "lp_steps": every, "update_steps": max(4 * K * every, steps // 3)},
+            none,
+        ),
         "dga": ("dga", {}, none),
         # topics from `mixer topics build` over every domain; stage 2 at the reference's 7/8 of the run
         "toremi": ("toremi", {"total_steps": steps, "num_topics": TOPICS_K}, {"name": "topic"}),
         # Sow et al. LinUpper on a static uniform mixture, 10% burn-in
-        "loss-linupper": ("static", {},
-                          {"name": "loss", "params": {"method": "linupper", "burn_in": steps // 10}}),
+        "loss-linupper": (
+            "static",
+            {},
+            {"name": "loss", "params": {"method": "linupper", "burn_in": steps // 10}},
+        ),
         # PRESENCE on a static uniform mixture: favour high self-influence for the first half, then damp it
-        "presence": ("static", {},
-                     {"name": "presence", "params": {"switch_step": steps // 2, "normalize": "mean"}}),
+        "presence": (
+            "static",
+            {},
+            {"name": "presence", "params": {"switch_step": steps // 2, "normalize": "mean"}},
+        ),
         # a trained Data Mixing Agent (its parameters come from --agent PATH): re-weights at every validation
         "agent": ("agent", {}, none),
         # token-level weighting on a static uniform mixture: TLDR, and PRIOR against uniform's checkpoint
@@ -232,16 +280,29 @@ def _settings(name: str, cfg: QualityConfig, K: int) -> tuple[dict[str, Any], di
     return {"name": strategy, "params": dict(params)}, weighting
 
 
-def _job_spec(name: str, job: str, seed: int, prefixes: dict[str, str], tokens: dict[str, int],
-              cfg: QualityConfig, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _job_spec(
+    name: str,
+    job: str,
+    seed: int,
+    prefixes: dict[str, str],
+    tokens: dict[str, int],
+    cfg: QualityConfig,
+    overrides: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
     """The job spec of one benchmark run; --set overrides the strategy's parameters."""
     strategy, weighting = _settings(name, cfg, len(prefixes))
     strategy["params"].update(overrides.get(name, {}))
     weight = {d: (tokens[d] if name == "natural" else 1.0) for d in prefixes}
     floor = 0.0 if strategy["name"] == "static" else 0.01
-    return {"name": job, "seed": seed, "unit": "samples", "strategy": strategy, "weighting": weighting,
-            "domains": [{"name": d, "prefix": p, "weight": weight[d]} for d, p in prefixes.items()],
-            "cadence": {"update_every": cfg.update_every, "min_weight": floor}}
+    return {
+        "name": job,
+        "seed": seed,
+        "unit": "samples",
+        "strategy": strategy,
+        "weighting": weighting,
+        "domains": [{"name": d, "prefix": p, "weight": weight[d]} for d, p in prefixes.items()],
+        "cadence": {"update_every": cfg.update_every, "min_weight": floor},
+    }
 
 
 def _prepare(corpus: Path, cache: Path, progress: bool) -> tuple[Path, dict[str, dict[str, str]]]:
@@ -262,7 +323,9 @@ def _prepare(corpus: Path, cache: Path, progress: bool) -> tuple[Path, dict[str,
     return root, prefixes
 
 
-def _with_topics(corpora: list[Path], out: Path, cache: Path, progress: bool) -> tuple[Path, dict[str, dict[str, str]]]:
+def _with_topics(
+    corpora: list[Path], out: Path, cache: Path, progress: bool
+) -> tuple[Path, dict[str, dict[str, str]]]:
     """Every domain of the run (the corpus and the noise domains) in one folder of file links,
     prepared and labelled with topics together, so a topic id means the same in every domain."""
     from mixer.topics import TopicsConfig, build_topics
@@ -312,28 +375,33 @@ def _run_one(b: _Bench, name: str, seed: int, job: str, spec: dict[str, Any], re
     cfg, uniform = b.cfg, name == "uniform"
     spec_path = b.out / "specs" / f"{name}-s{seed}.yaml"
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    eval_every = max(1, cfg.steps // cfg.eval_points)
-    if name == "aioli":  # its probe segments end on fresh validation losses
-        eval_every = min(eval_every, 2 * cfg.update_every)
-    if name == "agent":  # it re-weights at every validation
-        eval_every = min(eval_every, cfg.update_every)
     common: dict[str, Any] = {
-        "spec": spec_path, "global_batch_size": cfg.batch, "seq_length": cfg.seq, "layers": cfg.layers,
-        "hidden": cfg.hidden, "heads": cfg.heads, "lr": cfg.lr, "min_lr": cfg.lr / 10, "seed": seed,
-        "device": b.device, "cache_dir": b.index}
-    detached = None
-    if not uniform:  # a detached static run of the same size just before, in this process: the baseline
-        static = {**spec, "name": f"{job}-detached", "strategy": {"name": "static"},
-                  "weighting": {"name": "none"}, "cadence": {"update_every": cfg.update_every}}
-        static_path = b.out / "specs" / f"{name}-s{seed}-detached.yaml"
-        static_path.write_text(yaml.safe_dump(static, sort_keys=False))
-        base = run_pretrain(PretrainConfig.of(**{**common, "spec": static_path}, steps=cfg.baseline_steps,
-                                            eval_samples=1, progress=False))
-        detached = base["step_time_s"]
+        "spec": spec_path,
+        "global_batch_size": cfg.batch,
+        "seq_length": cfg.seq,
+        "layers": cfg.layers,
+        "hidden": cfg.hidden,
+        "heads": cfg.heads,
+        "lr": cfg.lr,
+        "min_lr": cfg.lr / 10,
+        "seed": seed,
+        "device": b.device,
+        "cache_dir": b.index,
+    }
+    # a detached static run of the same size just before, in this process: the baseline
+    detached = None if uniform else _detached_step_time(b, name, seed, job, spec, common)
     opts = PretrainConfig.of(
-        **common, mixer=b.address, steps=cfg.steps, eval_interval=eval_every, eval_samples=cfg.eval_samples,
-        save=b.out / "checkpoints" / f"uniform-s{seed}" if uniform else None, reference=reference,
-        compare_attached=cfg.compare_block if uniform else 0, progress=b.progress, flush_timeout=120.0)
+        **common,
+        mixer=b.address,
+        steps=cfg.steps,
+        eval_interval=_eval_every(cfg, name),
+        eval_samples=cfg.eval_samples,
+        save=b.out / "checkpoints" / f"uniform-s{seed}" if uniform else None,
+        reference=reference,
+        compare_attached=cfg.compare_block if uniform else 0,
+        progress=b.progress,
+        flush_timeout=120.0,
+    )
     load0, t0 = os.getloadavg()[0], time.perf_counter()
     rec = run_pretrain(opts)
     if uniform:  # its detached blocks, interleaved with the attached ones (same training: a static job)
@@ -341,22 +409,90 @@ def _run_one(b: _Bench, name: str, seed: int, job: str, spec: dict[str, Any], re
     wall = time.perf_counter() - t0
     with MixerClient(b.address) as client:
         versions = {v.version: v for v in map(version_from_proto, client.list_versions(job))}
+    return _run_record(b, name, seed, job, rec, versions, wall, load0, detached)
+
+
+def _eval_every(cfg: QualityConfig, name: str) -> int:
+    """Steps between validations of one run."""
+    eval_every = max(1, cfg.steps // cfg.eval_points)
+    if name == "aioli":  # its probe segments end on fresh validation losses
+        eval_every = min(eval_every, 2 * cfg.update_every)
+    if name == "agent":  # it re-weights at every validation
+        eval_every = min(eval_every, cfg.update_every)
+    return eval_every
+
+
+def _detached_step_time(
+    b: _Bench, name: str, seed: int, job: str, spec: dict[str, Any], common: dict[str, Any]
+) -> float:
+    """Step time of a static job of the same size, run detached (no service) in this process."""
+    from mixer.megatron.pretrain import PretrainConfig, run_pretrain
+
+    cfg = b.cfg
+    static = {
+        **spec,
+        "name": f"{job}-detached",
+        "strategy": {"name": "static"},
+        "weighting": {"name": "none"},
+        "cadence": {"update_every": cfg.update_every},
+    }
+    static_path = b.out / "specs" / f"{name}-s{seed}-detached.yaml"
+    static_path.write_text(yaml.safe_dump(static, sort_keys=False))
+    base = run_pretrain(
+        PretrainConfig.of(
+            **{**common, "spec": static_path}, steps=cfg.baseline_steps, eval_samples=1, progress=False
+        )
+    )
+    return base["step_time_s"]
+
+
+def _run_record(
+    b: _Bench,
+    name: str,
+    seed: int,
+    job: str,
+    rec: dict[str, Any],
+    versions: dict[int, Any],
+    wall: float,
+    load0: float,
+    detached: float | None,
+) -> dict[str, Any]:
+    """What the report keeps of one finished run."""
+    cfg = b.cfg
     val_all = [[int(s), [float(x) for x in losses]] for s, losses in rec["val_history"]]
     val = [[s, [losses[i] for i in b.scored]] for s, losses in val_all]
     final = np.asarray(val[-1][1])
-    trajectory = [[int(st), np.asarray(versions[v].weights).tolist()] for v, st in rec["applied"] if v in versions]
-    keep = ("signals", "probes", "step_time_s", "step_time_attached_s", "step_time_detached_s",
-            "all_reports_acknowledged")
+    trajectory = [
+        [int(st), np.asarray(versions[v].weights).tolist()] for v, st in rec["applied"] if v in versions
+    ]
+    keep = (
+        "signals",
+        "probes",
+        "step_time_s",
+        "step_time_attached_s",
+        "step_time_detached_s",
+        "all_reports_acknowledged",
+    )
     return {
-        "strategy": name, "seed": seed, "status": "ok", "job": job, "wall_s": wall,
+        "strategy": name,
+        "seed": seed,
+        "status": "ok",
+        "job": job,
+        "wall_s": wall,
         "load_avg_1m": [load0, os.getloadavg()[0]],
-        "final_val": final.tolist(), "final_mean": float(final.mean()), "final_worst": float(final.max()),
-        "worst_domain": int(final.argmax()), "val_history": val,
+        "final_val": final.tolist(),
+        "final_mean": float(final.mean()),
+        "final_worst": float(final.max()),
+        "worst_domain": int(final.argmax()),
+        "val_history": val,
         # the weights the sampler applied, from the step each took effect
         "trajectory": trajectory,
-        "control_val_history": [[s, [losses[i] for i in b.control]] for s, losses in val_all] if b.control else [],
+        "control_val_history": [[s, [losses[i] for i in b.control]] for s, losses in val_all]
+        if b.control
+        else [],
         "control_weight": _mean_weight(trajectory, b.control, cfg.steps) if b.control else None,
-        "versions": len(versions), "applied_versions": len(rec["applied"]),
+        "versions": len(versions),
+        "applied_versions": len(rec["applied"]),
         "checkpoint": rec["checkpoints"][-1] if rec["checkpoints"] else None,
         "baseline_step_time_s": detached,
         **{k: rec[k] for k in keep},
@@ -372,10 +508,21 @@ def _mean_weight(trajectory: list[list[Any]], domains: tuple[int, ...], steps: i
     return total / steps if steps else 0.0
 
 
-def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: QualityConfig, device: str = "cpu",
-                out: Path, cache: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
-                noise_domains: int = 0, progress: bool = True, command: str = "",
-                agent: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_quality(
+    *,
+    corpus: Path,
+    strategies: list[str],
+    seeds: int,
+    cfg: QualityConfig,
+    device: str = "cpu",
+    out: Path,
+    cache: Path | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    noise_domains: int = 0,
+    progress: bool = True,
+    command: str = "",
+    agent: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run every strategy x seed; write result.json, quality.png and table.md under out (rewritten
     after every run, so an interrupted benchmark keeps what it finished). agent: the `agent`
     strategy's parameters (mixer.agent.policy.strategy_spec(PATH)["params"])."""
@@ -383,6 +530,69 @@ def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: Quality
 
     from mixer.server.launch import ServerProcess
 
+    strategies, overrides = _checked_strategies(strategies, overrides, agent)
+    # Absolute: the service runs in another working directory and opens its database from there.
+    out = Path(out).resolve()
+    cache = Path(cache).resolve() if cache is not None else None
+    _fresh_out(out)
+    root, prefixes, tokens, control = _corpora(
+        corpus, out, cache or out / "prepared", noise_domains, "toremi" in strategies, progress
+    )
+    domains = list(prefixes)
+    scored = [d for d in domains if d not in control]
+    runid = time.strftime("%Y%m%d-%H%M%S")
+    result: dict[str, Any] = {
+        "command": command,
+        "corpus": str(corpus),
+        "domains": domains,
+        "train_tokens": tokens,
+        "scored_domains": scored,
+        "control_domains": control,
+        "strategies": strategies,
+        "seeds": list(range(seeds)),
+        "device": device,
+        "config": {**cfg.__dict__, "compare_block": cfg.compare_block, "baseline_steps": cfg.baseline_steps},
+        "overrides": overrides or {},
+        "machine": _machine(device),
+        "runs": [],
+    }
+    runs: list[dict[str, Any]] = result["runs"]
+    server = ServerProcess(str(out / "mixer.db"), out).start()
+    bench = _Bench(
+        cfg,
+        server.address,
+        device,
+        out,
+        root / "index",
+        progress,
+        tuple(domains.index(d) for d in scored),
+        tuple(domains.index(d) for d in control),
+    )
+    files = {"json": out / "result.json", "png": out / "quality.png", "table": out / "table.md"}
+    result["files"] = {k: str(v) for k, v in files.items()}
+    t_start = time.perf_counter()
+    try:
+        todo = [(seed, name) for seed in range(seeds) for name in strategies]
+        bar = tqdm(todo, desc="quality", unit="run", disable=not progress)
+        train = {d: prefixes[d]["train"] for d in domains}
+        for seed, name in bar:
+            bar.set_postfix(strategy=name, seed=seed)
+            job = f"quality-{runid}-{name}-s{seed}"
+            spec = functools.partial(_job_spec, name, job, seed, train, tokens, cfg, overrides or {})
+            runs.append(_run_or_record(bench, runs, name, seed, job, spec))
+            if runs[-1]["status"] == "not run":
+                continue
+            _write(result, files, strategies, scored, time.perf_counter() - t_start)
+        bar.close()
+    finally:
+        server.terminate()
+    return result
+
+
+def _checked_strategies(
+    strategies: list[str], overrides: dict[str, dict[str, Any]] | None, agent: dict[str, Any] | None
+) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The strategies to run, uniform first, and the overrides with the agent's parameters."""
     unknown = sorted(set(strategies) - set(STRATEGIES))
     if unknown:
         raise ValueError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
@@ -392,85 +602,84 @@ def run_quality(*, corpus: Path, strategies: list[str], seeds: int, cfg: Quality
             raise ValueError("strategy agent needs --agent PATH (a folder written by `mixer agent train`)")
         overrides["agent"] = {**agent, **overrides.get("agent", {})}
     # uniform is the baseline of every comparison (and DoReMi's reference): always run, first.
-    strategies = ["uniform"] + [s for s in dict.fromkeys(strategies) if s != "uniform"]
-    # Absolute: the service runs in another working directory and opens its database from there.
-    out = Path(out).resolve()
-    cache = Path(cache).resolve() if cache is not None else None
+    return ["uniform"] + [s for s in dict.fromkeys(strategies) if s != "uniform"], overrides
+
+
+def _fresh_out(out: Path) -> None:
+    """The result folder, with empty specs/, checkpoints/ and logs/ and no service database."""
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("specs", "checkpoints", "logs"):
         shutil.rmtree(out / sub, ignore_errors=True)
         (out / sub).mkdir()
     for f in out.glob("mixer.db*"):  # one fresh service database per benchmark
         f.unlink()
-    cache = cache or out / "prepared"
+
+
+def _corpora(
+    corpus: Path, out: Path, cache: Path, noise_domains: int, topics: bool, progress: bool
+) -> tuple[Path, dict[str, dict[str, str]], dict[str, int], list[str]]:
+    """Prepare the corpus (and the noise domains, and the topic-labelled copies ToReMi reads):
+    (index root, prefixes per domain, training tokens per domain, control domains)."""
     root, prefixes = _prepare(corpus, cache, progress)
     tokens = _train_tokens(prefixes)
     control: list[str] = []
     if noise_domains:  # each as large as the median real domain
         median = int(np.median(list(tokens.values())))
-        _, noise = _prepare(noise_corpus(out / "noise-corpus", noise_domains, median, 200_000), cache, progress)
+        _, noise = _prepare(
+            noise_corpus(out / "noise-corpus", noise_domains, median, 200_000), cache, progress
+        )
         control = sorted(noise)
         prefixes = {**prefixes, **noise}
         tokens.update(_train_tokens(noise))
-    if "toremi" in strategies:
+    if topics:
         noise_dir = [out / "noise-corpus"] if noise_domains else []
         root, prefixes = _with_topics([Path(corpus), *noise_dir], out, cache, progress)
-    domains = list(prefixes)
-    scored = [d for d in domains if d not in control]
-    runid = time.strftime("%Y%m%d-%H%M%S")
-    result: dict[str, Any] = {
-        "command": command, "corpus": str(corpus), "domains": domains, "train_tokens": tokens,
-        "scored_domains": scored, "control_domains": control,
-        "strategies": strategies, "seeds": list(range(seeds)), "device": device,
-        "config": {**cfg.__dict__, "compare_block": cfg.compare_block, "baseline_steps": cfg.baseline_steps},
-        "overrides": overrides or {},
-        "machine": _machine(device), "runs": [],
-    }
-    runs: list[dict[str, Any]] = result["runs"]
-    server = ServerProcess(str(out / "mixer.db"), out).start()
-    bench = _Bench(cfg, server.address, device, out, root / "index", progress,
-                   tuple(domains.index(d) for d in scored), tuple(domains.index(d) for d in control))
-    files = {"json": out / "result.json", "png": out / "quality.png", "table": out / "table.md"}
-    result["files"] = {k: str(v) for k, v in files.items()}
-    t_start = time.perf_counter()
+    return root, prefixes, tokens, control
+
+
+def _run_or_record(
+    bench: _Bench,
+    runs: list[dict[str, Any]],
+    name: str,
+    seed: int,
+    job: str,
+    spec: Callable[[], dict[str, Any]],
+) -> dict[str, Any]:
+    """One strategy x seed: its result, or a record of why it did not run or failed (its traceback
+    under logs/), so the benchmark goes on with the other runs."""
+    base = {"strategy": name, "seed": seed, "job": job}
+    ref = None
+    if name.startswith("doremi") or name == "token-reference":  # reference: the same seed's uniform run
+        uni = next((r for r in runs if r["strategy"] == "uniform" and r["seed"] == seed), {})
+        if not uni.get("checkpoint"):
+            return {
+                **base,
+                "status": "not run",
+                "reason": "its reference model is the uniform run of the same seed, which did not finish",
+            }
+        ref = Path(uni["checkpoint"])
+    job_spec = spec()
     try:
-        todo = [(seed, name) for seed in range(seeds) for name in strategies]
-        bar = tqdm(todo, desc="quality", unit="run", disable=not progress)
-        for seed, name in bar:
-            bar.set_postfix(strategy=name, seed=seed)
-            job = f"quality-{runid}-{name}-s{seed}"
-            base = {"strategy": name, "seed": seed, "job": job}
-            ref = None
-            if name.startswith("doremi") or name == "token-reference":  # reference: the same seed's uniform run
-                uni = next((r for r in runs if r["strategy"] == "uniform" and r["seed"] == seed), {})
-                if not uni.get("checkpoint"):
-                    runs.append({**base, "status": "not run", "reason": "its reference model is the uniform run of the same seed, which did not finish"})
-                    continue
-                ref = Path(uni["checkpoint"])
-            train = {d: prefixes[d]["train"] for d in domains}
-            spec = _job_spec(name, job, seed, train, tokens, cfg, overrides or {})
-            try:
-                runs.append(_run_one(bench, name, seed, job, spec, ref))
-            except Exception as e:  # noqa: BLE001 - record it and go on with the other runs
-                (out / "logs" / f"{name}-s{seed}.txt").write_text(traceback.format_exc())
-                plain = isinstance(e, (PretrainError, ConfigError))  # says what to change already
-                msg = str(e) if plain else f"{type(e).__name__}: {e}"
-                runs.append({**base, "status": "failed", "reason": msg})
-            _write(result, files, strategies, scored, time.perf_counter() - t_start)
-        bar.close()
-    finally:
-        server.terminate()
-    return result
+        return _run_one(bench, name, seed, job, job_spec, ref)
+    except Exception as e:  # noqa: BLE001 - record it and go on with the other runs
+        (bench.out / "logs" / f"{name}-s{seed}.txt").write_text(traceback.format_exc())
+        plain = isinstance(e, (PretrainError, ConfigError))  # says what to change already
+        msg = str(e) if plain else f"{type(e).__name__}: {e}"
+        return {**base, "status": "failed", "reason": msg}
 
 
-def _write(result: dict[str, Any], files: dict[str, Path], strategies: list[str], scored: list[str],
-           wall: float) -> None:
+def _write(
+    result: dict[str, Any], files: dict[str, Path], strategies: list[str], scored: list[str], wall: float
+) -> None:
     """Summarize the runs so far; (re)write result.json, quality.png and table.md."""
     runs = result["runs"]
     result["wall_s"] = wall
     result["summary"], result["attach_overhead"] = summarize(runs, strategies, scored)
-    result["not_run"] = {f"{r['strategy']} (seed {r['seed']})": f"{r['status']}: {r['reason']}"
-                         for r in runs if r["status"] != "ok"}
+    result["not_run"] = {
+        f"{r['strategy']} (seed {r['seed']})": f"{r['status']}: {r['reason']}"
+        for r in runs
+        if r["status"] != "ok"
+    }
     plot_quality(result, files["png"])
     files["table"].write_text(format_table(result))
     tmp = files["json"].with_suffix(".json.tmp")
@@ -485,9 +694,14 @@ def _jsonable(o: Any) -> Any:
 def _machine(device: str) -> dict[str, Any]:
     import torch
 
-    info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "load_avg_at_start": list(os.getloadavg())}
+    info = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_at_start": list(os.getloadavg()),
+    }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

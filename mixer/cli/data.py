@@ -77,6 +77,13 @@ def synth(out_dir: Path, seed: int, docs_per_domain: int, as_json: bool) -> None
     help="shorter raw documents are never selected",
 )
 @click.option(
+    "--chunk-words",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0, max=1 << 20),
+    help="cut documents into chunks of this many words and select chunks (the paper: 128, with --min-words near it); 0: whole documents",
+)
+@click.option(
     "--num-buckets",
     default=10000,
     show_default=True,
@@ -110,6 +117,7 @@ def select(
     fraction: float | None,
     seed: int,
     min_words: int,
+    chunk_words: int,
     num_buckets: int,
     shard_bytes: int,
     ray_address: str,
@@ -132,6 +140,7 @@ def select(
             fraction=fraction,
             seed=seed,
             min_words=min_words,
+            chunk_words=chunk_words,
             num_buckets=num_buckets,
             shard_bytes=shard_bytes,
             ray_address=None if ray_address == "none" else ray_address,

@@ -17,6 +17,12 @@ and mixer.select.importance, which name the paper's sections).
    random baseline's) n-gram counts, for the KL reduction.
 With `method="random"` every importance weight is 1: the same passes draw k eligible documents
 uniformly without replacement, the baseline a DSIR selection is compared with.
+Units: what is scored and chosen is a whole document (`chunk_words` 0, the default) or, as in the
+paper's experiments, a chunk of `chunk_words` words (128 there; mixer.select.features.split_chunks
+cuts as the authors did): each document is cut as it is read, in every pass, and the target's
+documents too (the paper's Pile targets were cut the same way), so both bag-of-ngrams models are
+fitted on the units they score. min_words, num_samples and fraction then count chunks.
+
 Memory: no process holds the corpus, its features or its keys. A task holds one line, one chunk
 of log weights and at most 2k + one chunk of candidates; the driver sums each shard's bucket
 counts as the shard finishes, reads O(log n) candidate keys per shard and bisection probe, and
@@ -27,11 +33,13 @@ this process.
 
 Output, written under a temporary sibling folder and renamed to `out` at the end (nothing is
 left behind on an error):
-- `out/<domain>/train.jsonl[.gz]`: the chosen documents of each raw domain that has any, and
+- `out/<domain>/train.jsonl[.gz]`: the chosen units of each raw domain that has any (a chunk: its
+  document's JSON object with "text" replaced by the chunk), and
   `out/<domain>/val.*` copied from the raw domain: the layout `mixer data prepare` reads.
-- `out/dsir_report.json`: settings, per-domain counts, the KL reduction, the prior.
+- `out/dsir_report.json`: settings, per-domain counts, the KL reduction, the prior (`unit` names
+  what was chosen; `eligible_docs`, `selected_docs` and `selected` count units).
 - `out/dsir_selected.json`: {domain: the chosen documents' numbers (0-based, non-blank lines of
-  the domain's train file)}.
+  the domain's train file)}; with chunks, [document, chunk] pairs (both 0-based).
 - `out/dsir_prior.yaml`: a job spec (static strategy) whose domain weights are the importance mass
   of each raw domain; prefixes are `<prefix_root>/<domain>/train` when prefix_root is given.
 
@@ -46,11 +54,18 @@ reads only plain JSONL, draws its noise from numpy's global generator, keeps eve
 array, runs on joblib, writes numbered shards rather than per-domain folders, and hashes every
 n-gram with sha256 afresh (we memoise; `mixer bench select` measures both).
 
-Length: a log importance weight is a sum over a document's n-grams, so it grows with the
-document. The paper selects among equal 128-word chunks; over documents of very different
-lengths the longest ones dominate both the choice and the importance mass (the prior of a target
-drawn from one domain is then close to one-hot). The report's `selected_share` per domain gives
-the composition of the choice itself.
+Length: a log importance weight is a sum over a unit's n-grams, so it scales with the unit's
+length. Over whole documents of very different lengths the choice goes to the longest documents
+where the log ratio per n-gram averages positive and to the shortest where it averages negative
+(tests/selection: the same text, ten documents to one, is never chosen joined and often chosen
+single). Equal units remove that: `chunk_words=128` with `min_words` near it (the paper's setting;
+min_words drops each document's short last chunk) chooses the same text about equally however it
+was split. The importance mass behind the prior is a sum of exp(log w) over log weights that span
+hundreds of nats, so it follows the few largest weights and is close to one-hot with or without
+chunks; the report's `selected_share` per domain gives the composition of the choice itself.
+The default stays 0, whole documents, by our choice: a pretraining corpus keeps its documents
+whole (a 128-word piece cut mid-sentence loses its context at sequence lengths of thousands of
+tokens), earlier selections reproduce, and `dsir_selected.json` names documents.
 """
 
 from __future__ import annotations
@@ -68,7 +83,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from mixer.select.features import MAX_BUCKETS, NUM_BUCKETS
+from mixer.select.features import MAX_BUCKETS, MAX_CHUNK_WORDS, NUM_BUCKETS
 from mixer.select.importance import domain_prior, kl_reduction, log_ratio, take_counts
 from mixer.select.runner import Runner
 from mixer.select.shards import (
@@ -76,6 +91,7 @@ from mixer.select.shards import (
     SelectError,
     Shard,
     candidate_files,
+    chosen_file,
     fit_shard,
     make_shards,
     score_shard,
@@ -111,7 +127,10 @@ class DsirConfig:
     num_buckets: int = NUM_BUCKETS
     """Hash buckets of the n-gram features (the paper: 10,000)."""
     min_words: int = 100
-    """Raw documents with fewer words are never selected (the authors' package: 100)."""
+    """Raw units with fewer words are never selected (the authors' package: 100)."""
+    chunk_words: int = 0
+    """Cut every document into chunks of this many words and select chunks (the paper: 128);
+    0: select whole documents."""
     shard_bytes: int = 64 << 20
     """Plain JSONL files are split into shards of about this many bytes (gzipped files: one shard)."""
     ray_address: str | None = "local"
@@ -143,6 +162,7 @@ class DsirConfig:
         _int_in("seed", self.seed, 0, MAX_SEED)
         _int_in("num_buckets", self.num_buckets, 2, MAX_BUCKETS)
         _int_in("min_words", self.min_words, 0, MAX_MIN_WORDS)
+        _int_in("chunk_words", self.chunk_words, 0, MAX_CHUNK_WORDS)
         _int_in("shard_bytes", self.shard_bytes, MIN_SHARD_BYTES, 1 << 40)
         if self.num_cpus is not None:
             _int_in("num_cpus", self.num_cpus, 1, 4096)
@@ -284,7 +304,7 @@ def _run(
         t = time.perf_counter()
         written = _write(cfg, runner, raw, takes, parts, fitted.per_domain)
         timings["write_s"] = time.perf_counter() - t
-    _assemble(domains, raw, takes, fitted.shard_docs, parts, tmp)
+    _assemble(domains, raw, takes, fitted.shard_docs, parts, tmp, cfg.chunk_words > 0)
     shutil.rmtree(parts)
     prior = domain_prior(log_mass)
     report = _report(cfg, target, out, raw, fitted, written, prior)
@@ -306,7 +326,7 @@ def _fit(
     nt = len(tshards)
     target_counts = np.zeros(cfg.num_buckets, dtype=np.int64)
     raw_counts = np.zeros(cfg.num_buckets, dtype=np.int64)
-    per_domain = {d: {"docs": 0, "eligible": 0, "bytes": 0} for d in domains}
+    per_domain = {d: {"docs": 0, "units": 0, "eligible": 0, "bytes": 0} for d in domains}
     shard_docs = [0] * len(raw)
     target_docs = 0
 
@@ -318,11 +338,11 @@ def _fit(
             return
         np.add(raw_counts, f["counts"], out=raw_counts)
         shard_docs[i - nt] = f["docs"]
-        for key in ("docs", "eligible", "bytes"):
+        for key in ("docs", "units", "eligible", "bytes"):
             per_domain[raw[i - nt].domain][key] += f[key]
 
     shards = tshards + raw
-    calls = [(s, cfg.num_buckets, cfg.min_words) for s in shards]
+    calls = [(s, cfg.num_buckets, cfg.min_words, cfg.chunk_words) for s in shards]
     runner.map(fit_shard, calls, _sizes(shards), "dsir fit", cfg.progress, fold=fold)
     if target_docs == 0:
         raise SelectError(f"{target}: target has no documents")
@@ -332,11 +352,12 @@ def _fit(
         if row["docs"] == 0:
             raise SelectError(f"{domains[d]['train']}: raw domain {d!r} has no documents")
     eligible = sum(r["eligible"] for r in per_domain.values())
-    total_docs = sum(r["docs"] for r in per_domain.values())
+    total = sum(r["units"] for r in per_domain.values())
     k = cfg.num_samples if cfg.num_samples is not None else max(1, round(cfg.fraction * eligible))
     if k > eligible:
+        units = _unit_name(cfg, plural=True)
         raise SelectError(
-            f"too few samples: asked for {k} documents but only {eligible} of the {total_docs} raw documents "
+            f"too few samples: asked for {k} {units} but only {eligible} of the {total} raw {units} "
             f"have at least min_words={cfg.min_words} words; ask for fewer or lower min_words"
         )
     return _Fitted(target_counts, raw_counts, target_docs, per_domain, shard_docs, k)
@@ -348,11 +369,12 @@ def _score(
     """Pass 2: each shard writes its candidates; the driver finds how many of each shard's leading
     candidates the global top-k takes, per stream, reading only O(log n) keys per shard and probe.
     Returns each domain's log importance mass and the (DSIR, random) takes per shard."""
-    calls = [(s, ratio, cfg.min_words, k, cfg.seed, str(parts / str(i))) for i, s in enumerate(raw)]
+    stems = [str(parts / str(i)) for i in range(len(raw))]
+    calls = [(s, ratio, cfg.min_words, k, cfg.seed, stems[i], cfg.chunk_words) for i, s in enumerate(raw)]
     scores = runner.map(score_shard, calls, _sizes(raw), "dsir score", cfg.progress)
     takes: list[list[int]] = []
     for name in STREAMS:
-        neg_keys = [np.load(candidate_files(c[-1], name)[0], mmap_mode="r") for c in calls]
+        neg_keys = [np.load(candidate_files(stem, name)[0], mmap_mode="r") for stem in stems]
         takes.append(take_counts(neg_keys, k))
         del neg_keys
     log_mass: dict[str, float] = {}
@@ -384,7 +406,7 @@ def _write(
             sums[key] = total + w[key]
 
     calls = [
-        (s, str(parts / str(i)), takes[i], str(_part(parts, i, s)), cfg.num_buckets)
+        (s, str(parts / str(i)), takes[i], str(_part(parts, i, s)), cfg.num_buckets, cfg.chunk_words)
         for i, s in enumerate(raw)
     ]
     runner.map(write_shard, calls, _sizes(raw), "dsir write", cfg.progress, fold=fold)
@@ -402,9 +424,11 @@ def _assemble(
     shard_docs: list[int],
     parts: Path,
     tmp: Path,
+    chunked: bool,
 ) -> None:
     """Concatenate each domain's part files into its train file (val copied beside it), and write
-    the chosen documents' per-domain numbers shard by shard (never all of them in memory)."""
+    the chosen units' per-domain numbers shard by shard (never all of them in memory): document
+    numbers, or [document, chunk] pairs when chunked."""
     with (tmp / SELECTED).open("w") as sel:
         sel.write("{")
         for n, (d, files) in enumerate(domains.items()):
@@ -412,9 +436,11 @@ def _assemble(
             mine = [i for i, s in enumerate(raw) if s.domain == d]
             offset, first = 0, True
             for i in mine:
-                ids = np.sort(np.load(candidate_files(str(parts / str(i)), STREAMS[0])[1])[: takes[i][0]])
+                ids = np.load(chosen_file(str(parts / str(i))))
+                ids[:, 0] += offset
                 if ids.size:
-                    sel.write(("" if first else ", ") + ", ".join(map(str, (ids + offset).tolist())))
+                    rows = ids.tolist() if chunked else ids[:, 0].tolist()
+                    sel.write(("" if first else ", ") + ", ".join(json.dumps(r) for r in rows))
                     first = False
                 offset += shard_docs[i]
             sel.write("]")
@@ -452,7 +478,9 @@ def _report(
         "target_docs": fitted.target_docs,
         "out": str(out),
         "settings": {**asdict(cfg), "num_samples": k},
+        "unit": _unit_name(cfg),
         "raw_docs": sum(r["docs"] for r in per_domain.values()),
+        "raw_units": sum(r["units"] for r in per_domain.values()),
         "eligible_docs": sum(r["eligible"] for r in per_domain.values()),
         "selected_docs": k,
         "shards": len(raw),
@@ -464,6 +492,11 @@ def _report(
         "prior": prior,
         "files": {"report": REPORT, "selected": SELECTED, "prior_spec": PRIOR},
     }
+
+
+def _unit_name(cfg: DsirConfig, plural: bool = False) -> str:
+    name = "document" if cfg.chunk_words == 0 else f"{cfg.chunk_words}-word chunk"
+    return name + "s" if plural else name
 
 
 def _sizes(shards: list[Shard]) -> list[int]:
@@ -506,8 +539,8 @@ def summary(report: dict[str, Any]) -> str:
     """A few lines for the terminal."""
     lines = [
         (
-            f"selected {report['selected_docs']} of {report['eligible_docs']} eligible documents "
-            f"({report['raw_docs']} raw) into {report['out']}"
+            f"selected {report['selected_docs']} of {report['eligible_docs']} eligible {report['unit']}s "
+            f"({report['raw_units']} raw, from {report['raw_docs']} documents) into {report['out']}"
         ),
         (
             f"KL reduction {report['kl_reduction']:.4f} over the raw data, "

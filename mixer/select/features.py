@@ -9,6 +9,13 @@ the bucket counts (a vector in N^m, m = 10,000 buckets in the paper). As in the 
 - a bigram is its two words joined by one space;
 - bucket(g) = int(sha256(utf-8(g)), big-endian) mod m.
 
+Chunks (`split_chunks`): the paper selects among equal-size examples, the Pile cut into 128-word
+chunks (about 1.7 billion of them); the authors cut them before DSIR, outside the package
+(`preprocessing/reformat_and_chunk_data.py` of p-lambda/dsir, CHUNK_LENGTH = 128): the words are
+the pieces of the text between single spaces (`text.split(" ")`, so a newline does not separate
+two words), and a chunk is up to N consecutive pieces joined by one space. We cut the same way, so
+a chunk is a contiguous piece of its document and the chunks joined by spaces give it back.
+
 Ours: bucket ids are memoised per hasher (sha256 of every n-gram dominates the cost otherwise;
 the memo is cleared when it holds `max_cache` n-grams, so memory stays bounded). No I/O.
 """
@@ -21,13 +28,16 @@ import re
 
 import numpy as np
 
-__all__ = ["NUM_BUCKETS", "NgramHasher", "tokenize"]
+__all__ = ["MAX_CHUNK_WORDS", "NUM_BUCKETS", "NgramHasher", "split_chunks", "tokenize"]
 
 NUM_BUCKETS = 10_000
 """The paper's number of hash buckets."""
 MAX_BUCKETS = 1 << 24
 MAX_CACHE = 1 << 20
 """Memoised n-grams per hasher (about 150 MB at most; usually far less)."""
+
+MAX_CHUNK_WORDS = 1 << 20
+"""The longest chunk, in words (0: documents are not cut)."""
 
 # NLTK's WordPunctTokenizer compiles this pattern with UNICODE | MULTILINE | DOTALL.
 _WORD_PUNCT = re.compile(r"\w+|[^\w\s]+", re.UNICODE | re.MULTILINE | re.DOTALL)
@@ -36,6 +46,15 @@ _WORD_PUNCT = re.compile(r"\w+|[^\w\s]+", re.UNICODE | re.MULTILINE | re.DOTALL)
 def tokenize(text: str) -> list[str]:
     """The paper's words of a document: lower-cased WordPunct tokens."""
     return _WORD_PUNCT.findall(text.lower())
+
+
+def split_chunks(text: str, chunk_words: int) -> list[str]:
+    """The text cut into chunks of `chunk_words` space-separated words (the last may be shorter),
+    as the paper's authors cut the Pile; 0: the whole text, uncut."""
+    if chunk_words == 0:
+        return [text]
+    words = text.split(" ")
+    return [" ".join(words[i : i + chunk_words]) for i in range(0, len(words), chunk_words)]
 
 
 class NgramHasher:

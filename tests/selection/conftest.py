@@ -66,3 +66,10 @@ def kl(p: Counter, q: Counter) -> float:
 @pytest.fixture
 def tiny() -> Path:
     return DATA
+
+
+def authors_chunks(text: str, n: int) -> list[str]:
+    """The authors' cut (p-lambda/dsir preprocessing/reformat_and_chunk_data.py, chunk_examples):
+    the pieces between single spaces, n at a time, joined by one space."""
+    words = text.split(" ")
+    return [" ".join(words[i : i + n]) for i in range(0, len(words), n)]

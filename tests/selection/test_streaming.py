@@ -1,6 +1,7 @@
 """DSIR's passes stream: shards score their documents chunk by chunk and keep a running top-k, and
-the driver bisects for the global top-k over the shards' candidate files. The chosen documents
-must be exactly those of one Gumbel top-k over the whole corpus with the same noise."""
+the driver bisects for the global top-k over the shards' candidate files. The chosen documents (or
+word chunks of documents) must be exactly those of one Gumbel top-k over the whole corpus with the
+same noise."""
 
 from __future__ import annotations
 
@@ -13,37 +14,48 @@ from mixer.select import select_dsir
 from mixer.select.features import NgramHasher
 from mixer.select.importance import RunningTopK, gumbel_top_k, log_ratio, take_counts
 from mixer.select.shards import candidate_files, fit_shard, iter_docs, make_shards, score_shard
-from tests.selection.conftest import DATA, domains
+from tests.selection.conftest import DATA, authors_chunks, domains, read_texts
 
 MIN_WORDS = 10
 
 
-def _one_shot(shard_bytes: int, k: int, seed: int, stream: int) -> dict[str, list[int]]:
-    """One Gumbel top-k over every eligible raw document at once (no shard keeps candidates):
-    the shard's noise drawn in one go from the shard's generator, all keys sorted together."""
+def _one_shot(shard_bytes: int, k: int, seed: int, stream: int, chunk_words: int = 0) -> dict[str, list]:
+    """One Gumbel top-k over every eligible raw document (or every chunk of chunk_words words, cut
+    by the authors' rule) at once (no shard keeps candidates): the shard's noise drawn in one go
+    from the shard's generator, all keys sorted together. Chunks are named [document, chunk]."""
+
+    def units(text: str) -> list[str]:
+        return authors_chunks(text, chunk_words) if chunk_words else [text]
+
     shards = []
     for d in domains():
         shards += make_shards(d, DATA / "raw" / d / "train.jsonl", shard_bytes, len(shards))
     target = make_shards("", DATA / "target.jsonl", 1 << 30, 0)[0]
-    raw_counts = sum(fit_shard(s, 10_000, MIN_WORDS)["counts"] for s in shards)
-    ratio = log_ratio(fit_shard(target, 10_000, MIN_WORDS)["counts"], raw_counts)
     h = NgramHasher()
+
+    def counts(shard) -> np.ndarray:
+        texts = [u for text, _ in iter_docs(shard) for u in units(text)]
+        return sum(np.bincount(h.buckets(u)[0], minlength=10_000) for u in texts)
+
+    ratio = log_ratio(counts(target), sum(counts(s) for s in shards))
     keys, owner = [], []
     offset = dict.fromkeys(domains(), 0)
     for s in shards:
         lw, docs, n = [], [], 0
         for i, (text, _) in enumerate(iter_docs(s)):
             n += 1
-            ids, words = h.buckets(text)
-            if words >= MIN_WORDS:
-                lw.append(float(ratio[ids].sum()))
-                docs.append((s.domain, offset[s.domain] + i))
+            for c, unit in enumerate(units(text)):
+                ids, words = h.buckets(unit)
+                if words >= MIN_WORDS:
+                    lw.append(float(ratio[ids].sum()))
+                    doc = offset[s.domain] + i
+                    docs.append((s.domain, [doc, c] if chunk_words else doc))
         offset[s.domain] += n
         noise = np.random.default_rng([seed, s.ordinal, stream]).gumbel(size=len(lw))
         keys.append((np.array(lw) if stream == 0 else np.zeros(len(lw))) + noise)
         owner += docs
     top = gumbel_top_k(np.concatenate(keys), k, None)
-    out: dict[str, list[int]] = {d: [] for d in domains()}
+    out: dict[str, list] = {d: [] for d in domains()}
     for j in top:
         out[owner[j][0]].append(owner[j][1])
     return {d: sorted(v) for d, v in out.items()}
@@ -70,6 +82,39 @@ def test_streamed_selection_equals_one_gumbel_top_k_over_the_corpus(tmp_path, sh
         d: len(v) for d, v in random.items()
     }
     assert not (out / ".parts").exists()
+
+
+@pytest.mark.parametrize(
+    ("shard_bytes", "k", "seed", "chunk_words"), [(4096, 60, 0, 32), (1 << 20, 90, 3, 9)]
+)
+def test_chunked_selection_equals_one_gumbel_top_k_over_the_corpus_chunks(
+    tmp_path, shard_bytes, k, seed, chunk_words
+):
+    out = tmp_path / "sel"
+    report = select_dsir(
+        DATA / "target.jsonl",
+        [DATA / "raw"],
+        out,
+        num_samples=k,
+        seed=seed,
+        shard_bytes=shard_bytes,
+        min_words=MIN_WORDS,
+        chunk_words=chunk_words,
+        ray_address=None,
+        progress=False,
+    )
+    chosen = json.loads((out / "dsir_selected.json").read_text())
+    assert chosen == _one_shot(shard_bytes, k, seed, 0, chunk_words)
+    random = _one_shot(shard_bytes, k, seed, 1, chunk_words)
+    assert {d: row["random_selected"] for d, row in report["domains"].items()} == {
+        d: len(v) for d, v in random.items()
+    }
+    # Each written line is its chunk, in the order of dsir_selected.json.
+    for d, pairs in chosen.items():
+        raw = read_texts(DATA / "raw" / d / "train.jsonl")
+        if pairs:
+            want = [authors_chunks(raw[doc], chunk_words)[c] for doc, c in pairs]
+            assert read_texts(out / d / "train.jsonl") == want
 
 
 def test_scoring_in_chunks_writes_what_one_chunk_writes(tmp_path):
