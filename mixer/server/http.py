@@ -61,45 +61,52 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def _job_json(rt) -> dict:
-    cur = rt.engine.current
+def _job_json(job, spec, newest, *, loss, max_step: int, reports: int, applied_lag, loaded: bool) -> dict:
+    """The one JSON form of a job (/api/jobs): its stored row, its spec and its newest version."""
     return {
-        "name": rt.job.name,
-        "strategy": rt.spec.strategy.name,
-        "domains": rt.spec.domain_names,
-        "version": cur.version,
-        "effective_step": cur.effective_step,
-        "weights": cur.weights.tolist(),
-        "loss": None if rt.last_loss is None else [_finite(x) for x in rt.last_loss],
-        "max_step": rt.engine.max_step,
-        "reports": rt.report_count,
-        "source_job": rt.job.source_job,
-        "lineage": rt.spec.lineage,
-        "status": rt.job.status,
-        "applied_lag_steps": rt.applied_lag,
-        "loaded": True,
+        "name": job.name,
+        "strategy": spec.strategy.name,
+        "domains": spec.domain_names,
+        "version": newest.version if newest else -1,
+        "effective_step": newest.effective_step if newest else -1,
+        "weights": newest.weights.tolist() if newest else spec.prior(),
+        "loss": None if loss is None else [_finite(x) for x in loss],
+        "max_step": max_step,
+        "reports": reports,
+        "source_job": job.source_job,
+        "lineage": spec.lineage,
+        "status": job.status,
+        "applied_lag_steps": applied_lag,
+        "loaded": loaded,
     }
+
+
+def _live_job_json(rt) -> dict:
+    """A job this server has loaded: its live state."""
+    return _job_json(
+        rt.job,
+        rt.spec,
+        rt.engine.current,
+        loss=rt.last_loss,
+        max_step=rt.engine.max_step,
+        reports=rt.report_count,
+        applied_lag=rt.applied_lag,
+        loaded=True,
+    )
 
 
 def _stored_job_json(stored: StoredJob) -> dict:
     """A job this server has not loaded (no session or RPC has touched it since start)."""
-    v, spec = stored.newest, stored.spec
-    return {
-        "name": stored.job.name,
-        "strategy": spec.strategy.name,
-        "domains": spec.domain_names,
-        "version": v.version if v else -1,
-        "effective_step": v.effective_step if v else -1,
-        "weights": v.weights.tolist() if v else spec.prior(),
-        "loss": None,
-        "max_step": stored.max_step,
-        "reports": stored.report_count,
-        "source_job": stored.job.source_job,
-        "lineage": spec.lineage,
-        "status": stored.job.status,
-        "applied_lag_steps": None,
-        "loaded": False,
-    }
+    return _job_json(
+        stored.job,
+        stored.spec,
+        stored.newest,
+        loss=None,
+        max_step=stored.max_step,
+        reports=stored.report_count,
+        applied_lag=None,
+        loaded=False,
+    )
 
 
 def _version_json(v, created_at: float, applied_step: int | None, full: bool = False) -> dict:
@@ -143,14 +150,16 @@ class JobData:
     def jobs(self) -> list[dict]:
         live = dict(self.runtimes.jobs)
         return [
-            _job_json(live[r.name]) if r.name in live else _stored_job_json(StoredJob.read(self.store, r))
+            _live_job_json(live[r.name])
+            if r.name in live
+            else _stored_job_json(StoredJob.read(self.store, r))
             for r in self.store.list_jobs()
         ]
 
     def job(self, name: str) -> dict:
         rt = self.runtimes.jobs.get(name)
         return (
-            _job_json(rt)
+            _live_job_json(rt)
             if rt is not None
             else _stored_job_json(StoredJob.read(self.store, self.record(name)))
         )
