@@ -116,6 +116,10 @@ def channel(address: str, tls: TlsConfig | None = None) -> grpc.Channel:
     return grpc.insecure_channel(address, options=options)
 
 
+WATCH_BACKOFF_S = 0.05
+WATCH_MAX_BACKOFF_S = 1.0
+"""A broken watch is opened again after 0.05 s, doubling up to this while it keeps failing."""
+
 MAX_HOPS = 4
 """Redirects to a job's owner followed in a row. One is the rule (any server -> the owner); more
 happen only while ownership changes hands (an owner died and its lease is being taken over)."""
@@ -168,7 +172,13 @@ class MixerClient:
         token: str | None = None,
         tls: TlsConfig | None = None,
     ):
-        self.address = address
+        """`address` may list several servers ("a:50051,b:50051"): calls go to the first, to the
+        next ones in turn while it is down, and a watch whose stream breaks tries them in turn (any
+        of them sends it on to the job's owner)."""
+        self.addresses = [a.strip() for a in address.split(",") if a.strip()]
+        if not self.addresses:
+            raise ValueError(f"address: give host:port, or several separated by commas; got {address!r}")
+        address = self.address = self.addresses[0]
         self.timeout = timeout
         self._tls = tls
         self._channel = channel(address, tls)
@@ -199,19 +209,24 @@ class MixerClient:
             self._stubs[address] = (ch, pb_grpc.MixerServiceStub(ch))
         return self._stubs[address][1]
 
-    def _next_hop(self, err: grpc.RpcError, job: str, address: str, path: list[str]) -> str:
-        """Where to send a call again that failed with `err` at `address`, or raise."""
+    def _next_hop(
+        self, err: grpc.RpcError, job: str, address: str, path: list[str], others: Iterator[str]
+    ) -> str:
+        """Where to send a call again that failed with `err` at `address`, or raise. `others`: the
+        configured addresses this call has not tried yet."""
         owner = owner_of(err)
         if owner is None:
             if job and self._owners.get(job) == address:
                 del self._owners[job]  # it failed: the next call asks where we started again
-            if (
-                address == self.address
-                or not hasattr(err, "code")
-                or err.code() != grpc.StatusCode.UNAVAILABLE
-            ):
+            if not hasattr(err, "code") or err.code() != grpc.StatusCode.UNAVAILABLE:
                 raise err
-            owner = self.address  # the owner we were sent to is gone: ask again where we started
+            # A configured server is down: the next one not tried yet; once none is left, or when
+            # the owner we were sent to is gone, ask again where we started.
+            owner = next((a for a in others if a != address), None)
+            if owner is None:
+                if address == self.address:
+                    raise err
+                owner = self.address
         if len(path) > MAX_HOPS:
             raise RedirectError(f"job {job!r}" if job else "create job", path) from err
         path.append(owner)
@@ -223,11 +238,12 @@ class MixerClient:
         """A unary call, sent on to the job's owner when the server that got it does not own it."""
         address = self._owners.get(job, self.address) if job else self.address
         path = [address]
+        others = iter(self.addresses[1:])
         while True:
             try:
                 return getattr(self._stub(address), method)(request, timeout=self.timeout, metadata=self._md)
             except grpc.RpcError as e:
-                address = self._next_hop(e, job, address, path)
+                address = self._next_hop(e, job, address, path, others)
 
     def create_job(self, spec: str | JobSpec | dict[str, Any]) -> tuple[pb.Job, bool]:
         if isinstance(spec, JobSpec):
@@ -263,19 +279,58 @@ class MixerClient:
             ).versions
         )
 
-    def watch(self, job: str, after: int = -1, timeout: float | None = None) -> Iterator[pb.WeightVersion]:
-        address = self._owners.get(job, self.address)
-        path = [address]
+    def watch(
+        self, job: str, after: int = -1, timeout: float | None = None, *, reconnect_for: float = 30.0
+    ) -> Iterator[pb.WeightVersion]:
+        """The versions of `job` newer than `after`, in order, as the job's owner makes them; ends
+        when `timeout` (seconds, the whole watch) runs out, with gRPC's DEADLINE_EXCEEDED.
+
+        A stream that breaks (its owner died, or stopped) is opened again: at this client's
+        addresses in turn, which send it on to the job's new owner, asking for the versions after
+        the last one delivered, so none is lost or repeated. After `reconnect_for` seconds without a
+        stream that delivers or is accepted, the last error is raised."""
+        if not 0 < reconnect_for <= 3600:
+            raise ValueError(f"reconnect_for: must be in (0, 3600] seconds, got {reconnect_for}")
+        if timeout is not None and not 0 < timeout:
+            raise ValueError(f"timeout: must be a positive number of seconds or None, got {timeout}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        home = self.address
+        address = self._owners.get(job, home)
+        hops, backoff, broken_since = 0, WATCH_BACKOFF_S, None
         while True:
+            left = None if deadline is None else max(0.001, deadline - time.monotonic())
+            call = self._stub(address).WatchWeights(
+                pb.WatchWeightsRequest(job=job, after_version=after), timeout=left, metadata=self._md
+            )
             try:
-                for resp in self._stub(address).WatchWeights(
-                    pb.WatchWeightsRequest(job=job, after_version=after), timeout=timeout, metadata=self._md
-                ):
+                for resp in call:
                     after = resp.version.version
+                    hops, backoff, broken_since = 0, WATCH_BACKOFF_S, None
                     yield resp.version
                 return
             except grpc.RpcError as e:
-                address = self._next_hop(e, job, address, path)
+                owner = owner_of(e)
+                if owner is not None and hops < MAX_HOPS:
+                    hops += 1
+                    address = self._owners[job] = owner
+                    continue
+                if owner is None and e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    raise
+                # The owner went away (or ownership is changing hands): ask again where the job is,
+                # from the next configured address once the one we started from failed too.
+                now = time.monotonic()
+                broken_since = broken_since or now
+                if now - broken_since > reconnect_for:
+                    raise
+                if self._owners.get(job) == address:
+                    del self._owners[job]
+                if address == home and owner is None and len(self.addresses) > 1:
+                    home = self.addresses[(self.addresses.index(home) + 1) % len(self.addresses)]
+                address, hops = home, 0
+                time.sleep(backoff)
+                backoff = min(WATCH_MAX_BACKOFF_S, backoff * 2)
+            finally:
+                call.cancel()
 
     def report(self, job: str, report: Report | pb.Signals) -> pb.ReportResponse:
         msg = report if isinstance(report, pb.Signals) else report_to_proto(report)

@@ -7,6 +7,14 @@ A failed commit poisons the job's runtime: it is dropped and rebuilt from the da
 (snapshot + log) on the next access, once its lane is idle, so memory never runs ahead of what
 is durable. GetWeights reads committed versions from `RecentVersions` (the newest ones, loaded
 with the job), and the database only for a version older than those.
+
+With several servers on one database (`HaConfig`), each announces itself in a heartbeat row and owns
+jobs through lease rows (store/repository.py), both renewed every TTL/3 in one transaction. A job
+no live server holds belongs to the first live server in its rendezvous order (repository.py names
+the hashing): asked about such a job, or asked to create one, another server sends the client there
+instead of taking it, so jobs spread over the servers however the clients connect. A held job
+stays where it is; when its owner dies, its heartbeat and its leases run out together and the next
+server in the job's order takes it.
 """
 
 from __future__ import annotations
@@ -111,6 +119,16 @@ class Runtimes:
                     f"job {spec.name!r} exists with a different spec (fingerprint {existing.fingerprint})",
                 )
             return existing, False
+        if self.ha is not None:
+            first, address = await asyncio.to_thread(
+                self.store.placement, spec.name, self.ha.server_id, self.ha.address
+            )
+            if first != self.ha.server_id:
+                raise MixerError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"job {spec.name!r} belongs on {address}; create it there",
+                    owner=address,
+                )
         rec, created = await asyncio.to_thread(
             self.store.create_job,
             spec.name,
@@ -168,7 +186,9 @@ class Runtimes:
         if job is None:
             raise MixerError(grpc.StatusCode.NOT_FOUND, f"job {name!r} not found")
         if self.ha is not None:
-            ours, owner = self.store.acquire_lease(job.id, self.ha.server_id, self.ha.address, self.ha.ttl)
+            ours, owner = self.store.acquire_lease(
+                job.id, self.ha.server_id, self.ha.address, self.ha.ttl, place=job.name
+            )
             if not ours:
                 raise MixerError(
                     grpc.StatusCode.UNAVAILABLE,
@@ -204,20 +224,19 @@ class Runtimes:
         return rt
 
     async def keep_leases(self) -> None:
-        """Renew this server's leases; drop every job whose lease another server took."""
+        """Announce this server as live and renew its leases, now and every TTL/3; drop every job
+        whose lease another server took."""
         while True:
-            await asyncio.sleep(self.ha.ttl / 3)
             live = {rt.job.id: rt for rt in list(self.jobs.values())}
-            if not live:
-                continue
             try:
                 lost = await asyncio.to_thread(
-                    self.store.renew_leases, list(live), self.ha.server_id, self.ha.ttl
+                    self.store.heartbeat, self.ha.server_id, self.ha.address, self.ha.ttl, list(live)
                 )
             except SQLAlchemyError:
                 lost = list(live)  # cannot prove we still own them
             for job_id in lost:
                 self.poison(live[job_id])
+            await asyncio.sleep(self.ha.ttl / 3)
 
     async def finish(self, name: str) -> JobRuntime:
         rt = await self.get(name)

@@ -15,7 +15,9 @@ Choices of ours:
 - SIGTERM and SIGINT are forwarded to every worker; each stops gracefully (--grace-seconds) and
   hands its leases over; the parent exits 0 once all have, 1 if one failed. A worker still running
   `STOP_MARGIN_S` after its grace is killed.
-- The parent migrates the database's schema before it starts the workers (they would race).
+- The parent migrates the database's schema before it starts the workers, so that a failing
+  migration stops everything once, with its error, instead of every worker in turn (workers that
+  migrate at once do not race: `Store.migrate` holds an advisory lock).
 - A worker ends itself when the parent dies (PR_SET_PDEATHSIG), so no orphan keeps the port.
 """
 
@@ -93,7 +95,7 @@ class Supervisor:
             if w.http_port:
                 _probe(w.host, w.http_port, f"worker {i}'s HTTP port, --http-port + {i}")
         _probe(self.cfg.host, self.cfg.port, "--port")
-        # The schema is brought up to date once, here: N workers migrating at once would race.
+        # The schema is brought up to date once, here: a failing migration is reported once.
         Store(self.cfg.db).close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)

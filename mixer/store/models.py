@@ -92,3 +92,13 @@ class LeaseRow(Base):
     address: Mapped[str] = mapped_column(String(256))
     expires_at: Mapped[float] = mapped_column(Float)
     epoch: Mapped[int] = mapped_column(BigInteger)
+
+
+class ServerRow(Base):
+    """A live server of a shared database (high availability): its heartbeat, which places new jobs."""
+
+    __tablename__ = "servers"
+
+    server_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    address: Mapped[str] = mapped_column(String(256))
+    expires_at: Mapped[float] = mapped_column(Float)

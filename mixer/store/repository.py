@@ -1,11 +1,23 @@
 """The store: jobs, the signal log, versions and snapshots in SQLite or PostgreSQL.
 
 Synchronous SQLAlchemy 2.0; the server calls it from one writer thread (group commit) and
-from reader threads. Hot inserts use Core bulk statements. Migrations (Alembic) run at open.
+from reader threads. Hot inserts use Core bulk statements. Migrations (Alembic) run at open; on
+PostgreSQL under an advisory lock, so servers starting at once on a fresh database take turns.
+
+Servers sharing a database (high availability) own jobs through lease rows and announce themselves
+through heartbeat rows (`servers`). A job that no live server holds is placed by rendezvous
+(highest-random-weight) hashing: D. G. Thaler and C. V. Ravishankar, "Using name-based mappings to
+increase hit rates", IEEE/ACM Transactions on Networking 6(1), 1998 -- each server i gets the weight
+W(job, S_i) and the job goes to the server of highest weight; when that server leaves, only its
+jobs move, each to its next server in weight order. Choices of ours: W is the first 8 bytes of
+BLAKE2b over "server id, NUL, job name" read as an unsigned big-endian integer (ties, which would
+need equal digests, go to the smaller server id); the server id, not the address, names a server,
+so a restarted server keeps its jobs' places; a server always counts itself as live.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -16,11 +28,11 @@ from typing import Any
 import numpy as np
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from mixer.store.models import JobRow, LeaseRow, SignalRow, SnapshotRow, TokenRow, VersionRow
+from mixer.store.models import JobRow, LeaseRow, ServerRow, SignalRow, SnapshotRow, TokenRow, VersionRow
 from mixer.types import Version
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -28,6 +40,22 @@ _SIGNAL_COLUMNS = ("job_id", "seq", "step", "source", "source_seq", "applied_ver
 _VERSION_COLUMNS = ("job_id", "version", "effective_step", "trigger_step", "log_seq", "weights", "params_json", "blob", "created_at")
 _MAX_ROWS_PER_INSERT = 256
 """Rows per multi-row INSERT (x 9 columns: well inside SQLite's and PostgreSQL's parameter limits)."""
+MIGRATION_LOCK = int.from_bytes(
+    hashlib.blake2b(b"mixer.store.migrate", digest_size=8).digest(), "big", signed=True
+)
+"""The PostgreSQL advisory lock key (a signed 64-bit integer) held while the schema is migrated."""
+DEAD_SERVER_KEPT_S = 86_400.0
+"""A server's heartbeat row is deleted this long after it ran out (a server killed, never restarted)."""
+
+
+def rendezvous_weight(server_id: str, job: str) -> int:
+    """W(job, S_i) of highest-random-weight hashing: 64 bits of BLAKE2b over server id and job name."""
+    return int.from_bytes(hashlib.blake2b(f"{server_id}\0{job}".encode(), digest_size=8).digest(), "big")
+
+
+def rendezvous_order(job: str, server_ids: list[str]) -> list[str]:
+    """The servers in the order they would take `job`: highest weight first (ties: smaller id first)."""
+    return sorted(set(server_ids), key=lambda sid: (-rendezvous_weight(sid, job), sid))
 
 
 def normalize_url(url: str) -> str:
@@ -149,9 +177,14 @@ class Store:
         return self.engine.dialect.name
 
     def migrate(self) -> None:
+        """Bring the schema to the newest revision. On PostgreSQL the migration's transaction first
+        takes an advisory lock (released at its commit): of servers starting at once, one migrates
+        and the others, let in after its commit, find the schema current."""
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(text("select pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
@@ -371,13 +404,25 @@ class Store:
             return float(conn.scalar(text("select extract(epoch from clock_timestamp())")))
         return time.time()
 
-    def acquire_lease(self, job_id: int, owner: str, address: str, ttl: float) -> tuple[bool, str]:
-        """Take or extend the lease of a job; returns (ours, the owner's address)."""
+    def acquire_lease(
+        self, job_id: int, owner: str, address: str, ttl: float, *, place: str | None = None
+    ) -> tuple[bool, str]:
+        """Take or extend the lease of a job; returns (ours, the owner's address).
+
+        With `place` (the job's name), a job that no live server holds is taken only if this server
+        comes first in the job's rendezvous order over the live servers; otherwise the answer is
+        (False, the address of the server that comes first), and nothing is written."""
         with self.engine.begin() as conn:
             row = conn.execute(select(LeaseRow).where(LeaseRow.job_id == job_id).with_for_update()).first()
             # The clock is read once the row is ours: waiting for the lock can take as long as the
             # holder's transaction, and the expiry is judged against the time we got it.
             now = self._now(conn)
+            if row is not None and row.owner != owner and row.expires_at >= now:
+                return False, row.address
+            if place is not None and (row is None or row.owner != owner):
+                first, first_address = self._placement(conn, place, owner, address, now)
+                if first != owner:
+                    return False, first_address
             if row is None:
                 try:
                     with conn.begin_nested():
@@ -394,20 +439,70 @@ class Store:
                 return True, address
             return False, row.address
 
-    def renew_leases(self, job_ids: list[int], owner: str, ttl: float) -> list[int]:
-        """Extend our leases; returns the job ids whose lease we no longer hold."""
-        lost = []
+    def _placement(self, conn, job: str, me: str, my_address: str, now: float) -> tuple[str, str]:
+        """(server id, address) of the live server that comes first in `job`'s rendezvous order."""
+        live = self._live(conn, now)
+        live[me] = my_address
+        first = rendezvous_order(job, list(live))[0]
+        return first, live[first]
+
+    def placement(self, job: str, me: str, my_address: str) -> tuple[str, str]:
+        """(server id, address) of the live server a new job named `job` belongs to."""
+        with self.engine.connect() as conn:
+            return self._placement(conn, job, me, my_address, self._now(conn))
+
+    def live_servers(self) -> dict[str, str]:
+        """Server id -> address of every server whose heartbeat has not run out."""
+        with self.engine.connect() as conn:
+            return self._live(conn, self._now(conn))
+
+    def _live(self, conn, now: float) -> dict[str, str]:
+        q = select(ServerRow.server_id, ServerRow.address).where(ServerRow.expires_at >= now)
+        return dict(conn.execute(q).all())
+
+    def heartbeat(self, server_id: str, address: str, ttl: float, job_ids: list[int]) -> list[int]:
+        """Announce this server as live for `ttl` seconds and extend its leases of `job_ids`, in one
+        transaction (so its heartbeat never outlives its leases); returns the job ids whose lease
+        it no longer holds."""
         with self.engine.begin() as conn:
             now = self._now(conn)
-            for job_id in job_ids:
-                res = conn.execute(update(LeaseRow).where(LeaseRow.job_id == job_id, LeaseRow.owner == owner).values(expires_at=now + ttl))
-                if res.rowcount != 1:
-                    lost.append(job_id)
+            beat = (
+                update(ServerRow)
+                .where(ServerRow.server_id == server_id)
+                .values(address=address, expires_at=now + ttl)
+            )
+            if conn.execute(beat).rowcount != 1:
+                try:
+                    with conn.begin_nested():
+                        row = {"server_id": server_id, "address": address, "expires_at": now + ttl}
+                        conn.execute(insert(ServerRow).values(**row))
+                except IntegrityError:
+                    conn.execute(beat)
+            conn.execute(delete(ServerRow).where(ServerRow.expires_at < now - DEAD_SERVER_KEPT_S))
+            return self._renew(conn, job_ids, server_id, ttl, now)
+
+    def renew_leases(self, job_ids: list[int], owner: str, ttl: float) -> list[int]:
+        """Extend our leases; returns the job ids whose lease we no longer hold."""
+        with self.engine.begin() as conn:
+            return self._renew(conn, job_ids, owner, ttl, self._now(conn))
+
+    def _renew(self, conn, job_ids: list[int], owner: str, ttl: float, now: float) -> list[int]:
+        lost = []
+        for job_id in job_ids:
+            res = conn.execute(
+                update(LeaseRow)
+                .where(LeaseRow.job_id == job_id, LeaseRow.owner == owner)
+                .values(expires_at=now + ttl)
+            )
+            if res.rowcount != 1:
+                lost.append(job_id)
         return lost
 
     def release_leases(self, owner: str) -> None:
+        """Hand this server's jobs over at once and leave the live set (a graceful stop)."""
         with self.engine.begin() as conn:
             conn.execute(update(LeaseRow).where(LeaseRow.owner == owner).values(expires_at=0.0))
+            conn.execute(delete(ServerRow).where(ServerRow.server_id == owner))
 
     # -- tokens ---------------------------------------------------------------------------
 

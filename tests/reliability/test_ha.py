@@ -14,6 +14,7 @@ import pytest
 
 from mixer.client import MixerClient, Reporter
 from mixer.replay import verify
+from mixer.server.launch import ServerProcess
 from mixer.store import Store
 from mixer.store.models import LeaseRow
 from mixer.v1 import mixer_pb2 as pb
@@ -34,13 +35,36 @@ def owner_of(db: str, job: str) -> str:
         store.close()
 
 
+def create_on_both(
+    db: str, a: ServerProcess, b: ServerProcess, spec: dict = SPEC
+) -> tuple[ServerProcess, ServerProcess]:
+    """Create the job through `a` once both servers are live (it goes to the one its placement
+    names); (owner, the other)."""
+    wait_live(db, 2)
+    with MixerClient(a.address) as c:
+        c.create_job(spec)
+    return (a, b) if owner_of(db, spec["name"]) == a.address else (b, a)
+
+
+def wait_live(db: str, n: int, timeout: float = 20.0) -> dict[str, str]:
+    """The live servers (id -> address) once there are `n` of them."""
+    store = Store(db, migrate=False)
+    try:
+        deadline = time.monotonic() + timeout
+        while len(live := store.live_servers()) < n:
+            assert time.monotonic() < deadline, f"{len(live)} live servers, expected {n}: {live}"
+            time.sleep(0.05)
+        return live
+    finally:
+        store.close()
+
+
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_killing_the_owner_hands_the_job_over(server_factory, pg_url):
     a = server_factory(pg_url, "--ha", "--lease-ttl", "3")
     b = server_factory(pg_url, "--ha", "--lease-ttl", "3")
-    with MixerClient(a.address) as c:
-        c.create_job(SPEC)
+    a, b = create_on_both(pg_url, a, b)
     assert owner_of(pg_url, "faults") == a.address
     # The other server does not serve the job while the owner lives; it names the owner (asked
     # through the raw stub: MixerClient itself would follow it to the owner).
@@ -155,8 +179,7 @@ def test_a_paused_owner_is_fenced_off_after_the_takeover(server_factory, pg_url)
     ttl = 2.0
     a = server_factory(pg_url, "--ha", "--lease-ttl", str(ttl))
     b = server_factory(pg_url, "--ha", "--lease-ttl", str(ttl))
-    with MixerClient(a.address) as c:
-        c.create_job(SPEC)
+    a, b = create_on_both(pg_url, a, b)
     first, paused, total = range(40), range(40, 80), 80
     sess = RawSession(a.address, "faults", "rank0")
     try:
@@ -266,8 +289,7 @@ def test_an_owner_paused_inside_a_commit_does_not_block_the_takeover(server_fact
     ttl = 2.0
     a = server_factory(pg_url, "--ha", "--lease-ttl", str(ttl))
     b = server_factory(pg_url, "--ha", "--lease-ttl", str(ttl))
-    with MixerClient(a.address) as c:
-        c.create_job(SPEC)
+    a, b = create_on_both(pg_url, a, b)
     acked: list[tuple[int, int]] = []
     rep = Reporter(
         f"{a.address},{b.address}",
@@ -322,3 +344,73 @@ def test_an_owner_paused_inside_a_commit_does_not_block_the_takeover(server_fact
     assert verify(store, "faults").ok
     store.close()
     print(f"takeover {took:.2f}s after pausing the owner mid-commit")
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_watch_follows_the_job_to_its_new_owner_when_the_owner_stops(server_factory, pg_url, stop):
+    """Watch a job (MixerClient given both servers) while reports make versions; kill the owner, or
+    stop it gracefully, mid-stream: the watch reconnects, reaches the new owner, and delivers every
+    version once, in order, equal to the stored ones."""
+    ttl = 2.0
+    a = server_factory(pg_url, "--ha", "--lease-ttl", str(ttl))
+    b = server_factory(pg_url, "--ha", "--lease-ttl", str(ttl))
+    a, b = create_on_both(pg_url, a, b)
+    steps, kill_after = 400, 150
+    got: list[pb.WeightVersion] = []
+    watch_error: list[BaseException] = []
+    caught_up: list[float] = []
+    watcher = MixerClient(f"{a.address},{b.address}", timeout=5)
+
+    def watch() -> None:
+        try:
+            for v in watcher.watch("faults", after=-1, timeout=90):
+                got.append(v)
+                if v.version == steps // 5:  # one version per 5 steps after the initial one
+                    caught_up.append(time.monotonic())
+                    return
+        except Exception as e:  # noqa: BLE001 (reported by the test thread)
+            watch_error.append(e)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    rep = Reporter(f"{a.address},{b.address}", "faults", "rank0", max_backoff=0.3).start()
+    for s in range(steps):
+        rep.submit(report(s, "rank0"))
+        if s == kill_after:
+            deadline = time.monotonic() + 30
+            while len(got) < kill_after // 5 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(got) >= kill_after // 5, (len(got), watch_error, rep.last_error)
+            seen_at_kill = len(got)
+            stopped = time.monotonic()
+            a.proc.send_signal(stop)
+        time.sleep(0.005)
+    assert rep.close(timeout=60), (rep.pending, rep.last_error)
+    t.join(60)
+    watcher.close()
+    assert not watch_error, watch_error
+    assert not t.is_alive(), f"the watch stopped at version {got[-1].version if got else None}"
+    assert owner_of(pg_url, "faults") == b.address
+    if stop == signal.SIGKILL:  # calls go on to the next configured server while the first is down
+        with MixerClient(f"{a.address},{b.address}", timeout=5) as c:
+            assert c.get_weights("faults").version == steps // 5
+    store = Store(pg_url)
+    stored = {v.version: v for v, _ in store.versions(store.get_job("faults").id)}
+    store.close()
+    assert [v.version for v in got] == sorted(stored) == list(range(steps // 5 + 1)), (
+        "a version was lost or delivered twice"
+    )
+    for v in got:
+        assert np.array_equal(np.array(v.weights), stored[v.version].weights), v.version
+        assert v.effective_step == stored[v.version].effective_step
+    assert len(got) > seen_at_kill, "nothing was delivered after the owner stopped"
+    assert a.proc.wait(30) == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
+    took = caught_up[0] - stopped
+    if stop == signal.SIGKILL:  # a lease TTL, the reconnect back-off, and the rest of the reports
+        assert took < 20, f"the watch took {took:.1f}s to catch up after the kill"
+    print(
+        f"watch ({stop.name}): {seen_at_kill} versions before, {len(got) - seen_at_kill} after; "
+        f"all delivered {took:.1f}s after the stop"
+    )

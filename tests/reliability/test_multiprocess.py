@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import grpc
 import pytest
@@ -20,8 +21,10 @@ from mixer.server.app import ServeConfig
 from mixer.server.launch import ServerProcess
 from mixer.store import Store
 from mixer.store.models import LeaseRow
+from mixer.store.repository import rendezvous_order
 from tests.reliability.test_faults import report
 from tests.reliability.test_ha import owner_of as lease_address
+from tests.reliability.test_ha import wait_live
 
 WORKERS = 3
 JOBS = 12
@@ -102,10 +105,11 @@ def test_each_worker_gets_its_own_port_http_port_and_lease_name():
 @pytest.mark.slow
 def test_a_non_owner_names_the_owner_and_clients_follow_it_a_bounded_number_of_times(workers, pg_url):
     srv = workers(pg_url, 2)
-    owner, other = srv.worker_addresses
-    with MixerClient(owner) as c:
+    wait_live(pg_url, 2)
+    with MixerClient(srv.address) as c:
         c.create_job(spec("redirect"))
-    assert lease_address(pg_url, "redirect") == owner
+    owner = lease_address(pg_url, "redirect")
+    (other,) = set(srv.worker_addresses) - {owner}
 
     # The non-owner's answer: UNAVAILABLE, the owner's address in trailing metadata, and in words.
     with grpc.insecure_channel(other) as ch:
@@ -149,6 +153,31 @@ def test_a_non_owner_names_the_owner_and_clients_follow_it_a_bounded_number_of_t
         time.sleep(0.05)
     rep._stop = True
     assert "redirects in a row" in rep.last_error, rep.last_error
+
+
+SPREAD_JOBS = 24
+"""Jobs created through the shared port: a worker gets none with probability 3 (2/3)^24 < 2e-4."""
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_jobs_created_through_one_address_spread_over_the_workers(workers, pg_url):
+    """Every job goes to the first live worker of its rendezvous order, whichever worker the one
+    client connection reached, so each worker owns some."""
+    srv = workers(pg_url, WORKERS)
+    live = wait_live(pg_url, WORKERS)
+    assert sorted(live.values()) == sorted(srv.worker_addresses)
+    jobs = [f"spread{i}" for i in range(SPREAD_JOBS)]
+    with MixerClient(srv.address) as c:
+        for job in jobs:
+            assert c.create_job(spec(job))[1]
+        for job in jobs:  # and each is served, through the same connection, by its owner
+            assert c.get_job(job).name == job
+    owners = {job: lease_address(pg_url, job) for job in jobs}
+    assert owners == {job: live[rendezvous_order(job, list(live))[0]] for job in jobs}
+    per_worker = Counter(owners.values())
+    assert set(per_worker) == set(srv.worker_addresses), per_worker
+    print(f"jobs per worker: {sorted(per_worker.values())}")
 
 
 @pytest.mark.postgres
