@@ -16,16 +16,18 @@ import copy
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 from tqdm import tqdm
 
-from mixer.engine import Engine
+from mixer.engine import Engine, at_floor
 from mixer.signals import Report, validate_report
 from mixer.spec import JobSpec, SpecError
 from mixer.store import Append, JobRecord, Store, redact
+from mixer.transfer import TransferError, resolve_agent
 from mixer.types import Version
 from mixer.wire import decode_stored
 
@@ -109,14 +111,26 @@ def iter_log(store: Store, job_id: int, num_domains: int) -> Iterator[tuple[int,
         yield s.seq, decode(s.payload, num_domains)
 
 
-def load_log(store: Store, name: str, *, progress: bool = False) -> tuple[JobRecord, JobSpec, list[tuple[int, Report]]]:
+def load_log(
+    store: Store, name: str, *, progress: bool = False
+) -> tuple[JobRecord, JobSpec, list[tuple[int, Report]]]:
     """A job's record, spec and whole log in memory (for replays that run it many times)."""
     rec = get_job(store, name)
     spec = JobSpec.from_json(rec.spec_json)
     owner = log_owner(store, rec)
     total = store.log_stats(owner.id)[0]
     it = iter_log(store, owner.id, spec.num_domains)
-    log = list(tqdm(it, total=total, desc=f"reading log of {owner.name}", unit="report", disable=not progress, leave=False, delay=1.0))
+    log = list(
+        tqdm(
+            it,
+            total=total,
+            desc=f"reading log of {owner.name}",
+            unit="report",
+            disable=not progress,
+            leave=False,
+            delay=1.0,
+        )
+    )
     return rec, spec, log
 
 
@@ -136,11 +150,19 @@ def verify(store: Store, name: str, *, progress: bool = False) -> VerifyResult:
         try:
             want, _ = next(stored)
         except StopIteration:
-            return {"version": derived.version, "step": derived.effective_step, "reason": "derived a version that is not stored"}
+            return {
+                "version": derived.version,
+                "step": derived.effective_step,
+                "reason": "derived a version that is not stored",
+            }
         checked += 1
         if derived.same_as(want):
             return None
-        diff = float(np.max(np.abs(derived.weights - want.weights))) if derived.weights.shape == want.weights.shape else float("inf")
+        diff = (
+            float(np.max(np.abs(derived.weights - want.weights)))
+            if derived.weights.shape == want.weights.shape
+            else float("inf")
+        )
         return {
             "version": want.version,
             "step": want.effective_step,
@@ -153,7 +175,15 @@ def verify(store: Store, name: str, *, progress: bool = False) -> VerifyResult:
 
     bad = compare(engine.current)
     if bad is None:
-        for seq, report in tqdm(log, total=total, desc=f"verifying {name}", unit="report", disable=not progress, leave=False, delay=1.0):
+        for seq, report in tqdm(
+            log,
+            total=total,
+            desc=f"verifying {name}",
+            unit="report",
+            disable=not progress,
+            leave=False,
+            delay=1.0,
+        ):
             n_reports += 1
             v = engine.ingest(report, seq, guard=False)  # the log holds what was accepted
             if v is not None and (bad := compare(v)) is not None:
@@ -161,7 +191,11 @@ def verify(store: Store, name: str, *, progress: bool = False) -> VerifyResult:
     if bad is None:
         extra = next(stored, None)
         if extra is not None:
-            bad = {"version": extra[0].version, "step": extra[0].effective_step, "reason": "stored version was not derived from the log"}
+            bad = {
+                "version": extra[0].version,
+                "step": extra[0].effective_step,
+                "reason": "stored version was not derived from the log",
+            }
     return VerifyResult(name, checked, n_reports, bad is None, bad, log_job=owner.name)
 
 
@@ -184,14 +218,28 @@ def spec_path(key: str) -> list[str]:
     """Where a `--set` key lands in the spec: `cadence.x`, `seed`, ... as given; a bare name is a strategy parameter."""
     parts = key.split(".")
     if parts[0] in ("name", "domains", "data_path"):
-        raise ReplayError(f"--set {key}: {parts[0]} cannot be changed by a replay (it reads the same log); use --as for the name")
+        raise ReplayError(
+            f"--set {key}: {parts[0]} cannot be changed by a replay (it reads the same log); use --as for the name"
+        )
     if parts[0] in SPEC_KEYS:
         return parts
     return ["strategy", "params", *parts]
 
 
-def derive_spec(spec: JobSpec, *, name: str, strategy: str | None = None, sets: Iterable[tuple[str, Any]] = ()) -> JobSpec:
-    """The source spec with another strategy and overrides; a SpecError names the `--set` that caused it."""
+def derive_spec(
+    spec: JobSpec,
+    *,
+    name: str,
+    strategy: str | None = None,
+    sets: Iterable[tuple[str, Any]] = (),
+    base_dir: str | Path = ".",
+) -> JobSpec:
+    """The source spec with another strategy and overrides; a SpecError names the `--set` that caused it.
+
+    The files a spec names are resolved as when a spec file is loaded (mixer.transfer): the
+    `agent` strategy's `path` (relative to `base_dir`) is read, checked against `sha256` and put in
+    `model`. A `--set` of `path` or `sha256` names another agent, so the model the source spec
+    carries is dropped and the named file read in its place."""
     data = copy.deepcopy(spec.to_dict())
     data["name"] = name
     if strategy is not None and strategy != spec.strategy.name:
@@ -206,6 +254,7 @@ def derive_spec(spec: JobSpec, *, name: str, strategy: str | None = None, sets: 
             node = node[p]
         node[path[-1]] = value
         placed[".".join(path)] = key
+    data = _resolve_files(data, placed, base_dir)
     try:
         return JobSpec.from_dict(data)
     except SpecError as e:
@@ -213,6 +262,25 @@ def derive_spec(spec: JobSpec, *, name: str, strategy: str | None = None, sets: 
             if e.field == path or e.field.startswith(path + ".") or path.startswith(e.field + "."):
                 raise ReplayError(f"--set {key}: {e}") from None
         raise ReplayError(f"derived spec {name!r}: {e}") from None
+
+
+def _resolve_files(data: dict[str, Any], placed: dict[str, str], base_dir: str | Path) -> dict[str, Any]:
+    """`data` with the agent file its `--set`s name read into `strategy.params.model`; a file that is
+    missing or does not match its sha256 is a ReplayError naming the `--set`."""
+    strategy = data.get("strategy")
+    params = strategy.get("params") if isinstance(strategy, dict) else None
+    renamed = "strategy.params.path" in placed or "strategy.params.sha256" in placed
+    if renamed and "strategy.params.model" not in placed and isinstance(params, dict):
+        params.pop("model", None)  # the source's agent is not the one the --set names
+    try:
+        return resolve_agent(data, base_dir)
+    except TransferError as e:
+        key = placed.get(
+            "strategy.params.sha256"
+            if str(e).startswith("strategy.params.sha256")
+            else "strategy.params.path"
+        )
+        raise ReplayError(f"--set {key}: {e}" if key else f"derived spec {data.get('name')!r}: {e}") from None
 
 
 @dataclass(slots=True)
@@ -229,13 +297,23 @@ class Replay:
         return (self.engine.current.version, self.engine.last_log_seq, self.engine.snapshot())
 
 
-def replay(spec: JobSpec, log: Iterable[tuple[int, Report]], *, progress: bool = False, total: int | None = None) -> Replay:
+def replay(
+    spec: JobSpec, log: Iterable[tuple[int, Report]], *, progress: bool = False, total: int | None = None
+) -> Replay:
     """Run a log through a fresh engine for `spec`; deterministic (same spec and log, same bits)."""
     t0 = time.perf_counter()
     engine = Engine(spec)
     versions = [engine.current]
     n = 0
-    for seq, report in tqdm(log, total=total, desc=f"replaying {spec.name}", unit="report", disable=not progress, leave=False, delay=1.0):
+    for seq, report in tqdm(
+        log,
+        total=total,
+        desc=f"replaying {spec.name}",
+        unit="report",
+        disable=not progress,
+        leave=False,
+        delay=1.0,
+    ):
         n += 1
         v = engine.ingest(report, seq, guard=False)  # the log holds what was accepted
         if v is not None:
@@ -243,7 +321,9 @@ def replay(spec: JobSpec, log: Iterable[tuple[int, Report]], *, progress: bool =
     return Replay(spec, versions, engine, n, time.perf_counter() - t0)
 
 
-def store_derived(store: Store, spec: JobSpec, source: str, versions: list[Version], snapshot: tuple[int, int, bytes]) -> tuple[JobRecord, bool]:
+def store_derived(
+    store: Store, spec: JobSpec, source: str, versions: list[Version], snapshot: tuple[int, int, bytes]
+) -> tuple[JobRecord, bool]:
     """Store `versions` as job `spec.name` derived from `source`; (record, newly written).
 
     Idempotent: the same spec and versions again change nothing; anything else under that name
@@ -254,7 +334,9 @@ def store_derived(store: Store, spec: JobSpec, source: str, versions: list[Versi
     if rec is not None:
         if rec.fingerprint != spec.fingerprint() or rec.source_job != source:
             what = f"derived from {rec.source_job!r}" if rec.source_job else "a recorded job"
-            raise ReplayError(f"job {spec.name!r} already exists ({what}, strategy {rec.strategy}) with another spec; choose another --as")
+            raise ReplayError(
+                f"job {spec.name!r} already exists ({what}, strategy {rec.strategy}) with another spec; choose another --as"
+            )
         stored = [v for v, _ in store.versions(rec.id)]
         if stored:
             if len(stored) == len(versions) and all(a.same_as(b) for a, b in zip(stored, versions)):
@@ -264,7 +346,9 @@ def store_derived(store: Store, spec: JobSpec, source: str, versions: list[Versi
                 f"(this one has {len(versions)}; has the source log grown?); choose another --as"
             )
     else:
-        rec, _ = store.create_job(spec.name, spec.to_json(), spec.fingerprint(), spec.strategy.name, source_job=source)
+        rec, _ = store.create_job(
+            spec.name, spec.to_json(), spec.fingerprint(), spec.strategy.name, source_job=source
+        )
     store.append([Append(rec.id, versions=versions, snapshot=snapshot)])
     return rec, True
 
@@ -281,43 +365,104 @@ def synthetic_log(K: int, steps: int, seed: int = 0) -> list[tuple[int, Report]]
     loss_sum = tokens * scale * rng.uniform(0.95, 1.05, (steps, K))
     excess = loss_sum * 0.1
     return [
-        (s, validate_report(Report(step=s, source="rank0", domain_loss_sum=loss_sum[s], domain_token_count=tokens[s],
-                                   domain_sample_count=counts[s], excess_loss_sum=excess[s]), K))
+        (
+            s,
+            validate_report(
+                Report(
+                    step=s,
+                    source="rank0",
+                    domain_loss_sum=loss_sum[s],
+                    domain_token_count=tokens[s],
+                    domain_sample_count=counts[s],
+                    excess_loss_sum=excess[s],
+                ),
+                K,
+            ),
+        )
         for s in range(steps)
     ]
 
 
-def bench_replay(K: int = 22, steps: int = 200_000, *, update_every: int = 10, min_weights: tuple[float, ...] = (0.0, 0.01),
-                 repeats: int = 3, profile: bool = False, progress: bool = False) -> dict[str, Any]:
+BENCH_STRATEGIES = (
+    ("odm", "odm", {}),
+    ("doremi", "doremi", {}),
+    ("doremi-online", "doremi", {"mode": "online"}),
+)
+"""The replay benchmark's rows: (label, strategy, params). DoReMi's paper mode serves the prior, so
+a floor below it never binds; in online mode its weights collapse onto the floor, and every update
+runs the floor projection."""
+
+
+def bench_replay(
+    K: int = 22,
+    steps: int = 200_000,
+    *,
+    update_every: int = 10,
+    min_weights: tuple[float, ...] = (0.0, 0.01),
+    repeats: int = 3,
+    profile: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Engine.ingest speed over an in-memory synthetic log: steps per second for ODM and DoReMi (or static).
 
-    One row per (strategy, min_weight): min_weight 0 is the spec default (no box projection),
-    a floor > 0 adds the engine's box-simplex projection to every update. Best of `repeats`.
+    One row per (strategy, min_weight): min_weight 0 is the spec default (no projection); with a
+    floor > 0, `at_floor` is the share of versions with a domain on it, i.e. whose update ran the
+    engine's floor projection. Best of `repeats`.
     """
     from mixer.strategies import REGISTRY
 
-    strategies = ["odm", "doremi" if "doremi" in REGISTRY else "static"]
+    strategies = [s for s in BENCH_STRATEGIES if s[1] in REGISTRY] or [("static", "static", {})]
     target = 100_000
     rows: list[dict[str, Any]] = []
-    with tqdm(total=1 + len(strategies) * len(min_weights) * repeats, desc="bench replay", disable=not progress, leave=False, delay=1.0) as bar:
+    with tqdm(
+        total=1 + len(strategies) * len(min_weights) * repeats,
+        desc="bench replay",
+        disable=not progress,
+        leave=False,
+        delay=1.0,
+    ) as bar:
         log = synthetic_log(K, steps)
         bar.update()
-        for name in strategies:
+        for label, name, params in strategies:
             for floor in min_weights:
-                spec = JobSpec.from_dict({"name": f"bench-{name}", "domains": [f"d{i}" for i in range(K)], "strategy": name,
-                                          "cadence": {"update_every": update_every, "min_weight": floor}})
-                best, versions = float("inf"), 0
+                spec = JobSpec.from_dict(
+                    {
+                        "name": f"bench-{name}",
+                        "domains": [f"d{i}" for i in range(K)],
+                        "strategy": {"name": name, "params": params},
+                        "cadence": {"update_every": update_every, "min_weight": floor},
+                    }
+                )
+                best, r = float("inf"), None
                 for _ in range(repeats):
                     r = replay(spec, log)
-                    best, versions = min(best, r.seconds), len(r.versions)
+                    best = min(best, r.seconds)
                     bar.update()
-                row = {"strategy": name, "min_weight": floor, "steps_per_s": round(steps / best), "seconds": round(best, 4),
-                       "versions": versions, "us_per_update": round(best / max(versions - 1, 1) * 1e6, 1)}
+                versions = len(r.versions)
+                floored = (
+                    sum(bool(at_floor(v.weights, floor).any()) for v in r.versions[1:]) if floor > 0 else 0
+                )
+                row = {
+                    "strategy": label,
+                    "min_weight": floor,
+                    "steps_per_s": round(steps / best),
+                    "seconds": round(best, 4),
+                    "versions": versions,
+                    "us_per_update": round(best / max(versions - 1, 1) * 1e6, 1),
+                    "at_floor": round(floored / max(versions - 1, 1), 3),
+                }
                 if profile or row["steps_per_s"] < target:
                     row["profile"] = _profile(spec, log[: min(steps, 50_000)])
                 rows.append(row)
-    return {"K": K, "steps": steps, "update_every": update_every, "repeats": repeats, "target_steps_per_s": target,
-            "rows": rows, "meets_target": all(r["steps_per_s"] >= target for r in rows)}
+    return {
+        "K": K,
+        "steps": steps,
+        "update_every": update_every,
+        "repeats": repeats,
+        "target_steps_per_s": target,
+        "rows": rows,
+        "meets_target": all(r["steps_per_s"] >= target for r in rows),
+    }
 
 
 def _profile(spec: JobSpec, log: list[tuple[int, Report]], top: int = 8) -> list[dict[str, Any]]:
@@ -330,5 +475,13 @@ def _profile(spec: JobSpec, log: list[tuple[int, Report]], top: int = 8) -> list
     stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
     total = sum(v[2] for v in stats.values()) or 1.0
     rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
-    return [{"function": f"{fn}:{line}({name})".rsplit("/", 1)[-1], "calls": v[1], "own_s": round(v[2], 4),
-             "own_share": round(v[2] / total, 3), "cum_s": round(v[3], 4)} for (fn, line, name), v in rows]
+    return [
+        {
+            "function": f"{fn}:{line}({name})".rsplit("/", 1)[-1],
+            "calls": v[1],
+            "own_s": round(v[2], 4),
+            "own_share": round(v[2] / total, 3),
+            "cum_s": round(v[3], 4),
+        }
+        for (fn, line, name), v in rows
+    ]

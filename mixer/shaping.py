@@ -10,6 +10,8 @@ version; strategies that need the mixture a version will serve call `shape_weigh
 
 from __future__ import annotations
 
+import math
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,16 +25,31 @@ SHAPE_TOLERANCE = 1e-12
 `max_step_l1` bound reaches the proposal."""
 
 
+FLOOR_LOOP_MAX_DOMAINS = 40
+"""Up to this many domains the floor-only projection runs on Python floats (three numpy calls
+instead of twenty; about twice as fast at K = 22), above it on numpy vectors (faster from about 45
+domains). Both paths do the same float operations in the same order: the same bits either way."""
+
+_INF = float("inf")
+
+
 def shape_weights(w: np.ndarray, prior: np.ndarray, cadence: CadenceSpec) -> np.ndarray:
     """Normalise, mix in the prior, then project onto {min_weight <= w_i <= max_weight, sum 1}."""
     w = np.asarray(w, dtype=np.float64)
     total = w.sum()
-    w = w / total if total > 0 and np.isfinite(total) else prior.copy()
+    w = w / total if total > 0 and math.isfinite(total) else prior.copy()
     c = cadence.prior_smoothing
     if c > 0:
         w = (1.0 - c) * w + c * prior
     lo, hi = cadence.min_weight, cadence.max_weight
-    if (lo <= 0.0 and hi >= 1.0) or (lo <= w.min() and w.max() <= hi):
+    if lo <= 0.0 and hi >= 1.0:
+        return w
+    if w.size <= FLOOR_LOOP_MAX_DOMAINS:
+        values = w.tolist()  # finite here (else the sum was not): Python's min and max are numpy's
+        least, most = min(values), max(values)
+    else:
+        least, most = w.min(), w.max()
+    if lo <= least and most <= hi:
         return w
     if hi * w.size <= 1.0 or lo * w.size >= 1.0:
         # A cap of 1/K or a floor of 1/K (the limits the spec allows) leaves one mixture: uniform.
@@ -65,13 +82,43 @@ def bound_step(prev: np.ndarray, target: np.ndarray, max_l1: float | None) -> np
 
 
 def _floored_simplex(w: np.ndarray, lo: float) -> np.ndarray:
-    """The floor-only case of _box_simplex (no cap), in a few vector operations: the b smallest
-    domains sit at the floor, the rest keep their proportions."""
+    """The floor-only case of _box_simplex (no cap): the b smallest domains sit at the floor, the
+    rest keep their proportions. b is the first count whose smallest free domain clears the floor,
+    with t_b = (1 - b lo) / (sum of the domains above b), summed from the largest down."""
+    if w.size <= FLOOR_LOOP_MAX_DOMAINS:
+        return _floored_simplex_loop(w, lo)
+    return _floored_simplex_vector(w, lo)
+
+
+def _floored_simplex_loop(w: np.ndarray, lo: float) -> np.ndarray:
+    """_floored_simplex in scalar floats: the same operations, in the same order, as
+    _floored_simplex_vector, so the same bits (a test holds them to that)."""
+    values = w.tolist()
+    order = sorted(range(len(values)), key=values.__getitem__)  # stable, as argsort(kind="stable")
+    ws = [values[i] for i in order]
+    rest = list(accumulate(reversed(ws)))  # np.cumsum over the descending order: one running sum
+    rest.reverse()
+    nb = len(ws)
+    for b, (r, x) in enumerate(zip(rest, ws)):
+        if (1.0 - b * lo) / (r if r > 0 else _INF) * x >= lo:
+            nb = b
+            break
+    out = [lo] * len(values)
+    if nb < len(ws):
+        # numpy's sum of the free domains in ascending order (pairwise above 8 terms), as the vector path takes it
+        total = ws[nb] if nb == len(ws) - 1 else float(np.array(ws[nb:]).sum())
+        scale = (1.0 - lo * nb) / total
+        for i in order[nb:]:
+            out[i] = values[i] * scale
+    return np.array(out)
+
+
+def _floored_simplex_vector(w: np.ndarray, lo: float) -> np.ndarray:
+    """_floored_simplex in vector operations (many domains)."""
     order = np.argsort(w, kind="stable")
     ws = w[order]
     rest = np.cumsum(ws[::-1])[::-1]  # rest[b] = sum of ws[b:]
-    b = np.arange(w.size)
-    t = (1.0 - b * lo) / np.where(rest > 0, rest, np.inf)
+    t = (1.0 - np.arange(w.size) * lo) / np.where(rest > 0, rest, np.inf)
     clears = t * ws >= lo
     # the first b whose smallest free domain clears the floor
     nb = int(np.argmax(clears)) if clears.any() else w.size

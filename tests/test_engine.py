@@ -11,7 +11,14 @@ from mixer.spec import CadenceSpec, JobSpec
 
 
 def job(**cadence) -> JobSpec:
-    return JobSpec.from_dict({"name": "j", "domains": ["a", "b", "c", "d"], "strategy": "odm", "cadence": {"update_every": 5, **cadence}})
+    return JobSpec.from_dict(
+        {
+            "name": "j",
+            "domains": ["a", "b", "c", "d"],
+            "strategy": "odm",
+            "cadence": {"update_every": 5, **cadence},
+        }
+    )
 
 
 def reports(n: int, seed: int = 0):
@@ -19,7 +26,12 @@ def reports(n: int, seed: int = 0):
     for step in range(n):
         tokens = rng.integers(1, 100, 4).astype(np.float64)
         loss = tokens * np.array([1.0, 2.0, 3.0, 4.0]) * rng.uniform(0.8, 1.2, 4)
-        yield step, validate_report(Report(step=step, source="w", domain_loss_sum=loss, domain_token_count=tokens), 4)
+        yield (
+            step,
+            validate_report(
+                Report(step=step, source="w", domain_loss_sum=loss, domain_token_count=tokens), 4
+            ),
+        )
 
 
 def test_updates_follow_the_cadence_and_take_effect_after_the_delay():
@@ -97,3 +109,67 @@ def test_floor_only_path_matches_the_general_projection():
             w /= w.sum()
             lo = rng.uniform(0, 1 / k)
             assert np.allclose(_floored_simplex(w, lo), _box_simplex(w, lo, 1.0), rtol=0, atol=1e-15)
+
+
+def floor_cases():
+    """(w, lo) from exact arithmetic only (uniform doubles, products, floors): the same inputs on any machine."""
+    rng = np.random.default_rng(18)
+    for k in (2, 3, 7, 8, 9, 22, 40, 64, 65, 130):
+        for i in range(120):
+            u = rng.random(k)
+            kind = i % 4
+            if kind == 0:
+                w = u * u * u * u  # spread over orders of magnitude
+            elif kind == 1:
+                w = np.floor(u * 4.0)  # ties and zeros
+                w[0] += 1.0
+            elif kind == 2:
+                w = u * (rng.random(k) < 0.3)  # most domains empty
+                w[k - 1] += 1e-300
+            else:
+                w = u
+            w = w / w.sum()
+            for lo in (0.5 / k * rng.random(), 0.999 / k, 0.01 if k < 100 else 0.001):
+                yield w, lo
+
+
+FLOOR_DIGEST = "c42c85b7bfc541116689d0b678eabf7b208d607f787979f8ee865b16b8d77734"
+"""sha256 of the bytes of shape_weights over floor_cases(), as the vector-only projection (commit
+f0464bd) computed them: stored versions replay bit for bit only while this holds."""
+
+
+def test_floor_projection_returns_the_bits_it_always_did():
+    import hashlib
+
+    digest, bound = hashlib.sha256(), 0
+    for w, lo in floor_cases():
+        out = shape_weights(w, np.full(w.size, 1.0 / w.size), CadenceSpec(min_weight=lo))
+        bound += bool((out <= lo).any() and not np.array_equal(out, w))
+        digest.update(out.tobytes())
+    assert bound == 3200  # the floor binds in most cases: the projection, not the early return, is checked
+    assert digest.hexdigest() == FLOOR_DIGEST
+
+
+def test_floor_projection_loop_and_vector_paths_agree_bit_for_bit():
+    from mixer.shaping import (
+        FLOOR_LOOP_MAX_DOMAINS,
+        _floored_simplex,
+        _floored_simplex_loop,
+        _floored_simplex_vector,
+    )
+
+    rng = np.random.default_rng(7)
+    checked = 0
+    for k in (2, 5, 8, 9, 17, 22, FLOOR_LOOP_MAX_DOMAINS):
+        for i in range(400):
+            w = rng.dirichlet(np.full(k, [0.05, 0.3, 2.0][i % 3]))
+            at = rng.integers(k, size=i % 4)
+            w[at[at != np.argmax(w)]] = [0.0, -0.0, 5e-324, w.max()][i % 4]  # zeros, a denormal, ties
+            w /= w.sum()
+            lo = rng.uniform(0.0, 1.0 / k)
+            want = _floored_simplex_vector(w, lo)
+            assert (
+                _floored_simplex_loop(w, lo).tobytes() == want.tobytes() == _floored_simplex(w, lo).tobytes()
+            ), (k, lo, w)
+            checked += 1
+    assert checked == 7 * 400

@@ -48,7 +48,8 @@ _errors = one_line_errors(_offline_errors)
     "sets",
     multiple=True,
     metavar="KEY=VALUE",
-    help="override a strategy parameter (alpha=0.5), a cadence key (cadence.update_every=20), seed=...; values are YAML",
+    help="override a strategy parameter (alpha=0.5), a cadence key (cadence.update_every=20), seed=...; values are YAML; "
+    "the agent strategy's path=FILE sha256=HASH reads and checks that agent file, as loading a spec file does",
 )
 @click.option(
     "--as",

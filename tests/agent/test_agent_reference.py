@@ -20,6 +20,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from mixer import replay as rp
 from mixer.agent.policy import fresh_model
 from mixer.agent.trajectory import Trajectory, TrajectoryError
 from mixer.cli import main
@@ -196,6 +197,80 @@ def test_a_job_named_by_hash_restarts_and_replays_bit_for_bit_without_the_file(t
     drawn = json.loads(run.output.strip().splitlines()[-1])["jobs"][0]
     assert drawn["val_reports"] == STEPS and drawn["versions"] == STEPS + 1
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_counterfactual_replay_reads_the_agent_it_names(server_factory, tmp_path, monkeypatch) -> None:
+    """`mixer replay JOB --strategy agent --set path=FILE --set sha256=HASH`: the file is read and
+    checked as when a spec file is loaded, and the versions are those of that loaded spec."""
+    db = str(tmp_path / "mixer.db")
+    srv = server_factory(db)
+    source = {**_spec("src", "", ""), "strategy": {"name": "static"}}
+    with MixerClient(srv.address) as c:
+        c.create_job(source)
+        for step in range(STEPS):
+            c.report("src", _report(step))
+    name, sha = _agent_file(tmp_path)
+    (tmp_path / "other").mkdir()
+    other, other_sha = _agent_file(tmp_path / "other", seed=2)
+    # --set path is relative to the working directory, as a spec file's path is to its folder
+    monkeypatch.chdir(tmp_path)
+    cli = CliRunner()
+
+    def replay(job: str, *args: str) -> tuple[int, str]:
+        run = cli.invoke(main, ["replay", job, *args, "--db", db, "--json"])
+        return run.exit_code, run.output
+
+    store = Store(db)
+    try:
+        log = rp.load_log(store, "src")[2]
+        for job, path, digest, as_name, strategy in (
+            ("src", name, sha, "cf", ["--strategy", "agent"]),
+            ("cf", f"other/{other}", other_sha, "cf2", []),  # another agent over an agent job's spec
+        ):
+            code, out = replay(
+                job, *strategy, "--set", f"path={path}", "--set", f"sha256={digest}", "--as", as_name
+            )
+            assert code == 0, out
+            doc = json.loads(out.strip().splitlines()[-1])
+            # the reference: the source's spec with the agent's reference in it, loaded from a file
+            ref = {
+                **source,
+                "name": as_name,
+                "strategy": {"name": "agent", "params": {"path": path, "sha256": digest}},
+            }
+            ref_file = tmp_path / f"{as_name}.yaml"
+            ref_file.write_text(yaml.safe_dump(ref))
+            want = rp.replay(
+                JobSpec.from_yaml(resolve_spec_text(ref_file.read_text(), tmp_path)), log
+            ).versions
+            stored = [v for v, _ in store.versions(store.get_job(as_name).id)]
+            assert doc["versions"] == len(stored) == len(want) == STEPS + 1, doc
+            assert all(a.same_as(b) for a, b in zip(stored, want))
+            assert [v.params["agent_step"] for v in stored[1:]] == list(range(1, STEPS + 1))
+            params = JobSpec.from_json(store.get_job(as_name).spec_json).strategy.params
+            assert (
+                params["sha256"] == digest
+                and base64.b64decode(params["model"]) == (tmp_path / path).read_bytes()
+            )
+        assert not np.array_equal(
+            stored[-1].weights, [v for v, _ in store.versions(store.get_job("cf").id)][-1].weights
+        )
+        # a file that is missing or not the agent its sha256 names: the --set is named, nothing is stored
+        for sets, said in (
+            ([f"path={name}", f"sha256={other_sha}"], ["--set path", "but strategy.params.sha256 names"]),
+            (["path=gone.safetensors", f"sha256={sha}"], ["--set path", "no such file"]),
+            ([f"path={name}", "sha256=abc"], ["--set sha256", "64 lowercase hex digits"]),
+        ):
+            code, out = replay(
+                "src", "--strategy", "agent", *(a for s in sets for a in ("--set", s)), "--as", "refused"
+            )
+            assert code == 1 and all(w in out for w in said), out
+            assert store.get_job("refused") is None
+        # the agent without a file reference is still refused by the strategy, naming what it needs
+        code, out = replay("src", "--strategy", "agent")
+        assert code == 1 and "strategy.params.model" in out, out
+    finally:
+        store.close()
 
 
 def _trajectories(folder, domains=DOMAINS, n=2, T=3) -> list[Trajectory]:

@@ -1,4 +1,4 @@
-"""`mixer plot` writes a PNG; the replay benchmark reports steps per second for two strategies."""
+"""`mixer plot` writes a PNG; the replay benchmark reports steps per second per strategy, with and without a binding floor."""
 
 from __future__ import annotations
 
@@ -17,9 +17,15 @@ def test_plot_writes_a_png_of_several_jobs(recorded, cli, tmp_path):
     assert doc["jobs"][1]["log_job"] == "rec" and doc["jobs"][0]["loss_bins"] > 50
 
 
-def test_bench_replay_measures_both_strategies(cli):
-    d = bench_replay(K=22, steps=2000, repeats=1, min_weights=(0.0,))
-    assert [r["strategy"] for r in d["rows"]] == ["odm", "doremi"]
+def test_bench_replay_measures_the_strategies_with_and_without_a_binding_floor(cli):
+    d = bench_replay(K=22, steps=2000, repeats=1, min_weights=(0.0, 0.01))
+    assert [(r["strategy"], r["min_weight"]) for r in d["rows"]] == [
+        (label, floor) for label in ("odm", "doremi", "doremi-online") for floor in (0.0, 0.01)
+    ]
     assert all(r["steps_per_s"] > 0 and r["versions"] == 201 for r in d["rows"])
+    at_floor = {(r["strategy"], r["min_weight"]): r["at_floor"] for r in d["rows"]}
+    # DoReMi's paper mode serves the prior (above the floor); online, its weights sit on the floor
+    assert at_floor[("doremi", 0.01)] == 0.0 and at_floor[("doremi-online", 0.01)] > 0.9, at_floor
+    assert all(at_floor[(label, 0.0)] == 0.0 for label in ("odm", "doremi", "doremi-online"))
     code, _, doc = cli("replay-bench", "--steps", "1000", "--repeats", "1", "--json")
-    assert code == 0 and len(doc["rows"]) == 4 and doc["target_steps_per_s"] == 100_000
+    assert code == 0 and len(doc["rows"]) == 6 and doc["target_steps_per_s"] == 100_000
