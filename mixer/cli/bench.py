@@ -151,7 +151,7 @@ def bench_load(
 @json_option
 def bench_replay(K: int, steps: int, update_every: int, repeats: int, profile: bool, as_json: bool) -> None:
     """Replay speed: Engine.ingest steps per second over an in-memory synthetic log (ODM, DoReMi)."""
-    from mixer.replay import bench_replay as run
+    from mixer.bench.replay import bench_replay as run
 
     d = run(K, steps, update_every=update_every, repeats=repeats, profile=profile, progress=not as_json)
     if as_json:
@@ -160,10 +160,13 @@ def bench_replay(K: int, steps: int, update_every: int, repeats: int, profile: b
     click.echo(
         f"K={K}, {steps} steps, update every {update_every} steps, best of {repeats}; target {d['target_steps_per_s']:,} steps/s"
     )
-    click.echo(f"{'strategy':<10} {'min_weight':>10} {'steps/s':>10} {'us/update':>10} {'versions':>9}")
+    click.echo(
+        f"{'strategy':<14} {'min_weight':>10} {'steps/s':>10} {'us/update':>10} {'versions':>9} {'at_floor':>9}"
+    )
     for r in d["rows"]:
         click.echo(
-            f"{r['strategy']:<10} {r['min_weight']:>10} {r['steps_per_s']:>10,} {r['us_per_update']:>10} {r['versions']:>9}"
+            f"{r['strategy']:<14} {r['min_weight']:>10} {r['steps_per_s']:>10,} {r['us_per_update']:>10} "
+            f"{r['versions']:>9} {r['at_floor']:>9.2f}"
         )
         for p in r.get("profile", [])[:6]:
             click.echo(f"{'':>12}{p['own_share']:>6.1%} own  {p['function']}")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mixer import replay as rp
+from mixer.bench.replay import synthetic_log
 from mixer.client import MixerClient
 from mixer.spec import DEFAULTS_VERSION, LEGACY_DEFAULTS, LEGACY_DEFAULTS_VERSION, JobSpec, SpecError
 from mixer.store import Store
@@ -29,7 +30,7 @@ def test_spec_stored_without_the_stamp_replays_bit_exact_under_the_old_defaults(
     assert spec.strategy.params["mode"] == LEGACY_DEFAULTS["strategy"]["doremi"]["mode"]
     # The stored form and fingerprint stay as they were: snapshots and sampler checkpoints name them.
     assert spec.to_json() == rec["spec_json"] and spec.fingerprint() == rec["fingerprint"]
-    log = rp.synthetic_log(rec["log"]["K"], rec["log"]["steps"], seed=rec["log"]["seed"])
+    log = synthetic_log(rec["log"]["K"], rec["log"]["steps"], seed=rec["log"]["seed"])
     derived = rp.replay(spec, log).versions
     want = rec["versions"]
     assert len(derived) == len(want)

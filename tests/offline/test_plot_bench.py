@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mixer.replay import bench_replay
+from mixer.bench.replay import bench_replay
 
 
 def test_plot_writes_a_png_of_several_jobs(recorded, cli, tmp_path):
