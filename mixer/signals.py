@@ -132,6 +132,93 @@ def validate_report(
     return _validate(r, num_domains, max_samples, bounded)
 
 
+def validate_reports(
+    reports: list[Report | SignalError], num_domains: int, *, max_samples: int = 1 << 20
+) -> list[Report | SignalError]:
+    """`validate_report` over many reports at once: each report or the SignalError that refuses it
+    (an entry that is already a SignalError, a report that did not decode, stays as it is).
+
+    The per-domain checks run as one vectorised pass per set of fields the reports carry (a
+    (reports x K) matrix per field, the same comparisons row by row), the header and per-sample
+    checks report by report. A report the pass does not clear goes through `validate_report`,
+    which accepts it or names its error: the outcome of every report is exactly validate_report's.
+    Accepted reports hold rows of the pass's matrices as their per-domain arrays."""
+    out: list[Report | SignalError] = list(reports)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, r in enumerate(reports):
+        if not isinstance(r, SignalError):
+            names = tuple(n for n in PER_DOMAIN_FIELDS if getattr(r, n) is not None)
+            groups.setdefault(names, []).append(i)
+    slow: list[int] = []
+    for names, idx in groups.items():
+        if names:
+            slow.extend(_clear_per_domain(reports, idx, names, num_domains))
+    slow_set = set(slow)
+    for i, r in enumerate(reports):
+        if isinstance(r, SignalError):
+            continue
+        try:
+            if i in slow_set:
+                _validate(r, num_domains, max_samples, True)
+            else:
+                _validate_header(r, True)
+                _validate_per_sample(r, num_domains, max_samples)
+        except SignalError as e:
+            out[i] = e
+    return out
+
+
+def _clear_per_domain(reports: list[Report], idx: list[int], names: tuple[str, ...], k: int) -> list[int]:
+    """The vectorised per-domain pass over reports[idx] (which all carry exactly `names`): sets the
+    arrays of the rows it clears and returns the indices it does not (validate_report decides those)."""
+    if "domain_loss_sum" in names and "domain_token_count" not in names:
+        return idx
+    rows = [i for i in idx if all(len(getattr(reports[i], n)) == k for n in names)]
+    if len(rows) < len(idx):
+        kept = set(rows)
+        slow = [i for i in idx if i not in kept]
+    else:
+        slow = []
+    if not rows:
+        return slow
+    cols: dict[str, np.ndarray] = {}
+    try:
+        for n in names:
+            dtype = np.int64 if n == "domain_sample_count" else np.float64
+            cols[n] = np.array([getattr(reports[i], n) for i in rows], dtype=dtype).reshape(len(rows), k)
+    except (TypeError, ValueError, OverflowError):
+        return idx
+    ok = np.ones(len(rows), dtype=bool)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for n, a in cols.items():
+            if not k:
+                continue
+            if n in _NON_NEGATIVE:
+                # min >= 0 (NaN fails it) makes |a| = a, and max <= a finite bound implies max < inf.
+                top = MAX_REPORT_SAMPLES if n == "domain_sample_count" else _BOUNDS[n]
+                ok &= (a.min(axis=1) >= 0) & (a.max(axis=1) <= top)
+                if n == "domain_sample_count":  # rows within bounds cannot wrap around in their sums
+                    ok &= a.sum(axis=1) <= MAX_REPORT_SAMPLES
+            elif n == "val_loss":  # NaN (not evaluated) passes both
+                ok &= ~(np.abs(a) > _BOUNDS[n]).any(axis=1)
+            else:
+                ok &= (np.abs(a) <= _BOUNDS[n]).all(axis=1)
+        tokens = cols.get("domain_token_count")
+        if tokens is not None:
+            # loss > MAX_LOSS * tokens also refuses a positive loss over zero tokens.
+            for n in ("domain_loss_sum", "excess_loss_sum"):
+                if n in cols:
+                    ok &= ~(cols[n] > MAX_LOSS * tokens).any(axis=1)
+    for j, i in enumerate(rows):
+        if ok[j]:
+            r = reports[i]
+            for n, a in cols.items():
+                setattr(r, n, a[j])
+        else:
+            slow.append(i)
+    return slow
+
+
 def _validate(r: Report, num_domains: int, max_samples: int, bounded: bool) -> Report:
     _validate_header(r, bounded)
     _validate_per_domain(r, num_domains, bounded)
@@ -251,6 +338,16 @@ def _validate_per_sample(r: Report, num_domains: int, max_samples: int) -> None:
                 "sample_topic",
                 f"id {lo if lo < 0 else hi} is out of range: ids lie in [0, {MAX_TOPIC_ID}), -1 pads a row of several",
             )
+
+
+_BOUNDS = {
+    "domain_token_count": MAX_TOKENS,
+    "domain_loss_sum": MAX_LOSS * MAX_TOKENS,
+    "excess_loss_sum": MAX_LOSS * MAX_TOKENS,
+    "val_loss": MAX_LOSS,
+    "alignment": MAX_LOSS,
+}
+"""Upper bounds of the per-domain arrays' magnitudes (domain_sample_count's is on its sum)."""
 
 
 def _check_range(name: str, arr: np.ndarray) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,16 +40,35 @@ _SAMPLE_DTYPES = {name: (np.dtype(dtype).newbyteorder("<"), dtype) for name, dty
 
 def report_from_proto(msg: pb.Signals) -> Report:
     """Decode a wire report; array lengths and values are checked later by validate_report."""
+    return _decode(msg, lambda name, value: np.array(value, dtype=_DOMAIN_DTYPES[name]), copy=True)
+
+
+def reports_from_protos(msgs: Sequence[pb.Signals]) -> list[Report | SignalError]:
+    """Decode a batch of wire reports for `validate_reports`: each report, or the SignalError that
+    refuses it. Per-domain arrays stay lists (the validation stacks them into one matrix per
+    field); per-sample arrays are read-only views of the message's bytes (no copy on a
+    little-endian host)."""
+    out: list[Report | SignalError] = []
+    for msg in msgs:
+        try:
+            out.append(_decode(msg, lambda name, value: list(value), copy=False))
+        except SignalError as e:
+            out.append(e)
+    return out
+
+
+def _decode(msg: pb.Signals, per_domain, *, copy: bool) -> Report:
     r = Report(step=msg.step, source=msg.source, seq=msg.seq, applied_version=msg.applied_version)
     for fd, value in msg.ListFields():  # only the fields the worker set
         name = fd.name
         if name in _DOMAIN_DTYPES:
-            setattr(r, name, np.array(value, dtype=_DOMAIN_DTYPES[name]))
+            setattr(r, name, per_domain(name, value))
         elif name in _SAMPLE_DTYPES:
             dt, dtype = _SAMPLE_DTYPES[name]
             if len(value) % dt.itemsize:
                 raise SignalError(name, f"is {len(value)} bytes, not a whole number of {dt.itemsize}-byte {dt.name} values")
-            setattr(r, name, np.frombuffer(value, dtype=dt).astype(dtype))
+            arr = np.frombuffer(value, dtype=dt)
+            setattr(r, name, arr.astype(dtype) if copy or arr.dtype != dtype else arr)
         elif name == "extra":
             r.extra = dict(value)
     width = msg.sample_topic_width
@@ -112,3 +132,89 @@ def job_to_proto(rec: JobRecord, spec: JobSpec | None = None, *, latest_version:
         weighting=spec.weighting.name,
         status=rec.status,
     )
+
+
+SPLIT_BYTES = 16 << 10
+"""Session messages at least this long keep each report's bytes as they arrived (its log
+payload, a view into the message's bytes): serializing a large report again costs far more than
+finding where it lies; below this size the Python that finds it costs more."""
+
+
+class ReceivedReports(list):
+    """The reports of one Session message (`report` or `reports`), each with the bytes it arrived
+    as: the log stores those, and parsing them again gives the same report."""
+
+    __slots__ = ("batched", "payloads")
+
+    def __init__(self, msgs: Sequence[pb.Signals], batched: bool, payloads: list[memoryview]):
+        super().__init__(msgs)
+        self.batched = batched
+        self.payloads = payloads
+
+
+def parse_session_request(data: bytes) -> pb.SessionRequest | ReceivedReports:
+    """A Session message: the parsed SessionRequest, or for a report message of at least
+    SPLIT_BYTES laid out as protobuf writes it (one field), its reports with their bytes."""
+    req = pb.SessionRequest.FromString(data)
+    if len(data) < SPLIT_BYTES:
+        return req
+    kind = req.WhichOneof("kind")
+    if kind == "report":
+        payloads = _fields(data, 0, len(data), _REPORT_TAG)
+        msgs = [req.report]
+    elif kind == "reports":
+        outer = _fields(data, 0, len(data), _REPORTS_TAG)
+        if outer is None or len(outer) != 1:
+            return req
+        start, end = _span(data)
+        payloads = _fields(data, start, end, _BATCH_ITEM_TAG)
+        msgs = req.reports.reports
+    else:
+        return req
+    if payloads is None or len(payloads) != len(msgs):
+        return req
+    return ReceivedReports(msgs, kind == "reports", payloads)
+
+
+_REPORT_TAG = 2 << 3 | 2  # SessionRequest.report, length-delimited
+_REPORTS_TAG = 4 << 3 | 2  # SessionRequest.reports
+_BATCH_ITEM_TAG = 1 << 3 | 2  # ReportBatch.reports
+
+
+def _varint(data: bytes, i: int, end: int) -> tuple[int, int]:
+    n = shift = 0
+    while i < end and shift < 64:
+        c = data[i]
+        i += 1
+        n |= (c & 0x7F) << shift
+        if c < 0x80:
+            return n, i
+        shift += 7
+    raise ValueError("truncated varint")
+
+
+def _span(data: bytes) -> tuple[int, int]:
+    """Where the value of the message's first (length-delimited) field lies."""
+    _, i = _varint(data, 0, len(data))
+    n, i = _varint(data, i, len(data))
+    return i, i + n
+
+
+def _fields(data: bytes, i: int, end: int, tag: int) -> list[memoryview] | None:
+    """The values of data[i:end] if it is nothing but length-delimited fields with this tag
+    (None otherwise: the caller then serializes the parsed reports instead)."""
+    out = []
+    view = memoryview(data)
+    try:
+        while i < end:
+            t, i = _varint(data, i, end)
+            if t != tag:
+                return None
+            n, i = _varint(data, i, end)
+            if i + n > end:
+                return None
+            out.append(view[i : i + n])
+            i += n
+    except ValueError:
+        return None
+    return out

@@ -137,7 +137,6 @@ def run_load_bench(
 ) -> dict[str, Any]:
     """`rate`: total reports/s offered across the sessions (0: each session at full rate).
     `servers`: server processes (`mixer serve --workers`, PostgreSQL only); `ha`: serve with --ha."""
-    from mixer.client import MixerClient
     from mixer.server.launch import ServerProcess
     from mixer.store import Store
 
@@ -153,87 +152,17 @@ def run_load_bench(
             db_url, Path(tmp), ["--ha"] if ha and servers == 1 else [], workers=servers
         ).start()
         try:
-            stamp = int(time.time())
-            jobs = [f"load-{stamp}-s{servers}-{i}" for i in range(sessions)]
-            spread = srv.worker_addresses
-            for i, j in enumerate(jobs):  # job i is created by (and so owned by) worker i % servers
-                with MixerClient(spread[i % len(spread)]) as c:
-                    c.create_job(
-                        {
-                            "name": j,
-                            "domains": [f"d{i}" for i in range(K)],
-                            "strategy": "odm",
-                            "cadence": {"update_every": 10},
-                        }
-                    )
-                    c.get_job(j)  # load it before the clock starts
+            jobs = _create_jobs(srv, sessions, servers)
             rss_before = _server_rss(srv)
-            ctx = mp.get_context("spawn")
-            out: mp.Queue = ctx.Queue()
-            go = ctx.Event()
-            procs = [
-                ctx.Process(
-                    target=_session_worker,
-                    args=(srv.address, j, duration, window, rate / sessions, client_nice, go, out),
-                    daemon=True,
-                )
-                for j in jobs
-            ]
-            for p in procs:
-                p.start()
-            ready, results = 0, []
-            bar = tqdm(total=sessions, desc="connecting", unit="session", disable=not progress)
-            deadline = time.time() + 120 + sessions
-            while ready < sessions and time.time() < deadline:
-                with contextlib.suppress(queue.Empty):
-                    msg = out.get(timeout=1)
-                    if "ready" in msg:
-                        ready += 1
-                        bar.update(1)
-                    else:  # a worker that ended early (an error)
-                        results.append(msg)
-            bar.close()
-            go.set()
-            t_go = time.time()
-            # Memory: once the sessions are up and streaming (warm-up), and at the end of the streaming.
-            warm = min(10.0, duration / 10)
-            rss_start = 0
-            bar = tqdm(
-                total=int(duration),
-                desc=f"{sessions} sessions x {duration:.0f}s",
-                unit="s",
-                disable=not progress,
-            )
-            while time.time() < t_go + duration:
-                time.sleep(min(1.0, max(0.0, t_go + duration - time.time())))
-                bar.n = min(int(duration), int(time.time() - t_go))
-                bar.refresh()
-                if not rss_start and time.time() >= t_go + warm:
-                    rss_start = _server_rss(srv)
-            rss_end = _server_rss(srv)
-            bar.close()
-            deadline = time.time() + 150
-            while len(results) < sessions and time.time() < deadline:
-                with contextlib.suppress(queue.Empty):
-                    msg = out.get(timeout=1)
-                    if "ready" not in msg:
-                        results.append(msg)
-            for p in procs:
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
+            clients = _Clients(srv.address, jobs, duration, window, rate, client_nice)
+            ready = clients.connect(progress)
+            warm, rss_start, rss_end = _stream(srv, clients, duration, progress)
+            results = clients.collect()
         finally:
             srv.terminate()
         store = Store(db_url)
         in_log = sum(store.log_stats(store.get_job(j).id)[0] for j in jobs)
         store.close()
-    sent = sum(r.get("sent", 0) for r in results)
-    acked = sum(r.get("acked", 0) for r in results)
-    lat = (
-        np.concatenate([np.asarray(r.get("lat_ms", []), dtype=float) for r in results])
-        if results
-        else np.zeros(0)
-    )
     result = {
         "servers": servers,
         "ha": ha or servers > 1,
@@ -243,13 +172,7 @@ def run_load_bench(
         "window": window,
         "offered_rate": rate or "full",
         "client_nice": client_nice,
-        "reports_sent": sent,
-        "reports_acked": acked,
-        "reports_in_log": in_log,
-        "log_equals_acked": in_log == acked,
-        "reports_per_s": acked / duration,
-        "ack_p50_ms": float(np.percentile(lat, 50)) if lat.size else float("nan"),
-        "ack_p99_ms": float(np.percentile(lat, 99)) if lat.size else float("nan"),
+        **_tally(results, in_log, duration),
         "sessions_connected": ready,
         "server_rss_before_sessions_mb": rss_before / 2**20,
         "rss_warmup_s": warm,
@@ -262,6 +185,120 @@ def run_load_bench(
         for k, v in result.items():
             print(f"{k:>22}: {v:,.3f}" if isinstance(v, float) else f"{k:>22}: {v}")
     return result
+
+
+def _create_jobs(srv, sessions: int, servers: int) -> list[str]:
+    """One job per session, job i created by (and so owned by) worker i % servers, and loaded."""
+    from mixer.client import MixerClient
+
+    stamp = int(time.time())
+    jobs = [f"load-{stamp}-s{servers}-{i}" for i in range(sessions)]
+    spread = srv.worker_addresses
+    for i, j in enumerate(jobs):
+        with MixerClient(spread[i % len(spread)]) as c:
+            c.create_job(
+                {
+                    "name": j,
+                    "domains": [f"d{i}" for i in range(K)],
+                    "strategy": "odm",
+                    "cadence": {"update_every": 10},
+                }
+            )
+            c.get_job(j)  # load it before the clock starts
+    return jobs
+
+
+class _Clients:
+    """The client processes: one per job, started, connected, released at once, collected."""
+
+    def __init__(self, address: str, jobs: list[str], duration: float, window: int, rate: float, nice: int):
+        ctx = mp.get_context("spawn")
+        self.out: mp.Queue = ctx.Queue()
+        self.go = ctx.Event()
+        self.results: list[dict[str, Any]] = []
+        self.procs = [
+            ctx.Process(
+                target=_session_worker,
+                args=(address, j, duration, window, rate / len(jobs), nice, self.go, self.out),
+                daemon=True,
+            )
+            for j in jobs
+        ]
+
+    def connect(self, progress: bool) -> int:
+        """Start every client, wait until each has its session (or gave up), and start the clock."""
+        for p in self.procs:
+            p.start()
+        n = len(self.procs)
+        ready = 0
+        bar = tqdm(total=n, desc="connecting", unit="session", disable=not progress)
+        deadline = time.time() + 120 + n
+        while ready < n and time.time() < deadline:
+            with contextlib.suppress(queue.Empty):
+                msg = self.out.get(timeout=1)
+                if "ready" in msg:
+                    ready += 1
+                    bar.update(1)
+                else:  # a worker that ended early (an error)
+                    self.results.append(msg)
+        bar.close()
+        self.go.set()
+        return ready
+
+    def collect(self) -> list[dict[str, Any]]:
+        """Every client's counts and latencies (within 150 s of the end of the streaming)."""
+        deadline = time.time() + 150
+        while len(self.results) < len(self.procs) and time.time() < deadline:
+            with contextlib.suppress(queue.Empty):
+                msg = self.out.get(timeout=1)
+                if "ready" not in msg:
+                    self.results.append(msg)
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+        return self.results
+
+
+def _stream(srv, clients: _Clients, duration: float, progress: bool) -> tuple[float, int, int]:
+    """Wait out the streaming; the server's memory once warm (min(10 s, duration/10)) and at the end."""
+    t_go = time.time()
+    warm = min(10.0, duration / 10)
+    rss_start = 0
+    bar = tqdm(
+        total=int(duration),
+        desc=f"{len(clients.procs)} sessions x {duration:.0f}s",
+        unit="s",
+        disable=not progress,
+    )
+    while time.time() < t_go + duration:
+        time.sleep(min(1.0, max(0.0, t_go + duration - time.time())))
+        bar.n = min(int(duration), int(time.time() - t_go))
+        bar.refresh()
+        if not rss_start and time.time() >= t_go + warm:
+            rss_start = _server_rss(srv)
+    rss_end = _server_rss(srv)
+    bar.close()
+    return warm, rss_start, rss_end
+
+
+def _tally(results: list[dict[str, Any]], in_log: int, duration: float) -> dict[str, Any]:
+    """Counts, throughput and acknowledgement latency over every client."""
+    acked = sum(r.get("acked", 0) for r in results)
+    lat = (
+        np.concatenate([np.asarray(r.get("lat_ms", []), dtype=float) for r in results])
+        if results
+        else np.zeros(0)
+    )
+    return {
+        "reports_sent": sum(r.get("sent", 0) for r in results),
+        "reports_acked": acked,
+        "reports_in_log": in_log,
+        "log_equals_acked": in_log == acked,
+        "reports_per_s": acked / duration,
+        "ack_p50_ms": float(np.percentile(lat, 50)) if lat.size else float("nan"),
+        "ack_p99_ms": float(np.percentile(lat, 99)) if lat.size else float("nan"),
+    }
 
 
 def compare_servers(counts: list[int], *, progress: bool = True, **kw) -> dict[str, Any]:

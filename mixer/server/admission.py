@@ -1,7 +1,10 @@
 """Admission of reports: validate -> dedup -> assign the log position -> engine -> the group commit.
 
-A batch of reports goes through the same path report by report and is submitted as one append:
-one commit future, one acknowledgement message. A `Batch` owns its outcome (`Taken`): what was
+A batch of reports is decoded and validated in one pass (`validate_reports`: the per-domain
+checks vectorised over the batch), then goes through the same path report by report and is
+submitted as one append: one commit future, one acknowledgement message. A report's log payload
+is the bytes it arrived as where the Session message kept them (`wire.ReceivedReports`), else
+the report serialized again. A `Batch` owns its outcome (`Taken`): what was
 taken, acknowledged as a duplicate or refused, the commits to wait for and the versions made.
 Admission starts on the loop and moves to the job's lane for a report whose work is not cheap
 (mailbox.py says which thread does what); the acknowledgement waits for the commit, which
@@ -24,12 +27,12 @@ from mixer.server.errors import MixerError
 from mixer.server.job import JobRuntime
 from mixer.server.mailbox import Mailbox
 from mixer.server.offload import Lane
-from mixer.signals import Report, SignalError, validate_report
+from mixer.signals import Report, SignalError, validate_reports
 from mixer.store import Append, Store
 from mixer.store.writer import GroupCommitWriter
 from mixer.types import Version
 from mixer.v1 import mixer_pb2 as pb
-from mixer.wire import report_from_proto
+from mixer.wire import reports_from_protos
 
 log = logging.getLogger("mixer.server")
 
@@ -57,7 +60,7 @@ class Taken:
 class Batch:
     """A batch on its way through admission (on the loop, then perhaps on the job's lane)."""
 
-    __slots__ = ("adm", "append", "found", "fut", "keys", "msgs", "rt", "taken")
+    __slots__ = ("adm", "append", "checked", "found", "fut", "keys", "msgs", "rt", "taken")
 
     def __init__(self, adm: Admission, rt: JobRuntime, msgs: Sequence[pb.Signals]):
         self.adm = adm
@@ -69,14 +72,26 @@ class Batch:
         self.keys: list[tuple[int, str, int]] = []
         self.found: dict[tuple[int, str, int], int] = {}
         """Log positions of old duplicates, read from the database in one query (on the lane)."""
+        self.checked: list[Report | SignalError] = []
+        """Each report decoded and validated (or the error refusing it), the batch in one pass."""
 
     def admit_from(self, start: int, *, on_loop: bool) -> int:
         """Admit msgs from `start` on; on the loop, stop before a report that needs the lane and
         return its index (len(msgs) when all are admitted)."""
+        if not self.checked:
+            try:
+                self.checked = validate_reports(
+                    reports_from_protos(self.msgs), self.rt.spec.num_domains, max_samples=self.adm.limits.max_samples_per_report
+                )
+            except Exception:  # a bug must not hang the session; nothing was changed yet
+                log.exception("validating a batch failed for job %s", self.rt.job.name)
+                err = MixerError(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+                self.taken.refused.extend((msg, err) for msg in self.msgs[start:])
+                return len(self.msgs)
         for i in range(start, len(self.msgs)):
             msg = self.msgs[i]
             try:
-                if self.admit(msg, on_loop) is DEFER:
+                if self.admit(i, on_loop) is DEFER:
                     return i
             except MixerError as e:
                 self.taken.refused.append((msg, e))
@@ -115,20 +130,22 @@ class Batch:
             except SQLAlchemyError:
                 return  # admit reads them one by one and reports the failure
 
-    def admit(self, msg: pb.Signals, on_loop: bool):
-        """One report: refuse it (MixerError), ack it as a duplicate, or take it into the batch's
+    def admit(self, i: int, on_loop: bool):
+        """Report i: refuse it (MixerError), ack it as a duplicate, or take it into the batch's
         append; on the loop, DEFER a report that needs the lane (nothing is changed then)."""
-        report = self._check(msg)
+        msg = self.msgs[i]
+        report = self._check(i)
         mark = self.rt.marks.get(report.source)
         if mark is not None and (report.step, report.seq) <= mark:
             return self._duplicate(report, mark, on_loop)
         if on_loop and report.step >= self.rt.engine.next_update_step:
             return DEFER  # it closes a window: the strategy update runs on the lane
-        self._take(report, msg)
+        payloads = getattr(self.msgs, "payloads", None)  # a ReceivedReports: the bytes each arrived as
+        self._take(report, payloads[i] if payloads is not None else msg.SerializeToString())
         return None
 
-    def _check(self, msg: pb.Signals) -> Report:
-        """The report, if the job takes reports and it is valid and within the job's step window."""
+    def _check(self, i: int) -> Report:
+        """Report i, if the job takes reports and it is valid and within the job's step window."""
         rt, reject = self.rt, self.adm.reject
         if rt.job.source_job:
             reject("derived")
@@ -138,11 +155,10 @@ class Batch:
             raise MixerError(grpc.StatusCode.FAILED_PRECONDITION, f"job {rt.job.name!r} is finished; it takes no more reports")
         if rt.poisoned:
             raise MixerError(grpc.StatusCode.UNAVAILABLE, f"job {rt.job.name!r} is reloading after a database failure; reconnect and resend")
-        try:
-            report = validate_report(report_from_proto(msg), rt.spec.num_domains, max_samples=self.adm.limits.max_samples_per_report)
-        except SignalError as e:
+        report = self.checked[i]
+        if isinstance(report, SignalError):
             reject("invalid")
-            raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"report rejected: {e}") from None
+            raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"report rejected: {report}")
         eng = rt.engine
         lag = rt.spec.cadence.max_step_lag
         if eng.max_step >= 0 and report.step < eng.max_step - lag:
@@ -198,7 +214,7 @@ class Batch:
         taken.acks.append(pb.Ack(step=report.step, seq=report.seq, duplicate=True, log_seq=seq, source=report.source))
         return None
 
-    def _take(self, report: Report, msg: pb.Signals) -> None:
+    def _take(self, report: Report, payload: bytes | memoryview) -> None:
         """A new report: through the engine, into the append, acknowledged once durable."""
         rt, eng, metrics = self.rt, self.rt.engine, self.adm.metrics
         seq = rt.next_seq
@@ -229,7 +245,7 @@ class Batch:
             "source_seq": report.seq,
             "applied_version": report.applied_version,
             "num_samples": report.num_samples,
-            "payload": msg.SerializeToString(),
+            "payload": payload,
         })
         if version is not None:
             append.versions.append(version)

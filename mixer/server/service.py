@@ -19,7 +19,7 @@ from mixer.server.runtime import Runtimes
 from mixer.spec import JobSpec, SpecError
 from mixer.v1 import mixer_pb2 as pb
 from mixer.v1 import mixer_pb2_grpc as pb_grpc
-from mixer.wire import version_to_proto
+from mixer.wire import ReceivedReports, parse_session_request, version_to_proto
 
 log = logging.getLogger("mixer.server")
 
@@ -53,12 +53,12 @@ def _lenient(parse, type_name: str):
     return deserialize
 
 
-def _checked(handler: grpc.RpcMethodHandler, type_name: str) -> grpc.RpcMethodHandler:
+def _checked(handler: grpc.RpcMethodHandler, type_name: str, parse=None) -> grpc.RpcMethodHandler:
     """The generated handler with bytes that do not parse answered INVALID_ARGUMENT.
 
     A streaming request (Session) checks each message itself: there is no message to refuse
     before the stream starts."""
-    deserialize = _lenient(handler.request_deserializer, type_name)
+    deserialize = _lenient(parse or handler.request_deserializer, type_name)
     if handler.request_streaming:
         return handler._replace(request_deserializer=deserialize)
     if handler.response_streaming:
@@ -95,7 +95,11 @@ def add_to_server(servicer: MixerService, server: grpc.aio.Server) -> None:
     pb_grpc.add_MixerServiceServicer_to_server(servicer, Capture())
     methods = pb.DESCRIPTOR.services_by_name["MixerService"].methods_by_name
     for service_name, handlers in captured.items():
-        checked = {m: _checked(h, methods[m].input_type.full_name) for m, h in handlers.items()}
+        checked = {
+            # Session keeps the bytes each report arrived as (its log payload): see parse_session_request.
+            m: _checked(h, methods[m].input_type.full_name, parse_session_request if m == "Session" else None)
+            for m, h in handlers.items()
+        }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, checked),))
         server.add_registered_method_handlers(service_name, checked)
 
@@ -293,7 +297,7 @@ class MixerService(pb_grpc.MixerServiceServicer):
                 )
             if isinstance(first, Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"session: {first.error}")
-            if first.WhichOneof("kind") != "hello":
+            if isinstance(first, ReceivedReports) or first.WhichOneof("kind") != "hello":
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, "session: the first message must be hello"
                 )
@@ -428,8 +432,9 @@ class _Session:
                 break
             if isinstance(req, Undecodable):
                 raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"session: {req.error}")
-            kind = req.WhichOneof("kind")
-            if kind == "report":
+            if isinstance(req, ReceivedReports):
+                msgs, batched = req, req.batched
+            elif (kind := req.WhichOneof("kind")) == "report":
                 msgs, batched = [req.report], False
             elif kind == "reports":
                 msgs, batched = req.reports.reports, True

@@ -1,0 +1,115 @@
+"""A batch of reports validated in one vectorised pass decides each report exactly as
+validate_report decides it alone: the same error (field and message), or the same arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mixer.signals import (
+    MAX_LOSS,
+    MAX_REPORT_SAMPLES,
+    MAX_TOKENS,
+    PER_DOMAIN_FIELDS,
+    PER_SAMPLE_FIELDS,
+    SignalError,
+    validate_report,
+    validate_reports,
+)
+from mixer.v1 import mixer_pb2 as pb
+from mixer.wire import report_from_proto, reports_from_protos
+
+K = 4
+
+# Values at and around every bound the checks draw, and the ones they refuse.
+FLOATS = [
+    0.0,
+    1.0,
+    2.5,
+    -1.0,
+    -0.0,
+    float("nan"),
+    float("inf"),
+    -float("inf"),
+    MAX_TOKENS,
+    MAX_TOKENS * 1.0000001,
+    MAX_LOSS,
+    MAX_LOSS * MAX_TOKENS,
+    MAX_LOSS * MAX_TOKENS * 1.01,
+    1e300,
+]
+INTS = [0, 1, 7, -1, MAX_REPORT_SAMPLES, MAX_REPORT_SAMPLES + 1, MAX_REPORT_SAMPLES // 2 + 1, (1 << 62)]
+
+
+@st.composite
+def signals(draw) -> pb.Signals:
+    msg = pb.Signals(
+        step=draw(st.sampled_from([0, 3, -1, (1 << 53) - 1, 1 << 53])),
+        source=draw(st.sampled_from(["w", ""])),
+        seq=draw(st.sampled_from([0, 1, -2])),
+        applied_version=draw(st.sampled_from([-1, 0, -2])),
+    )
+    for name in PER_DOMAIN_FIELDS:
+        if draw(st.booleans()):
+            n = draw(st.sampled_from([K, K, K, K - 1, 0]))
+            values = st.sampled_from(INTS) if name == "domain_sample_count" else st.sampled_from(FLOATS)
+            getattr(msg, name).extend(draw(st.lists(values, min_size=n, max_size=n)))
+    if draw(st.booleans()):
+        n = draw(st.integers(0, 5))
+        msg.sample_loss = np.asarray(
+            draw(st.lists(st.sampled_from([0.5, 2.0, -1.0, float("nan")]), min_size=n, max_size=n)),
+            dtype="<f4",
+        ).tobytes()
+        if draw(st.booleans()):
+            msg.sample_domain = np.asarray(
+                draw(st.lists(st.sampled_from([0, K - 1, K, -1]), min_size=n, max_size=n)), dtype="<i4"
+            ).tobytes()
+        if draw(st.booleans()):
+            msg.sample_id = b"\x01" * draw(st.sampled_from([8 * n, 8 * n + 3]))
+    if draw(st.booleans()):
+        msg.extra["x"] = draw(st.sampled_from([1.0, float("nan")]))
+    return msg
+
+
+def alone(msg: pb.Signals):
+    try:
+        return validate_report(report_from_proto(msg), K)
+    except SignalError as e:
+        return e
+
+
+def same(a, b) -> bool:
+    if isinstance(a, SignalError) or isinstance(b, SignalError):
+        return type(a) is type(b) and str(a) == str(b)
+    for name in (*PER_DOMAIN_FIELDS, *PER_SAMPLE_FIELDS, "step", "source", "seq", "applied_version", "extra"):
+        x, y = getattr(a, name), getattr(b, name)
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(signals(), min_size=1, max_size=12))
+def test_a_batch_decides_every_report_as_validate_report_does(msgs):
+    together = validate_reports(reports_from_protos(msgs), K)
+    assert len(together) == len(msgs)
+    for msg, got in zip(msgs, together):
+        want = alone(msg)
+        assert same(got, want), (msg, got, want)
+
+
+def test_a_clean_batch_shares_one_matrix_per_field():
+    msgs = [
+        pb.Signals(
+            step=s, source="w", domain_loss_sum=[1.0, 2.0, 0.0, 3.0], domain_token_count=[1.0, 1.0, 0.0, 2.0]
+        )
+        for s in range(5)
+    ]
+    out = validate_reports(reports_from_protos(msgs), K)
+    assert all(not isinstance(r, SignalError) for r in out)
+    assert out[0].domain_loss_sum.base is out[4].domain_loss_sum.base is not None
+    assert [r.domain_token_count.tolist() for r in out] == [list(m.domain_token_count) for m in msgs]
