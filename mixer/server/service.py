@@ -265,11 +265,22 @@ class MixerService(pb_grpc.MixerServiceServicer):
             for v, created in await asyncio.to_thread(self.rts.store.versions, rt.job.id, last):
                 yield pb.WatchWeightsResponse(version=self._version(rt, v, created))
                 last = v.version
-            while True:
-                v = await q.get()
-                if v.version > last:
-                    last = v.version
-                    yield pb.WatchWeightsResponse(version=self._version(rt, v))
+            stopping = asyncio.ensure_future(self.rts.stopping.wait())
+            try:
+                while True:
+                    got = asyncio.ensure_future(q.get())
+                    await asyncio.wait((got, stopping), return_when=asyncio.FIRST_COMPLETED)
+                    if not got.done():  # the server is stopping: send the watcher on now, not after the grace
+                        got.cancel()
+                        await context.abort(
+                            grpc.StatusCode.UNAVAILABLE, "the server is shutting down; watch again (another server)"
+                        )
+                    v = got.result()
+                    if v.version > last:
+                        last = v.version
+                        yield pb.WatchWeightsResponse(version=self._version(rt, v))
+            finally:
+                stopping.cancel()
         finally:
             rt.unsubscribe(q)
 
