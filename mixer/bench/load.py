@@ -12,7 +12,7 @@ run at a lower CPU priority (`--client-nice`, 10 by default) than the server the
 Bounded: it stops by itself.
 
 `servers=N` (N > 1, PostgreSQL only) runs `mixer serve --workers N` instead: N processes share the
-port, the jobs are created through each worker's own address in turn (so each owns 1/N of them),
+port, the job names are drawn so that their rendezvous owners cycle through the workers (each owns 1/N),
 and the sessions connect to the shared port and are sent on to their job's owner. Its memory is
 the sum over the workers. `compare_servers` runs the benchmark once per server count, on the same
 database, with --ha in every run (so a lone server pays the same lease checks), and prints the
@@ -152,7 +152,7 @@ def run_load_bench(
             db_url, Path(tmp), ["--ha"] if ha and servers == 1 else [], workers=servers
         ).start()
         try:
-            jobs = _create_jobs(srv, sessions, servers)
+            jobs = _create_jobs(srv, sessions, servers, db_url)
             rss_before = _server_rss(srv)
             clients = _Clients(srv.address, jobs, duration, window, rate, client_nice)
             ready = clients.connect(progress)
@@ -187,15 +187,34 @@ def run_load_bench(
     return result
 
 
-def _create_jobs(srv, sessions: int, servers: int) -> list[str]:
-    """One job per session, job i created by (and so owned by) worker i % servers, and loaded."""
+def _create_jobs(srv, sessions: int, servers: int, db: str | None = None) -> list[str]:
+    """One job per session, loaded. With several servers, job names are drawn so that the jobs'
+    rendezvous owners cycle through the live servers: each owns 1/N of them (placement is by name,
+    mixer.server.runtime)."""
     from mixer.client import MixerClient
 
     stamp = int(time.time())
     jobs = [f"load-{stamp}-s{servers}-{i}" for i in range(sessions)]
-    spread = srv.worker_addresses
-    for i, j in enumerate(jobs):
-        with MixerClient(spread[i % len(spread)]) as c:
+    if servers > 1 and db:
+        from mixer.store import Store
+        from mixer.store.repository import rendezvous_order
+
+        store = Store(db)
+        try:  # every worker's first heartbeat lands just after it answers health checks
+            deadline = time.monotonic() + 30
+            while len(ids := sorted(store.live_servers())) < servers and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            store.close()
+        if not ids:
+            raise RuntimeError(f"no live server heartbeat in {db} within 30 s")
+        for i in range(sessions):
+            want, salt = ids[i % len(ids)], 0
+            while rendezvous_order(f"{jobs[i]}-{salt}", ids)[0] != want:
+                salt += 1
+            jobs[i] = f"{jobs[i]}-{salt}"
+    for j in jobs:
+        with MixerClient(",".join(srv.worker_addresses)) as c:  # any worker: a non-owner sends us on
             c.create_job(
                 {
                     "name": j,
