@@ -86,7 +86,7 @@ def run_demo(
     from mixer.client import MixerClient
     from mixer.megatron.corpus import write_synthetic_corpus
     from mixer.megatron.data import prepare_corpus
-    from mixer.server.launch import ServerProcess
+    from mixer.bench.launch import ServerProcess
     from mixer.signals import EXCESS_LOSS
     from mixer.strategies import strategy_class
 

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from mixer.server.launch import ServerProcess
+from mixer.bench.launch import ServerProcess
 
 PG_ADMIN_URL = os.environ.get("MIXER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 

@@ -8,7 +8,7 @@ import pytest
 
 from mixer.client import MixerClient
 from mixer.signals import Report
-from mixer.server.launch import ServerProcess
+from mixer.bench.launch import ServerProcess
 from mixer.store import Store
 from mixer.v1 import mixer_pb2 as pb
 from mixer.wire import report_to_proto

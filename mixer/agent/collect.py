@@ -231,7 +231,7 @@ def collect(
         return summary
     server = None
     if mixer is None:
-        from mixer.server.launch import ServerProcess
+        from mixer.bench.launch import ServerProcess
 
         server = ServerProcess(str(out / "mixer.db"), out).start()
         mixer = server.address

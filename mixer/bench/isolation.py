@@ -120,7 +120,7 @@ def _mode(
     db: str | None,
     progress: bool,
 ) -> dict[str, Any]:
-    from mixer.server.launch import ServerProcess
+    from mixer.bench.launch import ServerProcess
 
     with tempfile.TemporaryDirectory(prefix="mixer-isolation-") as tmp:
         db_url = db or str(Path(tmp) / "isolation.db")

@@ -137,7 +137,7 @@ def run_load_bench(
 ) -> dict[str, Any]:
     """`rate`: total reports/s offered across the sessions (0: each session at full rate).
     `servers`: server processes (`mixer serve --workers`, PostgreSQL only); `ha`: serve with --ha."""
-    from mixer.server.launch import ServerProcess
+    from mixer.bench.launch import ServerProcess
     from mixer.store import Store
 
     if not 1 <= servers <= 64:

@@ -528,7 +528,7 @@ def run_quality(
     strategy's parameters (mixer.agent.policy.strategy_spec(PATH)["params"])."""
     from tqdm import tqdm
 
-    from mixer.server.launch import ServerProcess
+    from mixer.bench.launch import ServerProcess
 
     strategies, overrides = _checked_strategies(strategies, overrides, agent)
     # Absolute: the service runs in another working directory and opens its database from there.

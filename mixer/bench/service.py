@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mixer.client import MixerClient, Reporter
-from mixer.server.launch import ServerProcess
+from mixer.bench.launch import ServerProcess
 from mixer.v1 import mixer_pb2 as pb
 
 K = 8

@@ -22,7 +22,7 @@ from mixer.bench.quality import PRESETS
 from mixer.client import MixerClient
 from mixer.megatron.corpus import write_synthetic_corpus
 from mixer.replay import verify
-from mixer.server.launch import ServerProcess
+from mixer.bench.launch import ServerProcess
 from mixer.spec import JobSpec, SpecError
 from mixer.store.repository import Store
 from mixer.strategies.agent import state_features

@@ -26,7 +26,7 @@ from mixer.agent.trajectory import Trajectory, TrajectoryError
 from mixer.cli import main
 from mixer.client import MixerClient
 from mixer.replay import verify
-from mixer.server.launch import ServerProcess
+from mixer.bench.launch import ServerProcess
 from mixer.signals import Report
 from mixer.spec import JobSpec, SpecError
 from mixer.store import Store

@@ -13,7 +13,7 @@ import pytest
 
 from mixer.client import MixerClient, Reporter
 from mixer.engine import Version
-from mixer.server.launch import ServerProcess
+from mixer.bench.launch import ServerProcess
 from mixer.signals import Report
 from mixer.spec import JobSpec
 from mixer.store import Append, Store

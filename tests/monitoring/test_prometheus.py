@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from mixer.client import MixerClient
-from mixer.server.launch import free_port
+from mixer.bench.launch import free_port
 from mixer.signals import Report
 from tests.monitoring.conftest import REPO, binary
 

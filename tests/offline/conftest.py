@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from mixer.cli.bench import bench_replay
 from mixer.cli.offline import COMMANDS
-from mixer.server.launch import ServerProcess
+from mixer.bench.launch import ServerProcess
 from tests.offline.recording import SPEC, record
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import urllib.request
 
-from mixer.server.launch import ServerProcess
+from mixer.bench.launch import ServerProcess
 
 
 class ConfiguredServer(ServerProcess):

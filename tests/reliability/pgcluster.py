@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from mixer.server.launch import free_port
+from mixer.bench.launch import free_port
 
 
 def _bin(name: str) -> str:

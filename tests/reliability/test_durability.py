@@ -10,7 +10,7 @@ import pytest
 
 from mixer.client import MixerClient
 from mixer.server.app import ServeConfig
-from mixer.server.launch import ServerProcess
+from mixer.bench.launch import ServerProcess
 from mixer.signals import Report
 from mixer.store import Store
 from mixer.store.repository import SQLITE_SYNCHRONOUS

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mixer.client import MixerClient
 from mixer.replay import verify
-from mixer.server.launch import ServerProcess
+from mixer.bench.launch import ServerProcess
 from mixer.signals import validate_report
 from mixer.store import Store
 from mixer.v1 import mixer_pb2 as pb

@@ -14,7 +14,7 @@ import pytest
 
 from mixer.client import MixerClient, Reporter
 from mixer.replay import verify
-from mixer.server.launch import ServerProcess
+from mixer.bench.launch import ServerProcess
 from mixer.store import Store
 from mixer.store.models import LeaseRow
 from mixer.v1 import mixer_pb2 as pb

@@ -20,7 +20,7 @@ import pytest
 from mixer.client import MixerClient, Reporter, TlsConfig, auth_metadata
 from mixer.server.app import ServeConfig
 from mixer.server.auth import CACHE_SECONDS, create_token
-from mixer.server.launch import free_port
+from mixer.bench.launch import free_port
 from mixer.signals import Report
 from mixer.store import Store
 from mixer.v1 import mixer_pb2 as pb

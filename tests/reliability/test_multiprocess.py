@@ -18,7 +18,7 @@ from sqlalchemy import update
 from mixer.client import MAX_HOPS, MixerClient, RedirectError, Reporter, owner_of
 from mixer.replay import verify
 from mixer.server.app import ServeConfig
-from mixer.server.launch import ServerProcess
+from mixer.bench.launch import ServerProcess
 from mixer.store import Store
 from mixer.store.models import LeaseRow
 from mixer.store.repository import rendezvous_order

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mixer.client import MixerClient
-from mixer.server.launch import ServerProcess
+from mixer.bench.launch import ServerProcess
 from mixer.signals import Report
 from mixer.store import Store
 from mixer.v1 import mixer_pb2 as pb
