@@ -134,6 +134,11 @@ def load_log(
     return rec, spec, log
 
 
+def _bar(log: Iterable[tuple[int, Report]], total: int | None, desc: str, progress: bool):
+    """A log with a progress bar over its reports (shown after a second, gone when done)."""
+    return tqdm(log, total=total, desc=desc, unit="report", disable=not progress, leave=False, delay=1.0)
+
+
 def verify(store: Store, name: str, *, progress: bool = False) -> VerifyResult:
     """Replay `name` from scratch with its own strategy and compare every stored version."""
     rec = get_job(store, name)
@@ -175,15 +180,7 @@ def verify(store: Store, name: str, *, progress: bool = False) -> VerifyResult:
 
     bad = compare(engine.current)
     if bad is None:
-        for seq, report in tqdm(
-            log,
-            total=total,
-            desc=f"verifying {name}",
-            unit="report",
-            disable=not progress,
-            leave=False,
-            delay=1.0,
-        ):
+        for seq, report in _bar(log, total, f"verifying {name}", progress):
             n_reports += 1
             v = engine.ingest(report, seq, guard=False)  # the log holds what was accepted
             if v is not None and (bad := compare(v)) is not None:
@@ -305,15 +302,7 @@ def replay(
     engine = Engine(spec)
     versions = [engine.current]
     n = 0
-    for seq, report in tqdm(
-        log,
-        total=total,
-        desc=f"replaying {spec.name}",
-        unit="report",
-        disable=not progress,
-        leave=False,
-        delay=1.0,
-    ):
+    for seq, report in _bar(log, total, f"replaying {spec.name}", progress):
         n += 1
         v = engine.ingest(report, seq, guard=False)  # the log holds what was accepted
         if v is not None:

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from mixer.agent.collect import load_trajectories
-from mixer.agent.trajectory import TRAJECTORY_FORMAT, TrajectoryError, data_hash
+from mixer.agent.trajectory import TRAJECTORY_FORMAT, data_hash, one_domain_space
 
 __all__ = ["export_trajectories", "trajectories_table"]
 
@@ -33,13 +33,7 @@ def trajectories_table(folder: Path) -> pa.Table:
     from mixer.export import META_PREFIX
 
     trajs = load_trajectories(Path(folder))
-    domains = trajs[0].domains
-    for t in trajs[1:]:
-        if t.domains != domains:
-            raise TrajectoryError(
-                f"trajectory {t.job} is over domains {list(t.domains)}, but {trajs[0].job} is over "
-                f"{list(domains)}: one table holds one domain space"
-            )
+    domains = one_domain_space(trajs, "one table holds one domain space")
     docs = _documents(Path(folder))
     rows: dict[str, list[Any]] = {"job": [], "trajectory": [], "segment": [], "step": []}
     actions, losses, nominal = [], [], []

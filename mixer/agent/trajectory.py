@@ -119,6 +119,18 @@ class Trajectory:
         }
 
 
+def one_domain_space(trajectories: list[Trajectory], why: str) -> tuple[str, ...]:
+    """The domains every trajectory is over; TrajectoryError naming the first that differs."""
+    domains = trajectories[0].domains
+    for t in trajectories[1:]:
+        if t.domains != domains:
+            raise TrajectoryError(
+                f"trajectory {t.job} is over domains {list(t.domains)}, but {trajectories[0].job} "
+                f"is over {list(domains)}: {why}"
+            )
+    return domains
+
+
 def data_hash(trajectories: list[Trajectory]) -> str:
     """sha256 over what training reads (domains, actions, losses), in job order: names the training data."""
     h = hashlib.sha256()
@@ -151,13 +163,7 @@ def transitions(
         raise TrajectoryError("no trajectories to train on (run `mixer agent collect` first)")
     if not 1 <= history <= MAX_HISTORY:
         raise TrajectoryError(f"history must lie in [1, {MAX_HISTORY}], got {history}")
-    domains = trajectories[0].domains
-    for t in trajectories[1:]:
-        if t.domains != domains:
-            raise TrajectoryError(
-                f"trajectory {t.job} is over domains {list(t.domains)}, but {trajectories[0].job} "
-                f"is over {list(domains)}: one agent learns one domain space"
-            )
+    one_domain_space(trajectories, "one agent learns one domain space")
     S, A, R, S2, D = [], [], [], [], []
     for tr in trajectories:
         T = tr.actions.shape[0]
