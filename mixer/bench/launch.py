@@ -48,8 +48,11 @@ class ServerProcess:
         self.db = db
         self.workers = workers
         self.extra_args = [*(extra_args or []), *(["--workers", str(workers)] if workers > 1 else [])]
-        self.port = free_ports(workers + 1) if workers > 1 else free_port()
-        self.http_port = free_ports(workers) if workers > 1 else free_port()
+        # One block of free ports, so the gRPC ports (the shared one and each worker's own, port+1+i)
+        # and the HTTP ports (http_port+i) can never be drawn twice.
+        grpc_ports = workers + 1 if workers > 1 else 1
+        self.port = free_ports(grpc_ports + workers)
+        self.http_port = self.port + grpc_ports
         self.workdir = Path(workdir)
         self.proc: subprocess.Popen | None = None
         self.log_path = self.workdir / f"serve-{self.port}.log"
