@@ -110,32 +110,24 @@ def bench_load(
         raise click.BadParameter(
             f"a server count or a list of them (1,2), got {servers!r}", param_hint="--servers"
         ) from None
+    kw = {
+        "sessions": sessions,
+        "duration": duration,
+        "window": window,
+        "rate": rate,
+        "client_nice": client_nice,
+        "db": db,
+        "progress": not as_json,
+    }
     if counts != [1]:
         try:
-            result = compare_servers(
-                counts,
-                sessions=sessions,
-                duration=duration,
-                window=window,
-                rate=rate,
-                client_nice=client_nice,
-                db=db,
-                progress=not as_json,
-            )
+            result = compare_servers(counts, **kw)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--servers") from None
         if as_json:
             emit_json(result)
         return
-    result = run_load_bench(
-        sessions=sessions,
-        duration=duration,
-        window=window,
-        rate=rate,
-        client_nice=client_nice,
-        db=db,
-        progress=not as_json,
-    )
+    result = run_load_bench(**kw)
     if as_json:
         emit_json(result)
 
