@@ -9,8 +9,9 @@ declaration come:
 - `--set KEY=VALUE` on any leaf by its dotted path (`--set train.weight_decay=0.05`), which reaches
   the settings too specialised for an option of their own (tuples, lists);
 - `--config FILE`: the same tree as YAML (a mapping per section);
-- range checking in one place (`check`), then each section's own `validate()` for the rules that
-  tie settings together.
+- range checking in one place (`check`): each leaf declares its bounds (`min=`/`max=` closed,
+  `gt=`/`lt=` open), which the options' help shows too; then each section's own `validate()`
+  for the rules that tie settings together.
 
 Precedence, lowest first: the dataclass defaults, `--config FILE`, `--set`, explicit options (or
 their environment variables). `to_dict` gives the resolved tree back as plain data, for the run's
@@ -59,7 +60,15 @@ class Setting:
 
     help: str = ""
     min: float | None = None
+    """The least value allowed (closed bound); of each element, for a tuple or list of numbers."""
     max: float | None = None
+    """The greatest value allowed (closed bound)."""
+    gt: float | None = None
+    """The value must be greater than this (open bound); instead of `min`."""
+    lt: float | None = None
+    """The value must be less than this (open bound); instead of `max`."""
+    unit: str = ""
+    """Named after the range in an error message, e.g. "seconds"."""
     choices: tuple[str, ...] | None = None
     aliases: tuple[str, ...] = ()
     """Older or shorter option names, e.g. ("--layers",) for num_layers."""
@@ -73,6 +82,48 @@ class Setting:
     """False: reachable through --set and --config only."""
     default_text: str | None = None
     """What the help shows as the default, when the default itself (e.g. None) says little."""
+
+    def __post_init__(self) -> None:
+        if self.min is not None and self.gt is not None:
+            raise TypeError(f"setting: give min= or gt=, not both (min={self.min}, gt={self.gt})")
+        if self.max is not None and self.lt is not None:
+            raise TypeError(f"setting: give max= or lt=, not both (max={self.max}, lt={self.lt})")
+
+    @property
+    def low(self) -> float | None:
+        return self.gt if self.gt is not None else self.min
+
+    @property
+    def high(self) -> float | None:
+        return self.lt if self.lt is not None else self.max
+
+    def admits(self, value: float) -> bool:
+        """Whether a number (not NaN) lies in the declared range."""
+        return not (
+            (self.gt is not None and value <= self.gt)
+            or (self.min is not None and value < self.min)
+            or (self.lt is not None and value >= self.lt)
+            or (self.max is not None and value > self.max)
+        )
+
+    def range_text(self) -> str:
+        """The declared range in words: `in [1, 64]`, `in (0, 86400] seconds`, `>= 0`, `< 1`."""
+        lo, hi = self.low, self.high
+        if lo is not None and hi is not None:
+            left, right = "(" if self.gt is not None else "[", ")" if self.lt is not None else "]"
+            text = f"in {left}{_num(lo)}, {_num(hi)}{right}"
+        elif lo is not None:
+            text = f"{'>' if self.gt is not None else '>='} {_num(lo)}"
+        else:
+            text = f"{'<' if self.lt is not None else '<='} {_num(hi)}"
+        return f"{text} {self.unit}" if self.unit else text
+
+
+def _num(x: float) -> str:
+    """A bound as written: 86400.0 as 86400, 0.1 as 0.1."""
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e16:
+        return str(int(x))
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def setting(default: Any = MISSING, *, default_factory: Any = MISSING, **meta: Any) -> Any:
@@ -105,7 +156,8 @@ class Leaf:
         return self.path.replace(".", "__")
 
     def describe(self) -> str:
-        return f"{self.path} ({self.flag})" if self.setting.option and not self.setting.derived else self.path
+        """The path, and the option where the leaf has one: `train.lr (--lr)`, `train.betas`."""
+        return f"{self.path} ({self.flag})" if _optionable(self) else self.path
 
 
 def _is_section(tp: Any) -> bool:
@@ -147,10 +199,9 @@ def _click_type(leaf: Leaf) -> Any:
     s = leaf.setting
     if s.choices:
         return click.Choice(list(s.choices))
-    if tp is int:
-        return click.IntRange(min=s.min, max=s.max)
-    if tp is float:
-        return click.FloatRange(min=s.min, max=s.max)
+    if tp in (int, float):
+        kind = click.IntRange if tp is int else click.FloatRange
+        return kind(min=s.low, max=s.high, min_open=s.gt is not None, max_open=s.lt is not None)
     if tp is Path:
         return click.Path(exists=s.exists, path_type=Path)
     return str
@@ -352,15 +403,23 @@ def check(cfg: Any) -> Any:
             continue
         if s.choices and value not in s.choices:
             raise ConfigError(f"{leaf.describe()}: {value!r} is not one of {', '.join(s.choices)}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if isinstance(value, float) and math.isnan(value):
-                raise ConfigError(f"{leaf.describe()}: must be a number, got NaN")
-            if s.min is not None and value < s.min:
-                raise ConfigError(f"{leaf.describe()}: must be >= {s.min:g}, got {value}")
-            if s.max is not None and value > s.max:
-                raise ConfigError(f"{leaf.describe()}: must be <= {s.max:g}, got {value}")
+        if isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                _check_number(f"{leaf.describe()}[{i}]", s, item)
+        else:
+            _check_number(leaf.describe(), s, value)
     _validate_sections(cfg)
     return cfg
+
+
+def _check_number(name: str, s: Setting, value: Any) -> None:
+    """ConfigError naming `name` when a number is NaN or out of the declared range."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{name}: must be a number, got NaN")
+    if (s.low is not None or s.high is not None) and not s.admits(value):
+        raise ConfigError(f"{name}: must be {s.range_text()}, got {value}")
 
 
 def _validate_sections(section: Any) -> None:

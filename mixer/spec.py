@@ -4,13 +4,9 @@ A spec is plain data. `JobSpec.from_dict` validates everything and raises one `S
 naming the field, what was wrong and what would be right. Specs load from YAML and from the
 Megatron `--data-path 0.3 prefixA 0.7 prefixB` form.
 
-A spec is stored complete: `from_dict` (a user's spec) writes every parameter of the strategy and
-the instance weighting out, defaults included, and marks it `defaults_version: 2`, so that a
-stored job replays the same whatever later releases choose as defaults. A stored spec without that
-marker was written before parameters were written out; `from_json` (the stored form) resolves its
-absent parameters to the defaults of that time (`LEGACY_DEFAULTS`: DoReMi's `mode` online, DWM's
-`model` mlp-features) and keeps its stored text, so its fingerprint (and every snapshot and
-sampler checkpoint that names it) stays the same.
+A spec is stored complete, every parameter written out and marked with the `defaults_version`
+it was resolved against; a spec stored before that resolves against the defaults of its time
+(mixer.spec_defaults says how).
 """
 
 from __future__ import annotations
@@ -26,6 +22,13 @@ import yaml
 
 from mixer.errors import SpecError
 from mixer.signals import MAX_STEP
+from mixer.spec_defaults import (
+    DEFAULTS_VERSION,
+    LEGACY_DEFAULTS_VERSION,
+    check_defaults_version,
+    known_version,
+    stamp,
+)
 
 MAX_SPEC_BYTES = 1 << 20
 """A spec's text, and its stored (JSON) form, are at most 1 MiB."""
@@ -37,18 +40,6 @@ their sum over 100,000 domains stays finite, and so does the prior."""
 MAX_SEED = (1 << 63) - 1
 MAX_STEP_L1 = 2.0
 """The L1 distance between two mixtures is at most 2."""
-DEFAULTS_VERSION = 2
-"""The defaults a new spec's parameters are resolved against (written out in the stored form)."""
-LEGACY_DEFAULTS_VERSION = 1
-"""A spec stored before its parameters were written out (no `defaults_version` in it)."""
-LEGACY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "strategy": {"doremi": {"mode": "online"}},
-    "weighting": {"dwm": {"model": "mlp-features"}},
-}
-"""Defaults of version 1 that differ from today's, by part and method name: before 2026-12-05
-DoReMi had no `mode` (it sampled from alpha, today's `online`) and DWM's weighting model was the
-per-sample MLP (today's `mlp-features`); see `git log -p mixer/strategies/doremi.py
-mixer/weighting/params.py`. Every other default of that time is today's."""
 OPTIONAL_CADENCE = ("max_step_ahead", "max_step_l1", "starvation_versions")
 """Cadence settings added after specs were first stored: left out of the stored form while
 unset (None), so the fingerprints of specs written before them stay the same."""
@@ -185,7 +176,7 @@ class JobSpec:
     defaults_version: int = DEFAULTS_VERSION
     """The defaults the parameters were resolved against: 2 (today's; a spec built by `from_dict`
     carries every parameter) or 1 (a spec stored before parameters were written out: its absent
-    parameters take the defaults of that time, LEGACY_DEFAULTS)."""
+    parameters take the defaults of that time, mixer.spec_defaults.LEGACY_DEFAULTS)."""
     stored_form: str | None = field(default=None, compare=False, repr=False)
     """A version-1 spec read from storage: its stored JSON, which stays its stored form and the
     source of its fingerprint (its resolved parameters are written out only in memory)."""
@@ -261,15 +252,7 @@ class JobSpec:
         self._validate_domains()
         if self.unit not in WEIGHT_UNITS:
             raise SpecError("unit", f"{self.unit!r} is not one of {', '.join(WEIGHT_UNITS)}")
-        if isinstance(self.defaults_version, bool) or self.defaults_version not in (
-            LEGACY_DEFAULTS_VERSION,
-            DEFAULTS_VERSION,
-        ):
-            raise SpecError(
-                "defaults_version",
-                f"must be {LEGACY_DEFAULTS_VERSION} (stored before parameters were written out) or "
-                f"{DEFAULTS_VERSION} (today's defaults; leave it out in a new spec), got {self.defaults_version!r}",
-            )
+        check_defaults_version(self.defaults_version)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise SpecError("seed", f"must be an integer in [0, 2^63), got {self.seed!r}")
         self._validate_cadence()
@@ -416,8 +399,8 @@ class JobSpec:
         _no_unknown("cadence", cad, allowed)
         cadence = CadenceSpec(**cad)
         version = data.get("defaults_version", DEFAULTS_VERSION)
-        if version in (LEGACY_DEFAULTS_VERSION, DEFAULTS_VERSION) and not isinstance(version, bool):
-            strategy, weighting = _stamp(strategy, weighting, version)
+        if known_version(version):
+            strategy, weighting = stamp(strategy, weighting, version)
         spec = cls(
             name=data.get("name"),
             domains=domains,
@@ -522,31 +505,6 @@ def _sub_spec(where: str, raw: Any, cls: type) -> Any:
 
 def _canonical(data: dict[str, Any]) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
-
-
-def _stamp(
-    strategy: StrategySpec, weighting: WeightingSpec, version: int
-) -> tuple[StrategySpec, WeightingSpec]:
-    """Both parts with every parameter written out, absent ones at the defaults of `version`.
-    An unknown method name is left as given, for `validate` to name."""
-    # Imported here: strategies and weighting import this module for the spec type.
-    from mixer.strategies import REGISTRY
-    from mixer.weighting import PARSERS
-
-    legacy = version == LEGACY_DEFAULTS_VERSION
-    cls = REGISTRY.get(strategy.name)
-    if cls is not None:
-        given = strategy.params
-        if legacy:
-            given = {**LEGACY_DEFAULTS["strategy"].get(strategy.name, {}), **given}
-        strategy = StrategySpec(name=strategy.name, params=cls.resolve_params(given))
-    parse = PARSERS.get(weighting.name)
-    if parse is not None:
-        given = weighting.params
-        if legacy:
-            given = {**LEGACY_DEFAULTS["weighting"].get(weighting.name, {}), **given}
-        weighting = WeightingSpec(name=weighting.name, params=parse(given).to_dict())
-    return strategy, weighting
 
 
 def _utf8(text: str) -> bool:

@@ -28,7 +28,10 @@ from mixer.megatron.config import PretrainConfig
 class Inner:
     width: int = setting(8, min=1, max=64, aliases=("--w",), help="width")
     ratio: float = setting(0.5, min=0.0, max=1.0)
-    pair: tuple[float, float] = setting((0.9, 0.95), help="a tuple: --set only")
+    timeout: float = setting(10.0, gt=0.0, max=60.0, unit="seconds", help="a timeout")
+    beta: float = setting(0.9, min=0.0, lt=1.0)
+    rate: float = setting(1.0, gt=0.0)
+    pair: tuple[float, float] = setting((0.9, 0.95), min=0.0, lt=1.0, help="a tuple: --set only")
     targets: list[int] = setting(default_factory=list, derived=True)
 
     def validate(self) -> None:
@@ -98,7 +101,14 @@ def test_precedence_defaults_file_set_options(tmp_path: Path) -> None:
         (["--set", "inner.widht=4"], "unknown setting 'inner.widht' (did you mean inner.width"),
         (["--set", "inner.width"], "expected KEY=VALUE"),
         (["--set", "inner.width=abc"], "inner.width (--width): 'abc' is not a valid int"),
-        (["--set", "inner.width=100"], "inner.width (--width): must be <= 64, got 100"),
+        (["--set", "inner.width=100"], "inner.width (--width): must be in [1, 64], got 100"),
+        (["--set", "inner.timeout=0"], "inner.timeout (--timeout): must be in (0, 60] seconds, got 0.0"),
+        (["--set", "inner.timeout=61"], "inner.timeout (--timeout): must be in (0, 60] seconds, got 61.0"),
+        (["--set", "inner.beta=1"], "inner.beta (--beta): must be in [0, 1), got 1.0"),
+        (["--set", "inner.rate=0"], "inner.rate (--rate): must be > 0, got 0.0"),
+        (["--set", "inner.ratio=nan"], "inner.ratio (--ratio): must be a number, got NaN"),
+        (["--set", "inner.pair=[0.9, 1.0]"], "inner.pair[1]: must be in [0, 1), got 1.0"),
+        (["--timeout", "0"], "0<x<=60"),
         (["--set", "inner.width=3"], "inner.width must be even"),
         (["--set", "inner.targets=[1]"], "unknown setting 'inner.targets'"),
         (["--set", "name=c"], "name (--name): 'c' is not one of a, b"),
@@ -179,5 +189,78 @@ def test_serve_options_come_from_its_tree_and_bad_values_are_named(tmp_path: Pat
     f = tmp_path / "serve.yaml"
     f.write_text("workers: 3\n")  # several processes need PostgreSQL: refused before anything starts
     res = CliRunner().invoke(serve, ["--db", str(db), "--config", str(f)])
-    assert res.exit_code != 0 and "--workers 3 needs a shared PostgreSQL database" in str(res.exception or res.output)
+    assert res.exit_code == 2 and "--workers 3 needs a shared PostgreSQL database" in res.output, res.output
     assert not db.exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "shown"),
+    [
+        ("--width", "[1<=x<=64]"),
+        ("--timeout", "[0.0<x<=60.0]"),
+        ("--beta", "[0.0<=x<1.0]"),
+        ("--rate", "[x>0.0]"),
+    ],
+)
+def test_help_shows_each_range(option: str, shown: str) -> None:
+    cmd, _ = _command(Tree)
+    (param,) = [p for p in cmd.params if option in p.opts]
+    help_text = " ".join(param.get_help_record(click.Context(cmd)))
+    assert shown in help_text, help_text
+
+
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [
+        ({"min": 0, "gt": 0}, "give min= or gt=, not both"),
+        ({"max": 1, "lt": 1}, "give max= or lt=, not both"),
+    ],
+)
+def test_a_range_declared_twice_is_refused(meta: dict, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        setting(0.5, **meta)
+
+
+SERVE_RANGES = [
+    ("hello_timeout", 0, "hello_timeout (--hello-timeout): must be in (0, 86400] seconds, got 0"),
+    ("http_timeout", 86401.0, "http_timeout (--http-timeout): must be in (0, 86400] seconds, got 86401.0"),
+    (
+        "http_max_connections",
+        0,
+        "http_max_connections (--http-max-connections): must be in [1, 1000000], got 0",
+    ),
+    (
+        "max_pending_sessions",
+        10**6 + 1,
+        "max_pending_sessions (--max-pending-sessions): must be in [1, 1000000]",
+    ),
+    ("workers", 257, "workers (--workers): must be in [1, 256], got 257"),
+    ("lease_ttl", 0.05, "lease_ttl (--lease-ttl): must be in [0.1, 86400] seconds, got 0.05"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "message"), SERVE_RANGES)
+def test_serve_ranges_are_declared_on_the_settings(name: str, value: float, message: str) -> None:
+    from mixer.server.config import ServeConfig
+
+    with pytest.raises(ConfigError) as err:
+        check(ServeConfig(**{name: value}))
+    assert message in str(err.value)
+
+
+PRETRAIN_RANGES = [
+    ({"lr": 0}, "train.lr (--lr): must be > 0, got 0"),
+    ({"min_lr": 0.1, "lr": 0.01}, "min_lr (--min-lr) 0.1 must be <= lr (--lr) 0.01"),
+    ({"heads": 0}, "train.model.num_attention_heads (--num-attention-heads): must be >= 1, got 0"),
+    ({"vocab_size": 1}, "train.model.vocab_size (--vocab-size): must be >= 2, got 1"),
+    ({"keep_steps": 0}, "train.keep_steps (--keep-steps): must be >= 1, got 0"),
+    ({"betas": (0.9, 1.0)}, "train.betas[1]: must be in [0, 1), got 1.0"),
+    ({"betas": (0.9,)}, "betas must be two numbers"),
+]
+
+
+@pytest.mark.parametrize(("flat", "message"), PRETRAIN_RANGES)
+def test_pretrain_ranges_are_declared_on_the_settings(tmp_path: Path, flat: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        PretrainConfig.of(spec=tmp_path / "s.yaml", **flat)
+    assert message in str(err.value)

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CORE = (
     "mixer.spec",
+    "mixer.spec_defaults",
     "mixer.errors",
     "mixer.signals",
     "mixer.shaping",

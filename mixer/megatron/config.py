@@ -40,16 +40,12 @@ class ModelConfig:
     dropout: float = setting(0.0, min=0.0, max=1.0, help="dropout probability")
 
     def validate(self) -> None:
-        """Raise ValueError when the shape is inconsistent."""
-        if min(self.num_layers, self.hidden_size, self.num_attention_heads, self.seq_length) <= 0:
-            raise ValueError(f"model sizes must be positive: {self}")
+        """Raise ValueError when the shape is inconsistent (each size's range: mixer.config.check)."""
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                 f"{self.num_attention_heads}"
             )
-        if self.vocab_size < 2:
-            raise ValueError(f"vocab_size must be at least 2, got {self.vocab_size}")
 
 
 @dataclass
@@ -58,7 +54,7 @@ class TrainConfig:
 
     steps: int = setting(20, min=0, help="optimizer steps")
     global_batch_size: int = setting(16, min=1, help="samples per step, over all data-parallel ranks")
-    lr: float = setting(1e-3, min=0.0, help="peak learning rate")
+    lr: float = setting(1e-3, gt=0.0, help="peak learning rate")
     min_lr: float = setting(1e-4, min=0.0, help="the cosine's floor")
     warmup_steps: int | None = setting(
         None, min=0, aliases=("--warmup",), default_text="a tenth of --steps", help="linear warmup steps"
@@ -70,7 +66,7 @@ class TrainConfig:
         False, help="on resume, use this run's learning-rate schedule instead of the checkpoint's"
     )
     weight_decay: float = setting(0.01, min=0.0, help="AdamW weight decay")
-    betas: tuple[float, float] = setting((0.9, 0.95), help="AdamW betas")
+    betas: tuple[float, float] = setting((0.9, 0.95), min=0.0, lt=1.0, help="AdamW betas")
     grad_clip: float = setting(1.0, min=0.0, help="gradient-norm clip (0: off)")
     seed: int | None = setting(
         None, min=0, default_text="the job spec's seed", help="model initialisation and data order"
@@ -120,25 +116,13 @@ class TrainConfig:
     )
 
     def validate(self) -> None:
-        """Raise ValueError on inconsistent settings, naming the setting."""
-        self.model.validate()
-        if self.steps < 0 or self.global_batch_size <= 0:
-            raise ValueError("steps must be >= 0 and global_batch_size > 0")
-        if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"need 0 < lr and 0 <= min_lr <= lr, got lr {self.lr}, min_lr {self.min_lr}")
+        """Raise ValueError on inconsistent settings, naming them (each one's range: mixer.config.check)."""
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr (--min-lr) {self.min_lr} must be <= lr (--lr) {self.lr}")
         if self.checkpoint_every and self.checkpoint_dir is None:
             raise ValueError("checkpoint_every (--save-interval) needs checkpoint_dir (--save)")
-        for name in ("align_every", "sample_align_every", "compare_every", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.align_samples <= 0 or self.sample_align_samples <= 0:
-            raise ValueError("align_samples and sample_align_samples must be positive")
-        if self.decay_steps is not None and self.decay_steps < 1:
-            raise ValueError(f"decay_steps must be >= 1, got {self.decay_steps}")
-        if self.keep_steps < 1:
-            raise ValueError(f"keep_steps must be >= 1, got {self.keep_steps}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers, got {self.betas}")
 
     @property
     def warmup(self) -> int:

@@ -14,6 +14,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
+from mixer.config import check
 from mixer.megatron.config import ModelConfig
 
 __all__ = [
@@ -140,7 +141,7 @@ def _transformer_config(cfg: ModelConfig, device: str) -> TransformerConfig:
 
 def build_model(cfg: ModelConfig, device: str = "cpu", seed: int = 0) -> torch.nn.Module:
     """Initialise model parallel state (TP=PP=1) and return a GPTModel on the device."""
-    cfg.validate()
+    check(cfg)
     if device.startswith("cuda"):
         # Pick the GPU before any NCCL group exists; torchrun sets LOCAL_RANK per process.
         index = int(device.split(":")[1]) if ":" in device else int(os.environ.get("LOCAL_RANK", "0"))
@@ -160,7 +161,7 @@ def build_model(cfg: ModelConfig, device: str = "cpu", seed: int = 0) -> torch.n
 
 def build_gpt(cfg: ModelConfig, device: str = "cpu") -> torch.nn.Module:
     """One more GPTModel (e.g. a frozen reference) once build_model has set up the parallel state."""
-    cfg.validate()
+    check(cfg)
     spec = get_gpt_layer_local_spec()
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     config = _transformer_config(cfg, device)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mixer.config import check
 from mixer.megatron.announce import AnnouncedVersions
 from mixer.megatron.checkpoint import load_checkpoint, load_reference, save_checkpoint
 from mixer.megatron.config import TrainConfig
@@ -193,7 +194,7 @@ class Trainer:
         target_dataset: Any = None,
         on_step: Callable[[int], None] | None = None,
     ) -> None:
-        cfg.validate()
+        check(cfg)
         num_domains = len(datasets)
         if sampler.num_domains != num_domains or sampler.global_batch_size != cfg.global_batch_size:
             raise ValueError("sampler domains / global batch size do not match the datasets / config")

@@ -13,7 +13,7 @@ import ipaddress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mixer.config import setting
+from mixer.config import ConfigError, setting
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 HELLO_TIMEOUT_S = 10.0
@@ -52,7 +52,7 @@ class ServeConfig:
     port: int = setting(50051, min=0, max=65535, help="gRPC port")
     http_port: int = setting(9400, min=0, max=65535, help="/metrics and /api (0: any free port)")
     grace_seconds: float = setting(
-        10.0, min=0.0, max=MAX_TIMEOUT_S, help="seconds in-flight calls get at shutdown"
+        10.0, min=0.0, max=MAX_TIMEOUT_S, unit="seconds", help="seconds in-flight calls get at shutdown"
     )
     max_message_bytes: int = setting(
         MAX_MESSAGE_BYTES, min=1024, max=2**31 - 1, help="gRPC message size limit"
@@ -62,8 +62,9 @@ class ServeConfig:
     max_sessions_per_job: int = setting(1024, min=1, help="Session streams open at once per job")
     hello_timeout: float = setting(
         HELLO_TIMEOUT_S,
-        min=0.0,
+        gt=0.0,
         max=MAX_TIMEOUT_S,
+        unit="seconds",
         help="seconds a Session stream may stay open before sending hello",
     )
     max_pending_sessions: int = setting(
@@ -74,14 +75,16 @@ class ServeConfig:
     )
     grpc_handshake_timeout: float = setting(
         GRPC_HANDSHAKE_TIMEOUT_S,
-        min=0.0,
+        gt=0.0,
         max=MAX_TIMEOUT_S,
+        unit="seconds",
         help="seconds a gRPC connection has to finish its handshake (TLS, the HTTP/2 preface); gRPC's own: 120",
     )
     grpc_idle_timeout: float = setting(
         GRPC_IDLE_TIMEOUT_S,
-        min=0.0,
+        gt=0.0,
         max=MAX_TIMEOUT_S,
+        unit="seconds",
         help="a gRPC connection with no call for this many seconds gets GOAWAY (clients reconnect)",
     )
     grpc_max_connections: int = setting(
@@ -92,8 +95,9 @@ class ServeConfig:
     )
     http_timeout: float = setting(
         HTTP_REQUEST_TIMEOUT_S,
-        min=0.0,
+        gt=0.0,
         max=MAX_TIMEOUT_S,
+        unit="seconds",
         help="seconds an HTTP connection has to send its request (and finish TLS)",
     )
     http_max_connections: int = setting(
@@ -116,7 +120,9 @@ class ServeConfig:
     )
     server_id: str = setting("", help="this server's name in lease rows (default: its address)")
     advertise: str = setting("", help="address other servers send clients to (default: host:port)")
-    lease_ttl: float = setting(5.0, min=0.1, max=MAX_TIMEOUT_S, help="seconds a lease outlives its owner")
+    lease_ttl: float = setting(
+        5.0, min=0.1, max=MAX_TIMEOUT_S, unit="seconds", help="seconds a lease outlives its owner"
+    )
     workers: int = setting(
         1,
         min=1,
@@ -128,47 +134,29 @@ class ServeConfig:
     """A worker's own port besides the shared --port, set by the parent of --workers (0: none)."""
 
     def validate(self) -> list[str]:
-        """Refuse a bad configuration (SystemExit naming the option); return warnings."""
+        """Refuse a bad combination of settings (ConfigError naming the options); return warnings.
+
+        Each setting's own range and choices are declared on it and checked by mixer.config.check,
+        which calls this after them: check a configuration with `check(cfg)`."""
         if not is_loopback(self.host) and not self.auth and not self.insecure:
-            raise SystemExit(
+            raise ConfigError(
                 f"refusing to serve on {self.host} without --auth; pass --insecure to do it anyway"
             )
-        for name, value in (
-            ("hello_timeout", self.hello_timeout),
-            ("http_timeout", self.http_timeout),
-            ("grpc_handshake_timeout", self.grpc_handshake_timeout),
-            ("grpc_idle_timeout", self.grpc_idle_timeout),
-        ):
-            if not 0 < value <= MAX_TIMEOUT_S:
-                raise SystemExit(
-                    f"--{name.replace('_', '-')}: must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {value}"
-                )
-        for name, value in (
-            ("max_pending_sessions", self.max_pending_sessions),
-            ("http_max_connections", self.http_max_connections),
-            ("grpc_max_connections", self.grpc_max_connections),
-        ):
-            if not 1 <= value <= MAX_CONNECTIONS:
-                raise SystemExit(
-                    f"--{name.replace('_', '-')}: must be in [1, {MAX_CONNECTIONS}], got {value}"
-                )
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise SystemExit("--tls-cert and --tls-key go together")
-        if self.sqlite_synchronous not in ("normal", "full"):
-            raise SystemExit(f"--sqlite-synchronous: must be one of normal, full, got {self.sqlite_synchronous!r}")
+            raise ConfigError("--tls-cert and --tls-key go together")
         if self.sqlite_synchronous != "normal" and self.db.startswith("postgres"):
-            raise SystemExit(
+            raise ConfigError(
                 "--sqlite-synchronous applies to SQLite only; on PostgreSQL an acknowledgement follows the server's synchronous_commit setting"
             )
         if self.ha and not self.db.startswith("postgres"):
-            raise SystemExit("--ha needs a shared PostgreSQL database (--db postgresql://...)")
+            raise ConfigError("--ha needs a shared PostgreSQL database (--db postgresql://...)")
         self._validate_workers()
         if self.tls_client_ca and not self.tls_cert:
-            raise SystemExit("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+            raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
             path = getattr(self, name)
             if path and not Path(path).is_file():
-                raise SystemExit(f"--{name.replace('_', '-')}: no such file {path}")
+                raise ConfigError(f"--{name.replace('_', '-')}: no such file {path}")
         warnings = []
         if not is_loopback(self.host) and self.auth and not self.tls_cert:
             warnings.append(
@@ -178,29 +166,27 @@ class ServeConfig:
         return warnings
 
     def _validate_workers(self) -> None:
-        if not 1 <= self.workers <= MAX_WORKERS:
-            raise SystemExit(f"--workers: must be in [1, {MAX_WORKERS}], got {self.workers}")
         if self.workers == 1:
             return
         if not self.db.startswith("postgres"):
-            raise SystemExit(
+            raise ConfigError(
                 f"--workers {self.workers} needs a shared PostgreSQL database (--db postgresql://...): "
                 "a SQLite file serves one process"
             )
         if not 1 <= self.port <= 65535 - self.workers:
-            raise SystemExit(
+            raise ConfigError(
                 f"--port: with --workers {self.workers}, must be in [1, {65535 - self.workers}] (worker i also takes port+1+i), got {self.port}"
             )
         if self.http_port and not 1 <= self.http_port <= 65536 - self.workers:
-            raise SystemExit(
+            raise ConfigError(
                 f"--http-port: with --workers {self.workers}, must be 0 or in [1, {65536 - self.workers}] (worker i serves HTTP on http_port+i), got {self.http_port}"
             )
         if self.advertise and ":" in self.advertise.strip("[]").rsplit("]", 1)[-1]:
-            raise SystemExit(
+            raise ConfigError(
                 f"--advertise: with --workers, give the host only (each worker advertises host:its own port), got {self.advertise!r}"
             )
         if not self.advertise and self.host in ("0.0.0.0", "::", ""):
-            raise SystemExit(
+            raise ConfigError(
                 f"--host {self.host} with --workers: pass --advertise HOST, the address clients reach this machine at"
             )
 

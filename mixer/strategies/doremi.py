@@ -59,7 +59,7 @@ import numpy as np
 from mixer.errors import SpecError
 from mixer.shaping import shape_weights
 from mixer.signals import DOMAIN_LOSS, EXCESS_LOSS, Window
-from mixer.spec import LEGACY_DEFAULTS_VERSION
+from mixer.spec_defaults import LEGACY_DEFAULTS_VERSION
 from mixer.strategies import register
 from mixer.strategies.base import Decision, State, Strategy
 

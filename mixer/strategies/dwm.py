@@ -65,7 +65,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mixer.signals import SAMPLE_ALIGNMENT, SAMPLE_LOSS, Report, Window
-from mixer.spec import LEGACY_DEFAULTS, LEGACY_DEFAULTS_VERSION
+from mixer.spec_defaults import LEGACY_DEFAULTS, LEGACY_DEFAULTS_VERSION
 from mixer.strategies import register
 from mixer.strategies.base import Decision, State, Strategy
 from mixer.weighting import parse_weighting_params

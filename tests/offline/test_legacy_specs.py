@@ -13,7 +13,8 @@ import pytest
 from mixer import replay as rp
 from mixer.bench.replay import synthetic_log
 from mixer.client import MixerClient
-from mixer.spec import DEFAULTS_VERSION, LEGACY_DEFAULTS, LEGACY_DEFAULTS_VERSION, JobSpec, SpecError
+from mixer.spec import JobSpec, SpecError
+from mixer.spec_defaults import DEFAULTS_VERSION, LEGACY_DEFAULTS, LEGACY_DEFAULTS_VERSION
 from mixer.store import Store
 from mixer.strategies import REGISTRY
 from mixer.weighting import METHODS

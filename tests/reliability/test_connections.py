@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mixer.client import MixerClient, Reporter
+from mixer.config import ConfigError, check
 from mixer.server.app import ServeConfig
 from mixer.signals import Report
 from tests.reliability.configured import ConfiguredServer
@@ -199,12 +200,21 @@ def test_connections_beyond_the_cap_are_refused(started, tmp_path):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"grpc_handshake_timeout": 0}, "--grpc-handshake-timeout: must be in (0, 86400] seconds, got 0"),
-        ({"grpc_idle_timeout": 1e9}, "--grpc-idle-timeout: must be in (0, 86400] seconds, got 1000000000.0"),
-        ({"grpc_max_connections": 0}, "--grpc-max-connections: must be in [1, 1000000], got 0"),
+        (
+            {"grpc_handshake_timeout": 0},
+            "grpc_handshake_timeout (--grpc-handshake-timeout): must be in (0, 86400] seconds, got 0",
+        ),
+        (
+            {"grpc_idle_timeout": 1e9},
+            "grpc_idle_timeout (--grpc-idle-timeout): must be in (0, 86400] seconds, got 1000000000.0",
+        ),
+        (
+            {"grpc_max_connections": 0},
+            "grpc_max_connections (--grpc-max-connections): must be in [1, 1000000], got 0",
+        ),
     ],
 )
 def test_bad_connection_limits_are_refused_by_name(fields, message):
-    with pytest.raises(SystemExit) as err:
-        ServeConfig(**fields).validate()
+    with pytest.raises(ConfigError) as err:
+        check(ServeConfig(**fields))
     assert message in str(err.value)

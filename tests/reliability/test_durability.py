@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mixer.client import MixerClient
+from mixer.config import ConfigError, check
 from mixer.server.app import ServeConfig
 from mixer.bench.launch import ServerProcess
 from mixer.signals import Report
@@ -94,8 +95,8 @@ def test_every_pooled_sqlite_connection_gets_the_setting(tmp_path):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"sqlite_synchronous": "extra"}, "--sqlite-synchronous: must be one of normal, full, got 'extra'"),
-        ({"sqlite_synchronous": "FULL"}, "--sqlite-synchronous: must be one of normal, full, got 'FULL'"),
+        ({"sqlite_synchronous": "extra"}, "sqlite_synchronous (--sqlite-synchronous): 'extra' is not one of normal, full"),
+        ({"sqlite_synchronous": "FULL"}, "sqlite_synchronous (--sqlite-synchronous): 'FULL' is not one of normal, full"),
         (
             {"sqlite_synchronous": "full", "db": "postgresql://u@h/db"},
             "--sqlite-synchronous applies to SQLite only",
@@ -103,8 +104,8 @@ def test_every_pooled_sqlite_connection_gets_the_setting(tmp_path):
     ],
 )
 def test_a_bad_setting_is_refused_by_name(fields, message):
-    with pytest.raises(SystemExit) as err:
-        ServeConfig(**fields).validate()
+    with pytest.raises(ConfigError) as err:
+        check(ServeConfig(**fields))
     assert message in str(err.value)
 
 

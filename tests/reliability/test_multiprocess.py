@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import update
 
 from mixer.client import MAX_HOPS, MixerClient, RedirectError, Reporter, owner_of
+from mixer.config import ConfigError, check
 from mixer.replay import verify
 from mixer.server.app import ServeConfig
 from mixer.bench.launch import ServerProcess
@@ -73,7 +74,7 @@ def test_workers_need_postgres(tmp_path):
 
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 BAD_WORKER_CONFIGS = [
-    ({"workers": 0}, "--workers: must be in [1, 256], got 0"),
+    ({"workers": 0}, "workers (--workers): must be in [1, 256], got 0"),
     ({"workers": 3, "port": 65534}, "--port: with --workers 3, must be in [1, 65532]"),
     ({"workers": 2, "http_port": 65535}, "--http-port: with --workers 2, must be 0 or in [1, 65534]"),
     ({"workers": 2, "advertise": "node-1:50051"}, "--advertise: with --workers, give the host only"),
@@ -86,8 +87,8 @@ BAD_WORKER_CONFIGS = [
 
 @pytest.mark.parametrize(("fields", "message"), BAD_WORKER_CONFIGS)
 def test_bad_worker_configs_are_refused_naming_the_option(fields, message):
-    with pytest.raises(SystemExit) as err:
-        ServeConfig(db=PG, **fields).validate()
+    with pytest.raises(ConfigError) as err:
+        check(ServeConfig(db=PG, **fields))
     assert message in str(err.value), err.value
 
 
