@@ -42,7 +42,13 @@ LEGACY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 """Defaults of version 1 that differ from today's, by part and method name: before 2026-12-05
 DoReMi had no `mode` (it sampled from alpha, today's `online`) and DWM's weighting model was the
 per-sample MLP (today's `mlp-features`); see `git log -p mixer/strategies/doremi.py
-mixer/weighting/params.py`. Every other default of that time is today's."""
+mixer/weighting/params.py`. Every other default of that time is today's.
+
+Version 1 covers the defaults just before version 2. One default changed earlier within it, and a
+stored spec cannot say which side of that change it was written on: loss weighting's `r` was 1.0
+until 2026-12-04 22:20 UTC and 0.4 after (the authors' released LinUpper configuration). A
+version-1 spec with loss weighting and no `r` resolves to 0.4; a job stored before that change
+ran with 1.0, and `mixer replay --verify` reports its replay as different rather than passing."""
 
 
 def known_version(version: Any) -> bool:
