@@ -192,7 +192,7 @@ def _result(
     strategy: str,
 ) -> dict[str, Any]:
     rows = [
-        {"version": v.version, "effective_step": v.effective_step, "weights": list(v.weights)}
+        {"version": v.version, "effective_step": v.effective_step, "weights": v.weights.tolist()}
         for v in versions
     ]
     final = {label: _final_val(records[label], len(domains)) for label, _, _ in runs}

@@ -152,7 +152,7 @@ def proxy_from_server(client: Any, name: str) -> ProxyRun:
         domains=list(job.domains),
         versions=[v.version for v in versions],
         effective_steps=np.array([v.effective_step for v in versions], dtype=np.int64),
-        weights=np.array([list(v.weights) for v in versions], dtype=np.float64).reshape(
+        weights=np.array([v.weights for v in versions], dtype=np.float64).reshape(
             len(versions), len(job.domains)
         ),
         max_step=int(job.max_step),

@@ -10,7 +10,7 @@ import numpy as np
 
 from mixer.signals import PER_DOMAIN_FIELDS, PER_SAMPLE_FIELDS, Report, SignalError, validate_report
 from mixer.spec import JobSpec
-from mixer.types import Version
+from mixer.types import JobInfo, ReportAck, ServedVersion, Version
 from mixer.v1 import mixer_pb2 as pb
 
 if TYPE_CHECKING:
@@ -95,14 +95,18 @@ def version_to_proto(job: str, v: Version, domains: list[str], created_at: float
     )
 
 
-def version_from_proto(msg: pb.WeightVersion) -> Version:
-    return Version(
+def served_version_from_proto(msg: pb.WeightVersion) -> ServedVersion:
+    """A served version: weights as float64 in the order of `domains`, params parsed from JSON."""
+    return ServedVersion(
         version=msg.version,
         effective_step=msg.effective_step,
         weights=np.array(msg.weights, dtype=np.float64),
         params=json.loads(msg.params_json) if msg.params_json else {},
         blob=msg.params_blob,
         trigger_step=msg.trigger_step,
+        job=msg.job,
+        domains=tuple(msg.domains),
+        created_at=msg.created_at,
     )
 
 
@@ -131,6 +135,35 @@ def job_to_proto(rec: JobRecord, spec: JobSpec | None = None, *, latest_version:
         source_job=rec.source_job or "",
         weighting=spec.weighting.name,
         status=rec.status,
+    )
+
+
+def job_info_from_proto(msg: pb.Job) -> JobInfo:
+    return JobInfo(
+        name=msg.name,
+        spec_json=msg.spec_json,
+        fingerprint=msg.fingerprint,
+        domains=tuple(msg.domains),
+        strategy=msg.strategy,
+        weighting=msg.weighting,
+        latest_version=msg.latest_version,
+        max_step=msg.max_step,
+        report_count=msg.report_count,
+        created_at=msg.created_at,
+        source_job=msg.source_job,
+        status=msg.status,
+    )
+
+
+def report_ack_from_proto(msg: pb.ReportResponse) -> ReportAck:
+    a = msg.ack
+    return ReportAck(
+        step=a.step,
+        seq=a.seq,
+        source=a.source,
+        duplicate=a.duplicate,
+        log_seq=a.log_seq,
+        latest=served_version_from_proto(msg.latest) if msg.HasField("latest") else None,
     )
 
 

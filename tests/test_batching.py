@@ -10,7 +10,8 @@ import grpc
 import numpy as np
 import pytest
 
-from mixer.client import MixerClient, Reporter, _session_request, channel
+from mixer.client import MixerClient, channel
+from mixer.reporter import Reporter, _session_request
 from mixer.store import Store
 from mixer.v1 import mixer_pb2 as pb
 from mixer.v1 import mixer_pb2_grpc as pb_grpc

@@ -8,8 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from mixer.client import MixerClient, Reporter
+from mixer.client import MixerClient
 from mixer.replay import verify
+from mixer.reporter import Reporter
 from mixer.signals import Report
 from mixer.store import Store
 

@@ -26,7 +26,7 @@ CORE = (
     "mixer.weighting",
 )
 """The pure core (signals in, weights out): no I/O."""
-EDGE = ("mixer.server", "mixer.store", "mixer.client", "mixer.cli", "grpc", "sqlalchemy")
+EDGE = ("mixer.server", "mixer.store", "mixer.client", "mixer.reporter", "mixer.cli", "grpc", "sqlalchemy")
 """The I/O edge the core must not import, directly or through another module."""
 
 

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from mixer.bench.isolation import HEAVY_SPEC_PARAMS, _heavy_reports
-from mixer.client import MixerClient, Reporter
+from mixer.client import MixerClient
 from mixer.replay import verify
+from mixer.reporter import Reporter
 from mixer.server.runtime import VERSIONS_KEPT
 from mixer.store import Store
+from mixer.types import ReportAck, ServedVersion
 from mixer.v1 import mixer_pb2 as pb
-from mixer.wire import version_from_proto
 
 HEAVY_K = 64
 HEAVY_UPDATES = 6
@@ -76,7 +77,7 @@ def test_a_costly_update_does_not_hold_up_another_jobs_acks(server):
     step = 0
     while th.is_alive():
         t = time.perf_counter()
-        ack = c.report("light", _signals(step)).ack
+        ack = c.report("light", _signals(step))
         light_ms.append((time.perf_counter() - t) * 1000)
         assert ack.step == step and not ack.duplicate
         step += 1
@@ -104,8 +105,8 @@ def test_a_costly_update_does_not_hold_up_another_jobs_acks(server):
     assert result.versions_checked == 3 + HEAVY_UPDATES and result.reports == 2 + HEAVY_UPDATES
 
 
-def _resend(c: MixerClient, job: str, steps: range) -> list[pb.Ack]:
-    return [c.report(job, _signals(s)).ack for s in steps]
+def _resend(c: MixerClient, job: str, steps: range) -> list[ReportAck]:
+    return [c.report(job, _signals(s)) for s in steps]
 
 
 def test_resent_reports_are_answered_from_memory_then_after_a_restart_off_the_loop(
@@ -153,7 +154,7 @@ def test_resent_reports_are_answered_from_memory_then_after_a_restart_off_the_lo
     c.close()
 
 
-def _expected_at(versions: list[pb.WeightVersion], step: int) -> pb.WeightVersion:
+def _expected_at(versions: list[ServedVersion], step: int) -> ServedVersion:
     """The newest version whose effective step is at or before `step` (from the listed data)."""
     return [v for v in versions if v.effective_step <= step][-1]
 
@@ -190,13 +191,13 @@ def test_get_weights_at_a_step_and_by_number_from_memory_and_after_restart(serve
         listed = c.list_versions("g")
         assert len(listed) == n + 1 and [v.version for v in listed] == list(range(n + 1))
         newest = c.get_weights("g")
-        assert newest.version == listed[-1].version and list(newest.weights) == list(listed[-1].weights)
+        assert newest.version == listed[-1].version and newest.weights.tolist() == listed[-1].weights.tolist()
         for step in [*range(40), *range(n - 40, n + 5)]:
             got, want = c.get_weights("g", step=step), _expected_at(listed, step)
-            assert (got.version, list(got.weights)) == (want.version, list(want.weights)), step
+            assert (got.version, got.weights.tolist()) == (want.version, want.weights.tolist()), step
         for number in [0, 1, n // 2, n - VERSIONS_KEPT, n - 1, n]:
-            got = version_from_proto(c.get_weights("g", version=number))
-            assert got.version == number and list(got.weights) == list(listed[number].weights)
+            got = c.get_weights("g", version=number)
+            assert got.version == number and got.weights.tolist() == listed[number].weights.tolist()
         with pytest.raises(Exception, match="no version"):
             c.get_weights("g", version=n + 1)
 
@@ -207,3 +208,35 @@ def test_get_weights_at_a_step_and_by_number_from_memory_and_after_restart(serve
     c = MixerClient(srv.address, timeout=30)
     check()
     c.close()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "k", "on_loop"),
+    [("odm", 8, True), ({"name": "ado", "params": HEAVY_SPEC_PARAMS}, HEAVY_K, False)],
+)
+def test_a_strategys_updates_run_on_the_loop_only_once_they_proved_cheap(strategy, k, on_loop):
+    """ODM's updates cost microseconds: after CHEAP_RUNS of them the job's window-closing reports
+    are admitted on the event loop, not handed to its lane. ADO refitting at every step starts
+    cheap (its first fits have one or two points) and then costs far more than CHEAP_S: its
+    updates stay on the lane for good, however many cheap ones came first."""
+    from mixer.engine import Engine
+    from mixer.server.offload import CHEAP_RUNS, OffloadedStrategy, UpdateProcesses
+    from mixer.spec import JobSpec
+    from mixer.wire import report_from_proto
+
+    spec = JobSpec.from_dict(
+        {"name": "j", "domains": [f"d{i}" for i in range(k)], "strategy": strategy, "cadence": {"update_every": 1}}
+    )
+    engine = Engine(spec)
+    processes = UpdateProcesses()
+    offloaded = engine.strategy = OffloadedStrategy(engine.strategy, 1, spec.fingerprint(), spec.to_json(), processes)
+    try:
+        cheap_seen = []
+        for seq, msg in enumerate(_heavy_reports(k, CHEAP_RUNS + 4, "w")):
+            cheap_seen.append(offloaded.cheap)
+            engine.ingest(report_from_proto(msg), seq)
+    finally:
+        processes.close()
+    assert cheap_seen[: CHEAP_RUNS] == [False] * CHEAP_RUNS  # never before CHEAP_RUNS updates
+    assert offloaded.cheap is on_loop, (offloaded.cheap_runs, offloaded.slow, offloaded.in_process)
+    assert any(cheap_seen) is on_loop

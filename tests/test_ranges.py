@@ -118,7 +118,7 @@ def test_step_far_ahead_is_refused_and_changes_nothing(server, cadence, ahead):
         # The job still serves honest workers, at the edge of the bound too.
         c.report(name, loss_report(newest + 1))
         resp = c.report(name, loss_report(newest + 1 + ahead))
-        assert not resp.ack.duplicate
+        assert not resp.duplicate
         assert resp.latest.effective_step == newest + 1 + ahead + CadenceSpec().delay
 
 
@@ -272,7 +272,7 @@ def test_bad_values_of_one_job_leave_another_jobs_reports_alone(db_url, server_f
             with MixerClient(srv.address) as vc:
                 for step in range(n):
                     try:
-                        acked[source, step] = vc.report("victim", loss_report(step, source)).ack.log_seq
+                        acked[source, step] = vc.report("victim", loss_report(step, source)).log_seq
                     except grpc.RpcError as e:
                         failed.append(f"{source} step {step}: {e.code().name} {e.details()}")
 

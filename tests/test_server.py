@@ -12,7 +12,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mixer.client import MixerClient, Reporter
+from mixer.client import MixerClient
+from mixer.reporter import Reporter
 from mixer.signals import Report
 from mixer.store import Store
 

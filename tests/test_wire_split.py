@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mixer.client import MixerClient, _session_request, channel
+from mixer.client import MixerClient, channel
 from mixer.replay import verify
+from mixer.reporter import _session_request
 from mixer.store import Store
 from mixer.v1 import mixer_pb2 as pb
 from mixer.v1 import mixer_pb2_grpc as pb_grpc

@@ -102,7 +102,6 @@ def run_trajectory(task: dict[str, Any]) -> dict[str, Any]:
 
     from mixer.client import MixerClient
     from mixer.megatron.pretrain import PretrainConfig, run_pretrain
-    from mixer.wire import version_from_proto
 
     torch.set_num_threads(1)  # one Ray CPU each
     cfg, path = task["proxy"], Path(task["path"])
@@ -132,7 +131,7 @@ def run_trajectory(task: dict[str, Any]) -> dict[str, Any]:
     )
     job = task["spec"]["name"]
     with MixerClient(task["address"]) as client:
-        versions = {v.version: v for v in map(version_from_proto, client.list_versions(job))}
+        versions = {v.version: v for v in client.list_versions(job)}
     applied = [(int(st), np.asarray(versions[v].weights)) for v, st in rec["applied"] if v in versions]
     if not applied or applied[0][0] > 0:
         raise RuntimeError(
@@ -199,21 +198,28 @@ def collect(
     address: str | None = None,
     num_cpus: int | None = None,
     progress: bool = True,
+    noise_domains: int = 0,
 ) -> dict[str, Any]:
     """Run the missing trajectories of `config` under out/trajectories; returns a summary.
 
     mixer: host:port of a running `mixer serve` (None: start one on out/mixer.db); address: a Ray
-    cluster (None: a local Ray with num_cpus CPUs); corpus: JSONL domains (None: the packaged minipile)."""
-    from mixer.bench.quality import _prepare, default_corpus
+    cluster (None: a local Ray with num_cpus CPUs); corpus: JSONL domains (None: the packaged minipile);
+    noise_domains: add `mixer bench quality --noise-domains N`'s unlearnable domains (the same files
+    and names, noise-0 ... last), so that the agent trained here has that benchmark's domain space."""
+    from mixer.bench.corpus import default_corpus, prepare_corpora
 
     cfg = (config or CollectConfig()).validate()
+    if isinstance(noise_domains, bool) or not isinstance(noise_domains, int) or not 0 <= noise_domains <= 64:
+        raise ValueError(f"noise_domains must be an integer in [0, 64], got {noise_domains!r}")
     out = Path(out).resolve()
     folder = out / "trajectories"
     folder.mkdir(parents=True, exist_ok=True)
     corpus = Path(corpus) if corpus is not None else default_corpus()
     if not corpus.is_dir():
         raise ValueError(f"corpus {corpus}: no such folder")
-    root, prefixes = _prepare(corpus, Path(cache).resolve() if cache else out / "prepared", progress)
+    cache = Path(cache).resolve() if cache else out / "prepared"
+    prepared = prepare_corpora(corpus, out, cache, noise_domains, False, progress)
+    root, prefixes = prepared.root, prepared.prefixes
     domains = list(prefixes)
     if len(domains) < 2:
         raise ValueError(f"corpus {corpus}: {len(domains)} domain(s); mixing needs at least 2")

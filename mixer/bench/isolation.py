@@ -61,7 +61,7 @@ def _heavy_reports(k: int, n: int, source: str) -> list:
 
 def _heavy_worker(address: str, job: str, k: int, duration: float, go, out: mp.Queue) -> None:
     """The costly job: one report in flight, the next as soon as it is acknowledged."""
-    from mixer.client import Reporter
+    from mixer.reporter import Reporter
 
     reports = _heavy_reports(k, 100_000, "heavy")
     reporter = Reporter(address, job, "heavy", max_buffer=4).start()
@@ -84,7 +84,7 @@ def _heavy_worker(address: str, job: str, k: int, duration: float, go, out: mp.Q
 
 def _burst_worker(address: str, job: str, n: int, go, out: mp.Queue) -> None:
     """Report `n` reports (before the clock), then, once the clock runs, re-send them all at once."""
-    from mixer.client import Reporter
+    from mixer.reporter import Reporter
     from mixer.v1 import mixer_pb2 as pb
 
     loss, tokens = [2.0] * K, [256.0] * K

@@ -57,7 +57,7 @@ def _session_worker(
     reports (or at `rate` reports/s when > 0), with at most `window` unacknowledged; then drain,
     and report counts and latencies."""
     os.nice(nice)  # a load generator: the server under test gets the CPU first when both want it
-    from mixer.client import Reporter
+    from mixer.reporter import Reporter
     from mixer.v1 import mixer_pb2 as pb
 
     rng = np.random.default_rng(abs(hash(job)) % 2**32)

@@ -370,7 +370,6 @@ def _run_one(b: _Bench, name: str, seed: int, job: str, spec: dict[str, Any], re
     """One attached pretraining run (mixer.megatron.pretrain); returns what the report needs from it."""
     from mixer.client import MixerClient
     from mixer.megatron.pretrain import PretrainConfig, run_pretrain
-    from mixer.wire import version_from_proto
 
     cfg, uniform = b.cfg, name == "uniform"
     spec_path = b.out / "specs" / f"{name}-s{seed}.yaml"
@@ -408,7 +407,7 @@ def _run_one(b: _Bench, name: str, seed: int, job: str, spec: dict[str, Any], re
         detached = rec["step_time_detached_s"]
     wall = time.perf_counter() - t0
     with MixerClient(b.address) as client:
-        versions = {v.version: v for v in map(version_from_proto, client.list_versions(job))}
+        versions = {v.version: v for v in client.list_versions(job)}
     return _run_record(b, name, seed, job, rec, versions, wall, load0, detached)
 
 

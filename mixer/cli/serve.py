@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -24,6 +24,9 @@ from mixer.cli.common import (
 )
 from mixer.config import options
 from mixer.server.config import ServeConfig
+
+if TYPE_CHECKING:
+    from mixer.types import JobInfo, ServedVersion
 
 
 @click.command()
@@ -98,7 +101,7 @@ def job() -> None:
     """Create and inspect jobs."""
 
 
-def _job_dict(j) -> dict[str, Any]:
+def _job_dict(j: JobInfo) -> dict[str, Any]:
     return {
         "name": j.name,
         "strategy": j.strategy,
@@ -229,13 +232,13 @@ def job_finish(name: str, as_json: bool, **conn) -> None:
         click.echo(f"finished: {j.name} ({j.report_count} reports, version {j.latest_version})")
 
 
-def _version_dict(v) -> dict[str, Any]:
+def _version_dict(v: ServedVersion) -> dict[str, Any]:
     return {
         "version": v.version,
         "effective_step": v.effective_step,
         "trigger_step": v.trigger_step,
-        "weights": list(v.weights),
-        "params": json.loads(v.params_json) if v.params_json else {},
+        "weights": v.weights.tolist(),
+        "params": v.params,
     }
 
 

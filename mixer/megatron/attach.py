@@ -1,4 +1,4 @@
-"""The training loop's attachment to a mixer service: a background session (client.Reporter)."""
+"""The training loop's attachment to a mixer service: a background session (reporter.Reporter)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from mixer.client import MixerClient, Reporter
+from mixer.client import MixerClient
 from mixer.megatron.versions import VersionUpdate
+from mixer.reporter import Reporter
 from mixer.signals import Report
-from mixer.wire import version_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class ServiceAttachment:
         assert self._client is not None
         while True:
             try:
-                v = version_from_proto(self._client.get_weights(self.job, step=step))
+                v = self._client.get_weights(self.job, step=step)
                 break
             except Exception as e:  # noqa: BLE001 - grpc errors: retry until the deadline
                 if time.monotonic() >= deadline:

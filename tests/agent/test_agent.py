@@ -18,16 +18,15 @@ from mixer.agent.collect import CollectConfig, collect, load_trajectories
 from mixer.agent.policy import AgentFileError, load_agent, strategy_spec
 from mixer.agent.train import ACTOR, CARD, WEIGHTS, TrainConfig, save_agent, train, train_on
 from mixer.agent.trajectory import Trajectory, TrajectoryError, transitions
+from mixer.bench.launch import ServerProcess
 from mixer.bench.quality import PRESETS
 from mixer.client import MixerClient
 from mixer.megatron.corpus import write_synthetic_corpus
 from mixer.replay import verify
-from mixer.bench.launch import ServerProcess
 from mixer.spec import JobSpec, SpecError
 from mixer.store.repository import Store
 from mixer.strategies.agent import state_features
 from mixer.transfer import resolve_spec_text
-from mixer.wire import version_from_proto
 
 pytestmark = pytest.mark.ray
 
@@ -79,7 +78,7 @@ def test_collect_records_each_trajectory_as_a_job_and_resume_skips_finished_ones
             assert list(tr.domains) == second["domains"]
             assert np.allclose(tr.actions.sum(1), 1.0) and np.isfinite(tr.losses).all()
             # the job on the service replays the recorded nominal schedule, one entry per step
-            versions = [version_from_proto(v) for v in client.list_versions(tr.job)]
+            versions = client.list_versions(tr.job)
             assert versions, tr.job
             nominal = np.asarray(doc["nominal"])
             assert np.allclose(versions[0].weights, nominal[0])
@@ -199,7 +198,7 @@ def test_a_job_with_the_agent_produces_versions_and_replay_verifies_them(world, 
         )
     )
     with MixerClient(world["server"].address) as client:
-        versions = [version_from_proto(v) for v in client.list_versions(job)]
+        versions = client.list_versions(job)
     evals = rec["val_history"]
     assert len(versions) >= 3, versions  # version 0 (the prior) and one per evaluation reported in time
     assert [v.params.get("agent_step") for v in versions[1:]] == list(range(1, len(versions)))
@@ -360,3 +359,29 @@ def test_bench_quality_runs_the_agent_next_to_uniform(world, trained, tmp_path) 
             out=tmp_path / "q2",
             progress=False,
         )
+
+
+def test_collect_takes_the_quality_benchmarks_noise_domains(tmp_path) -> None:
+    """With noise_domains, collect's domain space is `mixer bench quality --noise-domains N`'s: the
+    corpus's domains, then noise-0..., the same files, so an agent trained on it runs there by name."""
+    from mixer.bench.corpus import prepare_corpora
+
+    write_synthetic_corpus(tmp_path / "corpus", seed=0, docs_per_domain=20)
+    folder = tmp_path / "out" / "trajectories"
+    folder.mkdir(parents=True)
+    (folder / "traj-00000.json").write_text("{}")  # finished: nothing left to run, no Ray started
+    cfg = CollectConfig(trajectories=1, segments=2, segment_steps=1, proxy=PROXY)
+    kw = {"out": tmp_path / "out", "config": cfg, "corpus": tmp_path / "corpus", "progress": False}
+    got = collect(noise_domains=1, **kw)
+    bench = prepare_corpora(tmp_path / "corpus", tmp_path / "bench", tmp_path / "cache", 1, False, False)
+    assert got["domains"] == list(bench.prefixes) and got["domains"][-1] == "noise-0", got
+    assert got["skipped"] == 1 and got["ran"] == 0 and not got["failed"], got
+    for split in ("train", "val"):
+        ours = tmp_path / "out" / "noise-corpus" / "noise-0" / f"{split}.jsonl"
+        assert (
+            ours.read_bytes()
+            == (tmp_path / "bench" / "noise-corpus" / "noise-0" / f"{split}.jsonl").read_bytes()
+        )
+    for bad in (-1, 65, True, 1.5):
+        with pytest.raises(ValueError, match="noise_domains"):
+            collect(noise_domains=bad, **kw)

@@ -31,7 +31,6 @@ from mixer.signals import Report
 from mixer.spec import JobSpec, SpecError
 from mixer.store import Store
 from mixer.transfer import TransferError, resolve_agent, resolve_spec_text
-from mixer.wire import version_from_proto
 
 DOMAINS = ["a", "b", "c"]
 STEPS = 12
@@ -155,7 +154,7 @@ def test_a_job_named_by_hash_restarts_and_replays_bit_for_bit_without_the_file(t
         with MixerClient(server.address) as c:
             for step in range(STEPS // 2, STEPS):
                 c.report("by-hash", _report(step))
-            versions = [version_from_proto(v) for v in c.list_versions("by-hash")]
+            versions = c.list_versions("by-hash")
             stored = json.loads(c.get_job("by-hash").spec_json)
         # on the page's API, as any job: its versions with the agent's step in their parameters
         url = f"http://127.0.0.1:{server.http_port}/api/jobs/by-hash/versions/{STEPS}"

@@ -62,7 +62,7 @@ def test_two_ranks_switch_versions_together_on_disjoint_slices(write_spec, serve
     # The global batch is the one a single sampler draws when it applies the same versions.
     spec = JobSpec.from_yaml(spec_path.read_text())
     with MixerClient(server.address) as client:
-        weights = {v.version: list(v.weights) for v in client.list_versions("two-ranks")}
+        weights = {v.version: v.weights.tolist() for v in client.list_versions("two-ranks")}
         assert client.get_job("two-ranks").report_count == steps + len(
             r0["val_history"]
         )  # rank 0 alone reports

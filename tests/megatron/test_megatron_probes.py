@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +96,8 @@ def test_doremi_gets_excess_loss_from_a_reference(write_spec, server, tmp_path: 
     assert len(versions) > 1
     # Mode paper (the default): workers keep sampling from the prior, and each version's alpha / q
     # weights the loss of every sample by its domain, as applied at that step.
-    assert all(list(v.weights) == list(versions[0].weights) for v in versions)
-    loss_weights = {v.version: json.loads(v.params_json)["domain_loss_weights"] for v in versions[1:]}
+    assert all(np.array_equal(v.weights, versions[0].weights) for v in versions)
+    loss_weights = {v.version: v.params["domain_loss_weights"] for v in versions[1:]}
     assert max(loss_weights[versions[-1].version]) != min(loss_weights[versions[-1].version])
     checked = 0
     for version, ids, w in zip(record["versions"], record["sample_ids"], record["instance_weights"], strict=True):

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mixer.client import MixerClient, Reporter
+from mixer.client import MixerClient
+from mixer.reporter import Reporter
 from mixer.engine import Version
 from mixer.bench.launch import ServerProcess
 from mixer.signals import Report

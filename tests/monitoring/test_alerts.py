@@ -184,7 +184,7 @@ def test_prometheus_fires_alerts_against_a_real_server(server_factory, sqlite_ur
         for step in range(15):
             with pytest.raises(grpc.RpcError, match="domain_loss_sum"):
                 c.report(STARVING_JOB, Report(step=12 + step, source="bad", domain_loss_sum=np.array([1.0])))
-        params = json.loads(c.get_weights(STARVING_JOB).params_json)
+        params = c.get_weights(STARVING_JOB).params
     assert params["starving"] == [2]
 
     def tripped(alerts, name, **labels):

@@ -73,7 +73,7 @@ def test_main_job_starts_from_the_proxy_average_and_keeps_its_lineage(recorded, 
         domains = list(job.domains)
         # The expectation, in float64 from ListVersions: each version weighs the steps it was in force.
         eff = [v.effective_step for v in versions]
-        w = np.array([list(v.weights) for v in versions])
+        w = np.array([v.weights for v in versions])
         expected = _brute_force(eff, w, 0, job.max_step + 1)
         reversed_domains = domains[::-1]  # order may differ; names must match
         spec = apply_to_spec(_main_spec("main-from-proxy", reversed_domains), proxy, Averaging())
@@ -93,7 +93,7 @@ def test_main_job_starts_from_the_proxy_average_and_keeps_its_lineage(recorded, 
         c.create_job(static)
         v0 = c.get_weights("main-static")
         np.testing.assert_allclose(
-            list(v0.weights), _brute_force(eff, w, job.max_step + 1 - 40, job.max_step + 1), rtol=1e-12
+            v0.weights, _brute_force(eff, w, job.max_step + 1 - 40, job.max_step + 1), rtol=1e-12
         )
 
     # /api/jobs/NAME (what the page draws) shows it.

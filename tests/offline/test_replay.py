@@ -98,9 +98,9 @@ def test_counterfactual_is_deterministic_and_served_as_a_derived_job(recorded, c
         assert job.latest_version == a.versions[-1].version
         served = c.list_versions("rec-dr")
         assert [v.version for v in served] == [v.version for v in a.versions]
-        assert all(np.array_equal(np.array(s.weights), v.weights) for s, v in zip(served, a.versions))
+        assert all(np.array_equal(s.weights, v.weights) for s, v in zip(served, a.versions))
         latest = c.get_weights("rec-dr")
-        assert np.array_equal(np.array(latest.weights), a.versions[-1].weights)
+        assert np.array_equal(latest.weights, a.versions[-1].weights)
         assert "rec-dr" in {j.name for j in c.list_jobs()}
     store.close()
 

@@ -12,8 +12,9 @@ import grpc
 import numpy as np
 import pytest
 
-from mixer.client import MixerClient, Reporter
+from mixer.client import MixerClient
 from mixer.config import ConfigError, check
+from mixer.reporter import Reporter
 from mixer.server.app import ServeConfig
 from mixer.signals import Report
 from tests.reliability.configured import ConfiguredServer

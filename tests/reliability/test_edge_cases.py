@@ -51,12 +51,12 @@ def test_empty_batch_is_accepted_and_changes_nothing(server):
     with MixerClient(server.address) as c:
         c.create_job({"name": "empty", "domains": ["a", "b"], "strategy": "odm", "cadence": {"update_every": 1}})
         ack = c.report("empty", Report(step=0, source="w", domain_loss_sum=np.zeros(2), domain_token_count=np.zeros(2), domain_sample_count=np.zeros(2, dtype=np.int64)))
-        assert not ack.ack.duplicate
+        assert not ack.duplicate
         ack2 = c.report("empty", Report(step=1, source="w"))  # no arrays at all: a heartbeat-like report
-        assert ack2.ack.log_seq == 1
+        assert ack2.log_seq == 1
         v = c.get_weights("empty")
         assert v.version == 0, "a window with no data must not make a version"
-        assert list(v.weights) == [0.5, 0.5]
+        assert v.weights.tolist() == [0.5, 0.5]
 
 
 def test_domain_limit_is_a_clear_error(server_factory, sqlite_url):
@@ -67,7 +67,7 @@ def test_domain_limit_is_a_clear_error(server_factory, sqlite_url):
 
 
 def test_session_limit_is_a_clear_error(server_factory, sqlite_url):
-    from mixer.client import Reporter
+    from mixer.reporter import Reporter
 
     srv = server_factory(sqlite_url, "--max-sessions-per-job", "1")
     with MixerClient(srv.address) as c:

@@ -12,7 +12,8 @@ import grpc
 import numpy as np
 import pytest
 
-from mixer.client import MixerClient, Reporter
+from mixer.client import MixerClient
+from mixer.reporter import Reporter
 from mixer.replay import verify
 from mixer.bench.launch import ServerProcess
 from mixer.store import Store

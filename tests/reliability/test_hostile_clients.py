@@ -17,7 +17,8 @@ import grpc
 import numpy as np
 import pytest
 
-from mixer.client import MixerClient, Reporter, TlsConfig, auth_metadata
+from mixer.client import MixerClient, TlsConfig, auth_metadata
+from mixer.reporter import Reporter
 from mixer.server.app import ServeConfig
 from mixer.server.auth import CACHE_SECONDS, create_token
 from mixer.bench.launch import free_port

@@ -15,8 +15,9 @@ import grpc
 import pytest
 from sqlalchemy import update
 
-from mixer.client import MAX_HOPS, MixerClient, RedirectError, Reporter, owner_of
+from mixer.client import MAX_HOPS, MixerClient, RedirectError, owner_of
 from mixer.config import ConfigError, check
+from mixer.reporter import Reporter
 from mixer.replay import verify
 from mixer.server.app import ServeConfig
 from mixer.bench.launch import ServerProcess

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mixer.client import MixerClient, Reporter
+from mixer.client import MixerClient
+from mixer.reporter import Reporter
 from mixer.signals import Report
 from mixer.store import Store
 

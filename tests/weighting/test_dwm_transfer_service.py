@@ -19,7 +19,6 @@ from mixer.spec import JobSpec
 from mixer.store import Store
 from mixer.transfer import export_weighting_model, resolve_init_from, write_weighting_model
 from mixer.weighting import dwm
-from mixer.wire import version_from_proto
 
 K = 3
 SAMPLES = 16
@@ -59,7 +58,7 @@ def run(address: str, job: dict, steps: int, loss_offset: float) -> list:
         assert created
         for step in range(steps):
             c.report(job["name"], report(step, rng, loss_offset))
-        return [version_from_proto(v) for v in c.list_versions(job["name"])]
+        return c.list_versions(job["name"])
 
 
 def replays_bit_for_bit(db: str, name: str, versions: list) -> None:
