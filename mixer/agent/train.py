@@ -72,6 +72,8 @@ class TrainConfig:
     reward_scale: float = 100.0
     horizon: int = 0
     """Re-weighting steps of a whole run, for the progress input (0: the trajectories' T)."""
+    reward_ignore: tuple[str, ...] = ()
+    """Domains left out of the reward's mean (e.g. unscored control domains); they stay in the state."""
     seed: int = 0
 
     def validate(self) -> TrainConfig:
@@ -103,6 +105,10 @@ class TrainConfig:
         number("actor_lr", 0.0, 1.0, open_lo=True)
         number("critic_lr", 0.0, 1.0, open_lo=True)
         number("reward_scale", 0.0, 1e6, open_lo=True)
+        ignore = self.reward_ignore
+        if not isinstance(ignore, (tuple, list)) or not all(isinstance(d, str) and d for d in ignore):
+            raise ValueError(f"reward_ignore must be a list of domain names, got {ignore!r}")
+        self.reward_ignore = tuple(ignore)
         return self
 
 
@@ -201,7 +207,13 @@ def _train_on(
     if not trajectories:
         raise TrajectoryError("no trajectories to train on (run `mixer agent collect` first)")
     horizon = cfg.horizon or max(t.actions.shape[0] for t in trajectories)
-    data = transitions(trajectories, history=cfg.history, horizon=horizon, reward_scale=cfg.reward_scale)
+    data = transitions(
+        trajectories,
+        history=cfg.history,
+        horizon=horizon,
+        reward_scale=cfg.reward_scale,
+        reward_ignore=cfg.reward_ignore,
+    )
     domains = list(trajectories[0].domains)
     K, F = len(domains), num_features(len(domains), cfg.history)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -20,7 +20,9 @@ state s_t, takes the action a_t (the distribution actually applied during step t
 the fall of the balanced (domain-averaged) validation loss over the step, relative to the run's
 first evaluation (ours: the paper's reward is the change in its benchmarks' performance; a mean over
 domains keeps source and target domains in balance as its average over MMLU and MATH does). The
-last transition of a trajectory is terminal.
+mean runs over the domains the target run is scored on: `reward_ignore` leaves domains out of it
+(a benchmark's unscored control domains; their losses stay in the state). The last transition of a
+trajectory is terminal.
 """
 
 from __future__ import annotations
@@ -156,18 +158,33 @@ class Transitions:
 
 
 def transitions(
-    trajectories: list[Trajectory], *, history: int, horizon: int, reward_scale: float = 100.0
+    trajectories: list[Trajectory],
+    *,
+    history: int,
+    horizon: int,
+    reward_scale: float = 100.0,
+    reward_ignore: tuple[str, ...] = (),
 ) -> Transitions:
-    """The MDP transitions of the module docstring; all trajectories must share one domain space."""
+    """The MDP transitions of the module docstring; all trajectories must share one domain space.
+    reward_ignore: domains left out of the reward's mean (a benchmark's unscored control domains);
+    they stay in the state."""
     if not trajectories:
         raise TrajectoryError("no trajectories to train on (run `mixer agent collect` first)")
     if not 1 <= history <= MAX_HISTORY:
         raise TrajectoryError(f"history must lie in [1, {MAX_HISTORY}], got {history}")
-    one_domain_space(trajectories, "one agent learns one domain space")
+    domains = one_domain_space(trajectories, "one agent learns one domain space")
+    unknown = sorted(set(reward_ignore) - set(domains))
+    if unknown:
+        raise TrajectoryError(
+            f"reward_ignore names {unknown[0]!r}, not a domain of the trajectories ({', '.join(domains)})"
+        )
+    scored = [k for k, d in enumerate(domains) if d not in reward_ignore]
+    if not scored:
+        raise TrajectoryError(f"reward_ignore leaves no domain to reward ({', '.join(domains)})")
     S, A, R, S2, D = [], [], [], [], []
     for tr in trajectories:
         T = tr.actions.shape[0]
-        rel = tr.losses / float(tr.losses[0].mean())
+        rel = tr.losses[:, scored] / float(tr.losses[0].mean())
 
         for t in range(1, T):
             S.append(_state(tr, t, history, horizon))

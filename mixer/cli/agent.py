@@ -85,6 +85,19 @@ def agent() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="prepared datasets (default: OUT/cache)",
 )
+@click.option(
+    "--eval-samples",
+    default=None,
+    type=click.IntRange(1),
+    help="validation windows per domain after each step (default: the preset's)",
+)
+@click.option(
+    "--noise-domains",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 64),
+    help="add `mixer bench quality --noise-domains N`'s unlearnable domains (noise-0, ...)",
+)
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @json_option
 @_errors
@@ -102,10 +115,14 @@ def collect(
     address: str | None,
     num_cpus: int | None,
     cache: Path | None,
+    eval_samples: int | None,
+    noise_domains: int,
     no_progress: bool,
     as_json: bool,
 ) -> None:
     """Run short proxy runs along random weight trajectories, each recorded as a mixer job."""
+    from dataclasses import replace
+
     from mixer.agent.collect import CollectConfig
     from mixer.agent.collect import collect as run_collect
     from mixer.bench.quality import PRESETS
@@ -117,7 +134,7 @@ def collect(
         alpha0=alpha0,
         kappa=kappa,
         seed=seed,
-        proxy=PRESETS[preset],
+        proxy=replace(PRESETS[preset], eval_samples=eval_samples or PRESETS[preset].eval_samples),
     )
     summary = run_collect(
         out=out,
@@ -128,6 +145,7 @@ def collect(
         address=address,
         num_cpus=num_cpus,
         progress=not (no_progress or as_json),
+        noise_domains=noise_domains,
     )
     if as_json:
         emit_json(summary)
@@ -177,6 +195,12 @@ def collect(
     type=click.IntRange(0),
     help="re-weighting steps of a whole run, for the progress input (0: the trajectories')",
 )
+@click.option(
+    "--reward-ignore",
+    default="",
+    metavar="DOMAIN,...",
+    help="domains left out of the reward (e.g. noise-0: unscored control domains); they stay in the state",
+)
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @json_option
@@ -193,6 +217,7 @@ def train(
     alpha: float,
     reward_scale: float,
     horizon: int,
+    reward_ignore: str,
     seed: int,
     no_progress: bool,
     as_json: bool,
@@ -211,6 +236,7 @@ def train(
         alpha=alpha,
         reward_scale=reward_scale,
         horizon=horizon,
+        reward_ignore=tuple(d.strip() for d in reward_ignore.split(",") if d.strip()),
         seed=seed,
     )
     card = run_train(trajectories=trajectories, out=out, config=cfg, progress=not (no_progress or as_json))

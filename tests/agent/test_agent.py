@@ -268,6 +268,11 @@ def test_bad_inputs_get_clear_errors(world, trained, tmp_path) -> None:
         load_agent(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="trajectories must be an integer"):
         CollectConfig(trajectories=0).validate()
+    for ignore in ("noise-0", ("",), (1,)):
+        with pytest.raises(ValueError, match="reward_ignore must be a list of domain names"):
+            TrainConfig(reward_ignore=ignore).validate()
+    with pytest.raises(TrajectoryError, match="reward_ignore names 'nope'"):
+        train_on(trajs, dataclasses.replace(FAST, reward_ignore=("nope",)))
 
 
 def test_command_line_trains_and_writes_a_spec(world, trained, tmp_path) -> None:

@@ -23,10 +23,10 @@ from click.testing import CliRunner
 from mixer import replay as rp
 from mixer.agent.policy import fresh_model
 from mixer.agent.trajectory import Trajectory, TrajectoryError
+from mixer.bench.launch import ServerProcess
 from mixer.cli import main
 from mixer.client import MixerClient
 from mixer.replay import verify
-from mixer.bench.launch import ServerProcess
 from mixer.signals import Report
 from mixer.spec import JobSpec, SpecError
 from mixer.store import Store

@@ -5,6 +5,7 @@ laid out as the training data lays them out."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -105,3 +106,23 @@ def test_sampled_trajectories_are_distributions_that_move() -> None:
     assert not np.allclose(a[0], a[1])
     again = sample_schedule(5, 6, np.random.Generator(np.random.PCG64(0)), alpha0=1.0, kappa=10.0)
     assert np.array_equal(a, again)
+
+
+def test_the_reward_can_leave_unscored_domains_out() -> None:
+    """reward_ignore takes a domain out of the reward's mean (not out of the state), relative to the
+    first evaluation's mean over every domain; a name that is not a domain, or ignoring them all, is refused."""
+    from mixer.agent.trajectory import TrajectoryError
+
+    rng = np.random.default_rng(1)
+    losses = 5.0 - np.cumsum(rng.uniform(0.0, 0.3, (5, 3)), axis=0)
+    actions = rng.dirichlet(np.ones(3), 5)
+    traj = Trajectory("t", tuple(DOMAINS), 1, actions, losses)
+    every = transitions([traj], history=2, horizon=5, reward_scale=100.0)
+    some = transitions([traj], history=2, horizon=5, reward_scale=100.0, reward_ignore=(DOMAINS[-1],))
+    rel = losses / losses[0].mean()
+    np.testing.assert_allclose(every.r, 100.0 * (rel[:-1].mean(1) - rel[1:].mean(1)), rtol=1e-5)
+    np.testing.assert_allclose(some.r, 100.0 * (rel[:-1, :-1].mean(1) - rel[1:, :-1].mean(1)), rtol=1e-5)
+    np.testing.assert_array_equal(every.s, some.s)
+    for bad, what in (((DOMAINS[0], "x"), "'x'"), (tuple(DOMAINS), "no domain")):
+        with pytest.raises(TrajectoryError, match=what):
+            transitions([traj], history=2, horizon=5, reward_ignore=bad)
