@@ -209,34 +209,3 @@ def test_get_weights_at_a_step_and_by_number_from_memory_and_after_restart(serve
     check()
     c.close()
 
-
-@pytest.mark.parametrize(
-    ("strategy", "k", "on_loop"),
-    [("odm", 8, True), ({"name": "ado", "params": HEAVY_SPEC_PARAMS}, HEAVY_K, False)],
-)
-def test_a_strategys_updates_run_on_the_loop_only_once_they_proved_cheap(strategy, k, on_loop):
-    """ODM's updates cost microseconds: after CHEAP_RUNS of them the job's window-closing reports
-    are admitted on the event loop, not handed to its lane. ADO refitting at every step starts
-    cheap (its first fits have one or two points) and then costs far more than CHEAP_S: its
-    updates stay on the lane for good, however many cheap ones came first."""
-    from mixer.engine import Engine
-    from mixer.server.offload import CHEAP_RUNS, OffloadedStrategy, UpdateProcesses
-    from mixer.spec import JobSpec
-    from mixer.wire import report_from_proto
-
-    spec = JobSpec.from_dict(
-        {"name": "j", "domains": [f"d{i}" for i in range(k)], "strategy": strategy, "cadence": {"update_every": 1}}
-    )
-    engine = Engine(spec)
-    processes = UpdateProcesses()
-    offloaded = engine.strategy = OffloadedStrategy(engine.strategy, 1, spec.fingerprint(), spec.to_json(), processes)
-    try:
-        cheap_seen = []
-        for seq, msg in enumerate(_heavy_reports(k, CHEAP_RUNS + 4, "w")):
-            cheap_seen.append(offloaded.cheap)
-            engine.ingest(report_from_proto(msg), seq)
-    finally:
-        processes.close()
-    assert cheap_seen[: CHEAP_RUNS] == [False] * CHEAP_RUNS  # never before CHEAP_RUNS updates
-    assert offloaded.cheap is on_loop, (offloaded.cheap_runs, offloaded.slow, offloaded.in_process)
-    assert any(cheap_seen) is on_loop

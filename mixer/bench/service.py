@@ -27,9 +27,9 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
+from mixer.bench.launch import ServerProcess
 from mixer.client import MixerClient
 from mixer.reporter import Reporter
-from mixer.bench.launch import ServerProcess
 from mixer.v1 import mixer_pb2 as pb
 
 K = 8

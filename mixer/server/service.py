@@ -260,29 +260,34 @@ class MixerService(pb_grpc.MixerServiceServicer):
         except (SQLAlchemyError, MixerError) as e:
             await abort(context, e)
         q = rt.subscribe()
+        stop = asyncio.ensure_future(self._stop_into(q))
         try:
             last = request.after_version
             for v, created in await asyncio.to_thread(self.rts.store.versions, rt.job.id, last):
                 yield pb.WatchWeightsResponse(version=self._version(rt, v, created))
                 last = v.version
-            stopping = asyncio.ensure_future(self.rts.stopping.wait())
-            try:
-                while True:
-                    got = asyncio.ensure_future(q.get())
-                    await asyncio.wait((got, stopping), return_when=asyncio.FIRST_COMPLETED)
-                    if not got.done():  # the server is stopping: send the watcher on now, not after the grace
-                        got.cancel()
-                        await context.abort(
-                            grpc.StatusCode.UNAVAILABLE, "the server is shutting down; watch again (another server)"
-                        )
-                    v = got.result()
-                    if v.version > last:
-                        last = v.version
-                        yield pb.WatchWeightsResponse(version=self._version(rt, v))
-            finally:
-                stopping.cancel()
+            while True:
+                # Awaited directly: a published version reaches its watcher in one pass of the
+                # loop (a task per get and asyncio.wait over two futures took three passes, each
+                # as long as the ingest work queued in it).
+                v = await q.get()
+                if v is _STOPPING:  # send the watcher on now, not after the grace
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, "the server is shutting down; watch again (another server)"
+                    )
+                if v.version > last:
+                    last = v.version
+                    yield pb.WatchWeightsResponse(version=self._version(rt, v))
         finally:
+            stop.cancel()
             rt.unsubscribe(q)
+
+    async def _stop_into(self, q: asyncio.Queue) -> None:
+        """Once the server starts stopping: _STOPPING into a watcher's queue (after what it holds)."""
+        await self.rts.stopping.wait()
+        if q.full():
+            q.get_nowait()
+        q.put_nowait(_STOPPING)
 
     async def Session(self, request_iterator, context):
         # Until hello has come and its token is checked, a stream costs memory and proves nothing:
