@@ -4,7 +4,9 @@ Per strategy and seed: a byte-level megatron-core GPT (mixer.megatron.pretrain.r
 the corpus prepared as indexed datasets, drawn by the live MixtureSampler, attached to one real
 `mixer serve` (SQLite in the out folder) through a ServiceAttachment; the probes its strategy
 declares switch on (DoReMi: a frozen reference forward, the same seed's uniform run; DGA: gradient
-alignment; DWM: per-sample alignment; Aioli: periodic balanced validation). Validation is balanced:
+alignment; DWM: per-sample alignment; Aioli: periodic balanced validation). dwm-transfer is the DWM
+paper's transfer: per seed a smaller model's dwm run (TRANSFER_SOURCE) learns the weighting model,
+which is exported to OUT/models/ and starts the run's own model, frozen. Validation is balanced:
 each domain's validation windows scored on their own, averaged uniformly. Step-time baseline: the
 uniform run alternates blocks of detached and attached steps (identical training: a static job never
 changes its mixture), the purest measure of being attached; every other strategy is timed against a
@@ -15,7 +17,6 @@ Writes result.json, quality.png and table.md (mixer.bench.quality_plot).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import platform
@@ -30,9 +31,11 @@ from typing import Any
 import numpy as np
 import yaml
 
+from mixer.bench.corpus import TOPICS_K, prepare_corpora
 from mixer.bench.quality_plot import format_table, plot_quality, summarize
 from mixer.config import ConfigError, setting
 from mixer.megatron.pretrain import PretrainError
+from mixer.weighting.params import DwmParams
 
 __all__ = [
     "PRESETS",
@@ -40,7 +43,7 @@ __all__ = [
     "STRATEGIES",
     "QualityConfig",
     "QualityRun",
-    "default_corpus",
+    "check_overrides",
     "run_quality",
 ]
 
@@ -59,13 +62,17 @@ STRATEGIES = (
     "token-loss",
     "token-reference",
     "dwm",
+    "dwm-transfer",
     "agent",
 )
 # Strategies that need more than a name (the agent: --agent PATH) are not in "all".
 NEEDS_INPUT = ("agent",)
-# ToReMi's topics: TF-IDF + k-means over every domain of the run (ours: fast, offline, deterministic).
-TOPICS_K = 16
 QUICK_STRATEGIES = ("uniform", "odm", "doremi")
+# dwm-transfer: the paper's transfer (a weighting model learned with a small LLM trains a larger one).
+# Per seed, a dwm run of this preset's model and batch (the run's steps and update cadence) learns
+# the weighting model; it is exported as `mixer export JOB --what weighting-model` writes it, and the
+# run's own model trains with it from step 0, frozen (--set dwm-transfer.frozen=false keeps learning).
+TRANSFER_SOURCE = "quick"
 
 
 @dataclass(frozen=True)
@@ -202,36 +209,6 @@ class QualityRun:
         return " ".join(parts)
 
 
-def default_corpus() -> Path:
-    """minipile, shipped with the package (mixer/bench/minipile: 8 domains, 7.7 MB; README.md there)."""
-    return Path(__file__).resolve().parent / "minipile"
-
-
-NOISE_ALPHABET = "".join(chr(c) for c in range(32, 127))  # printable ASCII: ln 95 = 4.55 nats/byte at best
-
-
-def noise_corpus(root: Path, count: int, train_bytes: int, val_bytes: int, doc_bytes: int = 2048) -> Path:
-    """`count` unlearnable control domains under root (noise-0, noise-1, ...): documents of printable
-    ASCII drawn uniformly at random, a fixed seed per domain. The best any model can do on them is
-    ln 95 = 4.55 nats/byte, so every step spent on them is wasted; a strategy that sees this should
-    starve them. They train but are left out of the score. Written once; reused while present."""
-    for i in range(count):
-        d = root / f"noise-{i}"
-        if (d / "val.jsonl").is_file():
-            continue
-        d.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(10_000 + i)
-        alphabet = np.frombuffer(NOISE_ALPHABET.encode(), dtype=np.uint8)
-        for split, size in (("train", train_bytes), ("val", val_bytes)):
-            tmp = d / f"{split}.jsonl.tmp"
-            with tmp.open("w") as f:
-                for _ in range(max(1, size // doc_bytes)):
-                    text = alphabet[rng.integers(0, alphabet.size, doc_bytes)].tobytes().decode()
-                    f.write(json.dumps({"text": text}) + "\n")
-            tmp.rename(d / f"{split}.jsonl")
-    return root
-
-
 def _settings(name: str, cfg: QualityConfig, K: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(strategy, weighting) of a benchmark strategy: the method's parameters scaled to this run."""
     steps, every, none = cfg.steps, cfg.update_every, {"name": "none"}
@@ -275,6 +252,12 @@ def _settings(name: str, cfg: QualityConfig, K: int) -> tuple[dict[str, Any], di
         "token-loss": ("static", {}, {"name": "token-loss"}),
         "token-reference": ("static", {}, {"name": "token-reference"}),
         "dwm": ("dwm", {}, {"name": "dwm", "params": {"total_steps": steps, "seq_len": cfg.seq}}),
+        # init_from: the model TRANSFER_SOURCE's dwm run learned (or --set dwm-transfer.init_from=FILE)
+        "dwm-transfer": (
+            "dwm",
+            {},
+            {"name": "dwm", "params": {"total_steps": steps, "seq_len": cfg.seq, "frozen": True}},
+        ),
     }
     strategy, params, weighting = table[name]
     return {"name": strategy, "params": dict(params)}, weighting
@@ -289,9 +272,15 @@ def _job_spec(
     cfg: QualityConfig,
     overrides: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """The job spec of one benchmark run; --set overrides the strategy's parameters."""
+    """The job spec of one benchmark run; --set overrides the strategy's parameters, and with DWM
+    weighting the weighting model's (DwmParams: hidden, lr, init_from, frozen, ...)."""
     strategy, weighting = _settings(name, cfg, len(prefixes))
-    strategy["params"].update(overrides.get(name, {}))
+    given = dict(overrides.get(name, {}))
+    if weighting["name"] == "dwm":
+        weighting["params"].update({k: given.pop(k) for k in sorted(DwmParams.NAMES & set(given))})
+        if weighting["params"].get("init_from"):  # a file: the spec is read from OUT/specs
+            weighting["params"]["init_from"] = str(Path(weighting["params"]["init_from"]).resolve())
+    strategy["params"].update(given)
     weight = {d: (tokens[d] if name == "natural" else 1.0) for d in prefixes}
     floor = 0.0 if strategy["name"] == "static" else 0.01
     return {
@@ -303,53 +292,6 @@ def _job_spec(
         "domains": [{"name": d, "prefix": p, "weight": weight[d]} for d, p in prefixes.items()],
         "cadence": {"update_every": cfg.update_every, "min_weight": floor},
     }
-
-
-def _prepare(corpus: Path, cache: Path, progress: bool) -> tuple[Path, dict[str, dict[str, str]]]:
-    """prepare_corpus into cache/<corpus fingerprint>/ once; reused while the corpus is unchanged."""
-    from mixer.megatron.data import prepare_corpus
-
-    h = hashlib.sha256()
-    for f in sorted(corpus.rglob("*.jsonl*")):
-        st = f.stat()
-        h.update(f"{f.relative_to(corpus)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    root = cache / h.hexdigest()[:16]
-    done = root / "prepared.json"
-    if done.is_file():
-        return root, json.loads(done.read_text())
-    shutil.rmtree(root, ignore_errors=True)  # a half-written folder from an interrupted run
-    prefixes = prepare_corpus(corpus, root / "data", progress=progress)
-    done.write_text(json.dumps(prefixes))
-    return root, prefixes
-
-
-def _with_topics(
-    corpora: list[Path], out: Path, cache: Path, progress: bool
-) -> tuple[Path, dict[str, dict[str, str]]]:
-    """Every domain of the run (the corpus and the noise domains) in one folder of file links,
-    prepared and labelled with topics together, so a topic id means the same in every domain."""
-    from mixer.topics import TopicsConfig, build_topics
-
-    combined = out / "topics-corpus"
-    shutil.rmtree(combined, ignore_errors=True)
-    for corpus in corpora:
-        for d in sorted(p for p in corpus.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            (combined / d.name).mkdir(parents=True)
-            for f in d.iterdir():
-                if f.is_file():
-                    (combined / d.name / f.name).symlink_to(f.resolve())
-    root, prefixes = _prepare(combined, cache, progress)
-    if not (root / "data" / "topics.json").is_file():
-        build_topics(combined, root / "data", TopicsConfig(k=TOPICS_K, method="tfidf"))
-    return root, prefixes
-
-
-def _train_tokens(prefixes: dict[str, dict[str, str]]) -> dict[str, int]:
-    """Training tokens per prepared domain (the size of its .bin)."""
-    from mixer.megatron.data import TOKEN_DTYPE
-
-    size = np.dtype(TOKEN_DTYPE).itemsize
-    return {d: Path(p["train"] + ".bin").stat().st_size // size for d, p in prefixes.items()}
 
 
 @dataclass(frozen=True)
@@ -534,9 +476,10 @@ def run_quality(
     out = Path(out).resolve()
     cache = Path(cache).resolve() if cache is not None else None
     _fresh_out(out)
-    root, prefixes, tokens, control = _corpora(
+    data = prepare_corpora(
         corpus, out, cache or out / "prepared", noise_domains, "toremi" in strategies, progress
     )
+    root, prefixes, tokens, control = data.root, data.prefixes, data.tokens, data.control
     domains = list(prefixes)
     scored = [d for d in domains if d not in control]
     runid = time.strftime("%Y%m%d-%H%M%S")
@@ -596,6 +539,7 @@ def _checked_strategies(
     if unknown:
         raise ValueError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
     overrides = dict(overrides or {})
+    check_overrides(overrides)
     if "agent" in strategies:
         if agent is None:
             raise ValueError("strategy agent needs --agent PATH (a folder written by `mixer agent train`)")
@@ -604,36 +548,38 @@ def _checked_strategies(
     return ["uniform"] + [s for s in dict.fromkeys(strategies) if s != "uniform"], overrides
 
 
+def check_overrides(overrides: dict[str, dict[str, Any]]) -> None:
+    """Refuse, before anything runs, an override of no known strategy, and a weighting model
+    (`--set dwm.init_from=FILE`, `--set dwm-transfer.init_from=FILE`) that is no file."""
+    for name, params in overrides.items():
+        if name not in STRATEGIES:
+            raise ValueError(
+                f"--set {name}.*: unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}"
+            )
+        init = params.get("init_from") if name in ("dwm", "dwm-transfer") else None
+        try:
+            missing = init is not None and not (isinstance(init, str) and Path(init).is_file())
+        except OSError:  # a name the file system refuses
+            missing = True
+        if missing:
+            raise ValueError(
+                f"--set {name}.init_from={init}: no such file; give a weighting model "
+                "(`mixer export JOB --what weighting-model -o FILE`)"
+            )
+        if name == "dwm" and params.get("frozen") is True and init is None:
+            raise ValueError(
+                "--set dwm.frozen=true needs --set dwm.init_from=FILE: a frozen model must come from somewhere"
+            )
+
+
 def _fresh_out(out: Path) -> None:
-    """The result folder, with empty specs/, checkpoints/ and logs/ and no service database."""
+    """The result folder, with empty specs/, checkpoints/, logs/ and models/ and no service database."""
     out.mkdir(parents=True, exist_ok=True)
-    for sub in ("specs", "checkpoints", "logs"):
+    for sub in ("specs", "checkpoints", "logs", "models"):
         shutil.rmtree(out / sub, ignore_errors=True)
         (out / sub).mkdir()
     for f in out.glob("mixer.db*"):  # one fresh service database per benchmark
         f.unlink()
-
-
-def _corpora(
-    corpus: Path, out: Path, cache: Path, noise_domains: int, topics: bool, progress: bool
-) -> tuple[Path, dict[str, dict[str, str]], dict[str, int], list[str]]:
-    """Prepare the corpus (and the noise domains, and the topic-labelled copies ToReMi reads):
-    (index root, prefixes per domain, training tokens per domain, control domains)."""
-    root, prefixes = _prepare(corpus, cache, progress)
-    tokens = _train_tokens(prefixes)
-    control: list[str] = []
-    if noise_domains:  # each as large as the median real domain
-        median = int(np.median(list(tokens.values())))
-        _, noise = _prepare(
-            noise_corpus(out / "noise-corpus", noise_domains, median, 200_000), cache, progress
-        )
-        control = sorted(noise)
-        prefixes = {**prefixes, **noise}
-        tokens.update(_train_tokens(noise))
-    if topics:
-        noise_dir = [out / "noise-corpus"] if noise_domains else []
-        root, prefixes = _with_topics([Path(corpus), *noise_dir], out, cache, progress)
-    return root, prefixes, tokens, control
 
 
 def _run_or_record(
@@ -659,12 +605,75 @@ def _run_or_record(
         ref = Path(uni["checkpoint"])
     job_spec = spec()
     try:
+        if name == "dwm-transfer" and not job_spec["weighting"]["params"].get("init_from"):
+            source = _transfer_source(bench, seed, job, job_spec)
+            job_spec["weighting"]["params"]["init_from"] = source["model"]
+            return {**_run_one(bench, name, seed, job, job_spec, ref), "transfer_source": source}
         return _run_one(bench, name, seed, job, job_spec, ref)
     except Exception as e:  # noqa: BLE001 - record it and go on with the other runs
         (bench.out / "logs" / f"{name}-s{seed}.txt").write_text(traceback.format_exc())
         plain = isinstance(e, (PretrainError, ConfigError))  # says what to change already
         msg = str(e) if plain else f"{type(e).__name__}: {e}"
         return {**base, "status": "failed", "reason": msg}
+
+
+def _transfer_source(b: _Bench, seed: int, job: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Learn the weighting model dwm-transfer starts from: a dwm run with the model and batch of the
+    TRANSFER_SOURCE preset, over this run's steps and cadence, attached to the same service, its
+    newest model exported to OUT/models/ (mixer.transfer: what `mixer export --what weighting-model`
+    writes). What it was is recorded with the run."""
+    from mixer.megatron.pretrain import PretrainConfig, run_pretrain
+    from mixer.store import Store
+    from mixer.transfer import write_weighting_model
+
+    small = replace(PRESETS[TRANSFER_SOURCE], steps=b.cfg.steps, update_every=b.cfg.update_every)
+    params = {k: v for k, v in spec["weighting"]["params"].items() if k not in ("init_from", "frozen")}
+    source = {
+        **spec,
+        "name": f"{job}-source",
+        "weighting": {"name": "dwm", "params": {**params, "seq_len": small.seq}},
+    }
+    path = b.out / "specs" / f"dwm-transfer-s{seed}-source.yaml"
+    path.write_text(yaml.safe_dump(source, sort_keys=False))
+    t0 = time.perf_counter()
+    rec = run_pretrain(
+        PretrainConfig.of(
+            spec=path,
+            mixer=b.address,
+            steps=small.steps,
+            global_batch_size=small.batch,
+            seq_length=small.seq,
+            layers=small.layers,
+            hidden=small.hidden,
+            heads=small.heads,
+            lr=small.lr,
+            min_lr=small.lr / 10,
+            seed=seed,
+            device=b.device,
+            cache_dir=b.index,
+            eval_interval=small.steps,
+            eval_samples=small.eval_samples,
+            progress=b.progress,
+            flush_timeout=120.0,
+        )
+    )
+    model = b.out / "models" / f"dwm-transfer-s{seed}.safetensors"
+    store = Store(str(b.out / "mixer.db"))
+    try:
+        size = write_weighting_model(store, source["name"], model)
+    finally:
+        store.close()
+    shape = {k: getattr(small, k) for k in ("layers", "hidden", "heads", "seq", "batch", "steps")}
+    final = [rec["val_history"][-1][1][i] for i in b.scored]
+    return {
+        "job": source["name"],
+        "preset": TRANSFER_SOURCE,
+        **shape,
+        "final_mean": float(np.mean(final)),
+        "wall_s": time.perf_counter() - t0,
+        "model": str(model),
+        "model_bytes": size,
+    }
 
 
 def _write(

@@ -17,10 +17,11 @@ import click
 import yaml
 
 from mixer.bench import load as load_defaults
+from mixer.bench.corpus import default_corpus
 from mixer.bench.quality import (
     STRATEGIES,
     QualityRun,
-    default_corpus,
+    check_overrides,
     run_quality,
 )
 from mixer.cli.common import emit_json, json_option
@@ -333,6 +334,10 @@ def _parse_sets(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
         if not sep or not dot or strategy not in STRATEGIES:
             raise click.BadParameter(f"{item!r}: expected STRATEGY.PARAM=VALUE", param_hint="--set")
         out.setdefault(strategy, {})[param] = yaml.safe_load(value)
+    try:
+        check_overrides(out)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--set") from None
     return out
 
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import mixer.bench
-from mixer.bench.quality import default_corpus
+from mixer.bench.corpus import default_corpus
 
 
 def test_default_corpus_is_the_bundled_minipile_and_matches_its_manifest() -> None:
@@ -26,3 +26,21 @@ def test_default_corpus_is_the_bundled_minipile_and_matches_its_manifest() -> No
             assert hashlib.sha256(data).hexdigest() == meta["sha256"], meta["path"]
             first = json.loads(gzip.decompress(data).split(b"\n", 1)[0])
             assert first["domain"] == domain and first["text"]
+
+
+def test_corpora_of_linked_domain_folders_get_their_own_prepared_cache(tmp_path) -> None:
+    """Two corpora assembled from symbolic links to different domains of the bundled corpus are
+    prepared into different cache folders (their fingerprints see the linked files)."""
+    from mixer.bench.corpus import prepare
+
+    domains = sorted(d for d in default_corpus().iterdir() if d.is_dir())
+    roots = []
+    for name, picked in (("a", domains[:1]), ("b", domains[1:2])):
+        corpus = tmp_path / name
+        corpus.mkdir()
+        for d in picked:
+            (corpus / d.name).symlink_to(d, target_is_directory=True)
+        root, prefixes = prepare(corpus, tmp_path / "cache", progress=False)
+        assert sorted(prefixes) == [d.name for d in picked]
+        roots.append(root)
+    assert roots[0] != roots[1]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mixer.bench.quality import NOISE_ALPHABET, QUICK_STRATEGIES, _mean_weight, noise_corpus
+from mixer.bench.corpus import NOISE_ALPHABET, noise_corpus
+from mixer.bench.quality import QUICK_STRATEGIES, _mean_weight
 from mixer.bench.quality_plot import ALPHA, paired_test, steps_to_reach, summarize
 from mixer.cli.bench import bench_quality
 from mixer.megatron.corpus import write_synthetic_corpus
