@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import grpc
 
@@ -180,7 +180,7 @@ class MixerClient:
         for ch, _ in self._stubs.values():
             ch.close()
 
-    def __enter__(self) -> MixerClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -83,10 +83,10 @@ def run_demo(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the uniform baseline and `strategy` on the demo corpus; returns what was measured."""
+    from mixer.bench.launch import ServerProcess
     from mixer.client import MixerClient
     from mixer.megatron.corpus import write_synthetic_corpus
     from mixer.megatron.data import prepare_corpus
-    from mixer.bench.launch import ServerProcess
     from mixer.signals import EXCESS_LOSS
     from mixer.strategies import strategy_class
 

@@ -77,8 +77,9 @@ class _Spill:
     def __init__(self, directory: str | None):
         fd, self.path = tempfile.mkstemp(prefix="mixer-spill-", suffix=".bin", dir=directory)
         os.close(fd)
-        self._w = open(self.path, "ab")
-        self._r = open(self.path, "rb")
+        # Both stay open for the spill's life (closed in close()): no with-block fits.
+        self._w = open(self.path, "ab")  # noqa: SIM115
+        self._r = open(self.path, "rb")  # noqa: SIM115
         self.count = 0
 
     def push(self, data: bytes) -> None:

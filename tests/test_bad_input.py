@@ -6,9 +6,9 @@ import grpc
 import numpy as np
 import pytest
 
+from mixer.bench.launch import ServerProcess
 from mixer.client import MixerClient
 from mixer.signals import Report
-from mixer.bench.launch import ServerProcess
 from mixer.store import Store
 from mixer.v1 import mixer_pb2 as pb
 from mixer.wire import report_to_proto

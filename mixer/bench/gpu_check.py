@@ -65,8 +65,8 @@ def main(
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise click.ClickException("no CUDA device: this check needs a GPU")
-    from mixer.megatron.pretrain import PretrainConfig, run_pretrain
     from mixer.bench.launch import ServerProcess
+    from mixer.megatron.pretrain import PretrainConfig, run_pretrain
 
     tmp = tempfile.TemporaryDirectory(prefix="mixer-gpu-check-") if workdir is None else None
     root = Path(tmp.name) if tmp else workdir

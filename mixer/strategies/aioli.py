@@ -34,11 +34,13 @@ its prior); here the spec's prior is p^0 (identical for a uniform prior).
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import numpy as np
 
+from mixer.errors import SpecError
 from mixer.shaping import shape_weights
 from mixer.signals import VAL_LOSS, Window
-from mixer.errors import SpecError
 from mixer.strategies import register
 from mixer.strategies.base import Decision, State, Strategy, new_rng, rng_from_state, rng_state
 
@@ -137,7 +139,7 @@ def _fresh(state: State, since: int) -> bool:
 class Aioli(Strategy):
     name = "aioli"
     signals = frozenset({VAL_LOSS})
-    defaults = {
+    defaults: ClassVar[dict[str, Any]] = {
         "eta": None,
         "ema": None,
         "lp_rounds": 2,

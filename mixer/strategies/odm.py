@@ -31,11 +31,12 @@ exp_reward=True` is the released single-domain `SmoothedMeanWeightUpdater.update
 from __future__ import annotations
 
 import math
+from typing import Any, ClassVar
 
 import numpy as np
 
-from mixer.signals import DOMAIN_LOSS, Window
 from mixer.errors import SpecError
+from mixer.signals import DOMAIN_LOSS, Window
 from mixer.strategies import register
 from mixer.strategies.base import Decision, State, Strategy
 
@@ -102,7 +103,7 @@ def odm_step(
 class ODM(Strategy):
     name = "odm"
     signals = frozenset({DOMAIN_LOSS})
-    defaults = {"alpha": 0.9, "reward_scale": 1.0, "variant": "paper"}
+    defaults: ClassVar[dict[str, Any]] = {"alpha": 0.9, "reward_scale": 1.0, "variant": "paper"}
 
     def validate(self) -> None:
         self.check("alpha", 0.0 <= self.params["alpha"] < 1.0, "must lie in [0, 1)")

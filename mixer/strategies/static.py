@@ -10,14 +10,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from mixer.errors import SpecError
 from mixer.signals import Window
 from mixer.strategies import register
 from mixer.strategies.base import Decision, State, Strategy
-from mixer.errors import SpecError
 
 MODES = ("fixed", "temperature", "schedule")
 
@@ -26,7 +26,7 @@ MODES = ("fixed", "temperature", "schedule")
 class Static(Strategy):
     name = "static"
     signals = frozenset()
-    defaults: dict[str, Any] = {"mode": "fixed", "temperature": 1.0, "schedule": []}
+    defaults: ClassVar[dict[str, Any]] = {"mode": "fixed", "temperature": 1.0, "schedule": []}
 
     def validate(self) -> None:
         mode = self.params["mode"]
@@ -56,7 +56,7 @@ class Static(Strategy):
             if isinstance(w, dict):
                 unknown = set(w) - set(self.spec.domain_names)
                 if unknown:
-                    raise SpecError(f"{where}.weights", f"unknown domain {sorted(unknown)[0]!r}")
+                    raise SpecError(f"{where}.weights", f"unknown domain {min(unknown)!r}")
                 w = [w.get(n, 0.0) for n in self.spec.domain_names]
             arr = np.asarray(w, dtype=np.float64)
             if arr.shape != (self.K,) or not np.isfinite(arr).all() or (arr < 0).any() or arr.sum() <= 0:

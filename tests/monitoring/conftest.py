@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mixer.client import MixerClient
-from mixer.reporter import Reporter
-from mixer.engine import Version
 from mixer.bench.launch import ServerProcess
+from mixer.client import MixerClient
+from mixer.engine import Version
+from mixer.reporter import Reporter
 from mixer.signals import Report
 from mixer.spec import JobSpec
 from mixer.store import Append, Store

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from mixer.client import MixerClient
 from mixer.bench.launch import free_port
+from mixer.client import MixerClient
 from mixer.signals import Report
 from tests.monitoring.conftest import REPO, binary
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from mixer.bench.launch import ServerProcess
 from mixer.cli.bench import bench_replay
 from mixer.cli.offline import COMMANDS
-from mixer.bench.launch import ServerProcess
 from tests.offline.recording import SPEC, record
 
 

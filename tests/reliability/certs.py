@@ -24,7 +24,7 @@ def _write(path: Path, key, cert) -> tuple[str, str]:
 
 
 def _cert(subject: str, key, issuer_name, issuer_key, *, ca: bool, usage=None, sans=None):
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     b = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))

@@ -8,10 +8,10 @@ import threading
 import numpy as np
 import pytest
 
+from mixer.bench.launch import ServerProcess
 from mixer.client import MixerClient
 from mixer.config import ConfigError, check
 from mixer.server.app import ServeConfig
-from mixer.bench.launch import ServerProcess
 from mixer.signals import Report
 from mixer.store import Store
 from mixer.store.repository import SQLITE_SYNCHRONOUS

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from mixer.bench.launch import ServerProcess
 from mixer.client import MixerClient
 from mixer.replay import verify
-from mixer.bench.launch import ServerProcess
 from mixer.signals import validate_report
 from mixer.store import Store
 from mixer.v1 import mixer_pb2 as pb

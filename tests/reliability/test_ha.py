@@ -12,10 +12,10 @@ import grpc
 import numpy as np
 import pytest
 
-from mixer.client import MixerClient
-from mixer.reporter import Reporter
-from mixer.replay import verify
 from mixer.bench.launch import ServerProcess
+from mixer.client import MixerClient
+from mixer.replay import verify
+from mixer.reporter import Reporter
 from mixer.store import Store
 from mixer.store.models import LeaseRow
 from mixer.v1 import mixer_pb2 as pb

@@ -17,11 +17,11 @@ import grpc
 import numpy as np
 import pytest
 
+from mixer.bench.launch import free_port
 from mixer.client import MixerClient, TlsConfig, auth_metadata
 from mixer.reporter import Reporter
 from mixer.server.app import ServeConfig
 from mixer.server.auth import CACHE_SECONDS, create_token
-from mixer.bench.launch import free_port
 from mixer.signals import Report
 from mixer.store import Store
 from mixer.v1 import mixer_pb2 as pb

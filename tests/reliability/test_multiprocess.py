@@ -15,12 +15,12 @@ import grpc
 import pytest
 from sqlalchemy import update
 
+from mixer.bench.launch import ServerProcess
 from mixer.client import MAX_HOPS, MixerClient, RedirectError, owner_of
 from mixer.config import ConfigError, check
-from mixer.reporter import Reporter
 from mixer.replay import verify
+from mixer.reporter import Reporter
 from mixer.server.app import ServeConfig
-from mixer.bench.launch import ServerProcess
 from mixer.store import Store
 from mixer.store.models import LeaseRow
 from mixer.store.repository import rendezvous_order

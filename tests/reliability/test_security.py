@@ -145,7 +145,7 @@ def test_tls_and_mutual_tls(server_factory, sqlite_url, tmp_path):
 def test_non_loopback_without_auth_is_refused(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "mixer.cli", "serve", "--db", str(tmp_path / "x.db"), "--host", "0.0.0.0", "--port", "0"],
-        capture_output=True, text=True, timeout=60,
+        check=False, capture_output=True, text=True, timeout=60,
     )
     assert out.returncode != 0
     assert "--insecure" in out.stderr
@@ -153,7 +153,7 @@ def test_non_loopback_without_auth_is_refused(tmp_path):
 
 def test_token_cli_prints_once_and_checks_the_job(tmp_path):
     db = str(tmp_path / "t.db")
-    ok = subprocess.run([sys.executable, "-m", "mixer.cli", "token", "create", "--job", "*", "--role", "admin", "--db", db], capture_output=True, text=True, timeout=60)
+    ok = subprocess.run([sys.executable, "-m", "mixer.cli", "token", "create", "--job", "*", "--role", "admin", "--db", db], check=False, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and ok.stdout.startswith("mx_")
-    bad = subprocess.run([sys.executable, "-m", "mixer.cli", "token", "create", "--job", "nope", "--role", "reader", "--db", db], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run([sys.executable, "-m", "mixer.cli", "token", "create", "--job", "nope", "--role", "reader", "--db", db], check=False, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "'nope' not found" in bad.stderr

@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mixer.client import MixerClient
 from mixer.bench.launch import ServerProcess
+from mixer.client import MixerClient
 from mixer.signals import Report
 from mixer.store import Store
 from mixer.v1 import mixer_pb2 as pb
