@@ -1,4 +1,5 @@
-"""Conversions between the pure core's types and the mixer.v1 wire messages (all protobuf conversion lives here)."""
+"""Conversions between the pure core's types and the mixer.v1 wire messages (all protobuf conversion
+lives here), and the one JSON form of a version."""
 
 from __future__ import annotations
 
@@ -250,4 +251,32 @@ def _fields(data: bytes, i: int, end: int, tag: int) -> list[memoryview] | None:
             i += n
     except ValueError:
         return None
+    return out
+
+
+TOPIC_TOP_K = 10
+"""Topic weights are per topic (thousands): lists carry the top k, /versions/V carries them all."""
+
+
+def version_json(v: Version, created_at: float, applied_step: int | None, full: bool = False) -> dict:
+    """The one JSON form of a version (the HTTP API, `mixer weights --json`): `applied_step` is the
+    first step a worker reported it applied (None: unknown); `full` keeps every parameter."""
+    params = dict(v.params)
+    out = {
+        "version": v.version,
+        "effective_step": v.effective_step,
+        "trigger_step": v.trigger_step,
+        "created_at": created_at,
+        "weights": v.weights.tolist(),
+        "applied_step": applied_step,
+        "applied_lag_steps": None if applied_step is None else max(0, applied_step - v.effective_step),
+    }
+    topics = params.pop("topic_weights", None) if not full else params.get("topic_weights")
+    if topics is not None:
+        t = np.asarray(topics, dtype=np.float64)
+        top = np.argsort(-t, kind="stable")[:TOPIC_TOP_K]
+        out["num_topics"] = int(t.size)
+        out["topic_weights_top"] = [[int(i), float(t[i])] for i in top]
+    # Bulky parameters (a weighting model's tensors) stay out of lists; /versions/V has them all.
+    out["params"] = params if full else {k: x for k, x in params.items() if not isinstance(x, (list, dict))}
     return out

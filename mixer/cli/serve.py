@@ -233,13 +233,9 @@ def job_finish(name: str, as_json: bool, **conn) -> None:
 
 
 def _version_dict(v: ServedVersion) -> dict[str, Any]:
-    return {
-        "version": v.version,
-        "effective_step": v.effective_step,
-        "trigger_step": v.trigger_step,
-        "weights": v.weights.tolist(),
-        "params": v.params,
-    }
+    from mixer.wire import version_json
+
+    return version_json(v, v.created_at, None, full=True)
 
 
 @click.command()

@@ -41,12 +41,11 @@ from mixer.server.errors import MixerError
 from mixer.server.job import StoredJob
 from mixer.spec import NAME_RE, JobSpec
 from mixer.v1 import mixer_pb2 as pb
+from mixer.wire import version_json
 
 log = logging.getLogger("mixer.server")
 
 LINGER_S = 2.0
-TOPIC_TOP_K = 10
-"""Topic weights are per topic (thousands): lists carry the top k, /versions/V carries them all."""
 MAX_TAIL = 5000
 
 
@@ -109,28 +108,6 @@ def _stored_job_json(stored: StoredJob) -> dict:
     )
 
 
-def _version_json(v, created_at: float, applied_step: int | None, full: bool = False) -> dict:
-    params = dict(v.params)
-    out = {
-        "version": v.version,
-        "effective_step": v.effective_step,
-        "trigger_step": v.trigger_step,
-        "created_at": created_at,
-        "weights": v.weights.tolist(),
-        "applied_step": applied_step,
-        "applied_lag_steps": None if applied_step is None else max(0, applied_step - v.effective_step),
-    }
-    topics = params.pop("topic_weights", None) if not full else params.get("topic_weights")
-    if topics is not None:
-        t = np.asarray(topics, dtype=np.float64)
-        top = np.argsort(-t, kind="stable")[:TOPIC_TOP_K]
-        out["num_topics"] = int(t.size)
-        out["topic_weights_top"] = [[int(i), float(t[i])] for i in top]
-    # Bulky parameters (a weighting model's tensors) stay out of lists; /versions/V has them all.
-    out["params"] = params if full else {k: x for k, x in params.items() if not isinstance(x, (list, dict))}
-    return out
-
-
 class JobData:
     """Reads behind the JSON API: the store, plus a small per-job cache of scanned log positions."""
 
@@ -174,7 +151,7 @@ class JobData:
         return {
             "job": name,
             "domains": JobSpec.from_json(rec.spec_json).domain_names,
-            "versions": [_version_json(v, t, applied.get(v.version)) for v, t in rows],
+            "versions": [version_json(v, t, applied.get(v.version)) for v, t in rows],
         }
 
     def version(self, name: str, number: int) -> dict:
@@ -182,7 +159,7 @@ class JobData:
         found = self.store.version(rec.id, number=number)
         if found is None:
             raise HttpError(404, f"job {name!r} has no version {number}")
-        return _version_json(found[0], found[1], self.applied_steps(rec.id).get(number), full=True)
+        return version_json(found[0], found[1], self.applied_steps(rec.id).get(number), full=True)
 
     def applied_steps(self, job_id: int) -> dict[int, int]:
         """First step at which a worker reported applying each version; scans only the new log."""
