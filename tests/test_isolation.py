@@ -209,3 +209,47 @@ def test_get_weights_at_a_step_and_by_number_from_memory_and_after_restart(serve
     check()
     c.close()
 
+
+
+CHEAP_CASES = [  # strategy, whether its updates may run on the event loop
+    ("odm", True),
+    ("doremi", True),
+    ("static", True),
+    ("ado", False),
+    ("aioli", False),
+]
+
+
+@pytest.mark.parametrize(("strategy", "on_loop"), CHEAP_CASES)
+def test_which_strategies_update_on_the_loop(strategy, on_loop):
+    from mixer.engine import Engine
+    from mixer.server.offload import OffloadedStrategy, UpdateProcesses
+    from mixer.spec import JobSpec
+
+    spec = JobSpec.from_dict({"name": "j", "domains": ["a", "b", "c"], "strategy": strategy})
+    off = OffloadedStrategy(Engine(spec).strategy, 1, spec.fingerprint(), spec.to_json(), UpdateProcesses())
+    assert off.on_loop is on_loop
+
+
+def test_a_cheap_update_that_took_long_sends_the_later_ones_to_the_lane_with_the_same_result(monkeypatch):
+    """ODM updates on the calling thread; once one took over LOOP_UPDATE_S the job's later updates
+    go to its lane (on_loop off), and the versions are those of a plain engine, bit for bit."""
+    from mixer import engine as engine_mod
+    from mixer.server import offload
+    from mixer.signals import Report, validate_report
+    from mixer.spec import JobSpec
+
+    spec = JobSpec.from_dict({"name": "j", "domains": ["a", "b"], "strategy": "odm", "cadence": {"update_every": 1}})
+    plain, wrapped = engine_mod.Engine(spec), engine_mod.Engine(spec)
+    off = wrapped.strategy = offload.OffloadedStrategy(
+        wrapped.strategy, 1, spec.fingerprint(), spec.to_json(), offload.UpdateProcesses()
+    )
+    budgets = [offload.LOOP_UPDATE_S, offload.LOOP_UPDATE_S, -1.0, offload.LOOP_UPDATE_S]
+    expect_on_loop = [True, True, False, False]
+    for step, (budget, on_loop) in enumerate(zip(budgets, expect_on_loop, strict=True)):
+        monkeypatch.setattr(offload, "LOOP_UPDATE_S", budget)
+        loss = np.array([1.0 + 0.1 * step, 2.0])
+        r = validate_report(Report(step=step, source="w", domain_loss_sum=loss, domain_token_count=np.array([16.0, 16.0])), 2)
+        a, b = plain.ingest(r, step), wrapped.ingest(r, step)
+        assert off.on_loop is on_loop and not off.in_process
+        assert a.version == b.version and np.array_equal(a.weights, b.weights)

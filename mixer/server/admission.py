@@ -138,8 +138,9 @@ class Batch:
         mark = self.rt.marks.get(report.source)
         if mark is not None and (report.step, report.seq) <= mark:
             return self._duplicate(report, mark, on_loop)
-        if on_loop and report.step >= self.rt.engine.next_update_step:
-            return DEFER  # it closes a window: the strategy update runs on the lane
+        eng = self.rt.engine
+        if on_loop and report.step >= eng.next_update_step and not getattr(eng.strategy, "on_loop", False):
+            return DEFER  # it closes a window: the strategy update (not a cheap one) runs on the lane
         payloads = getattr(self.msgs, "payloads", None)  # a ReceivedReports: the bytes each arrived as
         self._take(report, payloads[i] if payloads is not None else msg.SerializeToString())
         return None

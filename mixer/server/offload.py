@@ -35,6 +35,15 @@ updates to an update process: 20 ms of a thread holding the interpreter lock alr
 loop tens of lock hand-overs; far more than the ~1 ms an update process adds (pickling, a pipe)."""
 UPDATE_PROCESSES = max(1, min(4, (os.cpu_count() or 2) - 1))
 """Update processes (started when first needed): the cores the event loop does not use, at most 4."""
+LOOP_UPDATES = frozenset({"static", "odm", "doremi"})
+"""Strategies whose update is a few vector operations over the window (linear in its reports and
+K: no fit, no training, no search), cheaper than admitting the window's reports: their updates run
+on the event loop. Handing one to the lane and its result back costs more than the update
+(thread wake-ups, the interpreter lock passed back and forth; measured with `bench load`, ODM:
+about a quarter of the server's CPU per report, and half the reports per second)."""
+LOOP_UPDATE_S = 0.002
+"""... unless one took longer than this (CPU seconds of the calling thread, so a thread that was
+merely preempted does not count): the job's later updates then go to its lane, as any other's."""
 
 
 class Lane:
@@ -133,7 +142,8 @@ class UpdateProcesses:
 
 class OffloadedStrategy:
     """A job's strategy as its engine sees it: `update` runs on the calling thread until one took
-    longer than COSTLY_S, then in the job's update process. Everything else is the strategy's."""
+    longer than COSTLY_S, then in the job's update process. Everything else is the strategy's.
+    `on_loop`: whether admission may run the job's next update on the event loop (LOOP_UPDATES)."""
 
     def __init__(
         self, strategy: Any, job_id: int, fingerprint: str, spec_json: str, processes: UpdateProcesses
@@ -142,6 +152,8 @@ class OffloadedStrategy:
         self._job = (job_id, fingerprint, spec_json)
         self._processes = processes
         self.in_process = False
+        self.name = strategy.name
+        self.on_loop = strategy.name in LOOP_UPDATES
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._strategy, name)
@@ -149,6 +161,8 @@ class OffloadedStrategy:
     def update(self, state: Any, window: Any) -> tuple[Any, Any]:
         if self.in_process:
             return self._processes.run(*self._job, state, window)
+        if self.on_loop:
+            return self._update_cheap(state, window)
         t0 = time.perf_counter()
         out = self._strategy.update(state, window)
         if time.perf_counter() - t0 > COSTLY_S:
@@ -158,5 +172,20 @@ class OffloadedStrategy:
                 self._job[0],
                 self._strategy.name,
                 (time.perf_counter() - t0) * 1000,
+            )
+        return out
+
+    def _update_cheap(self, state: Any, window: Any) -> tuple[Any, Any]:
+        """The update of a LOOP_UPDATES strategy; one over LOOP_UPDATE_S sends the later ones to the lane."""
+        t0 = time.thread_time()
+        out = self._strategy.update(state, window)
+        took = time.thread_time() - t0
+        if took > LOOP_UPDATE_S:
+            self.on_loop = False
+            log.info(
+                "job id %d: strategy %s took %.1f ms to update; its updates run on its lane from now on",
+                self._job[0],
+                self.name,
+                took * 1000,
             )
         return out
