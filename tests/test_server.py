@@ -125,7 +125,7 @@ def test_cli_json_output(server, tmp_path):
     spec.write_text("name: clijob\ndata_path: 0.3 /data/web 0.7 /data/code\nstrategy: odm\n")
 
     def mixer(*args):
-        out = subprocess.run([sys.executable, "-m", "mixer.cli", *args, "--address", server.address, "--json"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([sys.executable, "-m", "mixer.cli", *args, "--address", server.address, "--json"], check=False, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -136,5 +136,5 @@ def test_cli_json_output(server, tmp_path):
     w = mixer("weights", "clijob")
     assert w["versions"][0]["weights"] == [0.3, 0.7]
     assert mixer("weights", "clijob", "--step", "5")["versions"][0]["version"] == 0
-    bad = subprocess.run([sys.executable, "-m", "mixer.cli", "job", "show", "nope", "--address", server.address], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run([sys.executable, "-m", "mixer.cli", "job", "show", "nope", "--address", server.address], check=False, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
