@@ -273,4 +273,3 @@ def test_sigkill_of_a_worker_mid_stream_loses_and_doubles_nothing(workers, pg_ur
     print(
         f"{len(moved)} jobs moved; all {total} reports acknowledged {drained:.1f}s after the kill; test {took:.1f}s"
     )
-    assert took < 60, f"the test took {took:.0f}s"
