@@ -316,19 +316,7 @@ def _run_one(b: _Bench, name: str, seed: int, job: str, spec: dict[str, Any], re
     cfg, uniform = b.cfg, name == "uniform"
     spec_path = b.out / "specs" / f"{name}-s{seed}.yaml"
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    common: dict[str, Any] = {
-        "spec": spec_path,
-        "global_batch_size": cfg.batch,
-        "seq_length": cfg.seq,
-        "layers": cfg.layers,
-        "hidden": cfg.hidden,
-        "heads": cfg.heads,
-        "lr": cfg.lr,
-        "min_lr": cfg.lr / 10,
-        "seed": seed,
-        "device": b.device,
-        "cache_dir": b.index,
-    }
+    common: dict[str, Any] = {"spec": spec_path, **_model_args(cfg, b, seed)}
     # a detached static run of the same size just before, in this process: the baseline
     detached = None if uniform else _detached_step_time(b, name, seed, job, spec, common)
     opts = PretrainConfig.of(
@@ -617,6 +605,23 @@ def _run_or_record(
         return {**base, "status": "failed", "reason": msg}
 
 
+def _model_args(size: Any, b: _Bench, seed: int) -> dict[str, Any]:
+    """PretrainConfig.of's model, batch and optimiser settings from a size (a preset or the run's
+    settings: both name them batch, seq, layers, hidden, heads, lr), on this benchmark's device."""
+    return {
+        "global_batch_size": size.batch,
+        "seq_length": size.seq,
+        "layers": size.layers,
+        "hidden": size.hidden,
+        "heads": size.heads,
+        "lr": size.lr,
+        "min_lr": size.lr / 10,
+        "seed": seed,
+        "device": b.device,
+        "cache_dir": b.index,
+    }
+
+
 def _transfer_source(b: _Bench, seed: int, job: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Learn the weighting model dwm-transfer starts from: a dwm run with the model and batch of the
     TRANSFER_SOURCE preset, over this run's steps and cadence, attached to the same service, its
@@ -641,16 +646,7 @@ def _transfer_source(b: _Bench, seed: int, job: str, spec: dict[str, Any]) -> di
             spec=path,
             mixer=b.address,
             steps=small.steps,
-            global_batch_size=small.batch,
-            seq_length=small.seq,
-            layers=small.layers,
-            hidden=small.hidden,
-            heads=small.heads,
-            lr=small.lr,
-            min_lr=small.lr / 10,
-            seed=seed,
-            device=b.device,
-            cache_dir=b.index,
+            **_model_args(small, b, seed),
             eval_interval=small.steps,
             eval_samples=small.eval_samples,
             progress=b.progress,
