@@ -102,6 +102,9 @@ def channel(address: str, tls: TlsConfig | None = None) -> grpc.Channel:
     return grpc.insecure_channel(address, options=options)
 
 
+WATCH_BATCH = 256
+"""Versions per WatchWeights message the client accepts (the server's limit): the versions one
+commit made arrive in one message, not one send-and-wait each."""
 WATCH_BACKOFF_S = 0.05
 WATCH_MAX_BACKOFF_S = 1.0
 """A broken watch is opened again after 0.05 s, doubling up to this while it keeps failing."""
@@ -289,13 +292,16 @@ class MixerClient:
         while True:
             left = None if deadline is None else max(0.001, deadline - time.monotonic())
             call = self._stub(address).WatchWeights(
-                pb.WatchWeightsRequest(job=job, after_version=after), timeout=left, metadata=self._md
+                pb.WatchWeightsRequest(job=job, after_version=after, max_batch=WATCH_BATCH),
+                timeout=left,
+                metadata=self._md,
             )
             try:
                 for resp in call:
-                    after = resp.version.version
                     hops, backoff, broken_since = 0, WATCH_BACKOFF_S, None
-                    yield served_version_from_proto(resp.version)
+                    for v in (resp.version, *resp.more):
+                        after = v.version
+                        yield served_version_from_proto(v)
                 return
             except grpc.RpcError as e:
                 owner = owner_of(e)

@@ -10,6 +10,7 @@ import urllib.request
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mixer.client import MixerClient
@@ -73,6 +74,70 @@ def test_watch_gets_history_then_new_versions(server):
             c.report("srv", report(s))
         assert done.wait(30), got
         assert got == [0, 1, 2, 3, 4]
+
+
+def test_watch_batches_what_is_ready_together_within_max_batch(server):
+    """max_batch > 1: the history, and the versions one commit made, arrive together, in order,
+    at most max_batch per message; 0 keeps one per message; a value out of range is refused."""
+    from mixer.server.service import WATCH_BATCH_MAX
+    from mixer.v1 import mixer_pb2 as pb
+    from mixer.v1 import mixer_pb2_grpc
+    from mixer.wire import report_to_proto
+
+    per_window = SPEC["cadence"]["update_every"]
+    with MixerClient(server.address) as c:
+        c.create_job(SPEC)
+        for s in range(7 * per_window):
+            c.report("srv", report(s))
+        history = [v.version for v in c.list_versions("srv")]
+    with grpc.insecure_channel(server.address) as ch:
+        stub = mixer_pb2_grpc.MixerServiceStub(ch)
+
+        def messages(max_batch: int, count: int, after: int = -1) -> list[list[int]]:
+            got, seen = [], 0
+            call = stub.WatchWeights(pb.WatchWeightsRequest(job="srv", after_version=after, max_batch=max_batch), timeout=30)
+            for resp in call:
+                got.append([v.version for v in (resp.version, *resp.more)])
+                seen += len(got[-1])
+                if seen >= count:
+                    call.cancel()
+                    break
+            return got
+
+        for max_batch in (0, 1, 3, len(history)):
+            got = messages(max_batch, len(history))
+            assert [v for m in got for v in m] == history, (max_batch, got)
+            assert max(len(m) for m in got) == min(max(1, max_batch), len(history)), (max_batch, got)
+
+        # Live: one Session message that closes three windows makes three versions in one commit.
+        newest = history[-1]
+        out: list[list[int]] = []
+        subscribed = threading.Event()
+
+        def watch():
+            call = stub.WatchWeights(pb.WatchWeightsRequest(job="srv", after_version=newest - 1, max_batch=16), timeout=30)
+            for resp in call:
+                out.append([v.version for v in (resp.version, *resp.more)])
+                subscribed.set()
+                if out[-1][-1] >= newest + 3:
+                    return
+
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        assert subscribed.wait(30)
+        first = 7 * per_window
+        batch = [report_to_proto(report(s, "w2")) for s in range(first, first + 3 * per_window)]
+        requests = iter([pb.SessionRequest(hello=pb.Hello(job="srv", source="w2")), pb.SessionRequest(reports=pb.ReportBatch(reports=batch))])
+        for resp in stub.Session(requests, timeout=30):
+            if resp.WhichOneof("kind") == "acks":
+                break
+        t.join(30)
+        assert out == [[newest], [newest + 1, newest + 2, newest + 3]], out
+
+        for bad in (-1, WATCH_BATCH_MAX + 1):
+            with pytest.raises(grpc.RpcError) as err:
+                messages(bad, 1)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_batch" in err.value.details(), bad
 
 
 def test_metrics_expose_per_domain_series(server_on_each_db):

@@ -25,6 +25,11 @@ log = logging.getLogger("mixer.server")
 
 _STOPPING = object()  # a session's output queue: the server is shutting down
 
+WATCH_BATCH_MAX = 256
+"""WatchWeightsRequest.max_batch's upper bound: versions per message."""
+WATCH_BATCH_BYTES = 1 << 20
+"""A WatchWeights message stops adding versions short of this size (one larger version travels alone)."""
+
 TOKEN_RECHECK_S = CACHE_SECONDS / 2
 """An open Session re-checks its token this often, against a verdict at most this old: a revoked
 token's session ends within one token cache period (auth.CACHE_SECONDS), like its new calls."""
@@ -51,6 +56,25 @@ def _lenient(parse, type_name: str):
             )
 
     return deserialize
+
+
+def watch_messages(versions: list[pb.WeightVersion], per: int) -> list[pb.WatchWeightsResponse]:
+    """Versions, in order, as WatchWeights messages of at most `per` versions each (`version`, then
+    `more`), each short of WATCH_BATCH_BYTES unless its first version alone is larger."""
+    out, i = [], 0
+    while i < len(versions):
+        msg = pb.WatchWeightsResponse(version=versions[i])
+        size = versions[i].ByteSize()
+        i += 1
+        while i < len(versions) and len(msg.more) + 1 < per:
+            n = versions[i].ByteSize()
+            if size + n > WATCH_BATCH_BYTES:
+                break
+            msg.more.append(versions[i])
+            size += n
+            i += 1
+        out.append(msg)
+    return out
 
 
 def _checked(handler: grpc.RpcMethodHandler, type_name: str, parse=None) -> grpc.RpcMethodHandler:
@@ -255,29 +279,48 @@ class MixerService(pb_grpc.MixerServiceServicer):
     async def WatchWeights(self, request, context):
         try:
             self._need(request.job)
+            if not 0 <= request.max_batch <= WATCH_BATCH_MAX:
+                raise MixerError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"max_batch: must be in [0, {WATCH_BATCH_MAX}] versions per message, got {request.max_batch}",
+                )
             await self.auth.check_grpc(context, request.job, "reader")
             rt = await self.rts.get(request.job)
         except (SQLAlchemyError, MixerError) as e:
             await abort(context, e)
         q = rt.subscribe()
         stop = asyncio.ensure_future(self._stop_into(q))
+        per = max(1, request.max_batch)
         try:
             last = request.after_version
-            for v, created in await asyncio.to_thread(self.rts.store.versions, rt.job.id, last):
-                yield pb.WatchWeightsResponse(version=self._version(rt, v, created))
-                last = v.version
+            history = await asyncio.to_thread(self.rts.store.versions, rt.job.id, last)
+            for msg in watch_messages([self._version(rt, v, c) for v, c in history], per):
+                yield msg
+            if history:
+                last = history[-1][0].version
             while True:
                 # Awaited directly: a published version reaches its watcher in one pass of the
                 # loop (a task per get and asyncio.wait over two futures took three passes, each
-                # as long as the ingest work queued in it).
-                v = await q.get()
-                if v is _STOPPING:  # send the watcher on now, not after the grace
+                # as long as the ingest work queued in it). What was published with it goes in
+                # the same message (one commit can make several versions): a message per version
+                # would wait for each send to complete before the next.
+                ready = [await q.get()]
+                while len(ready) < per and not q.empty():
+                    ready.append(q.get_nowait())
+                new, stopping = [], False
+                for v in ready:
+                    if v is _STOPPING:
+                        stopping = True
+                        break
+                    if v.version > last:
+                        new.append(self._version(rt, v))
+                        last = v.version
+                for msg in watch_messages(new, per):
+                    yield msg
+                if stopping:  # send the watcher on now, not after the grace
                     await context.abort(
                         grpc.StatusCode.UNAVAILABLE, "the server is shutting down; watch again (another server)"
                     )
-                if v.version > last:
-                    last = v.version
-                    yield pb.WatchWeightsResponse(version=self._version(rt, v))
         finally:
             stop.cancel()
             rt.unsubscribe(q)

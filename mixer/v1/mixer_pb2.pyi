@@ -290,15 +290,19 @@ class ListVersionsResponse(_message.Message):
     def __init__(self, versions: _Optional[_Iterable[_Union[WeightVersion, _Mapping]]] = ...) -> None: ...
 
 class WatchWeightsRequest(_message.Message):
-    __slots__ = ("job", "after_version")
+    __slots__ = ("job", "after_version", "max_batch")
     JOB_FIELD_NUMBER: _ClassVar[int]
     AFTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     job: str
     after_version: int
-    def __init__(self, job: _Optional[str] = ..., after_version: _Optional[int] = ...) -> None: ...
+    max_batch: int
+    def __init__(self, job: _Optional[str] = ..., after_version: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class WatchWeightsResponse(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "more")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     version: WeightVersion
-    def __init__(self, version: _Optional[_Union[WeightVersion, _Mapping]] = ...) -> None: ...
+    more: _containers.RepeatedCompositeFieldContainer[WeightVersion]
+    def __init__(self, version: _Optional[_Union[WeightVersion, _Mapping]] = ..., more: _Optional[_Iterable[_Union[WeightVersion, _Mapping]]] = ...) -> None: ...
