@@ -41,7 +41,7 @@ BATCH_BYTES = 1 << 20
 
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["MixerService"]
-_SESSION = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['Session'].name}"
+SESSION_METHOD = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['Session'].name}"
 
 
 def _tag(message, field: str) -> bytes:
@@ -63,7 +63,7 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _session_request(datas: list[bytes]) -> bytes:
+def session_request(datas: list[bytes]) -> bytes:
     """A serialized SessionRequest carrying already-serialized Signals: one report, or a batch."""
     if len(datas) == 1:
         return _REPORT + _varint(len(datas[0])) + datas[0]
@@ -229,7 +229,7 @@ class Reporter:
                     datas.append(data)
                     size += len(data)
                 self._sent += len(datas)
-            yield _session_request(datas)
+            yield session_request(datas)
 
     def _refill(self) -> None:
         while self._spill is not None and self._spill.count and len(self._buffer) < self.max_buffer:
@@ -292,10 +292,10 @@ class Reporter:
         ch = channel(self.address, self._tls)
         welcomed, owner = False, None
         try:
-            # Requests go out as bytes built by _session_request: queued reports are kept
+            # Requests go out as bytes built by session_request: queued reports are kept
             # serialized and are never parsed again to be sent.
             session = ch.stream_stream(
-                _SESSION, request_serializer=None, response_deserializer=pb.SessionResponse.FromString
+                SESSION_METHOD, request_serializer=None, response_deserializer=pb.SessionResponse.FromString
             )
             call = session(self._requests(gen), metadata=self._md)
             for resp in call:

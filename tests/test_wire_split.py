@@ -7,7 +7,7 @@ import numpy as np
 
 from mixer.client import MixerClient, channel
 from mixer.replay import verify
-from mixer.reporter import _session_request
+from mixer.reporter import session_request
 from mixer.store import Store
 from mixer.v1 import mixer_pb2 as pb
 from mixer.v1 import mixer_pb2_grpc as pb_grpc
@@ -29,7 +29,7 @@ def report(step: int, samples: int) -> pb.Signals:
 def test_large_batches_and_reports_keep_their_bytes():
     big = [report(s, 4096) for s in range(3)]
     for msgs, batched in ((big, True), (big[:1], False)):
-        got = parse_session_request(_session_request([m.SerializeToString() for m in msgs]))
+        got = parse_session_request(session_request([m.SerializeToString() for m in msgs]))
         assert isinstance(got, ReceivedReports) and got.batched is batched
         assert list(got) == msgs
         assert [pb.Signals.FromString(p) for p in got.payloads] == msgs
@@ -38,13 +38,13 @@ def test_large_batches_and_reports_keep_their_bytes():
 
 def test_small_messages_and_other_layouts_are_parsed_as_before():
     small = [report(s, 4) for s in range(3)]
-    data = _session_request([m.SerializeToString() for m in small])
+    data = session_request([m.SerializeToString() for m in small])
     assert len(data) < SPLIT_BYTES and parse_session_request(data) == pb.SessionRequest.FromString(data)
     one = report(0, 4096).SerializeToString()
     layouts = [
-        _session_request([one]) + _session_request([one]),  # the field twice: protobuf merges them
-        _session_request([one, one]) + b"\x08\x01",  # a field after the batch (hello's tag, a varint)
-        _session_request([one, one])[:-1],  # cut short: not a message at all
+        session_request([one]) + session_request([one]),  # the field twice: protobuf merges them
+        session_request([one, one]) + b"\x08\x01",  # a field after the batch (hello's tag, a varint)
+        session_request([one, one])[:-1],  # cut short: not a message at all
     ]
     for data in layouts:
         try:
@@ -70,8 +70,8 @@ def test_large_reports_are_logged_as_they_arrived(server_on_each_db):
     sent = [report(s, 4096) for s in range(6)]
     requests = [
         pb.SessionRequest(hello=pb.Hello(job="big", source="w")),
-        pb.SessionRequest.FromString(_session_request([m.SerializeToString() for m in sent[:5]])),
-        pb.SessionRequest.FromString(_session_request([sent[5].SerializeToString()])),
+        pb.SessionRequest.FromString(session_request([m.SerializeToString() for m in sent[:5]])),
+        pb.SessionRequest.FromString(session_request([sent[5].SerializeToString()])),
     ]
     ch = channel(server.address)
     try:

@@ -37,6 +37,12 @@ K = 8
 WINDOW = 5
 """Unacknowledged reports per session: at 64 sessions, 10,000 reports/s with 320 in flight is
 32 ms each on average (Little's law: in flight = throughput x latency)."""
+CLIENTS = ("aio", "reporter")
+"""`aio`: a few processes run the sessions as asyncio tasks (load_aio.py; the least CPU taken from
+the server under test). `reporter`: one process per session, each with the Reporter a training
+job runs (the client's own cost included)."""
+AIO_PROCS = 2
+"""Client processes with `client="aio"`; the sessions are dealt out among them."""
 CLIENT_NICE = 10
 """The client processes' niceness: they share the machine with the server, as load generators
 should, without taking the CPU from it when both want it (clients of a real deployment run on
@@ -133,13 +139,17 @@ def run_load_bench(
     db: str | None = None,
     servers: int = 1,
     ha: bool = False,
+    client: str = "aio",
     progress: bool = True,
 ) -> dict[str, Any]:
     """`rate`: total reports/s offered across the sessions (0: each session at full rate).
-    `servers`: server processes (`mixer serve --workers`, PostgreSQL only); `ha`: serve with --ha."""
+    `servers`: server processes (`mixer serve --workers`, PostgreSQL only); `ha`: serve with --ha.
+    `client`: one of CLIENTS."""
     from mixer.bench.launch import ServerProcess
     from mixer.store import Store
 
+    if client not in CLIENTS:
+        raise ValueError(f"client: must be one of {', '.join(CLIENTS)}, got {client!r}")
     if not 1 <= servers <= 64:
         raise ValueError(f"servers: must be in [1, 64], got {servers}")
     if (servers > 1 or ha) and not (db or "").startswith("postgres"):
@@ -154,7 +164,7 @@ def run_load_bench(
         try:
             jobs = _create_jobs(srv, sessions, servers, db_url)
             rss_before = _server_rss(srv)
-            clients = _Clients(srv.address, jobs, duration, window, rate, client_nice)
+            clients = _Clients(srv.address, jobs, duration, window, rate, client_nice, client)
             ready = clients.connect(progress)
             warm, rss_start, rss_end = _stream(srv, clients, duration, progress)
             results = clients.collect()
@@ -171,6 +181,8 @@ def run_load_bench(
         "duration_s": duration,
         "window": window,
         "offered_rate": rate or "full",
+        "client": client,
+        "client_processes": len(clients.procs),
         "client_nice": client_nice,
         **_tally(results, in_log, duration),
         "sessions_connected": ready,
@@ -228,27 +240,46 @@ def _create_jobs(srv, sessions: int, servers: int, db: str | None = None) -> lis
 
 
 class _Clients:
-    """The client processes: one per job, started, connected, released at once, collected."""
+    """The client processes, started, connected, released at once, collected: one per job
+    (`client="reporter"`), or `aio_procs` running the sessions as tasks (`client="aio"`)."""
 
-    def __init__(self, address: str, jobs: list[str], duration: float, window: int, rate: float, nice: int):
+    def __init__(
+        self, address: str, jobs: list[str], duration: float, window: int, rate: float, nice: int,
+        client: str = "aio", aio_procs: int = AIO_PROCS,
+    ):
         ctx = mp.get_context("spawn")
         self.out: mp.Queue = ctx.Queue()
         self.go = ctx.Event()
         self.results: list[dict[str, Any]] = []
-        self.procs = [
-            ctx.Process(
-                target=_session_worker,
-                args=(address, j, duration, window, rate / len(jobs), nice, self.go, self.out),
-                daemon=True,
-            )
-            for j in jobs
-        ]
+        self.sessions = len(jobs)
+        per = rate / len(jobs)
+        if client == "aio":
+            from mixer.bench.load_aio import sessions_worker
+
+            n = min(len(jobs), aio_procs)
+            self.procs = [
+                ctx.Process(
+                    target=sessions_worker,
+                    args=(address, jobs[i::n], K, duration, window, per, nice, self.go, self.out),
+                    daemon=True,
+                )
+                for i in range(n)
+            ]
+        else:
+            self.procs = [
+                ctx.Process(
+                    target=_session_worker,
+                    args=(address, j, duration, window, per, nice, self.go, self.out),
+                    daemon=True,
+                )
+                for j in jobs
+            ]
 
     def connect(self, progress: bool) -> int:
         """Start every client, wait until each has its session (or gave up), and start the clock."""
         for p in self.procs:
             p.start()
-        n = len(self.procs)
+        n = self.sessions
         ready = 0
         bar = tqdm(total=n, desc="connecting", unit="session", disable=not progress)
         deadline = time.time() + 120 + n
@@ -267,7 +298,7 @@ class _Clients:
     def collect(self) -> list[dict[str, Any]]:
         """Every client's counts and latencies (within 150 s of the end of the streaming)."""
         deadline = time.time() + 150
-        while len(self.results) < len(self.procs) and time.time() < deadline:
+        while len(self.results) < self.sessions and time.time() < deadline:
             with contextlib.suppress(queue.Empty):
                 msg = self.out.get(timeout=1)
                 if "ready" not in msg:
@@ -286,7 +317,7 @@ def _stream(srv, clients: _Clients, duration: float, progress: bool) -> tuple[fl
     rss_start = 0
     bar = tqdm(
         total=int(duration),
-        desc=f"{len(clients.procs)} sessions x {duration:.0f}s",
+        desc=f"{clients.sessions} sessions x {duration:.0f}s",
         unit="s",
         disable=not progress,
     )

@@ -60,7 +60,7 @@ def bench_service(reports: int, samples: int, sessions: int, db: str | None, as_
     default=64,
     show_default=True,
     type=int,
-    help="concurrent sessions, one process and one job each",
+    help="concurrent sessions, one job each",
 )
 @click.option("--duration", default=120.0, show_default=True, type=float, help="seconds each session streams")
 @click.option(
@@ -85,6 +85,14 @@ def bench_service(reports: int, samples: int, sessions: int, db: str | None, as_
     help="niceness of the client processes (0: equal footing with the server)",
 )
 @click.option(
+    "--client",
+    default="aio",
+    show_default=True,
+    type=click.Choice(load_defaults.CLIENTS),
+    help="aio: the sessions as asyncio tasks in a few processes (the least CPU taken from the server); "
+    "reporter: one process per session running the Reporter (the client's own cost included)",
+)
+@click.option(
     "--servers",
     default="1",
     show_default=True,
@@ -98,6 +106,7 @@ def bench_load(
     window: int,
     rate: float,
     client_nice: int,
+    client: str,
     servers: str,
     db: str | None,
     as_json: bool,
@@ -117,6 +126,7 @@ def bench_load(
         "window": window,
         "rate": rate,
         "client_nice": client_nice,
+        "client": client,
         "db": db,
         "progress": not as_json,
     }
