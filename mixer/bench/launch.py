@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import socket
@@ -16,6 +17,17 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mixer.client import FAST_RECONNECT
+
+
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """CPU time (user + system) a process, or one of its threads, has used so far (0.0 once it is
+    gone): a machine shared with other work stretches the wall clock, far less the CPU a report costs."""
+    where = f"/proc/{pid}" if thread is None else f"/proc/{pid}/task/{thread}"
+    try:
+        fields = Path(f"{where}/stat").read_text().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:

@@ -166,7 +166,7 @@ def run_load_bench(
             rss_before = _server_rss(srv)
             clients = _Clients(srv.address, jobs, duration, window, rate, client_nice, client)
             ready = clients.connect(progress)
-            warm, rss_start, rss_end = _stream(srv, clients, duration, progress)
+            warm, rss_start, rss_end, cpu = _stream(srv, clients, duration, progress)
             results = clients.collect()
         finally:
             srv.terminate()
@@ -185,6 +185,9 @@ def run_load_bench(
         "client_processes": len(clients.procs),
         "client_nice": client_nice,
         **_tally(results, in_log, duration),
+        # Over the streaming, per report acknowledged (a few acks come after it: a slight overestimate).
+        "server_cpu_us_per_report": cpu[0] / max(1, sum(r.get("acked", 0) for r in results)) * 1e6,
+        "server_loop_cpu_us_per_report": cpu[1] / max(1, sum(r.get("acked", 0) for r in results)) * 1e6,
         "sessions_connected": ready,
         "server_rss_before_sessions_mb": rss_before / 2**20,
         "rss_warmup_s": warm,
@@ -310,8 +313,19 @@ class _Clients:
         return self.results
 
 
-def _stream(srv, clients: _Clients, duration: float, progress: bool) -> tuple[float, int, int]:
-    """Wait out the streaming; the server's memory once warm (min(10 s, duration/10)) and at the end."""
+def _server_cpu(srv) -> tuple[float, float]:
+    """CPU seconds the server has used so far: all its threads, and its event loops' threads alone
+    (the main thread of each serving process)."""
+    from mixer.bench.launch import cpu_seconds
+
+    pids = list(srv.worker_pids().values()) if srv.workers > 1 else [srv.proc.pid]
+    return sum(cpu_seconds(p) for p in pids), sum(cpu_seconds(p, p) for p in pids)
+
+
+def _stream(srv, clients: _Clients, duration: float, progress: bool) -> tuple[float, int, int, tuple[float, float]]:
+    """Wait out the streaming; the server's memory once warm (min(10 s, duration/10)) and at the
+    end, and the CPU it used while the sessions streamed (all threads, the event loops)."""
+    cpu0 = _server_cpu(srv)
     t_go = time.time()
     warm = min(10.0, duration / 10)
     rss_start = 0
@@ -328,8 +342,9 @@ def _stream(srv, clients: _Clients, duration: float, progress: bool) -> tuple[fl
         if not rss_start and time.time() >= t_go + warm:
             rss_start = _server_rss(srv)
     rss_end = _server_rss(srv)
+    cpu1 = _server_cpu(srv)
     bar.close()
-    return warm, rss_start, rss_end
+    return warm, rss_start, rss_end, (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
 
 
 def _tally(results: list[dict[str, Any]], in_log: int, duration: float) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
-import os
 import tempfile
 import threading
 import time
@@ -27,7 +26,7 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
-from mixer.bench.launch import ServerProcess
+from mixer.bench.launch import ServerProcess, cpu_seconds
 from mixer.client import MixerClient
 from mixer.reporter import Reporter
 from mixer.v1 import mixer_pb2 as pb
@@ -114,13 +113,6 @@ def _get_weights_ms(
     return lat, step_lat
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) a process has used so far: a machine shared with other work
-    stretches the wall clock, far less the CPU a report costs."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
@@ -170,7 +162,7 @@ def _run(
     for r in reporters:
         r.connected.wait(30)
     bar = tqdm(total=per * sessions, desc="ingest", unit="report", disable=not progress)
-    t0, cpu0 = time.perf_counter(), _cpu_seconds(pid)
+    t0, cpu0 = time.perf_counter(), cpu_seconds(pid)
     feeders = [
         threading.Thread(target=p.feed, args=(r, per), daemon=True) for p, r in zip(producers, reporters)
     ]
@@ -183,7 +175,7 @@ def _run(
         done = acked
         if done < per * sessions:
             time.sleep(0.005)
-    elapsed, cpu = time.perf_counter() - t0, _cpu_seconds(pid) - cpu0
+    elapsed, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
     bar.close()
     for r in reporters:
         r.close()
