@@ -147,7 +147,7 @@ def validate_reports(
     groups: dict[tuple[str, ...], list[int]] = {}
     for i, r in enumerate(reports):
         if not isinstance(r, SignalError):
-            names = tuple(n for n in PER_DOMAIN_FIELDS if getattr(r, n) is not None)
+            names = tuple([n for n in PER_DOMAIN_FIELDS if getattr(r, n) is not None])
             groups.setdefault(names, []).append(i)
     slow: list[int] = []
     for names, idx in groups.items():
@@ -170,7 +170,11 @@ def validate_reports(
 
 def _clear_per_domain(reports: list[Report], idx: list[int], names: tuple[str, ...], k: int) -> list[int]:
     """The vectorised per-domain pass over reports[idx] (which all carry exactly `names`): sets the
-    arrays of the rows it clears and returns the indices it does not (validate_report decides those)."""
+    arrays of the rows it clears and returns the indices it does not (validate_report decides those).
+
+    Each check runs first over the whole (rows x K) matrix, as one reduction to a scalar; only a
+    check the matrix fails is repeated row by row to find the rows that fail it (a clean batch,
+    the common case, costs a few reductions per field whatever its size)."""
     if "domain_loss_sum" in names and "domain_token_count" not in names:
         return idx
     rows = [i for i in idx if all(len(getattr(reports[i], n)) == k for n in names)]
@@ -188,29 +192,38 @@ def _clear_per_domain(reports: list[Report], idx: list[int], names: tuple[str, .
             cols[n] = np.array([getattr(reports[i], n) for i in rows], dtype=dtype).reshape(len(rows), k)
     except (TypeError, ValueError, OverflowError):
         return idx
-    ok = np.ones(len(rows), dtype=bool)
+    ok: np.ndarray | None = None  # None: every row passed every check so far
+
+    def keep(row_ok: np.ndarray) -> None:
+        nonlocal ok
+        ok = row_ok if ok is None else ok & row_ok
+
     with np.errstate(invalid="ignore", over="ignore"):
-        for n, a in cols.items():
-            if not k:
-                continue
+        for n, a in cols.items() if k else ():
             if n in _NON_NEGATIVE:
                 # min >= 0 (NaN fails it) makes |a| = a, and max <= a finite bound implies max < inf.
                 top = MAX_REPORT_SAMPLES if n == "domain_sample_count" else _BOUNDS[n]
-                ok &= (a.min(axis=1) >= 0) & (a.max(axis=1) <= top)
+                if not (a.min() >= 0 and a.max() <= top):
+                    keep((a.min(axis=1) >= 0) & (a.max(axis=1) <= top))
                 if n == "domain_sample_count":  # rows within bounds cannot wrap around in their sums
-                    ok &= a.sum(axis=1) <= MAX_REPORT_SAMPLES
+                    sums = a.sum(axis=1)
+                    if not sums.max() <= MAX_REPORT_SAMPLES:
+                        keep(sums <= MAX_REPORT_SAMPLES)
             elif n == "val_loss":  # NaN (not evaluated) passes both
-                ok &= ~(np.abs(a) > _BOUNDS[n]).any(axis=1)
-            else:
-                ok &= (np.abs(a) <= _BOUNDS[n]).all(axis=1)
+                if (np.abs(a) > _BOUNDS[n]).any():
+                    keep(~(np.abs(a) > _BOUNDS[n]).any(axis=1))
+            elif not np.abs(a).max() <= _BOUNDS[n]:  # NaN fails it
+                keep((np.abs(a) <= _BOUNDS[n]).all(axis=1))
         tokens = cols.get("domain_token_count")
         if tokens is not None:
             # loss > MAX_LOSS * tokens also refuses a positive loss over zero tokens.
             for n in ("domain_loss_sum", "excess_loss_sum"):
                 if n in cols:
-                    ok &= ~(cols[n] > MAX_LOSS * tokens).any(axis=1)
+                    high = cols[n] > MAX_LOSS * tokens
+                    if high.any():
+                        keep(~high.any(axis=1))
     for j, i in enumerate(rows):
-        if ok[j]:
+        if ok is None or ok[j]:
             r = reports[i]
             for n, a in cols.items():
                 setattr(r, n, a[j])
@@ -296,6 +309,11 @@ def _validate_per_domain(r: Report, num_domains: int, bounded: bool) -> None:
 
 def _validate_per_sample(r: Report, num_domains: int, max_samples: int) -> None:
     """The per-sample arrays (converted in place), their lengths and their id ranges."""
+    for name in PER_SAMPLE_FIELDS:
+        if getattr(r, name) is not None:
+            break
+    else:
+        return  # none (a per-domain report)
     n = None
     for name, dtype in PER_SAMPLE_FIELDS.items():
         arr = getattr(r, name)

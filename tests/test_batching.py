@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mixer.client import MixerClient, channel
-from mixer.reporter import Reporter, _session_request
+from mixer.reporter import Reporter, session_request
 from mixer.store import Store
 from mixer.v1 import mixer_pb2 as pb
 from mixer.v1 import mixer_pb2_grpc as pb_grpc
@@ -43,7 +43,7 @@ def test_session_requests_built_from_serialized_reports_are_what_protobuf_would_
     small, big = signals(1), pb.Signals(step=2, source="w" * 300, domain_loss_sum=[1.0] * 5000)  # lengths of 1 to 3 varint bytes
     for datas in ([small], [big], [small, big, pb.Signals()]):
         want = pb.SessionRequest(report=datas[0]) if len(datas) == 1 else pb.SessionRequest(reports=pb.ReportBatch(reports=datas))
-        assert _session_request([d.SerializeToString() for d in datas]) == want.SerializeToString()
+        assert session_request([d.SerializeToString() for d in datas]) == want.SerializeToString()
 
 
 def test_a_batch_is_taken_report_by_report_and_acked_in_one_message(server):

@@ -232,8 +232,9 @@ def test_which_strategies_update_on_the_loop(strategy, on_loop):
 
 
 def test_a_cheap_update_that_took_long_sends_the_later_ones_to_the_lane_with_the_same_result(monkeypatch):
-    """ODM updates on the calling thread; once one took over LOOP_UPDATE_S the job's later updates
-    go to its lane (on_loop off), and the versions are those of a plain engine, bit for bit."""
+    """ODM updates on the calling thread; once LOOP_UPDATE_STRIKES in a row took over LOOP_UPDATE_S
+    (a shorter run of slow ones does not count) the job's later updates go to its lane (on_loop
+    off), and the versions are those of a plain engine, bit for bit."""
     from mixer import engine as engine_mod
     from mixer.server import offload
     from mixer.signals import Report, validate_report
@@ -244,8 +245,9 @@ def test_a_cheap_update_that_took_long_sends_the_later_ones_to_the_lane_with_the
     off = wrapped.strategy = offload.OffloadedStrategy(
         wrapped.strategy, 1, spec.fingerprint(), spec.to_json(), offload.UpdateProcesses()
     )
-    budgets = [offload.LOOP_UPDATE_S, offload.LOOP_UPDATE_S, -1.0, offload.LOOP_UPDATE_S]
-    expect_on_loop = [True, True, False, False]
+    fast, slow, strikes = offload.LOOP_UPDATE_S, -1.0, offload.LOOP_UPDATE_STRIKES
+    budgets = [fast, *[slow] * (strikes - 1), fast, *[slow] * strikes, fast]
+    expect_on_loop = [True] * (2 * strikes) + [False, False]
     for step, (budget, on_loop) in enumerate(zip(budgets, expect_on_loop, strict=True)):
         monkeypatch.setattr(offload, "LOOP_UPDATE_S", budget)
         loss = np.array([1.0 + 0.1 * step, 2.0])

@@ -113,3 +113,26 @@ def test_a_clean_batch_shares_one_matrix_per_field():
     assert all(not isinstance(r, SignalError) for r in out)
     assert out[0].domain_loss_sum.base is out[4].domain_loss_sum.base is not None
     assert [r.domain_token_count.tolist() for r in out] == [list(m.domain_token_count) for m in msgs]
+
+
+def test_valid_reports_with_and_without_per_sample_arrays_decide_as_alone():
+    """Valid headers and per-domain arrays, so every report reaches the per-sample checks: some
+    carry none, others several samples (valid, or one bad value)."""
+    rng = np.random.default_rng(0)
+    msgs = []
+    for s in range(12):
+        msg = pb.Signals(
+            step=s, source="w", domain_loss_sum=rng.uniform(0, 4, K).tolist(), domain_token_count=[8.0] * K
+        )
+        n = s % 4  # 0: a per-domain report only
+        if n:
+            loss = rng.uniform(0, 4, 3 * n).astype("<f4")
+            if s % 5 == 4:
+                loss[-1] = -1.0  # refused: sample_loss must be >= 0
+            msg.sample_loss = loss.tobytes()
+            msg.sample_domain = rng.integers(0, K, 3 * n).astype("<i4").tobytes()
+        msgs.append(msg)
+    together = validate_reports(reports_from_protos(msgs), K)
+    for msg, got in zip(msgs, together, strict=True):
+        assert same(got, alone(msg)), (msg, got)
+    assert any(isinstance(r, SignalError) for r in together) and any(r.sample_loss is not None for r in together if not isinstance(r, SignalError))

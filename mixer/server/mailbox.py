@@ -4,7 +4,8 @@ Which thread does what (the hand-over is all here and in admission.py):
 - The event loop admits reports whose work is cheap: a report inside an update window, a
   duplicate whose key is among its source's recent ones (`SourceKeys`, in memory), a report
   that closes a window of a strategy whose update is a few vector operations
-  (`offload.LOOP_UPDATES`: static, ODM, DoReMi, while each update stays under `LOOP_UPDATE_S`).
+  (`offload.LOOP_UPDATES`: static, ODM, DoReMi, until `LOOP_UPDATE_STRIKES` updates in a row
+  each took over `LOOP_UPDATE_S`).
 - A report that closes any other window (a strategy update: an ADO refit, an Aioli round, DWM
   training) or a duplicate older than its source's recent keys (a database read) is admitted
   on the job's lane: a serial queue run by a small thread pool. From that report on, everything of the job
