@@ -179,7 +179,7 @@ def _nonfinite(value: Any) -> tuple[int, int]:
     while stack:
         v = stack.pop()
         if isinstance(v, np.ndarray):
-            if v.dtype.kind in "fc":
+            if v.dtype.kind in "fc" and not np.isfinite(v).all():  # one pass for the common, finite case
                 inf += int(np.isinf(v).sum())
                 nan += int(np.isnan(v).sum())
         elif isinstance(v, (float, np.floating)):
