@@ -1,15 +1,19 @@
-"""`mixer bench load`: many concurrent sessions, each in its own process, at full rate.
+"""`mixer bench load`: many concurrent sessions at full rate.
 
 Starts a real `mixer serve` (SQLite in a temporary folder unless --db is given), one job per
-session, and N client processes that each stream small per-domain reports through a Reporter
-(the client training jobs use: it sends whatever is queued as one batch message) with a bounded
-window of unacknowledged reports, for a fixed duration. Prints throughput,
-acknowledgement latency, the server's memory at start (once every session is up and has
-streamed for a warm-up of min(10 s, duration/10)) and at the end of the streaming, and the exact
-count of reports in the log against the count acknowledged and sent. The clock starts once every
-session is connected (64 interpreters starting on two cores take a while). The client processes
-run at a lower CPU priority (`--client-nice`, 10 by default) than the server they measure.
-Bounded: it stops by itself.
+session, and client processes that stream small per-domain reports with a bounded window of
+unacknowledged reports, for a fixed duration. `client="aio"` (the default) runs the sessions as
+asyncio tasks in AIO_PROCS processes speaking the Session protocol directly (load_aio.py: the
+load generator takes as little of the machine as it can from the server it measures);
+`client="reporter"` runs one process per session with the Reporter a training job uses (a
+thread, a synchronous stream; it sends whatever is queued as one batch message), so the
+client's own cost is in the figures too. Prints throughput, acknowledgement latency, the
+server's CPU per report (all its threads, and its event loop alone), the server's memory at
+start (once every session is up and has streamed for a warm-up of min(10 s, duration/10)) and
+at the end of the streaming, and the exact count of reports in the log against the count
+acknowledged and sent. The clock starts once every session is connected (64 interpreters
+starting on two cores take a while). The client processes run at a lower CPU priority
+(`--client-nice`, 10 by default) than the server they measure. Bounded: it stops by itself.
 
 `servers=N` (N > 1, PostgreSQL only) runs `mixer serve --workers N` instead: N processes share the
 port, the job names are drawn so that their rendezvous owners cycle through the workers (each owns 1/N),

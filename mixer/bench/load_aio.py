@@ -45,6 +45,7 @@ class _Session:
         self.step = self.acked = self.refused = 0
         self.error: str | None = None
         self.room = asyncio.Event()
+        self.channel: grpc.aio.Channel | None = None
         self.call = None
 
     async def connect(self) -> None:
