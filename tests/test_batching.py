@@ -113,3 +113,26 @@ def test_a_busy_reporter_sends_batches_and_loses_nothing(server):
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=10).read().decode()
     messages = float(re.search(r"^mixer_ingest_lag_seconds_count (\S+)$", metrics, re.MULTILINE).group(1))
     assert 0 < messages < n / 2, messages
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_live_loss_of_a_batch_is_the_report_by_report_one(seed: int) -> None:
+    """Per domain, loss over tokens in the newest report with tokens there, else the old value:
+    set once per batch as a new array, equal to updating it report by report."""
+    from mixer.server.admission import _last_loss
+    from mixer.signals import Report
+
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, 6))
+    old = None if seed % 2 else rng.uniform(0, 5, k)
+    reports = []
+    for s in range(int(rng.integers(1, 6))):
+        tokens = rng.uniform(1, 9, k) * (rng.random(k) < (1.0 if seed % 3 == 0 else 0.6))
+        reports.append(Report(step=s, source="w", domain_loss_sum=tokens * rng.uniform(1, 4, k), domain_token_count=tokens))
+    want = np.zeros(k) if old is None else old.copy()
+    for r in reports:
+        np.divide(r.domain_loss_sum, r.domain_token_count, out=want, where=r.domain_token_count > 0)
+    before = None if old is None else old.copy()
+    got = _last_loss(old, reports, k)
+    assert got is not old and np.array_equal(got, want), (got, want)
+    assert old is None or np.array_equal(old, before)  # the old array is left as readers saw it

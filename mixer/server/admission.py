@@ -60,7 +60,7 @@ class Taken:
 class Batch:
     """A batch on its way through admission (on the loop, then perhaps on the job's lane)."""
 
-    __slots__ = ("adm", "append", "checked", "found", "fut", "keys", "msgs", "rt", "taken")
+    __slots__ = ("adm", "append", "checked", "found", "fut", "keys", "losses", "msgs", "rt", "taken")
 
     def __init__(self, adm: Admission, rt: JobRuntime, msgs: Sequence[pb.Signals]):
         self.adm = adm
@@ -74,6 +74,8 @@ class Batch:
         """Log positions of old duplicates, read from the database in one query (on the lane)."""
         self.checked: list[Report | SignalError] = []
         """Each report decoded and validated (or the error refusing it), the batch in one pass."""
+        self.losses: list[Report] = []
+        """Reports taken that carry per-domain loss and tokens, in order."""
 
     def admit_from(self, start: int, *, on_loop: bool) -> int:
         """Admit msgs from `start` on; on the loop, stop before a report that needs the lane and
@@ -103,6 +105,8 @@ class Batch:
 
     def submit(self) -> None:
         """Hand what the batch took to the group commit (from the loop or the lane)."""
+        if self.losses:
+            self.rt.last_loss = _last_loss(self.rt.last_loss, self.losses, self.rt.spec.num_domains)
         if self.append.signals:
             fut, adm = self.fut, self.adm
             adm.writer.submit(self.append, fut)
@@ -232,11 +236,8 @@ class Batch:
         rt.remember(report.source, report.step, report.seq, seq)
         rt.report_count += 1
         rt.sample_count += report.num_samples
-        tokens = report.domain_token_count
-        if tokens is not None and report.domain_loss_sum is not None:  # the live per-domain loss (page, metrics)
-            if rt.last_loss is None:
-                rt.last_loss = np.zeros(rt.spec.num_domains)
-            np.divide(report.domain_loss_sum, tokens, out=rt.last_loss, where=tokens > 0)
+        if report.domain_token_count is not None and report.domain_loss_sum is not None:
+            self.losses.append(report)  # the live per-domain loss, set once per batch (submit)
         _track_applied(rt, report)
         append = self.append
         append.signals.append({
@@ -256,6 +257,21 @@ class Batch:
         rt.inflight[report.key] = (self.fut, seq)
         self.keys.append(report.key)
         self.taken.acks.append(pb.Ack(step=report.step, seq=report.seq, duplicate=False, log_seq=seq, source=report.source))
+
+
+def _last_loss(old: np.ndarray | None, reports: list[Report], k: int) -> np.ndarray:
+    """The live per-domain loss (page, metrics) after these reports: per domain, loss over tokens
+    in the newest report with tokens there (else the old value, else 0). A new array, replaced
+    whole: readers on other threads never see one half-updated. A newest report with tokens in
+    every domain decides alone (one division per batch, the common case)."""
+    last = reports[-1]
+    if last.domain_token_count.min() > 0:
+        return last.domain_loss_sum / last.domain_token_count
+    out = np.zeros(k) if old is None else old.copy()
+    for r in reports:
+        tokens = r.domain_token_count
+        np.divide(r.domain_loss_sum, tokens, out=out, where=tokens > 0)
+    return out
 
 
 def _track_applied(rt: JobRuntime, report: Report) -> None:
