@@ -140,6 +140,28 @@ def test_watch_batches_what_is_ready_together_within_max_batch(server):
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_batch" in err.value.details(), bad
 
 
+def test_a_history_longer_than_a_page_is_watched_whole_and_in_order(server):
+    """The history is read a page at a time: every version arrives, once, in order."""
+    from mixer.server.service import WATCH_HISTORY_PAGE
+
+    spec = dict(SPEC, name="long-history", cadence={"update_every": 1})
+    steps = WATCH_HISTORY_PAGE + 40
+    with MixerClient(server.address) as c:
+        c.create_job(spec)
+        rep = Reporter(server.address, "long-history", "w").start()
+        for s in range(steps):
+            rep.submit(report(s))
+        assert rep.close(timeout=120), rep.last_error
+        newest = c.get_weights("long-history").version
+        assert newest > WATCH_HISTORY_PAGE
+        got = []
+        for v in c.watch("long-history", after=-1, timeout=60):
+            got.append(v.version)
+            if v.version == newest:
+                break
+    assert got == list(range(newest + 1))
+
+
 def test_metrics_expose_per_domain_series(server_on_each_db):
     server = server_on_each_db
     with MixerClient(server.address) as c:

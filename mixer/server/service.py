@@ -29,6 +29,8 @@ WATCH_BATCH_MAX = 256
 """WatchWeightsRequest.max_batch's upper bound: versions per message."""
 WATCH_BATCH_BYTES = 1 << 20
 """A WatchWeights message stops adding versions short of this size (one larger version travels alone)."""
+WATCH_HISTORY_PAGE = 1024
+"""Versions a watcher's history is read in, a page per database read."""
 
 TOKEN_RECHECK_S = CACHE_SECONDS / 2
 """An open Session re-checks its token this often, against a verdict at most this old: a revoked
@@ -293,11 +295,14 @@ class MixerService(pb_grpc.MixerServiceServicer):
         per = max(1, request.max_batch)
         try:
             last = request.after_version
-            history = await asyncio.to_thread(self.rts.store.versions, rt.job.id, last)
-            for msg in watch_messages([self._version(rt, v, c) for v, c in history], per):
-                yield msg
-            if history:
-                last = history[-1][0].version
+            while True:  # the history, a page at a time (a long one is never held whole)
+                page = await asyncio.to_thread(self.rts.store.versions, rt.job.id, last, WATCH_HISTORY_PAGE)
+                for msg in watch_messages([self._version(rt, v, c) for v, c in page], per):
+                    yield msg
+                if page:
+                    last = page[-1][0].version
+                if len(page) < WATCH_HISTORY_PAGE:
+                    break
             while True:
                 # Awaited directly: a published version reaches its watcher in one pass of the
                 # loop (a task per get and asyncio.wait over two futures took three passes, each
