@@ -96,6 +96,29 @@ def version_to_proto(job: str, v: Version, domains: list[str], created_at: float
     )
 
 
+WATCH_BATCH_BYTES = 1 << 20
+"""A WatchWeights message stops adding versions short of this size (one larger version travels alone)."""
+
+
+def watch_messages(versions: list[pb.WeightVersion], per: int) -> list[pb.WatchWeightsResponse]:
+    """Versions, in order, as WatchWeights messages of at most `per` versions each (`version`, then
+    `more`), each short of WATCH_BATCH_BYTES unless its first version alone is larger."""
+    out, i = [], 0
+    while i < len(versions):
+        msg = pb.WatchWeightsResponse(version=versions[i])
+        size = versions[i].ByteSize()
+        i += 1
+        while i < len(versions) and len(msg.more) + 1 < per:
+            n = versions[i].ByteSize()
+            if size + n > WATCH_BATCH_BYTES:
+                break
+            msg.more.append(versions[i])
+            size += n
+            i += 1
+        out.append(msg)
+    return out
+
+
 def served_version_from_proto(msg: pb.WeightVersion) -> ServedVersion:
     """A served version: weights as float64 in the order of `domains`, params parsed from JSON."""
     return ServedVersion(

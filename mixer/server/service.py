@@ -19,7 +19,7 @@ from mixer.server.runtime import Runtimes
 from mixer.spec import JobSpec, SpecError
 from mixer.v1 import mixer_pb2 as pb
 from mixer.v1 import mixer_pb2_grpc as pb_grpc
-from mixer.wire import ReceivedReports, parse_session_request, version_to_proto
+from mixer.wire import ReceivedReports, parse_session_request, version_to_proto, watch_messages
 
 log = logging.getLogger("mixer.server")
 
@@ -27,8 +27,6 @@ _STOPPING = object()  # a session's output queue: the server is shutting down
 
 WATCH_BATCH_MAX = 256
 """WatchWeightsRequest.max_batch's upper bound: versions per message."""
-WATCH_BATCH_BYTES = 1 << 20
-"""A WatchWeights message stops adding versions short of this size (one larger version travels alone)."""
 WATCH_HISTORY_PAGE = 1024
 """Versions a watcher's history is read in, a page per database read."""
 
@@ -58,25 +56,6 @@ def _lenient(parse, type_name: str):
             )
 
     return deserialize
-
-
-def watch_messages(versions: list[pb.WeightVersion], per: int) -> list[pb.WatchWeightsResponse]:
-    """Versions, in order, as WatchWeights messages of at most `per` versions each (`version`, then
-    `more`), each short of WATCH_BATCH_BYTES unless its first version alone is larger."""
-    out, i = [], 0
-    while i < len(versions):
-        msg = pb.WatchWeightsResponse(version=versions[i])
-        size = versions[i].ByteSize()
-        i += 1
-        while i < len(versions) and len(msg.more) + 1 < per:
-            n = versions[i].ByteSize()
-            if size + n > WATCH_BATCH_BYTES:
-                break
-            msg.more.append(versions[i])
-            size += n
-            i += 1
-        out.append(msg)
-    return out
 
 
 def _checked(handler: grpc.RpcMethodHandler, type_name: str, parse=None) -> grpc.RpcMethodHandler:
