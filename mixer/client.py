@@ -30,7 +30,13 @@ from mixer.spec import JobSpec
 from mixer.types import JobInfo, ReportAck, ServedVersion
 from mixer.v1 import mixer_pb2 as pb
 from mixer.v1 import mixer_pb2_grpc as pb_grpc
-from mixer.wire import job_info_from_proto, report_ack_from_proto, report_to_proto, served_version_from_proto
+from mixer.wire import (
+    WATCH_BATCH_MAX,
+    job_info_from_proto,
+    report_ack_from_proto,
+    report_to_proto,
+    served_version_from_proto,
+)
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 _SERVICE_CONFIG = json.dumps(
@@ -102,9 +108,6 @@ def channel(address: str, tls: TlsConfig | None = None) -> grpc.Channel:
     return grpc.insecure_channel(address, options=options)
 
 
-WATCH_BATCH = 256
-"""Versions per WatchWeights message the client accepts (the server's limit): the versions one
-commit made arrive in one message, not one send-and-wait each."""
 WATCH_BACKOFF_S = 0.05
 WATCH_MAX_BACKOFF_S = 1.0
 """A broken watch is opened again after 0.05 s, doubling up to this while it keeps failing."""
@@ -291,8 +294,10 @@ class MixerClient:
         hops, backoff, broken_since = 0, WATCH_BACKOFF_S, None
         while True:
             left = None if deadline is None else max(0.001, deadline - time.monotonic())
+            # As many versions per message as the server allows: those one commit made arrive
+            # together, not one send-and-wait each.
             call = self._stub(address).WatchWeights(
-                pb.WatchWeightsRequest(job=job, after_version=after, max_batch=WATCH_BATCH),
+                pb.WatchWeightsRequest(job=job, after_version=after, max_batch=WATCH_BATCH_MAX),
                 timeout=left,
                 metadata=self._md,
             )

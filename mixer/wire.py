@@ -96,6 +96,8 @@ def version_to_proto(job: str, v: Version, domains: list[str], created_at: float
     )
 
 
+WATCH_BATCH_MAX = 256
+"""WatchWeightsRequest.max_batch's upper bound, versions per message (what MixerClient asks for)."""
 WATCH_BATCH_BYTES = 1 << 20
 """A WatchWeights message stops adding versions short of this size (one larger version travels alone)."""
 

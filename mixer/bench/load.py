@@ -177,6 +177,7 @@ def run_load_bench(
         store = Store(db_url)
         in_log = sum(store.log_stats(store.get_job(j).id)[0] for j in jobs)
         store.close()
+    tally = _tally(results, in_log, duration)
     result = {
         "servers": servers,
         "ha": ha or servers > 1,
@@ -188,10 +189,10 @@ def run_load_bench(
         "client": client,
         "client_processes": len(clients.procs),
         "client_nice": client_nice,
-        **_tally(results, in_log, duration),
-        # Over the streaming, per report acknowledged (a few acks come after it: a slight overestimate).
-        "server_cpu_us_per_report": cpu[0] / max(1, sum(r.get("acked", 0) for r in results)) * 1e6,
-        "server_loop_cpu_us_per_report": cpu[1] / max(1, sum(r.get("acked", 0) for r in results)) * 1e6,
+        **tally,
+        # Over the streaming, per report acknowledged (the last few are settled after it: slightly low).
+        "server_cpu_us_per_report": cpu[0] / max(1, tally["reports_acked"]) * 1e6,
+        "server_loop_cpu_us_per_report": cpu[1] / max(1, tally["reports_acked"]) * 1e6,
         "sessions_connected": ready,
         "server_rss_before_sessions_mb": rss_before / 2**20,
         "rss_warmup_s": warm,

@@ -19,14 +19,18 @@ from mixer.server.runtime import Runtimes
 from mixer.spec import JobSpec, SpecError
 from mixer.v1 import mixer_pb2 as pb
 from mixer.v1 import mixer_pb2_grpc as pb_grpc
-from mixer.wire import ReceivedReports, parse_session_request, version_to_proto, watch_messages
+from mixer.wire import (
+    WATCH_BATCH_MAX,
+    ReceivedReports,
+    parse_session_request,
+    version_to_proto,
+    watch_messages,
+)
 
 log = logging.getLogger("mixer.server")
 
 _STOPPING = object()  # a session's output queue: the server is shutting down
 
-WATCH_BATCH_MAX = 256
-"""WatchWeightsRequest.max_batch's upper bound: versions per message."""
 WATCH_HISTORY_PAGE = 1024
 """Versions a watcher's history is read in, a page per database read."""
 
