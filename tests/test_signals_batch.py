@@ -136,3 +136,50 @@ def test_valid_reports_with_and_without_per_sample_arrays_decide_as_alone():
     for msg, got in zip(msgs, together, strict=True):
         assert same(got, alone(msg)), (msg, got)
     assert any(isinstance(r, SignalError) for r in together) and any(r.sample_loss is not None for r in together if not isinstance(r, SignalError))
+
+
+NEAR = [0.0, -0.0, 1.0, 2.5, 7.0]
+"""Clean values: batches drawn mostly from these are accepted whole by the one-matrix pass."""
+EDGE = [MAX_TOKENS, MAX_TOKENS * 1.0000001, MAX_LOSS, -MAX_LOSS, -MAX_LOSS * 1.0000001, MAX_LOSS * MAX_TOKENS, -1.0, float("nan"), float("inf")]
+"""Values at and past the bounds the one-matrix pass checks (each field's range, loss over tokens)."""
+
+
+@st.composite
+def float_batches(draw) -> list[pb.Signals]:
+    """Reports that share one set of float per-domain fields, mostly clean, sometimes with one value
+    at or past a bound, sometimes one array of the wrong length: the batches the one-matrix pass
+    clears whole, and those it must hand to the field-by-field pass."""
+    names = draw(
+        st.sampled_from(
+            [
+                ("domain_loss_sum", "domain_token_count"),
+                ("domain_loss_sum", "domain_token_count", "excess_loss_sum"),
+                ("domain_token_count",),
+                ("alignment",),
+                ("domain_loss_sum", "domain_token_count", "alignment"),
+            ]
+        )
+    )
+    msgs = []
+    for s in range(draw(st.integers(1, 6))):
+        msg = pb.Signals(step=s, source="w")
+        for name in names:
+            values = draw(st.lists(st.sampled_from(NEAR), min_size=K, max_size=K))
+            if name == "domain_token_count":
+                values = [v + 1.0 for v in values]  # tokens wherever there is loss
+            if draw(st.integers(0, 9)) == 0:
+                values[draw(st.integers(0, K - 1))] = draw(st.sampled_from(EDGE))
+            if draw(st.integers(0, 19)) == 0:
+                values = values[:-1]
+            getattr(msg, name).extend(values)
+        msgs.append(msg)
+    return msgs
+
+
+@settings(max_examples=300, deadline=None)
+@given(float_batches())
+def test_batches_of_float_fields_near_their_bounds_decide_as_alone(msgs):
+    together = validate_reports(reports_from_protos(msgs), K)
+    for msg, got in zip(msgs, together, strict=True):
+        want = alone(msg)
+        assert same(got, want), (msg, got, want)
