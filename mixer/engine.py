@@ -17,6 +17,7 @@ in the version's `params["starving"]`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -183,8 +184,11 @@ def _nonfinite(value: Any) -> tuple[int, int]:
                 inf += int(np.isinf(v).sum())
                 nan += int(np.isnan(v).sum())
         elif isinstance(v, (float, np.floating)):
-            inf += bool(np.isinf(v))
-            nan += bool(np.isnan(v))
+            if not math.isfinite(v):  # the math module: a tenth of numpy's cost on a scalar
+                if math.isinf(v):
+                    inf += 1
+                else:
+                    nan += 1
         elif isinstance(v, dict):
             stack.extend(v.values())
         elif isinstance(v, (list, tuple)):

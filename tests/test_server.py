@@ -140,6 +140,47 @@ def test_watch_batches_what_is_ready_together_within_max_batch(server):
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_batch" in err.value.details(), bad
 
 
+def test_every_session_of_a_job_gets_each_new_version_as_stored(server):
+    """Two sessions of one job: the version a batch makes rides with that session's acks and is
+    pushed to the other; both messages equal the stored version (the message is built once per
+    version for all sessions, never one version late)."""
+    import queue
+
+    from mixer.v1 import mixer_pb2 as pb
+    from mixer.v1 import mixer_pb2_grpc
+    from mixer.wire import report_to_proto
+
+    per_window = SPEC["cadence"]["update_every"]
+    with MixerClient(server.address) as c, grpc.insecure_channel(server.address) as ch:
+        c.create_job(SPEC)
+        stub = mixer_pb2_grpc.MixerServiceStub(ch)
+        sends = {w: queue.Queue() for w in ("w1", "w2")}
+        streams = {}
+        for w, q in sends.items():
+            q.put(pb.SessionRequest(hello=pb.Hello(job="srv", source=w)))
+            streams[w] = stub.Session(iter(q.get, None), timeout=60)
+            assert next(streams[w]).WhichOneof("kind") == "welcome"
+        step = 0
+        for sender, other in (("w1", "w2"), ("w2", "w1"), ("w1", "w2")):
+            batch = [report_to_proto(report(s, sender)) for s in range(step, step + per_window)]
+            step += per_window
+            sends[sender].put(pb.SessionRequest(reports=pb.ReportBatch(reports=batch)))
+            resp = next(streams[sender])
+            assert resp.WhichOneof("kind") == "acks" and resp.acks.HasField("latest"), resp
+            pushed = next(streams[other])
+            assert pushed.WhichOneof("kind") == "version", pushed
+            newest = max(v.version for v in c.list_versions("srv"))
+            for got in (resp.acks.latest, pushed.version):
+                want = c.get_weights("srv", version=got.version)
+                assert got.version == newest
+                assert list(got.weights) == want.weights.tolist() and json.loads(got.params_json) == want.params
+                assert got.created_at == want.created_at > 0
+        for q in sends.values():
+            q.put(None)
+        for stream in streams.values():
+            assert [r.WhichOneof("kind") for r in stream] in ([], ["version"])
+
+
 def test_a_history_longer_than_a_page_is_watched_whole_and_in_order(server):
     """The history is read a page at a time: every version arrives, once, in order."""
     from mixer.server.service import WATCH_HISTORY_PAGE

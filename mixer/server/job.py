@@ -23,7 +23,7 @@ from mixer.spec import JobSpec
 from mixer.store import JobRecord
 from mixer.types import Version
 from mixer.v1 import mixer_pb2 as pb
-from mixer.wire import job_to_proto
+from mixer.wire import job_to_proto, version_to_proto
 
 KEYS_KEPT = 4096
 """Per source, the newest log keys kept in memory: a re-sent report among them is answered
@@ -178,6 +178,17 @@ class JobRuntime:
     lane: Lane | None = None
     offloaded: int = 0
     """Batches handed to the lane whose results are not back on the loop (touched on the loop only)."""
+    pushed: pb.WeightVersion | None = None
+    """The message of the newest version sent to a session (`push_message`), built once for all
+    the job's sessions (on the loop only)."""
+
+    def push_message(self, v: Version) -> pb.WeightVersion:
+        """Version v as sessions receive it: the message is built once per version, however many
+        sessions (a job's ranks) it goes to."""
+        msg = self.pushed
+        if msg is None or msg.version != v.version:
+            msg = self.pushed = version_to_proto(self.job.name, v, self.spec.domain_names, self.created_at(v.version))
+        return msg
 
     def to_proto(self) -> pb.Job:
         return job_to_proto(

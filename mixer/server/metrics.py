@@ -55,9 +55,13 @@ class Metrics:
         for reason in REJECT_REASONS:
             self.rejected_total.labels(reason)
         self.registry.register(JobCollector(runtimes_getter))
+        self._update_children: dict[str, Histogram] = {}
 
     def observe_update(self, strategy: str, seconds: float) -> None:
-        self.update_seconds.labels(strategy).observe(seconds)
+        child = self._update_children.get(strategy)
+        if child is None:  # labels() looks the child up under a lock: once per strategy here
+            child = self._update_children[strategy] = self.update_seconds.labels(strategy)
+        child.observe(seconds)
 
     def observe_commit(self, seconds: float, batch: int) -> None:
         self.commit_seconds.observe(seconds)

@@ -538,7 +538,7 @@ class _Session:
                     # New weights (published just now, if this batch triggered an update)
                     # ride with the acknowledgement rather than in a message of their own.
                     v = self._newest()
-                    latest = self.svc._version(self.rt, v) if v is not None else None
+                    latest = self.rt.push_message(v) if v is not None else None
                     out.put_nowait(pb.SessionResponse(acks=pb.AckBatch(acks=taken.acks, latest=latest)))
                 else:
                     for ack in taken.acks:
@@ -562,7 +562,7 @@ class _Session:
     async def _push(self) -> None:
         while True:  # versions no acknowledgement took along
             v = self._newest(await self.q.get())
-            self.out.put_nowait(pb.SessionResponse(version=self.svc._version(self.rt, v)))
+            self.out.put_nowait(pb.SessionResponse(version=self.rt.push_message(v)))
 
     async def _stop_watch(self) -> None:
         await self.rts.stopping.wait()
