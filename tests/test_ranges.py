@@ -592,3 +592,27 @@ def test_http_version_number_out_of_range_is_a_400(server, version):
         )
     assert err.value.code == 400
     assert "version" in json.loads(err.value.read())["error"]
+
+
+@pytest.mark.parametrize("count", [1, 255, 256, 257, 700])
+def test_a_commit_of_any_size_stores_every_row_in_order(db_url, count):
+    """The hot inserts go out as one multi-row statement per 256 rows, one text per row count:
+    every signal and version of a commit of any size is stored, in order, values intact."""
+    store = Store(db_url)
+    try:
+        rec, _ = store.create_job(f"many-{count}", "{}", "f", "static")
+        signals = [
+            {"seq": i, "step": i, "source": f"w{i % 3}", "source_seq": i % 2, "applied_version": i - 1,
+             "num_samples": i % 7, "payload": pb.Signals(step=i).SerializeToString()}
+            for i in range(count)
+        ]
+        versions = [_version(i, 2 * i) for i in range(count // 2 + 1)]
+        store.append([Append(rec.id, signals=signals, versions=versions)])
+        got = list(store.signals(rec.id))
+        assert [(s.seq, s.step, s.source, s.source_seq, s.applied_version, s.num_samples) for s in got] == [
+            (r["seq"], r["step"], r["source"], r["source_seq"], r["applied_version"], r["num_samples"]) for r in signals
+        ]
+        assert [bytes(s.payload) for s in got] == [r["payload"] for r in signals]
+        assert [(v.version, v.effective_step) for v, _ in store.versions(rec.id)] == [(v.version, v.effective_step) for v in versions]
+    finally:
+        store.close()
