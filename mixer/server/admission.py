@@ -55,6 +55,8 @@ class Taken:
     refused: list[tuple[pb.Signals, MixerError]] = field(default_factory=list)
     versions: list[Version] = field(default_factory=list)
     """New versions, oldest first; published once `futures` resolve."""
+    append: Append | None = None
+    """The batch's own append (the versions are in it), once submitted: its commit time."""
 
 
 class Batch:
@@ -110,6 +112,7 @@ class Batch:
         if self.append.signals:
             fut, adm = self.fut, self.adm
             adm.writer.submit(self.append, fut)
+            self.taken.append = self.append
             fut.add_done_callback(lambda f, rt=self.rt, keys=self.keys: adm.settled(rt, keys, f))
             self.taken.futures.append(fut)
 
@@ -345,8 +348,8 @@ class Admission:
             if err is not None:
                 done(MixerError(grpc.StatusCode.UNAVAILABLE, f"the database did not commit the report ({type(err).__name__}); retry later"))
                 return
-            for version in taken.versions:
-                rt.note_created(version)
+            for version in taken.versions:  # in the batch's append, committed now
+                rt.note_created(version, taken.append.created_at)
                 rt.publish(version)
             done(None)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import time
 from array import array
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -168,6 +168,9 @@ class JobRuntime:
     recent: dict[str, SourceKeys] = field(default_factory=dict)
     """Per source, its newest log keys (re-sent reports among them need no database read)."""
     watchers: set[asyncio.Queue] = field(default_factory=set)
+    """WatchWeights streams: each gets every version."""
+    listeners: set[Callable[[Version], None]] = field(default_factory=set)
+    """Sessions: each is called with every version (on the loop) and sends only the newest."""
     last_loss: np.ndarray | None = None
     applied_lag: int = 0
     """Steps between a version's effective step and the step a worker first reported applying it."""
@@ -211,10 +214,14 @@ class JobRuntime:
         """When a version was committed (0.0 if it is not among those kept)."""
         return self.versions.created_at(number) or 0.0
 
-    def note_created(self, v: Version) -> None:
-        self.versions.add(v, time.time())
+    def note_created(self, v: Version, at: float) -> None:
+        """Keep a committed version and its commit time (as stored: Append.created_at)."""
+        self.versions.add(v, at)
 
     def publish(self, v: Version) -> None:
+        """On the loop, once v is committed: to every session and watcher of the job."""
+        for listen in list(self.listeners):
+            listen(v)
         for q in list(self.watchers):
             if q.full():  # a reader that stopped reading loses its oldest push, never blocks ingest
                 q.get_nowait()

@@ -17,6 +17,7 @@ from mixer.server.errors import MixerError
 from mixer.server.job import JobRuntime, StoredJob
 from mixer.server.runtime import Runtimes
 from mixer.spec import JobSpec, SpecError
+from mixer.types import Version
 from mixer.v1 import mixer_pb2 as pb
 from mixer.v1 import mixer_pb2_grpc as pb_grpc
 from mixer.wire import (
@@ -393,8 +394,10 @@ class _Session:
         self.context = context
         self.principal = principal
         self.out: asyncio.Queue = asyncio.Queue()
-        self.q: asyncio.Queue | None = None
-        """Versions published to the job's watchers."""
+        self.latest: Version | None = None
+        """The newest version published and not yet sent to this session."""
+        self.flushing = False
+        """A `_flush` of `latest` is scheduled on the loop."""
         self.unsettled = 0
         """Batches taken whose commit has not resolved yet."""
         self.all_settled = asyncio.Event()
@@ -403,7 +406,7 @@ class _Session:
     async def run(self):
         rt = self.rt
         last = rt.marks.get(self.hello.source, (-1, -1))
-        self.q = rt.subscribe()
+        rt.listeners.add(self._published)
         yield pb.SessionResponse(
             welcome=pb.Welcome(
                 job=rt.job.name,
@@ -416,7 +419,7 @@ class _Session:
             )
         )
         reader = asyncio.create_task(self._read())
-        tasks = [reader, asyncio.create_task(self._push()), asyncio.create_task(self._stop_watch())]
+        tasks = [reader, asyncio.create_task(self._stop_watch())]
         if self.principal is not None:
             tasks.append(asyncio.create_task(self._token_watch()))
         out = self.out
@@ -451,7 +454,7 @@ class _Session:
             for t in tasks:
                 with contextlib.suppress(BaseException):
                     await t
-            rt.unsubscribe(self.q)
+            rt.listeners.discard(self._published)
 
     @staticmethod
     def _nack(step: int, seq: int, source: str, e: MixerError) -> pb.SessionResponse:
@@ -547,22 +550,31 @@ class _Session:
 
         return done
 
-    def _newest(self, v=None):
-        """The newest version published and not yet sent to this session (or `v`, or None):
-        a worker needs only the newest weights, the ones it was not sent are skipped."""
-        q = self.q
-        while not q.empty():
-            v = q.get_nowait()
+    def _published(self, v: Version) -> None:
+        """A new version of the job (on the loop, JobRuntime.publish): sent with this session's
+        next acknowledgement if one goes out in the same loop pass, else in a message of its own.
+        A callback, not a task waiting on a queue: the session whose batch made the version
+        takes it along with its acks at once, and waking a task for nothing cost a task step."""
+        self.latest = v
+        if not self.flushing:
+            self.flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flushing = False
+        v = self._newest()
+        if v is not None:  # no acknowledgement took it along
+            self.out.put_nowait(pb.SessionResponse(version=self.rt.push_message(v)))
+
+    def _newest(self) -> Version | None:
+        """The newest version published and not yet sent to this session (None: none): a worker
+        needs only the newest weights, the ones it was not sent are skipped."""
+        v, self.latest = self.latest, None
         if v is not None:
             created = self.rt.created_at(v.version)
             if created:
                 self.svc.metrics.push_seconds.observe(max(0.0, time.time() - created))
         return v
-
-    async def _push(self) -> None:
-        while True:  # versions no acknowledgement took along
-            v = self._newest(await self.q.get())
-            self.out.put_nowait(pb.SessionResponse(version=self.rt.push_message(v)))
 
     async def _stop_watch(self) -> None:
         await self.rts.stopping.wait()

@@ -123,6 +123,9 @@ class Append:
     signals: list[dict[str, Any]] = field(default_factory=list)
     versions: list[Version] = field(default_factory=list)
     snapshot: tuple[int, int, bytes] | None = None
+    created_at: float = 0.0
+    """Set by `Store.append`: the time its rows carry (the signals' received_at, the versions' and
+    snapshot's created_at), so that what is kept in memory says what the database says."""
 
 
 SQLITE_SYNCHRONOUS = ("normal", "full")
@@ -242,6 +245,7 @@ class Store:
         now = time.time()
         signals, versions, snaps = [], [], []
         for a in batch:
+            a.created_at = now
             for row in a.signals:
                 signals.append({"job_id": a.job_id, "received_at": now, **row})
             for v in a.versions:
