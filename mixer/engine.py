@@ -46,6 +46,8 @@ class Engine:
         self.spec = spec
         self.strategy = strategy or build_strategy(spec)
         self.state = self.strategy.init(spec.seed)
+        self._state_nans: int | None = None
+        """NaNs in `state` (None: not counted since it last changed): the guard's "before"."""
         self.prior = np.asarray(spec.prior())
         initial = getattr(self.strategy, "initial_weights", None)
         w0 = initial(self.state) if initial else self.prior
@@ -86,7 +88,11 @@ class Engine:
         window = Window([*self.pending, report], self.spec.num_domains)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # the guard below judges the outcome
             state, decision = self.strategy.update(self.state, window)
-        if guard and _poisons(self.state, state, decision):
+        nans = None  # the new state's NaN count, when the guard counted it
+        if guard:
+            before = self._state_nans if self._state_nans is not None else _nonfinite(self.state)[1]
+            nans = _guard(before, state, decision)
+        if guard and nans is None:
             carried = [n for n in (*PER_DOMAIN_FIELDS, *PER_SAMPLE_FIELDS) if getattr(report, n) is not None]
             raise SignalError(
                 "/".join(carried) or "report",
@@ -98,6 +104,7 @@ class Engine:
         self.pending = []
         self.next_update_step = report.step + self.spec.cadence.update_every
         self.state = state
+        self._state_nans = nans
         cur = self.current
         c = self.spec.cadence
         if decision is not None:
@@ -161,6 +168,7 @@ class Engine:
             raise ValueError("snapshot belongs to a different job spec (fingerprint mismatch)")
         eng = cls(spec)
         eng.state = snap["state"]
+        eng._state_nans = None
         v, eff, w, params, trig, seq = snap["version"]
         eng.current = Version(v, eff, w, params, bytes.fromhex(snap["blob"]), trig, seq)
         eng.next_update_step = snap["next_update_step"]
@@ -196,16 +204,18 @@ def _nonfinite(value: Any) -> tuple[int, int]:
     return inf, nan
 
 
-def _poisons(old: Any, new: Any, decision: Any) -> bool:
-    """Whether an update left the state non-finite: an infinity anywhere, or a NaN more than
-    before (some strategies mark "not seen yet" with NaN, and fill those in as they learn), or
-    weights that are not all finite, or an infinite parameter."""
+def _guard(nans_before: int, new: Any, decision: Any) -> int | None:
+    """The new state's NaN count, or None if the update left the state non-finite: an infinity
+    anywhere, or a NaN more than before (some strategies mark "not seen yet" with NaN, and fill
+    those in as they learn), or weights that are not all finite, or an infinite parameter."""
     inf, nan = _nonfinite(new)
-    if inf or nan > _nonfinite(old)[1]:
-        return True
-    if decision is None:
-        return False
-    return not np.isfinite(np.asarray(decision.weights, dtype=np.float64)).all() or _nonfinite(decision.params)[0] > 0
+    if inf or nan > nans_before:
+        return None
+    if decision is not None and (
+        not np.isfinite(np.asarray(decision.weights, dtype=np.float64)).all() or _nonfinite(decision.params)[0] > 0
+    ):
+        return None
+    return nan
 
 
 def _report_state(r: Report) -> dict[str, Any]:

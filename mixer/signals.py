@@ -270,12 +270,16 @@ def _clear_clean_floats(reports: list[Report], idx: list[int], names: tuple[str,
         return False
     # NaN fails every comparison, and within [low, high] every value is finite. Two scalar
     # reductions clear the usual batch (all >= 0 and below the smallest bound); else per field.
-    if not (low_max <= m.min() and m.max() <= high_min) and not (
+    top = m.max()
+    if not (low_max <= m.min() and top <= high_min) and not (
         (m.min(axis=(0, 2)) >= low).all() and (m.max(axis=(0, 2)) <= high).all()
     ):
         return False
-    for f, t in pairs:  # tokens <= MAX_TOKENS here, so MAX_LOSS * tokens is finite
-        if (m[:, f] > MAX_LOSS * m[:, t]).any():
+    if pairs:
+        # Loss over tokens (tokens <= MAX_TOKENS here, so MAX_LOSS * tokens is finite): no value
+        # above MAX_LOSS x the fewest tokens clears every row at once; else element by element.
+        t = pairs[0][1]
+        if not top <= MAX_LOSS * m[:, t].min() and any((m[:, f] > MAX_LOSS * m[:, t]).any() for f, _ in pairs):
             return False
     for j, i in enumerate(idx):
         r = reports[i]

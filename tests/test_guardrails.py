@@ -22,7 +22,7 @@ from mixer.replay import verify
 from mixer.server.metrics import Metrics
 from mixer.signals import MAX_STEP, Report, validate_report
 from mixer.spec import CadenceSpec, JobSpec, SpecError, StrategySpec
-from mixer.store import Append, Store
+from mixer.store import Append, LogEntry, Store
 from mixer.strategies.base import Decision, Strategy
 from mixer.wire import decode_stored, report_to_proto
 
@@ -294,9 +294,8 @@ def test_stored_versions_verify_by_replay(tmp_path):
     log = list(loss_reports(260))
     for seq, r in log[:150]:
         v = eng.ingest(r, seq)
-        app = Append(rec.id, signals=[{"seq": seq, "step": r.step, "source": r.source, "source_seq": r.seq,
-                                       "applied_version": r.applied_version, "num_samples": r.num_samples,
-                                       "payload": report_to_proto(r).SerializeToString()}])
+        app = Append(rec.id, signals=[LogEntry(seq, r.step, r.source, r.seq, r.applied_version, r.num_samples,
+                                               report_to_proto(r).SerializeToString())])
         if v is not None:
             emitted.append(v)
             app.versions.append(v)

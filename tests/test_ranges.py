@@ -28,7 +28,7 @@ from mixer.signals import (
     validate_report,
 )
 from mixer.spec import MAX_DOMAIN_WEIGHT, MAX_SPEC_BYTES, MAX_SPEC_DEPTH, CadenceSpec, JobSpec, SpecError
-from mixer.store import Append, Store
+from mixer.store import Append, LogEntry, Store
 from mixer.store.writer import GroupCommitWriter
 from mixer.strategies import REGISTRY
 from mixer.v1 import mixer_pb2 as pb
@@ -602,17 +602,48 @@ def test_a_commit_of_any_size_stores_every_row_in_order(db_url, count):
     try:
         rec, _ = store.create_job(f"many-{count}", "{}", "f", "static")
         signals = [
-            {"seq": i, "step": i, "source": f"w{i % 3}", "source_seq": i % 2, "applied_version": i - 1,
-             "num_samples": i % 7, "payload": pb.Signals(step=i).SerializeToString()}
+            LogEntry(seq=i, step=i, source=f"w{i % 3}", source_seq=i % 2, applied_version=i - 1, num_samples=i % 7,
+                     payload=pb.Signals(step=i).SerializeToString())
             for i in range(count)
         ]
         versions = [_version(i, 2 * i) for i in range(count // 2 + 1)]
         store.append([Append(rec.id, signals=signals, versions=versions)])
         got = list(store.signals(rec.id))
         assert [(s.seq, s.step, s.source, s.source_seq, s.applied_version, s.num_samples) for s in got] == [
-            (r["seq"], r["step"], r["source"], r["source_seq"], r["applied_version"], r["num_samples"]) for r in signals
+            (r.seq, r.step, r.source, r.source_seq, r.applied_version, r.num_samples) for r in signals
         ]
-        assert [bytes(s.payload) for s in got] == [r["payload"] for r in signals]
+        assert [bytes(s.payload) for s in got] == [r.payload for r in signals]
         assert [(v.version, v.effective_step) for v, _ in store.versions(rec.id)] == [(v.version, v.effective_step) for v in versions]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"signal": {"step": INT64_MAX + 1}},
+        {"signal": {"source_seq": -(1 << 63) - 1}},
+        {"signal": {"num_samples": 1 << 31}},
+        {"version": {"effective_step": INT64_MAX + 1}},
+        {"version": {"log_seq": -(1 << 63) - 1}},
+    ],
+)
+def test_an_integer_out_of_its_column_is_refused_by_name_and_nothing_is_written(db_url, bad):
+    """The store's last line: a row whose integer does not fit its column fails the commit before
+    any SQL, with a RowOutOfRange naming the table, column, value and job; nothing is written."""
+    from mixer.store.repository import RowOutOfRange
+
+    store = Store(db_url)
+    try:
+        rec, _ = store.create_job("rows", "{}", "f", "static")
+        fields = {"seq": 0, "step": 0, "source": "w", "source_seq": 0, "applied_version": -1, "num_samples": 1, "payload": b""}
+        signals = [LogEntry(**fields), LogEntry(**{**fields, "seq": 1, **bad.get("signal", {})})]
+        v = bad.get("version", {})
+        versions = [Version(0, v.get("effective_step", 0), np.full(K, 1.0 / K), trigger_step=0, log_seq=v.get("log_seq", -1))]
+        with pytest.raises(RowOutOfRange) as err:
+            store.append([Append(rec.id, signals=signals, versions=versions)])
+        table, (column, value) = ("signals", *bad["signal"].items()) if "signal" in bad else ("versions", *bad["version"].items())
+        assert f"{table}.{column} = {value} of job id {rec.id}" in str(err.value)
+        assert list(store.signals(rec.id)) == [] and store.versions(rec.id) == []
     finally:
         store.close()

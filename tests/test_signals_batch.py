@@ -140,8 +140,11 @@ def test_valid_reports_with_and_without_per_sample_arrays_decide_as_alone():
 
 NEAR = [0.0, -0.0, 1.0, 2.5, 7.0]
 """Clean values: batches drawn mostly from these are accepted whole by the one-matrix pass."""
-EDGE = [MAX_TOKENS, MAX_TOKENS * 1.0000001, MAX_LOSS, -MAX_LOSS, -MAX_LOSS * 1.0000001, MAX_LOSS * MAX_TOKENS, -1.0, float("nan"), float("inf")]
+EDGE = [MAX_TOKENS, MAX_TOKENS * 1.0000001, MAX_LOSS, 2 * MAX_LOSS, -MAX_LOSS, -MAX_LOSS * 1.0000001, MAX_LOSS * MAX_TOKENS, -1.0, float("nan"), float("inf")]
 """Values at and past the bounds the one-matrix pass checks (each field's range, loss over tokens)."""
+EDGE_TOKENS = [0.0, 1e9, MAX_TOKENS, MAX_TOKENS * 1.0000001, -1.0, float("nan")]
+"""Token counts that matter to loss over tokens: none (a positive loss there is refused), and
+many in one domain (the fewest tokens, not the most, bound every loss)."""
 
 
 @st.composite
@@ -167,8 +170,9 @@ def float_batches(draw) -> list[pb.Signals]:
             values = draw(st.lists(st.sampled_from(NEAR), min_size=K, max_size=K))
             if name == "domain_token_count":
                 values = [v + 1.0 for v in values]  # tokens wherever there is loss
-            if draw(st.integers(0, 9)) == 0:
-                values[draw(st.integers(0, K - 1))] = draw(st.sampled_from(EDGE))
+            if draw(st.integers(0, 3)) == 0:
+                edges = EDGE_TOKENS if name == "domain_token_count" else EDGE
+                values[draw(st.integers(0, K - 1))] = draw(st.sampled_from(edges))
             if draw(st.integers(0, 19)) == 0:
                 values = values[:-1]
             getattr(msg, name).extend(values)
@@ -183,3 +187,16 @@ def test_batches_of_float_fields_near_their_bounds_decide_as_alone(msgs):
     for msg, got in zip(msgs, together, strict=True):
         want = alone(msg)
         assert same(got, want), (msg, got, want)
+
+
+def test_loss_over_few_tokens_is_refused_beside_many_tokens_elsewhere():
+    """One domain with many tokens must not clear a loss above MAX_LOSS per token in another (the
+    one-matrix pass bounds every loss by the fewest tokens)."""
+    msgs = [
+        pb.Signals(step=0, source="w", domain_loss_sum=[1.0] * K, domain_token_count=[1e9] + [1.0] * (K - 1)),
+        pb.Signals(step=1, source="w", domain_loss_sum=[1.0, 2 * MAX_LOSS] + [1.0] * (K - 2), domain_token_count=[1.0] * K),
+    ]
+    together = validate_reports(reports_from_protos(msgs), K)
+    assert not isinstance(together[0], SignalError) and isinstance(together[1], SignalError)
+    for msg, got in zip(msgs, together, strict=True):
+        assert same(got, alone(msg)), (msg, got)

@@ -28,7 +28,7 @@ from mixer.server.job import JobRuntime
 from mixer.server.mailbox import Mailbox
 from mixer.server.offload import Lane
 from mixer.signals import Report, SignalError, validate_reports
-from mixer.store import Append, Store
+from mixer.store import Append, LogEntry, Store
 from mixer.store.writer import GroupCommitWriter
 from mixer.types import Version
 from mixer.v1 import mixer_pb2 as pb
@@ -238,20 +238,13 @@ class Batch:
         rt.marks[report.source] = (report.step, report.seq)
         rt.remember(report.source, report.step, report.seq, seq)
         rt.report_count += 1
-        rt.sample_count += report.num_samples
+        samples = report.num_samples
+        rt.sample_count += samples
         if report.domain_token_count is not None and report.domain_loss_sum is not None:
             self.losses.append(report)  # the live per-domain loss, set once per batch (submit)
         _track_applied(rt, report)
         append = self.append
-        append.signals.append({
-            "seq": seq,
-            "step": report.step,
-            "source": report.source,
-            "source_seq": report.seq,
-            "applied_version": report.applied_version,
-            "num_samples": report.num_samples,
-            "payload": payload,
-        })
+        append.signals.append(LogEntry(seq, report.step, report.source, report.seq, report.applied_version, samples, payload))
         if version is not None:
             append.versions.append(version)
             self.taken.versions.append(version)

@@ -1,5 +1,5 @@
 """Persistence: SQLAlchemy models, the repository, Alembic migrations, the group-commit writer."""
 
-from mixer.store.repository import Append, JobRecord, SignalRecord, Store, normalize_url, redact
+from mixer.store.repository import Append, JobRecord, LogEntry, SignalRecord, Store, normalize_url, redact
 
-__all__ = ["Append", "JobRecord", "SignalRecord", "Store", "normalize_url", "redact"]
+__all__ = ["Append", "JobRecord", "LogEntry", "SignalRecord", "Store", "normalize_url", "redact"]

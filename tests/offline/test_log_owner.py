@@ -11,7 +11,7 @@ import pytest
 
 from mixer.replay import ReplayError, log_owner
 from mixer.spec import JobSpec
-from mixer.store import Append, Store
+from mixer.store import Append, LogEntry, Store
 from mixer.v1 import mixer_pb2 as pb
 
 CASES = [
@@ -43,15 +43,7 @@ def _store(url: str, jobs: dict[str, tuple[str | None, int]]) -> Store:
         spec = JobSpec.from_yaml(f'{{"name": "{name}", "domains": ["a", "b"], "strategy": "odm"}}')
         rec, _ = store.create_job(name, spec.to_json(), spec.fingerprint(), spec.strategy.name, source)
         rows = [
-            {
-                "seq": i,
-                "step": i,
-                "source": "w",
-                "source_seq": 0,
-                "applied_version": 0,
-                "num_samples": 1,
-                "payload": pb.Signals(step=i).SerializeToString(),
-            }
+            LogEntry(seq=i, step=i, source="w", source_seq=0, applied_version=0, num_samples=1, payload=pb.Signals(step=i).SerializeToString())
             for i in range(reports)
         ]
         if rows:
