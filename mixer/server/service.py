@@ -540,9 +540,12 @@ class _Session:
                 if batched:
                     # New weights (published just now, if this batch triggered an update)
                     # ride with the acknowledgement rather than in a message of their own.
+                    resp = pb.SessionResponse()  # filled in place: each ack is copied once
+                    resp.acks.acks.extend(taken.acks)
                     v = self._newest()
-                    latest = self.rt.push_message(v) if v is not None else None
-                    out.put_nowait(pb.SessionResponse(acks=pb.AckBatch(acks=taken.acks, latest=latest)))
+                    if v is not None:
+                        resp.acks.latest.CopyFrom(self.rt.push_message(v))
+                    out.put_nowait(resp)
                 else:
                     for ack in taken.acks:
                         out.put_nowait(pb.SessionResponse(ack=ack))
