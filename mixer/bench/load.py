@@ -60,6 +60,31 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
+LATENCY_SAMPLES = 5000
+"""Latencies a session keeps in its result (evenly thinned), whichever client ran it."""
+
+
+def session_values(job: str) -> tuple[list[float], list[float]]:
+    """A session's per-domain loss sums (drawn once per job) and token counts (256 per domain)."""
+    rng = np.random.default_rng(abs(hash(job)) % 2**32)
+    return rng.uniform(1, 4, K).tolist(), [256.0] * K
+
+
+def session_result(job: str, sent: int, acked: int, errors: int, latencies_s: list[float], error: str | None) -> dict[str, Any]:
+    """What a client process reports of one session (the same fields for both clients)."""
+    lat = np.asarray(latencies_s) * 1000
+    result = {
+        "job": job,
+        "sent": sent,
+        "acked": acked,
+        "errors": errors,
+        "lat_ms": lat.tolist()[:: max(1, lat.size // LATENCY_SAMPLES)],
+    }
+    if error:
+        result["error"] = error
+    return result
+
+
 def _session_worker(
     address: str, job: str, duration: float, window: int, rate: float, nice: int, go, out: mp.Queue
 ) -> None:
@@ -70,9 +95,7 @@ def _session_worker(
     from mixer.reporter import Reporter
     from mixer.v1 import mixer_pb2 as pb
 
-    rng = np.random.default_rng(abs(hash(job)) % 2**32)
-    loss = rng.uniform(1, 4, K).tolist()
-    tokens = [256.0] * K
+    loss, tokens = session_values(job)
     sent_at: dict[int, float] = {}
     latencies: list[float] = []
 
@@ -111,17 +134,7 @@ def _session_worker(
             step += 1
     if not reporter.close(timeout=120) and error is None:
         error = f"{reporter.pending} reports unacknowledged at the end: {reporter.last_error}"
-    lat = np.asarray(latencies) * 1000
-    result = {
-        "job": job,
-        "sent": step,
-        "acked": reporter.acked,
-        "errors": len(reporter.rejected),
-        "lat_ms": lat.tolist()[:: max(1, lat.size // 5000)],
-    }
-    if error:
-        result["error"] = error
-    out.put(result)
+    out.put(session_result(job, step, reporter.acked, len(reporter.rejected), latencies, error))
 
 
 def _server_rss(srv) -> int:
@@ -268,7 +281,7 @@ class _Clients:
             self.procs = [
                 ctx.Process(
                     target=sessions_worker,
-                    args=(address, jobs[i::n], K, duration, window, per, nice, self.go, self.out),
+                    args=(address, jobs[i::n], duration, window, per, nice, self.go, self.out),
                     daemon=True,
                 )
                 for i in range(n)

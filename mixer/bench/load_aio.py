@@ -11,7 +11,7 @@ same way: whatever is queued, as one batch), acknowledgements read as they come.
 to its job's owner (servers > 1) reconnects there before it reports. It does not resend: an
 error ends the session and is reported, which a benchmark wants.
 
-Each session's result has the same fields as a Reporter session's (load._session_worker).
+Each session's result is built as a Reporter session's is (load.session_result).
 """
 
 from __future__ import annotations
@@ -22,24 +22,19 @@ import time
 from typing import Any
 
 import grpc
-import numpy as np
 
+from mixer.bench.load import session_result, session_values
 from mixer.client import MAX_HOPS, owner_of
 from mixer.reporter import SESSION_METHOD, session_request
 from mixer.v1 import mixer_pb2 as pb
-
-SAMPLE_MAX = 5000
-"""Latencies a session keeps (evenly thinned), as a Reporter session does."""
 
 
 class _Session:
     """One session: a stream, its window of unacknowledged reports and its latencies."""
 
-    def __init__(self, address: str, job: str, k: int, window: int, rate: float):
+    def __init__(self, address: str, job: str, window: int, rate: float):
         self.address, self.job, self.window, self.rate = address, job, window, rate
-        rng = np.random.default_rng(abs(hash(job)) % 2**32)
-        self.loss = rng.uniform(1, 4, k).tolist()
-        self.tokens = [256.0] * k
+        self.loss, self.tokens = session_values(job)
         self.sent_at: dict[int, float] = {}
         self.latencies: list[float] = []
         self.step = self.acked = self.refused = 0
@@ -151,28 +146,18 @@ class _Session:
             await self.channel.close()
 
     def result(self) -> dict[str, Any]:
-        lat = np.asarray(self.latencies) * 1000
-        out = {
-            "job": self.job,
-            "sent": self.step,
-            "acked": self.acked,
-            "errors": self.refused,
-            "lat_ms": lat.tolist()[:: max(1, lat.size // SAMPLE_MAX)],
-        }
-        if self.error:
-            out["error"] = self.error
-        return out
+        return session_result(self.job, self.step, self.acked, self.refused, self.latencies, self.error)
 
 
 def sessions_worker(
-    address: str, jobs: list[str], k: int, duration: float, window: int, rate: float, nice: int, go, out
+    address: str, jobs: list[str], duration: float, window: int, rate: float, nice: int, go, out
 ) -> None:
     """One client process: its sessions connect, report "ready" each, wait for `go`, stream for
     `duration` seconds, and put one result each into `out`."""
     os.nice(nice)  # a load generator: the server under test gets the CPU first when both want it
 
     async def main() -> None:
-        sessions = [_Session(address, j, k, window, rate) for j in jobs]
+        sessions = [_Session(address, j, window, rate) for j in jobs]
         for s, r in zip(sessions, await asyncio.gather(*(s.connect() for s in sessions), return_exceptions=True)):
             if isinstance(r, BaseException):
                 s.error = f"no session: {type(r).__name__}: {r}"

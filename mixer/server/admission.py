@@ -55,8 +55,6 @@ class Taken:
     refused: list[tuple[pb.Signals, MixerError]] = field(default_factory=list)
     versions: list[Version] = field(default_factory=list)
     """New versions, oldest first; published once `futures` resolve."""
-    append: Append | None = None
-    """The batch's own append (the versions are in it), once submitted: its commit time."""
 
 
 class Batch:
@@ -112,7 +110,6 @@ class Batch:
         if self.append.signals:
             fut, adm = self.fut, self.adm
             adm.writer.submit(self.append, fut)
-            self.taken.append = self.append
             fut.add_done_callback(lambda f, rt=self.rt, keys=self.keys: adm.settled(rt, keys, f))
             self.taken.futures.append(fut)
 
@@ -341,8 +338,9 @@ class Admission:
             if err is not None:
                 done(MixerError(grpc.StatusCode.UNAVAILABLE, f"the database did not commit the report ({type(err).__name__}); retry later"))
                 return
-            for version in taken.versions:  # in the batch's append, committed now
-                rt.note_created(version, taken.append.created_at)
+            now = time.time()  # durable from now: what pushes are timed from (mixer_version_push_lag_seconds)
+            for version in taken.versions:
+                rt.note_created(version, now)
                 rt.publish(version)
             done(None)
 

@@ -215,7 +215,9 @@ class JobRuntime:
         return self.versions.created_at(number) or 0.0
 
     def note_created(self, v: Version, at: float) -> None:
-        """Keep a committed version and its commit time (as stored: Append.created_at)."""
+        """Keep a committed version and when its commit ended (what GetWeights and pushes serve as
+        created_at; the database's row holds the time its transaction was built, earlier by the
+        commit's duration)."""
         self.versions.add(v, at)
 
     def publish(self, v: Version) -> None:

@@ -141,9 +141,6 @@ class Append:
     signals: list[LogEntry] = field(default_factory=list)
     versions: list[Version] = field(default_factory=list)
     snapshot: tuple[int, int, bytes] | None = None
-    created_at: float = 0.0
-    """Set by `Store.append`: the time its rows carry (the signals' received_at, the versions' and
-    snapshot's created_at), so that what is kept in memory says what the database says."""
 
 
 SQLITE_SYNCHRONOUS = ("normal", "full")
@@ -263,7 +260,6 @@ class Store:
         now = time.time()
         signals, versions, snaps = [], [], []
         for a in batch:
-            a.created_at = now
             job_id = a.job_id
             signals += [(job_id, *entry, now) for entry in a.signals]  # rows in _SIGNAL_COLUMNS order
             for v in a.versions:
