@@ -92,13 +92,13 @@ class Engine:
         if guard:
             before = self._state_nans if self._state_nans is not None else _nonfinite(self.state)[1]
             nans = _guard(before, state, decision)
-        if guard and nans is None:
-            carried = [n for n in (*PER_DOMAIN_FIELDS, *PER_SAMPLE_FIELDS) if getattr(report, n) is not None]
-            raise SignalError(
-                "/".join(carried) or "report",
-                f"these values would make the {self.spec.strategy.name!r} strategy's state non-finite; "
-                "the report is refused (check the values, or the strategy's params)",
-            )
+            if nans is None:
+                carried = [n for n in (*PER_DOMAIN_FIELDS, *PER_SAMPLE_FIELDS) if getattr(report, n) is not None]
+                raise SignalError(
+                    "/".join(carried) or "report",
+                    f"these values would make the {self.spec.strategy.name!r} strategy's state non-finite; "
+                    "the report is refused (check the values, or the strategy's params)",
+                )
         self.last_log_seq = log_seq
         self.max_step = max(self.max_step, report.step)
         self.pending = []

@@ -46,8 +46,9 @@ def report_from_proto(msg: pb.Signals) -> Report:
 
 def reports_from_protos(msgs: Sequence[pb.Signals]) -> list[Report | SignalError]:
     """Decode a batch of wire reports for `validate_reports`: each report, or the SignalError that
-    refuses it. Per-domain arrays stay lists (the validation stacks them into matrices); per-sample arrays are read-only views of the message's bytes (no copy on a
-    little-endian host)."""
+    refuses it. Per-domain arrays stay lists (the validation stacks them into matrices);
+    per-sample arrays are read-only views of the message's bytes (no copy on a little-endian
+    host)."""
     out: list[Report | SignalError] = []
     for msg in msgs:
         try:
