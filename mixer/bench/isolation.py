@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mixer.bench.load import CLIENT_NICE, K, _session_worker
+from mixer.bench.load import CLIENT_NICE, _session_worker
+from mixer.bench.load_session import K
 
 HEAVY_DOMAINS = 64
 HEAVY_SPEC_PARAMS = {"refit_every": 1, "warmup_steps": 0, "point_every": 1}

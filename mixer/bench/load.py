@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-K = 8
+from mixer.bench.load_session import K, session_result, session_values
+
 WINDOW = 5
 """Unacknowledged reports per session: at 64 sessions, 10,000 reports/s with 320 in flight is
 32 ms each on average (Little's law: in flight = throughput x latency)."""
@@ -58,31 +59,6 @@ def _rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-LATENCY_SAMPLES = 5000
-"""Latencies a session keeps in its result (evenly thinned), whichever client ran it."""
-
-
-def session_values(job: str) -> tuple[list[float], list[float]]:
-    """A session's per-domain loss sums (drawn once per job) and token counts (256 per domain)."""
-    rng = np.random.default_rng(abs(hash(job)) % 2**32)
-    return rng.uniform(1, 4, K).tolist(), [256.0] * K
-
-
-def session_result(job: str, sent: int, acked: int, errors: int, latencies_s: list[float], error: str | None) -> dict[str, Any]:
-    """What a client process reports of one session (the same fields for both clients)."""
-    lat = np.asarray(latencies_s) * 1000
-    result = {
-        "job": job,
-        "sent": sent,
-        "acked": acked,
-        "errors": errors,
-        "lat_ms": lat.tolist()[:: max(1, lat.size // LATENCY_SAMPLES)],
-    }
-    if error:
-        result["error"] = error
-    return result
 
 
 def _session_worker(

@@ -11,7 +11,7 @@ same way: whatever is queued, as one batch), acknowledgements read as they come.
 to its job's owner (servers > 1) reconnects there before it reports. It does not resend: an
 error ends the session and is reported, which a benchmark wants.
 
-Each session's result is built as a Reporter session's is (load.session_result).
+Each session's result is built as a Reporter session's is (load_session.session_result).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from mixer.bench.load import session_result, session_values
+from mixer.bench.load_session import session_result, session_values
 from mixer.client import MAX_HOPS, owner_of
 from mixer.reporter import SESSION_METHOD, session_request
 from mixer.v1 import mixer_pb2 as pb
