@@ -36,7 +36,7 @@ from mixer.server.metrics import Metrics
 from mixer.server.runtime import HaConfig, Limits, Runtimes
 from mixer.server.service import MixerService
 from mixer.store import Store, normalize_url, redact
-from mixer.store.repository import Fence
+from mixer.store.records import Fence
 from mixer.store.writer import GroupCommitWriter
 from mixer.v1 import mixer_pb2
 

@@ -1,5 +1,6 @@
 """Persistence: SQLAlchemy models, the repository, Alembic migrations, the group-commit writer."""
 
-from mixer.store.repository import Append, JobRecord, LogEntry, SignalRecord, Store, normalize_url, redact
+from mixer.store.records import Append, JobRecord, LogEntry, SignalRecord
+from mixer.store.repository import Store, normalize_url, redact
 
 __all__ = ["Append", "JobRecord", "LogEntry", "SignalRecord", "Store", "normalize_url", "redact"]

@@ -21,10 +21,9 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from alembic import command
@@ -34,24 +33,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mixer.store.models import JobRow, LeaseRow, ServerRow, SignalRow, SnapshotRow, TokenRow, VersionRow
+from mixer.store.records import Append, Fence, JobRecord, LeaseLost, LogEntry, SignalRecord
 from mixer.types import Version
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-
-
-class LogEntry(NamedTuple):
-    """A report's row of the log (the signals table) as admission hands it to the group commit;
-    `Store.append` adds the job and the time."""
-
-    seq: int
-    """Its position in the job's log."""
-    step: int
-    source: str
-    source_seq: int
-    applied_version: int
-    num_samples: int
-    payload: bytes | memoryview
-    """The report as it arrived (protobuf Signals)."""
 
 
 _SIGNAL_COLUMNS = ("job_id", *LogEntry._fields, "received_at")
@@ -95,52 +80,6 @@ def redact(url: str) -> str:
         creds, host = rest.rsplit("@", 1)
         return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
     return url
-
-
-@dataclass(slots=True)
-class JobRecord:
-    id: int
-    name: str
-    spec_json: str
-    fingerprint: str
-    strategy: str
-    created_at: float
-    source_job: str | None
-    status: str = "active"
-
-
-@dataclass(slots=True)
-class SignalRecord:
-    seq: int
-    step: int
-    source: str
-    source_seq: int
-    applied_version: int
-    num_samples: int
-    received_at: float
-    payload: bytes
-
-
-class LeaseLost(RuntimeError):
-    """This server no longer owns a job it tried to write (high availability)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Fence:
-    """Commits of a lease holder check, in the same transaction, that it still owns the job."""
-
-    owner: str
-    ttl: float
-
-
-@dataclass(slots=True)
-class Append:
-    """One unit of a group commit: a job's new log entries, versions and snapshot."""
-
-    job_id: int
-    signals: list[LogEntry] = field(default_factory=list)
-    versions: list[Version] = field(default_factory=list)
-    snapshot: tuple[int, int, bytes] | None = None
 
 
 SQLITE_SYNCHRONOUS = ("normal", "full")

@@ -14,7 +14,8 @@ from concurrent.futures import Future
 
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
-from mixer.store.repository import Append, Fence, LeaseLost, Store
+from mixer.store.records import Append, Fence, LeaseLost
+from mixer.store.repository import Store
 
 _OUTAGE = (OperationalError, InterfaceError, DisconnectionError, LeaseLost)
 """Failures of the database (or of our ownership) rather than of one job's rows: retrying each
