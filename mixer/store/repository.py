@@ -41,6 +41,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 _SIGNAL_COLUMNS = ("job_id", *LogEntry._fields, "received_at")
 _VERSION_COLUMNS = ("job_id", "version", "effective_step", "trigger_step", "log_seq", "weights", "params_json", "blob", "created_at")
+_SNAPSHOT_COLUMNS = ("job_id", "version", "log_seq", "state", "created_at")
 _MAX_ROWS_PER_INSERT = 256
 """Rows per multi-row INSERT (x 9 columns: well inside SQLite's and PostgreSQL's parameter limits)."""
 _SQLITE_STATEMENTS = 1024
@@ -206,27 +207,33 @@ class Store:
                 versions.append(_version_row(job_id, v, now))
             if a.snapshot is not None:
                 version, log_seq, state = a.snapshot
-                snaps.append({"job_id": a.job_id, "version": version, "log_seq": log_seq, "state": state, "created_at": now})
+                snaps.append((job_id, version, log_seq, state, now))
         _check_ints("signals", _SIGNAL_COLUMNS, signals)
         _check_ints("versions", _VERSION_COLUMNS, versions)
+        _check_ints("snapshots", _SNAPSHOT_COLUMNS, snaps)
         with self.engine.begin() as conn:
             if fence is not None:
                 # Extending our own lease locks its row: a takeover cannot interleave, and a
-                # server that lost the job cannot write to its log.
+                # server that lost the job cannot write to its log. Rows are locked in job order,
+                # as lease renewal locks them (no deadlock between the two); the clock is read once.
+                expires = self._now(conn) + fence.ttl
                 for job_id in sorted({a.job_id for a in batch}):
                     res = conn.execute(
                         update(LeaseRow)
                         .where(LeaseRow.job_id == job_id, LeaseRow.owner == fence.owner)
-                        .values(expires_at=self._now(conn) + fence.ttl)
+                        .values(expires_at=expires)
                     )
                     if res.rowcount != 1:
                         raise LeaseLost(f"server {fence.owner} no longer owns job id {job_id}")
             # The hot inserts go straight to the driver: SQLAlchemy's per-row work would cost
-            # more than the database's on small reports.
+            # more than the database's on small reports. Each is one statement, never an
+            # executemany: PostgreSQL's driver pipelines an executemany, and a backend inside a
+            # pipeline stays "active" while it waits for the rest, out of reach of
+            # idle_in_transaction_session_timeout; a lease holder paused there would keep its
+            # lease rows locked for as long as it is paused.
             self._insert_rows(conn, "signals", _SIGNAL_COLUMNS, signals)
             self._insert_rows(conn, "versions", _VERSION_COLUMNS, versions)
-            if snaps:
-                conn.execute(insert(SnapshotRow), snaps)
+            self._insert_rows(conn, "snapshots", _SNAPSHOT_COLUMNS, snaps)
 
     def _insert_rows(self, conn, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
         """Insert rows with multi-row INSERTs of at most 256 rows (the text for each row count is
@@ -457,7 +464,7 @@ class Store:
 
     def _renew(self, conn, job_ids: list[int], owner: str, ttl: float, now: float) -> list[int]:
         lost = []
-        for job_id in job_ids:
+        for job_id in sorted(job_ids):  # in job order, as a group commit locks them
             res = conn.execute(
                 update(LeaseRow)
                 .where(LeaseRow.job_id == job_id, LeaseRow.owner == owner)
@@ -504,6 +511,7 @@ _INT32 = (-(1 << 31), (1 << 31) - 1)
 _RANGES = {
     "signals": {"seq": _INT64, "step": _INT64, "source_seq": _INT64, "applied_version": _INT64, "num_samples": _INT32},
     "versions": {"version": _INT64, "effective_step": _INT64, "trigger_step": _INT64, "log_seq": _INT64},
+    "snapshots": {"version": _INT64, "log_seq": _INT64},
 }
 
 

@@ -282,6 +282,106 @@ def open_transactions(db: str) -> int:
         ).fetchone()[0]
 
 
+def activity(db: str) -> str:
+    """The test database's sessions (state, wait, how long in its transaction, query), for a
+    failure's message: what holds a lock, and what waits."""
+    import psycopg
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        rows = conn.execute(
+            "select pid, state, wait_event_type, wait_event, round(extract(epoch from now() - xact_start)::numeric, 1),"
+            " left(query, 80) from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid()"
+        ).fetchall()
+    return "\n".join(" | ".join(str(c) for c in r) for r in rows)
+
+
+@pytest.mark.postgres
+def test_a_lease_holder_paused_anywhere_in_its_commit_loses_the_lock_within_its_limit(pg_url):
+    """Paused between any two statements of a group commit (several jobs, each with signals, a
+    version and a snapshot), the owner's backend is "idle in transaction", so the database ends
+    it after max_transaction_idle and the lease rows are free; the paused commit then fails and
+    writes nothing. And the commit is statements only, never an executemany: PostgreSQL's
+    driver pipelines those, and a backend inside a pipeline is "active", out of the timeout's
+    reach, for as long as its client is paused."""
+    import psycopg
+    from sqlalchemy import event
+
+    from mixer.store import Append, LogEntry
+    from mixer.store.records import Fence
+    from mixer.types import Version
+
+    idle = 0.5
+    store = Store(pg_url, max_transaction_idle=idle)
+    jobs = [store.create_job(name, "{}", name, "static")[0].id for name in ("p", "q", "r")]
+    for job_id in jobs:
+        assert store.acquire_lease(job_id, "a", "a:1", 60.0)[0]
+    fence = Fence("a", 60.0)
+
+    def commit(n: int) -> list[Append]:
+        return [
+            Append(
+                job_id,
+                signals=[LogEntry(n, n, "w", 0, -1, 1, pb.Signals(step=n).SerializeToString())],
+                versions=[Version(n + 1, n, np.full(2, 0.5), trigger_step=n, log_seq=n)],
+                snapshot=(n + 1, n, b"state"),
+            )
+            for job_id in jobs
+        ]
+
+    statements: list[tuple[str, bool]] = []
+    pause_at = {"k": -1}
+    paused, resume = threading.Event(), threading.Event()
+    backend = {}
+
+    def after(conn, cursor, statement, params, context, executemany):
+        statements.append((statement.split(" (")[0][:40], executemany))
+        if len(statements) - 1 == pause_at["k"]:
+            backend["pid"] = cursor.connection.info.backend_pid
+            paused.set()
+            resume.wait(30)
+
+    event.listen(store.engine, "after_cursor_execute", after)
+    store.append(commit(0), fence)  # the commit's statements, counted
+    steps = list(statements)
+    assert not any(many for _, many in steps), f"an executemany in the commit path: {steps}"
+    assert len(steps) >= 4, steps
+
+    for k in range(len(steps)):
+        statements.clear()
+        paused.clear()
+        resume.clear()
+        pause_at["k"] = k
+        failed: list[BaseException] = []
+        t = threading.Thread(target=lambda n=k + 1: _commit_or_fail(store, commit(n), fence, failed))
+        t.start()
+        assert paused.wait(10), f"the commit never reached statement {k}"
+        with psycopg.connect(pg_url, autocommit=True) as obs:
+            state = obs.execute("select state from pg_stat_activity where pid = %s", (backend["pid"],)).fetchone()
+            assert state == ("idle in transaction",), f"paused after {steps[k][0]!r}: {state}\n{activity(pg_url)}"
+            t0 = time.monotonic()
+            while obs.execute("select 1 from pg_stat_activity where pid = %s", (backend["pid"],)).fetchone():
+                assert time.monotonic() - t0 < idle + 5, f"paused after {steps[k][0]!r}, not ended\n{activity(pg_url)}"
+                time.sleep(0.05)
+            with obs.transaction():  # the lease rows are free
+                obs.execute("select 1 from leases where job_id = any(%s) for update nowait", (jobs,))
+        resume.set()
+        t.join(30)
+        assert failed, f"paused after {steps[k][0]!r} past the limit, the commit still succeeded"
+        for job_id in jobs:  # nothing of the paused commit was written
+            assert [s.seq for s in store.signals(job_id)] == [0]
+            assert [v.version for v, _ in store.versions(job_id)] == [1]
+            assert store.latest_snapshot(job_id) == (1, 0, b"state")
+    event.remove(store.engine, "after_cursor_execute", after)
+    store.close()
+
+
+def _commit_or_fail(store: Store, batch, fence, failed: list) -> None:
+    try:
+        store.append(batch, fence)
+    except Exception as e:  # the database ended the paused transaction
+        failed.append(e)
+
+
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_an_owner_paused_inside_a_commit_does_not_block_the_takeover(server_factory, pg_url):
@@ -326,7 +426,8 @@ def test_an_owner_paused_inside_a_commit_does_not_block_the_takeover(server_fact
                     break
                 except grpc.RpcError as e:
                     assert time.monotonic() - t0 < 20, (
-                        f"the paused owner's open transaction blocks the takeover: {e.code()} {e.details()}"
+                        f"the paused owner's open transaction blocks the takeover: {e.code()} {e.details()}\n"
+                        f"{activity(pg_url)}"
                     )
                     time.sleep(0.2)
         took = time.monotonic() - t0
