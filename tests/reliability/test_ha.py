@@ -352,7 +352,7 @@ def test_a_lease_holder_paused_anywhere_in_its_commit_loses_the_lock_within_its_
         resume.clear()
         pause_at["k"] = k
         failed: list[BaseException] = []
-        t = threading.Thread(target=lambda n=k + 1: _commit_or_fail(store, commit(n), fence, failed))
+        t = threading.Thread(target=_commit_or_fail, args=(store, commit(k + 1), fence, failed))
         t.start()
         assert paused.wait(10), f"the commit never reached statement {k}"
         with psycopg.connect(pg_url, autocommit=True) as obs:
@@ -367,6 +367,7 @@ def test_a_lease_holder_paused_anywhere_in_its_commit_loses_the_lock_within_its_
         resume.set()
         t.join(30)
         assert failed, f"paused after {steps[k][0]!r} past the limit, the commit still succeeded"
+        assert "idle-in-transaction timeout" in str(failed[0]), failed[0]
         for job_id in jobs:  # nothing of the paused commit was written
             assert [s.seq for s in store.signals(job_id)] == [0]
             assert [v.version for v, _ in store.versions(job_id)] == [1]
@@ -376,9 +377,11 @@ def test_a_lease_holder_paused_anywhere_in_its_commit_loses_the_lock_within_its_
 
 
 def _commit_or_fail(store: Store, batch, fence, failed: list) -> None:
+    from sqlalchemy.exc import DBAPIError
+
     try:
         store.append(batch, fence)
-    except Exception as e:  # the database ended the paused transaction
+    except DBAPIError as e:  # the database ended the paused transaction
         failed.append(e)
 
 
