@@ -40,7 +40,7 @@ MAX_SEGMENTS = 10_000
 
 
 def _quick():
-    from mixer.bench.quality import PRESETS
+    from mixer.bench.quality_config import PRESETS
 
     return PRESETS["quick"]
 
@@ -61,7 +61,7 @@ class CollectConfig:
     """Concentration of the random walk between steps (larger: smaller moves)."""
     seed: int = 0
     proxy: Any = field(default_factory=_quick)
-    """The proxy model: a mixer.bench.quality.QualityConfig (its `steps` is replaced by segments x segment_steps)."""
+    """The proxy model: a mixer.bench.quality_config.QualityConfig (its `steps` is replaced by segments x segment_steps)."""
 
     def validate(self) -> CollectConfig:
         def integer(name: str, lo: int, hi: int) -> None:

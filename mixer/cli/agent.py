@@ -125,7 +125,7 @@ def collect(
 
     from mixer.agent.collect import CollectConfig
     from mixer.agent.collect import collect as run_collect
-    from mixer.bench.quality import PRESETS
+    from mixer.bench.quality_config import PRESETS
 
     cfg = CollectConfig(
         trajectories=trajectories,

@@ -18,12 +18,8 @@ import yaml
 
 from mixer.bench import load as load_defaults
 from mixer.bench.corpus import default_corpus
-from mixer.bench.quality import (
-    STRATEGIES,
-    QualityRun,
-    check_overrides,
-    run_quality,
-)
+from mixer.bench.quality import run_quality
+from mixer.bench.quality_config import STRATEGIES, QualityRun, check_overrides
 from mixer.cli.common import emit_json, json_option
 from mixer.config import options
 

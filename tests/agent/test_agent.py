@@ -19,7 +19,7 @@ from mixer.agent.policy import AgentFileError, load_agent, strategy_spec
 from mixer.agent.train import ACTOR, CARD, WEIGHTS, TrainConfig, save_agent, train, train_on
 from mixer.agent.trajectory import Trajectory, TrajectoryError, transitions
 from mixer.bench.launch import ServerProcess
-from mixer.bench.quality import PRESETS
+from mixer.bench.quality_config import PRESETS
 from mixer.client import MixerClient
 from mixer.megatron.corpus import write_synthetic_corpus
 from mixer.replay import verify

@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from mixer.bench.corpus import NOISE_ALPHABET, noise_corpus
-from mixer.bench.quality import QUICK_STRATEGIES, _mean_weight
+from mixer.bench.quality import _mean_weight
+from mixer.bench.quality_config import QUICK_STRATEGIES
 from mixer.bench.quality_plot import ALPHA, paired_test, steps_to_reach, summarize
 from mixer.cli.bench import bench_quality
 from mixer.megatron.corpus import write_synthetic_corpus
@@ -170,7 +171,7 @@ def test_quality_refuses_bad_settings_before_running(tmp_path: Path, args: list[
 
 
 def test_quality_settings_from_a_config_file(tmp_path: Path) -> None:
-    from mixer.bench.quality import QualityRun
+    from mixer.bench.quality_config import QualityRun
     from mixer.config import check, override
 
     f = tmp_path / "q.yaml"

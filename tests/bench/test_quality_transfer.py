@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mixer.bench.quality import PRESETS, TRANSFER_SOURCE, _job_spec
+from mixer.bench.quality_config import PRESETS, TRANSFER_SOURCE, job_spec
 from mixer.cli.bench import bench_quality
 from mixer.megatron.corpus import write_synthetic_corpus
 from mixer.spec import JobSpec
@@ -21,7 +21,7 @@ from mixer.transfer import export_weighting_model
 def test_dwm_overrides_go_to_the_weighting_model_and_the_strategy() -> None:
     cfg = PRESETS["quick"]
     overrides = {"dwm": {"hidden": 8, "lr": 0.01, "stages": 2}}
-    spec = _job_spec("dwm", "j", 0, {"a": "pa", "b": "pb"}, {"a": 1, "b": 1}, cfg, overrides)
+    spec = job_spec("dwm", "j", 0, {"a": "pa", "b": "pb"}, {"a": 1, "b": 1}, cfg, overrides)
     assert spec["strategy"] == {"name": "dwm", "params": {"stages": 2}}
     params = spec["weighting"]["params"]
     assert (params["hidden"], params["lr"], params["total_steps"], params["seq_len"]) == (
@@ -30,7 +30,7 @@ def test_dwm_overrides_go_to_the_weighting_model_and_the_strategy() -> None:
         cfg.steps,
         cfg.seq,
     )
-    transfer = _job_spec("dwm-transfer", "j", 0, {"a": "pa", "b": "pb"}, {"a": 1, "b": 1}, cfg, {})
+    transfer = job_spec("dwm-transfer", "j", 0, {"a": "pa", "b": "pb"}, {"a": 1, "b": 1}, cfg, {})
     assert transfer["weighting"]["params"]["frozen"] is True
 
 
