@@ -376,6 +376,54 @@ def test_a_lease_holder_paused_anywhere_in_its_commit_loses_the_lock_within_its_
     store.close()
 
 
+@pytest.mark.postgres
+def test_a_heartbeat_and_a_commit_lock_lease_rows_in_one_order(pg_url):
+    """A group commit holding one job's lease row while the heartbeat renews that job and another:
+    both lock rows in job order, so the heartbeat waits and both succeed. In opposite orders they
+    would deadlock, and PostgreSQL would abort one: a failed heartbeat drops every job it renews."""
+    from sqlalchemy import event
+
+    from mixer.store import Append, LogEntry
+    from mixer.store.records import Fence
+
+    store = Store(pg_url)
+    jobs = [store.create_job(name, "{}", name, "static")[0].id for name in ("p", "q")]
+    for job_id in jobs:
+        assert store.acquire_lease(job_id, "a", "a:1", 60.0)[0]
+    paused, resume = threading.Event(), threading.Event()
+
+    def after(conn, cursor, statement, params, context, executemany):
+        if threading.current_thread().name == "commit" and statement.startswith("UPDATE leases") and not paused.is_set():
+            paused.set()  # the commit holds the first job's lease row
+            resume.wait(30)
+
+    event.listen(store.engine, "after_cursor_execute", after)
+    errors: list[BaseException] = []
+
+    def run(fn) -> None:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - the test reports any failure of either side
+            errors.append(e)
+
+    batch = [Append(j, signals=[LogEntry(0, 0, "w", 0, -1, 1, b"")]) for j in jobs]
+    commit = threading.Thread(target=run, args=(lambda: store.append(batch, Fence("a", 60.0)),), name="commit")
+    commit.start()
+    assert paused.wait(10)
+    lost: list[list[int]] = []
+    beat = threading.Thread(target=run, args=(lambda: lost.append(store.heartbeat("a", "a:1", 60.0, jobs[::-1])),))
+    beat.start()
+    time.sleep(0.5)  # the heartbeat reaches the lease rows and waits for the commit's
+    resume.set()
+    commit.join(30)
+    beat.join(30)
+    event.remove(store.engine, "after_cursor_execute", after)
+    assert not errors, f"{errors}\n{activity(pg_url)}"
+    assert lost == [[]]
+    assert all(len(list(store.signals(j))) == 1 for j in jobs)
+    store.close()
+
+
 def _commit_or_fail(store: Store, batch, fence, failed: list) -> None:
     from sqlalchemy.exc import DBAPIError
 
