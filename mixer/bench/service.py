@@ -117,14 +117,26 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
+MAX_BENCH_SAMPLES = 1 << 16
+"""Per-sample losses per report at most: a session keeps up to IN_FLIGHT reports (1 MiB each at
+this bound) in memory."""
+MAX_BENCH_SESSIONS = 64
+
+
 def run_service_bench(
     *,
-    reports: int = 2000,
+    reports: int = 8000,
     samples: int = 4096,
     sessions: int = 4,
     db: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
+    if not 1 <= sessions <= MAX_BENCH_SESSIONS:
+        raise ValueError(f"sessions: must be in [1, {MAX_BENCH_SESSIONS}], got {sessions}")
+    if not 1 <= samples <= MAX_BENCH_SAMPLES:
+        raise ValueError(f"samples: must be in [1, {MAX_BENCH_SAMPLES}], got {samples}")
+    if reports < sessions:
+        raise ValueError(f"reports: {reports} cannot be split over {sessions} sessions; give at least one per session")
     with tempfile.TemporaryDirectory(prefix="mixer-bench-") as tmp:
         workdir = Path(tmp)
         db_url = db or str(workdir / "bench.db")

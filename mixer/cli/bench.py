@@ -20,6 +20,7 @@ from mixer.bench import load as load_defaults
 from mixer.bench.corpus import default_corpus
 from mixer.bench.quality import run_quality
 from mixer.bench.quality_config import STRATEGIES, QualityRun, check_overrides
+from mixer.bench.service import MAX_BENCH_SAMPLES, MAX_BENCH_SESSIONS
 from mixer.cli.common import emit_json, json_option
 from mixer.config import options
 
@@ -34,18 +35,33 @@ def bench() -> None:
 
 
 @bench.command("service")
-@click.option("--reports", default=2000, show_default=True, type=int, help="reports to ingest")
-@click.option("--samples", default=4096, show_default=True, type=int, help="per-sample losses per report")
-@click.option("--sessions", default=4, show_default=True, type=int, help="concurrent sessions")
+@click.option(
+    "--reports",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="reports to ingest, split evenly over the sessions (at least one each)",
+)
+@click.option(
+    "--samples",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(1, MAX_BENCH_SAMPLES),
+    help="per-sample losses per report",
+)
+@click.option("--sessions", default=4, show_default=True, type=click.IntRange(1, MAX_BENCH_SESSIONS), help="concurrent sessions")
 @bench_db_option
 @json_option
 def bench_service(reports: int, samples: int, sessions: int, db: str | None, as_json: bool) -> None:
     """Durable ingest, GetWeights latency and push latency against a real server on loopback."""
     from mixer.bench.service import run_service_bench
 
-    result = run_service_bench(
-        reports=reports, samples=samples, sessions=sessions, db=db, progress=not as_json
-    )
+    try:
+        result = run_service_bench(
+            reports=reports, samples=samples, sessions=sessions, db=db, progress=not as_json
+        )
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--reports") from None
     if as_json:
         emit_json(result)
 
