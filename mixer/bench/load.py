@@ -122,6 +122,10 @@ def _server_rss(srv) -> int:
     )
 
 
+MAX_SESSIONS = 1024
+MIN_DURATION_S, MAX_DURATION_S = 1.0, 86_400.0
+
+
 def run_load_bench(
     *,
     sessions: int = 64,
@@ -143,6 +147,10 @@ def run_load_bench(
 
     if client not in CLIENTS:
         raise ValueError(f"client: must be one of {', '.join(CLIENTS)}, got {client!r}")
+    if not 1 <= sessions <= MAX_SESSIONS:
+        raise ValueError(f"sessions: must be in [1, {MAX_SESSIONS}], got {sessions}")
+    if not MIN_DURATION_S <= duration <= MAX_DURATION_S:
+        raise ValueError(f"duration: must be in [{MIN_DURATION_S:g}, {MAX_DURATION_S:g}] seconds, got {duration}")
     if not 1 <= servers <= 64:
         raise ValueError(f"servers: must be in [1, 64], got {servers}")
     if (servers > 1 or ha) and not (db or "").startswith("postgres"):

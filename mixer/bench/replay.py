@@ -55,6 +55,10 @@ a floor below it never binds; in online mode its weights collapse onto the floor
 runs the floor projection."""
 
 
+MAX_REPLAY_STEPS = 5_000_000
+"""Reports in the synthetic log at most (it is held in memory)."""
+
+
 def bench_replay(
     K: int = 22,
     steps: int = 200_000,
@@ -73,6 +77,14 @@ def bench_replay(
     """
     from mixer.strategies import REGISTRY
 
+    for name, value, lo, hi in (
+        ("K", K, 1, 100),
+        ("steps", steps, 1, MAX_REPLAY_STEPS),
+        ("update_every", update_every, 1, steps),
+        ("repeats", repeats, 1, 100),
+    ):
+        if not lo <= value <= hi:
+            raise ValueError(f"{name}: must be in [{lo}, {hi}], got {value}")
     strategies = [s for s in BENCH_STRATEGIES if s[1] in REGISTRY] or [("static", "static", {})]
     target = 100_000
     rows: list[dict[str, Any]] = []

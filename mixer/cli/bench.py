@@ -20,6 +20,7 @@ from mixer.bench import load as load_defaults
 from mixer.bench.corpus import default_corpus
 from mixer.bench.quality import run_quality
 from mixer.bench.quality_config import STRATEGIES, QualityRun, check_overrides
+from mixer.bench.replay import MAX_REPLAY_STEPS
 from mixer.bench.service import MAX_BENCH_SAMPLES, MAX_BENCH_SESSIONS
 from mixer.cli.common import emit_json, json_option
 from mixer.config import options
@@ -71,10 +72,16 @@ def bench_service(reports: int, samples: int, sessions: int, db: str | None, as_
     "--sessions",
     default=64,
     show_default=True,
-    type=int,
+    type=click.IntRange(1, load_defaults.MAX_SESSIONS),
     help="concurrent sessions, one job each",
 )
-@click.option("--duration", default=120.0, show_default=True, type=float, help="seconds each session streams")
+@click.option(
+    "--duration",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(load_defaults.MIN_DURATION_S, load_defaults.MAX_DURATION_S),
+    help="seconds each session streams",
+)
 @click.option(
     "--window",
     default=load_defaults.WINDOW,
@@ -142,24 +149,37 @@ def bench_load(
         "db": db,
         "progress": not as_json,
     }
-    if counts != [1]:
-        try:
+    try:  # a value out of its range: the message names it
+        if counts != [1]:
             result = compare_servers(counts, **kw)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--servers") from None
-        if as_json:
-            emit_json(result)
-        return
-    result = run_load_bench(**kw)
+            if as_json:
+                emit_json(result)
+            return
+        result = run_load_bench(**kw)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     if as_json:
         emit_json(result)
 
 
 @bench.command("replay")
-@click.option("--domains", "K", default=22, show_default=True)
-@click.option("--steps", default=200_000, show_default=True)
-@click.option("--update-every", default=10, show_default=True)
-@click.option("--repeats", default=3, show_default=True)
+@click.option(
+    "--domains",
+    "K",
+    default=22,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="domains of the synthetic log (at most 100: the rows with a floor of 0.01 need it)",
+)
+@click.option(
+    "--steps",
+    default=200_000,
+    show_default=True,
+    type=click.IntRange(1, MAX_REPLAY_STEPS),
+    help="reports in the log, one a step (held in memory)",
+)
+@click.option("--update-every", default=10, show_default=True, type=click.IntRange(1), help="steps per strategy update")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 100), help="timed replays per row; the best counts")
 @click.option(
     "--profile", is_flag=True, help="add a cProfile summary to every row (always added below target)"
 )
@@ -168,7 +188,10 @@ def bench_replay(K: int, steps: int, update_every: int, repeats: int, profile: b
     """Replay speed: Engine.ingest steps per second over an in-memory synthetic log (ODM, DoReMi)."""
     from mixer.bench.replay import bench_replay as run
 
-    d = run(K, steps, update_every=update_every, repeats=repeats, profile=profile, progress=not as_json)
+    try:
+        d = run(K, steps, update_every=update_every, repeats=repeats, profile=profile, progress=not as_json)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     if as_json:
         emit_json(d)
         return

@@ -44,3 +44,20 @@ def test_load_bench_aio_sessions_follow_their_jobs_to_the_owning_worker(pg_url: 
     run = doc["runs"][0]
     assert run["servers"] == 2
     _accounted(run, 4)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--sessions", "0"], "--sessions"),
+        (["--duration", "0"], "--duration"),
+        (["--duration", "nan"], "duration"),
+        (["--servers", "0"], "servers"),
+        (["--servers", "two"], "--servers"),
+        (["--servers", "2"], "PostgreSQL"),
+    ],
+)
+def test_load_bench_refuses_options_out_of_range_by_name(args: list[str], named: str) -> None:
+    res = CliRunner().invoke(main, ["bench", "load", *args])
+    assert res.exit_code == 2, res.output
+    assert named in res.output, res.output

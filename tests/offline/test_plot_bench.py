@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+from click.testing import CliRunner
+
 from mixer.bench.replay import bench_replay
+from mixer.cli import main
 
 
 def test_plot_writes_a_png_of_several_jobs(recorded, cli, tmp_path):
@@ -29,3 +33,20 @@ def test_bench_replay_measures_the_strategies_with_and_without_a_binding_floor(c
     assert all(at_floor[(label, 0.0)] == 0.0 for label in ("odm", "doremi", "doremi-online"))
     code, _, doc = cli("replay-bench", "--steps", "1000", "--repeats", "1", "--json")
     assert code == 0 and len(doc["rows"]) == 6 and doc["target_steps_per_s"] == 100_000
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--domains", "0"], "--domains"),
+        (["--domains", "101"], "--domains"),
+        (["--steps", "0"], "--steps"),
+        (["--update-every", "0"], "--update-every"),
+        (["--steps", "10", "--update-every", "11"], "update_every"),
+        (["--repeats", "0"], "--repeats"),
+    ],
+)
+def test_bench_replay_refuses_options_out_of_range_by_name(args, named):
+    res = CliRunner().invoke(main, ["bench", "replay", *args])
+    assert res.exit_code == 2, res.output
+    assert named in res.output, res.output
