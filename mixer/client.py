@@ -25,7 +25,7 @@ from typing import Any, Self
 import grpc
 
 from mixer.server.errors import OWNER_METADATA
-from mixer.signals import Report
+from mixer.signals import MAX_STEP, Report
 from mixer.spec import JobSpec
 from mixer.types import JobInfo, ReportAck, ServedVersion
 from mixer.v1 import mixer_pb2 as pb
@@ -263,6 +263,9 @@ class MixerClient:
     def get_weights(self, job: str, *, step: int | None = None, version: int | None = None) -> ServedVersion:
         """The version in force at `step`, or version number `version`, or (neither) the newest."""
         req = pb.GetWeightsRequest(job=job)
+        for name, value in (("step", step), ("version", version)):
+            if value is not None and not 0 <= value < MAX_STEP:
+                raise ValueError(f"{name}: must be in [0, 2^53), got {value}")
         if step is not None:
             req.step = step
         if version is not None:

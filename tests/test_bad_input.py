@@ -147,3 +147,36 @@ def test_same_name_different_spec_already_exists(srv, client):
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
     job, created = client.create_job({"name": "bad", "domains": ["a", "b", "c"], "strategy": "odm", "cadence": {"max_step_lag": 100}})
     assert not created and job.name == "bad"
+
+
+@pytest.mark.parametrize(
+    "ask", [{"step": -1}, {"step": 1 << 53}, {"step": 1 << 70}, {"version": -1}, {"version": 1 << 64}]
+)
+def test_get_weights_out_of_range_is_refused_by_name_before_the_call(client, ask):
+    """A step or version outside [0, 2^53) never reaches the wire (where protobuf would refuse it
+    with an unnamed 'Value out of range', or the server with a generic status)."""
+    with pytest.raises(ValueError) as err:
+        client.get_weights("bad", **ask)
+    name, value = next(iter(ask.items()))
+    assert f"{name}: must be in [0, 2^53), got {value}" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["replay", "bad", "--verify", "--db", "postgresql://nobody@127.0.0.1:1/none"],
+        ["token", "create", "--job", "bad", "--role", "reader", "--db", "postgresql://nobody@127.0.0.1:1/none"],
+        ["serve", "--db", "postgresql://nobody@127.0.0.1:1/none", "--port", "0"],
+    ],
+    ids=["replay", "token", "serve"],
+)
+def test_an_unreachable_database_is_an_error_message_not_a_traceback(argv):
+    from click.testing import CliRunner
+
+    from mixer.cli import main
+
+    res = CliRunner().invoke(main, argv)
+    assert res.exit_code == 1, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    assert "Traceback" not in res.output
+    assert "the database failed (OperationalError)" in res.output and "port 1 failed" in res.output, res.output

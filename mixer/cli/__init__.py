@@ -21,14 +21,30 @@ from __future__ import annotations
 import logging
 
 import click
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from mixer.cli import agent, bench, data, demo, offline, serve, topics
 
 __all__ = ["main"]
 
+log = logging.getLogger("mixer.cli")
 
-@click.group()
-@click.option("-v", "--verbose", count=True, help="more logging")
+
+class _Main(click.Group):
+    """The command group: a database that cannot be reached (or fails under a command) is an
+    error message naming what the driver said, not a traceback (`-v` logs the traceback too)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (OperationalError, InterfaceError) as e:
+            log.debug("database error", exc_info=True)
+            said = " ".join(str(e.orig if e.orig is not None else e).split())
+            raise click.ClickException(f"the database failed ({type(e.orig or e).__name__}): {said[:500]}") from None
+
+
+@click.group(cls=_Main)
+@click.option("-v", "--verbose", count=True, help="more logging (-v info, -vv debug, with tracebacks)")
 def main(verbose: int) -> None:
     """mixer: live data mixing for LLM pretraining."""
     logging.basicConfig(

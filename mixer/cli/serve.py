@@ -24,6 +24,7 @@ from mixer.cli.common import (
 )
 from mixer.config import options
 from mixer.server.config import ServeConfig
+from mixer.signals import MAX_STEP
 
 if TYPE_CHECKING:
     from mixer.types import JobInfo, ServedVersion
@@ -240,7 +241,7 @@ def _version_dict(v: ServedVersion) -> dict[str, Any]:
 
 @click.command()
 @click.argument("name")
-@click.option("--step", type=int, default=None, help="only the version in force at this step")
+@click.option("--step", type=click.IntRange(0, MAX_STEP - 1), default=None, help="only the version in force at this step")
 @click.option("--watch", is_flag=True, help="keep printing new versions as they are made")
 @address_option
 @json_option
