@@ -153,6 +153,11 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def _check_after(after: int) -> None:
+    if not -1 <= after < MAX_STEP:
+        raise ValueError(f"after: must be in [-1, 2^53) (-1: all), got {after}")
+
+
 class MixerClient:
     """Blocking client for tools and scripts; a call about a job goes to the job's owner."""
 
@@ -274,6 +279,9 @@ class MixerClient:
 
     def list_versions(self, job: str, after: int = -1, limit: int = 0) -> list[ServedVersion]:
         """The versions numbered above `after`, oldest first (at most `limit`; 0: all)."""
+        _check_after(after)
+        if not 0 <= limit < 1 << 31:
+            raise ValueError(f"limit: must be in [0, 2^31) (0: all), got {limit}")
         resp = self._call("ListVersions", pb.ListVersionsRequest(job=job, after_version=after, limit=limit), job)
         return [served_version_from_proto(v) for v in resp.versions]
 
@@ -287,6 +295,7 @@ class MixerClient:
         addresses in turn, which send it on to the job's new owner, asking for the versions after
         the last one delivered, so none is lost or repeated. After `reconnect_for` seconds without a
         stream that delivers or is accepted, the last error is raised."""
+        _check_after(after)
         if not 0 < reconnect_for <= 3600:
             raise ValueError(f"reconnect_for: must be in (0, 3600] seconds, got {reconnect_for}")
         if timeout is not None and not 0 < timeout:

@@ -180,3 +180,37 @@ def test_an_unreachable_database_is_an_error_message_not_a_traceback(argv):
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
     assert "Traceback" not in res.output
     assert "the database failed (OperationalError)" in res.output and "port 1 failed" in res.output, res.output
+
+
+@pytest.mark.parametrize(
+    ("method", "request_", "named"),
+    [
+        ("ListVersions", pb.ListVersionsRequest(job="bad", limit=-1), "limit: must be >= 0"),
+        ("ListVersions", pb.ListVersionsRequest(job="bad", after_version=-2), "after_version: must be >= -1"),
+        ("WatchWeights", pb.WatchWeightsRequest(job="bad", after_version=-2), "after_version: must be >= -1"),
+    ],
+)
+def test_version_listing_arguments_out_of_range_are_invalid_by_name(client, method, request_, named):
+    """A negative limit reached PostgreSQL as LIMIT -1 and came back as 'the database is
+    unavailable; retry later': an argument is refused as one, by name, on both databases."""
+    with pytest.raises(grpc.RpcError) as err:
+        call = getattr(client.stub, method)(request_, timeout=10)
+        if method == "WatchWeights":
+            next(iter(call))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert named in err.value.details()
+
+
+@pytest.mark.parametrize(
+    ("call", "named"),
+    [
+        (lambda c: c.list_versions("bad", limit=-1), "limit: must be in [0, 2^31)"),
+        (lambda c: c.list_versions("bad", limit=1 << 31), "limit: must be in [0, 2^31)"),
+        (lambda c: c.list_versions("bad", after=-2), "after: must be in [-1, 2^53)"),
+        (lambda c: next(c.watch("bad", after=1 << 60)), "after: must be in [-1, 2^53)"),
+    ],
+)
+def test_client_version_listing_arguments_out_of_range_are_refused_by_name(client, call, named):
+    with pytest.raises(ValueError) as err:
+        call(client)
+    assert named in str(err.value)

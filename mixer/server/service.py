@@ -149,6 +149,11 @@ def _unary(method):
     return wrapper
 
 
+def _check_after(after: int) -> None:
+    if after < -1:
+        raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"after_version: must be >= -1 (-1: all), got {after}")
+
+
 class MixerService(pb_grpc.MixerServiceServicer):
     def __init__(
         self,
@@ -256,6 +261,9 @@ class MixerService(pb_grpc.MixerServiceServicer):
     async def ListVersions(self, request, context):
         self._need(request.job)
         await self.auth.check_grpc(context, request.job, "reader")
+        _check_after(request.after_version)
+        if request.limit < 0:
+            raise MixerError(grpc.StatusCode.INVALID_ARGUMENT, f"limit: must be >= 0 (0: no limit), got {request.limit}")
         rt = await self.rts.get(request.job)
         rows = await asyncio.to_thread(
             self.rts.store.versions, rt.job.id, request.after_version, request.limit
@@ -265,6 +273,7 @@ class MixerService(pb_grpc.MixerServiceServicer):
     async def WatchWeights(self, request, context):
         try:
             self._need(request.job)
+            _check_after(request.after_version)
             if not 0 <= request.max_batch <= WATCH_BATCH_MAX:
                 raise MixerError(
                     grpc.StatusCode.INVALID_ARGUMENT,
