@@ -214,3 +214,16 @@ def test_client_version_listing_arguments_out_of_range_are_refused_by_name(clien
     with pytest.raises(ValueError) as err:
         call(client)
     assert named in str(err.value)
+
+
+def test_a_folder_the_system_refuses_is_an_error_message_not_a_traceback(tmp_path):
+    from click.testing import CliRunner
+
+    from mixer.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    res = CliRunner().invoke(main, ["demo", "--workdir", str(blocker / "work")])
+    assert res.exit_code == 1, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    assert f"Not a directory: {blocker / 'work'}" in res.output, res.output

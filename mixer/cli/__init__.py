@@ -31,8 +31,9 @@ log = logging.getLogger("mixer.cli")
 
 
 class _Main(click.Group):
-    """The command group: a database that cannot be reached (or fails under a command) is an
-    error message naming what the driver said, not a traceback (`-v` logs the traceback too)."""
+    """The command group: a database that cannot be reached (or fails under a command), or a file
+    or folder the system refuses, is an error message naming what failed, not a traceback (`-vv`
+    logs the traceback too)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -41,6 +42,10 @@ class _Main(click.Group):
             log.debug("database error", exc_info=True)
             said = " ".join(str(e.orig if e.orig is not None else e).split())
             raise click.ClickException(f"the database failed ({type(e.orig or e).__name__}): {said[:500]}") from None
+        except OSError as e:
+            log.debug("system error", exc_info=True)
+            where = f": {e.filename}" if e.filename is not None else ""
+            raise click.ClickException(f"{e.strerror or e}{where}") from None
 
 
 @click.group(cls=_Main)
