@@ -153,6 +153,18 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+MAX_CALL_TIMEOUT_S = 86_400.0
+"""A call's deadline at most (seconds)."""
+
+
+def parse_addresses(address: str) -> list[str]:
+    """The servers an address names: "host:port", or several separated by commas."""
+    addresses = [a.strip() for a in address.split(",") if a.strip()] if isinstance(address, str) else []
+    if not addresses:
+        raise ValueError(f"address: give host:port, or several separated by commas; got {address!r}")
+    return addresses
+
+
 def _check_after(after: int) -> None:
     if not -1 <= after < MAX_STEP:
         raise ValueError(f"after: must be in [-1, 2^53) (-1: all), got {after}")
@@ -172,9 +184,9 @@ class MixerClient:
         """`address` may list several servers ("a:50051,b:50051"): calls go to the first, to the
         next ones in turn while it is down, and a watch whose stream breaks tries them in turn (any
         of them sends it on to the job's owner)."""
-        self.addresses = [a.strip() for a in address.split(",") if a.strip()]
-        if not self.addresses:
-            raise ValueError(f"address: give host:port, or several separated by commas; got {address!r}")
+        self.addresses = parse_addresses(address)
+        if not (0 < timeout <= MAX_CALL_TIMEOUT_S):  # a NaN fails too
+            raise ValueError(f"timeout: must be in (0, {MAX_CALL_TIMEOUT_S:g}] seconds, got {timeout}")
         address = self.address = self.addresses[0]
         self.timeout = timeout
         self._tls = tls

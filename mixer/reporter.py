@@ -26,7 +26,7 @@ from pathlib import Path
 
 import grpc
 
-from mixer.client import MAX_HOPS, TlsConfig, auth_metadata, channel, owner_of
+from mixer.client import MAX_HOPS, TlsConfig, auth_metadata, channel, owner_of, parse_addresses
 from mixer.signals import Report
 from mixer.types import ServedVersion
 from mixer.v1 import mixer_pb2 as pb
@@ -38,6 +38,10 @@ BATCH_REPORTS = 256
 """At most this many queued reports travel in one Session message (a ReportBatch)..."""
 BATCH_BYTES = 1 << 20
 """...and at most this many bytes of them (a larger report travels alone)."""
+MAX_BUFFER = 1 << 24
+"""The largest `max_buffer` a Reporter takes: the reports it holds in memory (more spill to disk)."""
+MAX_BACKOFF_S = 600.0
+"""The longest wait between reconnection attempts a Reporter may be given (`max_backoff`)."""
 
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["MixerService"]
@@ -116,7 +120,14 @@ class Reporter:
     ):
         """`address` may list several servers ("a:50051,b:50051"); on failure the next is tried.
         `on_ack(step, seq)` is called on the reporter's thread as each report is acknowledged."""
-        self.addresses = [a.strip() for a in address.split(",") if a.strip()]
+        self.addresses = parse_addresses(address)
+        for name, value in (("job", job), ("source", source)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name}: a non-empty name is required, got {value!r}")
+        if not (isinstance(max_buffer, int) and 1 <= max_buffer <= MAX_BUFFER):
+            raise ValueError(f"max_buffer: must be an integer in [1, {MAX_BUFFER}] reports, got {max_buffer!r}")
+        if not (0 < max_backoff <= MAX_BACKOFF_S):  # a NaN fails too
+            raise ValueError(f"max_backoff: must be in (0, {MAX_BACKOFF_S:g}] seconds, got {max_backoff}")
         self.address, self.job, self.source = self.addresses[0], job, source
         self._md = auth_metadata(token)
         self._tls = tls

@@ -227,3 +227,29 @@ def test_a_folder_the_system_refuses_is_an_error_message_not_a_traceback(tmp_pat
     assert res.exit_code == 1, res.output
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
     assert f"Not a directory: {blocker / 'work'}" in res.output, res.output
+
+
+@pytest.mark.parametrize(
+    ("make", "named"),
+    [
+        (lambda R, C: R("", "j", "s"), "address: give host:port"),
+        (lambda R, C: R(" , ", "j", "s"), "address: give host:port"),
+        (lambda R, C: R("127.0.0.1:1", "", "s"), "job: a non-empty name is required"),
+        (lambda R, C: R("127.0.0.1:1", "j", ""), "source: a non-empty name is required"),
+        (lambda R, C: R("127.0.0.1:1", "j", "s", max_buffer=0), "max_buffer: must be an integer in [1, "),
+        (lambda R, C: R("127.0.0.1:1", "j", "s", max_buffer=2.5), "max_buffer: must be an integer in [1, "),
+        (lambda R, C: R("127.0.0.1:1", "j", "s", max_backoff=0), "max_backoff: must be in (0, "),
+        (lambda R, C: R("127.0.0.1:1", "j", "s", max_backoff=float("nan")), "max_backoff: must be in (0, "),
+        (lambda R, C: C("127.0.0.1:1", timeout=0), "timeout: must be in (0, "),
+        (lambda R, C: C("127.0.0.1:1", timeout=float("nan")), "timeout: must be in (0, "),
+        (lambda R, C: C("127.0.0.1:1", timeout=-1), "timeout: must be in (0, "),
+    ],
+)
+def test_client_and_reporter_settings_out_of_range_are_refused_by_name(make, named):
+    """A training job's client settings are checked where they are given, not found out later
+    as a reporter that never connects, or one that retries without pause."""
+    from mixer.reporter import Reporter
+
+    with pytest.raises(ValueError) as err:
+        make(Reporter, MixerClient)
+    assert named in str(err.value)

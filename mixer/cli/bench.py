@@ -407,7 +407,7 @@ PATH = click.Path(file_okay=False, path_type=Path)
     "--burst",
     default=20_000,
     show_default=True,
-    type=click.IntRange(1),
+    type=click.IntRange(1, 1_000_000),
     help="already acknowledged reports the burst session resends",
 )
 @click.option(
