@@ -85,6 +85,17 @@ class LMSettings:
     load: str | None = None
     iteration: int = 0
 
+    def __post_init__(self) -> None:
+        for option, value, lo, hi in (
+            ("--mixer-sync-interval", self.sync_interval, 1, 1_000_000),
+            ("--mixer-prefetch-factor", self.prefetch_factor, 1, 64),
+            ("--num-workers", self.num_workers, 0, 1024),
+            ("--micro-batch-size", self.micro_batch_size, 1, 1 << 31),
+            ("--global-batch-size", self.global_batch_size, 1, 1 << 31),
+        ):
+            if not (isinstance(value, int) and lo <= value <= hi):
+                raise ValueError(f"mixer: {option} must be an integer in [{lo}, {hi}], got {value!r}")
+
 
 def batch_meta(
     data_iterator: Any, topo: Topology | None = None, micro_batch_size: int | None = None

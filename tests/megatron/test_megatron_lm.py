@@ -165,3 +165,48 @@ def test_weighted_gradient_is_the_same_at_any_data_parallel_size(per_token, writ
     w1 = np.asarray(one[0]["weights"][0])
     assert w1.std() > 0.05
     np.testing.assert_allclose(np.concatenate([two[0]["weights"][0], two[1]["weights"][0]]), w1, rtol=1e-5)
+
+
+def _megatron_args(spec: Path, *extra: str):
+    """The arguments the plug-in reads, parsed as Megatron-LM would hand them over."""
+    import argparse
+
+    from mixer.megatron import lm
+
+    parser = lm.add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--mixer-spec", str(spec), *extra])
+    args.micro_batch_size, args.global_batch_size, args.num_workers = 2, 8, 2
+    args.dataloader_type = "external"
+    return args
+
+
+@pytest.mark.parametrize(
+    ("extra", "change", "named"),
+    [
+        ((), {"dataloader_type": "single"}, "--dataloader-type external"),
+        ((), {"rampup_batch_size": [4, 4, 100]}, "--rampup-batch-size"),
+        ((), {"sft": True}, "packed sequences"),
+        (("--mixer-sync-interval", "0"), {}, "--mixer-sync-interval must be an integer in [1, 1000000], got 0"),
+        (("--mixer-prefetch-factor", "0"), {}, "--mixer-prefetch-factor must be an integer in [1, 64], got 0"),
+        ((), {"num_workers": -1}, "--num-workers must be an integer in [0, 1024], got -1"),
+        ((), {"micro_batch_size": 0}, "--micro-batch-size must be an integer in [1, "),
+    ],
+)
+def test_the_plug_in_refuses_settings_it_cannot_run_by_name(write_spec, extra, change, named) -> None:
+    from mixer.megatron import lm
+
+    args = _megatron_args(write_spec("lm-args"), *extra)
+    for k, v in change.items():
+        setattr(args, k, v)
+    with pytest.raises(ValueError) as err:
+        lm.settings_from_args(args)
+    assert named in str(err.value)
+
+
+def test_the_plug_in_reads_its_settings_from_megatron_arguments(write_spec) -> None:
+    from mixer.megatron import lm
+
+    args = _megatron_args(write_spec("lm-args"), "--mixer-sync-interval", "4", "--mixer", "h:1")
+    s = lm.settings_from_args(args)
+    assert (s.sync_interval, s.address, s.micro_batch_size, s.global_batch_size) == (4, "h:1", 2, 8)
+    assert s.spec.name == "lm-args"
