@@ -35,6 +35,13 @@ def _offline_errors() -> tuple[type[Exception], ...]:
 _errors = one_line_errors(_offline_errors)
 
 
+def _a_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--as: a job name, if given, is not empty."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("a job name is required (it was empty)")
+    return value
+
+
 @click.command("replay")
 @click.argument("job")
 @click.option(
@@ -56,9 +63,10 @@ _errors = one_line_errors(_offline_errors)
     "as_name",
     default=None,
     metavar="NEW",
+    callback=_a_name,
     help="store the counterfactual as job NEW, derived from JOB",
 )
-@click.option("--rows", default=12, show_default=True, help="versions to print in the table")
+@click.option("--rows", default=12, show_default=True, type=click.IntRange(1, 100_000), help="versions to print in the table")
 @db_option
 @json_option
 @_errors
@@ -234,6 +242,7 @@ def export(job: str, what: str, fmt: str | None, out: Path, db: str, as_json: bo
     "as_name",
     default=None,
     metavar="NAME",
+    callback=_a_name,
     help="job name in this database (default: the exported job's)",
 )
 @db_option

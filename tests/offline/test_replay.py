@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from mixer import replay as rp
 from mixer.client import MixerClient
@@ -129,5 +130,24 @@ def test_counterfactual_without_as_stores_nothing(recorded, cli):
     before = [j.name for j in store.list_jobs()]
     code, _, doc = cli("replay", "rec", "--set", "alpha=0.3", "--db", db, "--json")
     assert code == 0 and doc["stored"] is None and doc["sets"] == {"alpha": 0.3}
+    assert [j.name for j in store.list_jobs()] == before
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--as", ""], "a job name is required"),
+        (["--as", "  "], "a job name is required"),
+        (["--rows", "0"], "'--rows': 0 is not in the range"),
+    ],
+)
+def test_counterfactual_options_out_of_range_are_refused_by_name(recorded, cli, args, said):
+    """An empty --as was taken as no --as at all: the counterfactual was silently not stored."""
+    _, db = recorded
+    store = Store(db)
+    before = [j.name for j in store.list_jobs()]
+    code, out, _ = cli("replay", "rec", "--set", "alpha=0.3", *args, "--db", db)
+    assert code == 2 and said in out, out
     assert [j.name for j in store.list_jobs()] == before
     store.close()
