@@ -24,7 +24,8 @@ def test_service_bench_logs_every_report_and_prints_its_figures() -> None:
     assert doc["reports"] == doc["reports_in_log"] == reports
     assert doc["sessions"] == sessions and doc["samples_per_report"] == 256
     assert doc["sample_losses_per_s"] == pytest.approx(doc["reports_per_s"] * 256)
-    assert doc["server_cpu_us_per_report"] > 0
+    # /proc counts CPU in clock ticks (10 ms): a run this small may show none
+    assert 0 <= doc["server_cpu_us_per_report"] < 1e9
     for kind in ("get_weights_latest", "get_weights_at_step", "push_latency"):
         assert 0 < doc[f"{kind}_p50_ms"] <= doc[f"{kind}_p99_ms"], kind
     assert doc["versions_pushed"] >= 1
