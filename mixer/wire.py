@@ -203,6 +203,16 @@ payload, a view into the message's bytes): serializing a large report again cost
 finding where it lies; below this size the Python that finds it costs more."""
 
 
+class Undecodable:
+    """A request whose bytes are not a protobuf message of the method's type (the servicer's
+    lenient deserializer returns it instead of raising; gRPC would answer UNKNOWN)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str):
+        self.error = error
+
+
 class ReceivedReports(list):
     """The reports of one Session message (`report` or `reports`), each with the bytes it arrived
     as: the log stores those, and parsing them again gives the same report."""
