@@ -57,6 +57,9 @@ runs the floor projection."""
 
 MAX_REPLAY_STEPS = 5_000_000
 """Reports in the synthetic log at most (it is held in memory)."""
+MAX_REPLAY_DOMAINS = 100
+"""Domains at most: the rows with a floor of 0.01 need K <= 100."""
+MAX_REPLAY_REPEATS = 100
 
 
 def bench_replay(
@@ -78,10 +81,10 @@ def bench_replay(
     from mixer.strategies import REGISTRY
 
     for name, value, lo, hi in (
-        ("K", K, 1, 100),
+        ("K", K, 1, MAX_REPLAY_DOMAINS),
         ("steps", steps, 1, MAX_REPLAY_STEPS),
         ("update_every", update_every, 1, steps),
-        ("repeats", repeats, 1, 100),
+        ("repeats", repeats, 1, MAX_REPLAY_REPEATS),
     ):
         if not lo <= value <= hi:
             raise ValueError(f"{name}: must be in [{lo}, {hi}], got {value}")

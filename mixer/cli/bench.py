@@ -20,8 +20,8 @@ from mixer.bench import load as load_defaults
 from mixer.bench.corpus import default_corpus
 from mixer.bench.quality import run_quality
 from mixer.bench.quality_config import STRATEGIES, QualityRun, check_overrides
-from mixer.bench.replay import MAX_REPLAY_STEPS
-from mixer.bench.service import MAX_BENCH_SAMPLES, MAX_BENCH_SESSIONS
+from mixer.bench.replay import MAX_REPLAY_DOMAINS, MAX_REPLAY_REPEATS, MAX_REPLAY_STEPS
+from mixer.bench.service import MAX_BENCH_SAMPLES, MAX_BENCH_SESSIONS, REPORTS
 from mixer.cli.common import emit_json, json_option
 from mixer.config import options
 
@@ -38,7 +38,7 @@ def bench() -> None:
 @bench.command("service")
 @click.option(
     "--reports",
-    default=8000,
+    default=REPORTS,
     show_default=True,
     type=click.IntRange(1),
     help="reports to ingest, split evenly over the sessions (at least one each)",
@@ -168,8 +168,8 @@ def bench_load(
     "K",
     default=22,
     show_default=True,
-    type=click.IntRange(1, 100),
-    help="domains of the synthetic log (at most 100: the rows with a floor of 0.01 need it)",
+    type=click.IntRange(1, MAX_REPLAY_DOMAINS),
+    help="domains of the synthetic log (the rows with a floor of 0.01 need at most 100)",
 )
 @click.option(
     "--steps",
@@ -179,7 +179,13 @@ def bench_load(
     help="reports in the log, one a step (held in memory)",
 )
 @click.option("--update-every", default=10, show_default=True, type=click.IntRange(1), help="steps per strategy update")
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 100), help="timed replays per row; the best counts")
+@click.option(
+    "--repeats",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, MAX_REPLAY_REPEATS),
+    help="timed replays per row; the best counts",
+)
 @click.option(
     "--profile", is_flag=True, help="add a cProfile summary to every row (always added below target)"
 )
